@@ -1,0 +1,3 @@
+"""smartformer: SMART self-supervised pretraining of 3D Swin transformers on CT."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,22 @@
+"""Exceptions that the command line turns into one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class SmartformerError(Exception):
+    """A user-facing error: its message is printed as one line, without a traceback."""
+
+
+class InputError(SmartformerError):
+    """A bad input file or folder, named with the reason it was refused."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class ConfigError(SmartformerError):
+    """An invalid configuration value, key or file."""
