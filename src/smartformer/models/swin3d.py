@@ -1,0 +1,486 @@
+"""3D Swin transformer backbone, weight-compatible with MONAI's ``SwinTransformer``.
+
+Parameter names and layout follow MONAI's ``SwinTransformer`` (the ``swinViT`` of
+``SwinUNETR``): a state dict moves between the two unchanged, except for our extra
+``mask_token``. What differs is how it runs:
+
+* window attention goes through :func:`torch.nn.functional.scaled_dot_product_attention` with the
+  relative-position bias (and the shifted-window mask) as ``attn_mask`` (``fused_attn=True``),
+  in training as well as inference; ``fused_attn=False`` is the explicit-softmax reference path;
+* activations stay channels-last between stages, and shifted-window masks are cached per grid;
+* a learnable mask token replaces the patch embeddings of masked cells (SimMIM / iBOT);
+* gradient checkpointing per block (``grad_checkpointing=True``).
+
+Stage naming: the backbone has a patch embedding (stride 2) and four stages. Stage ``i``
+(``layers{i}``) runs its blocks at stride ``2**i`` and ends with a patch merging to stride
+``2**(i+1)``. "The tokens at stride ``s``" means the output of the blocks that run at stride
+``s`` (before merging) for ``s`` in 2, 4, 8, 16, and the merged output of the last stage for 32.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "PRESETS",
+    "Swin3D",
+    "Swin3DConfig",
+    "WindowAttention",
+    "SwinBlock",
+    "BasicLayer",
+    "PatchMerging",
+    "PatchEmbed",
+    "pad_to_multiple",
+    "upsample_cell_mask",
+]
+
+# Divisor that every spatial side of the input must satisfy (patch 2 x four mergings).
+SIZE_MULTIPLE = 32
+
+
+@dataclass
+class Swin3DConfig:
+    """Hyper-parameters of :class:`Swin3D` (names follow MONAI's ``SwinTransformer``)."""
+
+    in_chans: int = 1
+    embed_dim: int = 48
+    depths: tuple[int, ...] = (2, 2, 2, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    window_size: tuple[int, int, int] = (7, 7, 7)
+    patch_size: int = 2
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_path_rate: float = 0.0
+    fused_attn: bool = True
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        self.depths = tuple(int(d) for d in self.depths)
+        self.num_heads = tuple(int(h) for h in self.num_heads)
+        ws = self.window_size
+        self.window_size = (int(ws),) * 3 if isinstance(ws, int) else tuple(int(w) for w in ws)  # type: ignore[assignment]
+        if len(self.depths) != 4 or len(self.num_heads) != 4:
+            raise ValueError("depths and num_heads need one entry per stage (4)")
+        if self.patch_size != 2:
+            raise ValueError("patch_size must be 2 (strides 2..32 are assumed throughout)")
+        for i, h in enumerate(self.num_heads):
+            if (self.embed_dim * 2**i) % h:
+                raise ValueError(f"stage {i + 1}: width {self.embed_dim * 2**i} is not divisible by {h} heads")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, Swin3DConfig] = {
+    # MONAI SwinUNETR's encoder.
+    "base": Swin3DConfig(embed_dim=48, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), window_size=(7, 7, 7)),
+    # SMIT (Jiang et al., MICCAI 2022).
+    "smit": Swin3DConfig(embed_dim=48, depths=(2, 2, 4, 2), num_heads=(4, 4, 4, 4), window_size=(4, 4, 4)),
+    # Small enough to pretrain on a 2-core CPU.
+    "tiny": Swin3DConfig(embed_dim=24, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), window_size=(4, 4, 4)),
+}
+
+
+def _effective_window(grid: Sequence[int], window: Sequence[int], shift: Sequence[int]):
+    """MONAI's rule: a window larger than the grid shrinks to the grid and does not shift."""
+    ws, ss = list(window), list(shift)
+    for i, g in enumerate(grid):
+        if g <= window[i]:
+            ws[i], ss[i] = g, 0
+    return tuple(ws), tuple(ss)
+
+
+def _window_partition(x: Tensor, ws: Sequence[int]) -> Tensor:
+    """(B, D, H, W, C) -> (B * nW, ws0*ws1*ws2, C), windows in (d, h, w) raster order."""
+    b, d, h, w, c = x.shape
+    x = x.view(b, d // ws[0], ws[0], h // ws[1], ws[1], w // ws[2], ws[2], c)
+    return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(-1, ws[0] * ws[1] * ws[2], c)
+
+
+def _window_reverse(windows: Tensor, ws: Sequence[int], b: int, d: int, h: int, w: int) -> Tensor:
+    """Inverse of :func:`_window_partition`."""
+    x = windows.view(b, d // ws[0], h // ws[1], w // ws[2], ws[0], ws[1], ws[2], -1)
+    return x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, d, h, w, -1)
+
+
+def _shift_mask(grid: Sequence[int], ws: Sequence[int], ss: Sequence[int], device: torch.device) -> Tensor:
+    """Additive attention mask (nW, n, n) for shifted windows: 0 within a region, -100 across."""
+    img = torch.zeros((1, *grid, 1), device=device)
+    cnt = 0
+    slices = [(slice(-w), slice(-w, -s), slice(-s, None)) for w, s in zip(ws, ss)]
+    for sd, sh, sw in itertools.product(*slices):
+        img[:, sd, sh, sw, :] = cnt
+        cnt += 1
+    win = _window_partition(img, ws).squeeze(-1)
+    diff = win.unsqueeze(1) - win.unsqueeze(2)
+    return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside 3D windows with a relative-position bias."""
+
+    def __init__(
+        self, dim: int, num_heads: int, window_size: Sequence[int], qkv_bias: bool = True, fused_attn: bool = True
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.num_heads = num_heads
+        self.window_size = tuple(window_size)
+        self.scale = (dim // num_heads) ** -0.5
+        self.fused_attn = fused_attn
+        wd, wh, ww = self.window_size
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wd - 1) * (2 * wh - 1) * (2 * ww - 1), num_heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(wd), torch.arange(wh), torch.arange(ww), indexing="ij"))
+        coords = coords.flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).contiguous()
+        rel[:, :, 0] += wd - 1
+        rel[:, :, 1] += wh - 1
+        rel[:, :, 2] += ww - 1
+        rel[:, :, 0] *= (2 * wh - 1) * (2 * ww - 1)
+        rel[:, :, 1] *= 2 * ww - 1
+        # Persistent, as in MONAI, so that state dicts match key for key.
+        self.register_buffer("relative_position_index", rel.sum(-1))
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def relative_position_bias(self, n: int) -> Tensor:
+        """(heads, n, n) bias for windows of ``n`` tokens (MONAI's ``[:n, :n]`` rule for small grids)."""
+        idx = self.relative_position_index[:n, :n].reshape(-1)
+        return self.relative_position_bias_table[idx].view(n, n, -1).permute(2, 0, 1)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x: (B * nW, n, C); mask: (nW, n, n) additive shifted-window mask or None."""
+        bw, n, c = x.shape
+        h = self.num_heads
+        q, k, v = self.qkv(x).view(bw, n, 3, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.relative_position_bias(n).to(q.dtype)
+        if self.fused_attn:
+            if mask is None:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), scale=self.scale)
+            else:
+                nw = mask.shape[0]
+                full = bias.unsqueeze(0) + mask.unsqueeze(1).to(q.dtype)  # (nW, heads, n, n)
+                if torch.is_grad_enabled():
+                    # Broadcast over the batch: the mask's gradient reduces without a (B*nW) copy.
+                    shape = (bw // nw, nw, h, n, c // h)
+                    out = F.scaled_dot_product_attention(
+                        q.view(shape), k.view(shape), v.view(shape), attn_mask=full, scale=self.scale
+                    ).view(bw, h, n, c // h)
+                else:
+                    full = full.unsqueeze(0).expand(bw // nw, nw, h, n, n).reshape(bw, h, n, n)
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=full, scale=self.scale)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1) + bias.unsqueeze(0)
+            if mask is not None:
+                nw = mask.shape[0]
+                attn = (attn.view(bw // nw, nw, h, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(bw, h, n, n)
+            out = attn.softmax(-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(bw, n, c))
+
+
+class Mlp(nn.Module):
+    """Two-layer GELU MLP named like MONAI's ``MLPBlock`` (``linear1``, ``linear2``)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(dim, hidden)
+        self.linear2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear2(F.gelu(self.linear1(x)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class SwinBlock(nn.Module):
+    """One (shifted-)window attention block on channels-last (B, D, H, W, C) tokens."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: Sequence[int],
+        shift_size: Sequence[int],
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        fused_attn: bool = True,
+    ) -> None:
+        super().__init__()
+        self.window_size = tuple(window_size)
+        self.shift_size = tuple(shift_size)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, window_size, qkv_bias=qkv_bias, fused_attn=fused_attn)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def _attention(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        b, d, h, w, c = x.shape
+        ws, ss = _effective_window((d, h, w), self.window_size, self.shift_size)
+        x = self.norm1(x)
+        pads = [(ws[i] - s % ws[i]) % ws[i] for i, s in enumerate((d, h, w))]
+        if any(pads):
+            x = F.pad(x, (0, 0, 0, pads[2], 0, pads[1], 0, pads[0]))
+        dp, hp, wp = d + pads[0], h + pads[1], w + pads[2]
+        shifted = any(s > 0 for s in ss)
+        if shifted:
+            x = torch.roll(x, shifts=(-ss[0], -ss[1], -ss[2]), dims=(1, 2, 3))
+        windows = self.attn(_window_partition(x, ws), mask if shifted else None)
+        x = _window_reverse(windows, ws, b, dp, hp, wp)
+        if shifted:
+            x = torch.roll(x, shifts=ss, dims=(1, 2, 3))
+        if any(pads):
+            x = x[:, :d, :h, :w, :].contiguous()
+        return x
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        return self.drop_path(self.mlp(self.norm2(x)))
+
+    def forward(self, x: Tensor, mask: Tensor | None, use_checkpoint: bool = False) -> Tensor:
+        if use_checkpoint and torch.is_grad_enabled():
+            x = x + self.drop_path(checkpoint(self._attention, x, mask, use_reentrant=False))
+            return x + checkpoint(self._mlp, x, use_reentrant=False)
+        x = x + self.drop_path(self._attention(x, mask))
+        return x + self._mlp(x)
+
+
+class PatchMerging(nn.Module):
+    """2x2x2 patch merging in MONAI's ``"merging"`` neighbour order."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.reduction = nn.Linear(8 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(8 * dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        d, h, w = x.shape[1:4]
+        if d % 2 or h % 2 or w % 2:
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2, 0, d % 2))
+        parts = [
+            x[:, i::2, j::2, k::2, :]
+            for i, j, k in ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1))
+        ]
+        return self.reduction(self.norm(torch.cat(parts, -1)))
+
+
+class BasicLayer(nn.Module):
+    """One stage: ``depth`` blocks alternating plain and shifted windows, then patch merging."""
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        window_size: Sequence[int],
+        drop_path: Sequence[float],
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        fused_attn: bool = True,
+    ) -> None:
+        super().__init__()
+        self.window_size = tuple(window_size)
+        self.shift_size = tuple(w // 2 for w in window_size)
+        self.blocks = nn.ModuleList(
+            SwinBlock(
+                dim,
+                num_heads,
+                window_size,
+                (0, 0, 0) if i % 2 == 0 else self.shift_size,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                drop_path=drop_path[i],
+                fused_attn=fused_attn,
+            )
+            for i in range(depth)
+        )
+        self.downsample = PatchMerging(dim)
+        self._masks: dict[tuple, Tensor] = {}
+
+    def shift_mask(self, grid: Sequence[int], device: torch.device) -> Tensor | None:
+        """The cached additive mask for shifted windows on this grid (None if nothing shifts)."""
+        ws, ss = _effective_window(grid, self.window_size, self.shift_size)
+        if not any(ss):
+            return None
+        padded = tuple(-(-g // w) * w for g, w in zip(grid, ws))
+        key = (padded, ws, ss, str(device))
+        if key not in self._masks:
+            self._masks[key] = _shift_mask(padded, ws, ss, device)
+        return self._masks[key]
+
+    def forward_blocks(self, x: Tensor, use_checkpoint: bool = False) -> Tensor:
+        """Run the blocks on (B, D, H, W, C) tokens, without merging."""
+        mask = self.shift_mask(x.shape[1:4], x.device)
+        for blk in self.blocks:
+            x = blk(x, mask, use_checkpoint)
+        return x
+
+    def forward(self, x: Tensor, use_checkpoint: bool = False) -> Tensor:
+        return self.downsample(self.forward_blocks(x, use_checkpoint))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping 2x2x2 patches to ``embed_dim`` channels (MONAI's ``PatchEmbed`` names)."""
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int = 2) -> None:
+        super().__init__()
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+def upsample_cell_mask(mask: Tensor, grid: Sequence[int]) -> Tensor:
+    """Repeat a boolean cell mask (B, d, h, w) up to a finer ``grid`` (integer factors only)."""
+    if mask.ndim != 4:
+        raise ValueError(f"mask must be (B, d, h, w), got shape {tuple(mask.shape)}")
+    for axis, (m, g) in enumerate(zip(mask.shape[1:], grid)):
+        if g % m:
+            raise ValueError(f"mask grid {tuple(mask.shape[1:])} does not divide token grid {tuple(grid)}")
+        mask = mask.repeat_interleave(g // m, dim=axis + 1)
+    return mask
+
+
+def pad_to_multiple(x: Tensor, multiple: int = SIZE_MULTIPLE, value: float = 0.0) -> tuple[Tensor, tuple[int, int, int]]:
+    """Pad (B, C, D, H, W) at the far end of each axis to a multiple; returns the original size."""
+    size = tuple(x.shape[2:])
+    pads = [(-s) % multiple for s in size]
+    if any(pads):
+        x = F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]), value=value)
+    return x, size  # type: ignore[return-value]
+
+
+class Swin3D(nn.Module):
+    """3D Swin transformer encoder (patch 2, four stages) with MONAI-compatible weights.
+
+    Example::
+
+        model = Swin3D.from_preset("tiny")
+        feats = model.forward_features(torch.rand(1, 1, 64, 64, 64))  # {16: (1,4,4,4,192), 32: (1,2,2,2,384)}
+    """
+
+    def __init__(self, config: Swin3DConfig | None = None, **kwargs) -> None:
+        super().__init__()
+        self.config = config if config is not None else Swin3DConfig(**kwargs)
+        cfg = self.config
+        self.embed_dim = cfg.embed_dim
+        self.grad_checkpointing = cfg.grad_checkpointing
+        self.patch_embed = PatchEmbed(cfg.in_chans, cfg.embed_dim, cfg.patch_size)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, 1, cfg.embed_dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        dpr = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+        for i in range(4):
+            layer = BasicLayer(
+                cfg.embed_dim * 2**i,
+                cfg.depths[i],
+                cfg.num_heads[i],
+                cfg.window_size,
+                dpr[sum(cfg.depths[:i]) : sum(cfg.depths[: i + 1])],
+                mlp_ratio=cfg.mlp_ratio,
+                qkv_bias=cfg.qkv_bias,
+                fused_attn=cfg.fused_attn,
+            )
+            # One-element ModuleLists, as in MONAI: keys read ``layers1.0.blocks...``.
+            self.add_module(f"layers{i + 1}", nn.ModuleList([layer]))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "Swin3D":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(Swin3DConfig(**{**PRESETS[name].to_dict(), **overrides}))
+
+    @property
+    def stages(self) -> list[BasicLayer]:
+        return [getattr(self, f"layers{i}")[0] for i in range(1, 5)]
+
+    def width(self, stride: int) -> int:
+        """Channels of the tokens at ``stride`` (2, 4, 8, 16 or 32)."""
+        return self.embed_dim * stride // 2
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def set_fused_attn(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            for blk in stage.blocks:
+                blk.attn.fused_attn = enable
+
+    def check_input(self, x: Tensor) -> None:
+        if x.ndim != 5 or x.shape[1] != self.config.in_chans:
+            raise ValueError(f"expected input (B, {self.config.in_chans}, D, H, W), got {tuple(x.shape)}")
+        bad = [s for s in x.shape[2:] if s % SIZE_MULTIPLE]
+        if bad:
+            raise ValueError(
+                f"every spatial side must be a multiple of {SIZE_MULTIPLE}, got {tuple(x.shape[2:])}; "
+                "pad with smartformer.models.swin3d.pad_to_multiple"
+            )
+
+    def embed(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Patch embedding (B, D/2, H/2, W/2, C); masked cells get the mask token.
+
+        ``mask`` is boolean (B, d, h, w) on any grid that divides the patch grid (typically the
+        stride-16 cell grid); True marks a masked cell.
+        """
+        x = self.patch_embed(x).permute(0, 2, 3, 4, 1)
+        if mask is not None:
+            m = upsample_cell_mask(mask.bool(), x.shape[1:4]).unsqueeze(-1).to(x.dtype)
+            x = x * (1 - m) + self.mask_token.to(x.dtype) * m
+        return x
+
+    def forward_features(
+        self, x: Tensor, mask: Tensor | None = None, strides: Sequence[int] = (16, 32)
+    ) -> dict[int, Tensor]:
+        """Channels-last token maps (B, d, h, w, C) at the requested strides (see module doc)."""
+        self.check_input(x)
+        wanted = set(strides)
+        if not wanted <= {2, 4, 8, 16, 32}:
+            raise ValueError(f"strides must be among 2, 4, 8, 16, 32, got {sorted(wanted)}")
+        out: dict[int, Tensor] = {}
+        x = self.embed(x, mask)
+        stride = 2
+        for stage in self.stages:
+            x = stage.forward_blocks(x, self.grad_checkpointing)
+            if stride in wanted:
+                out[stride] = x
+            if stride == max(wanted):
+                return out
+            x = stage.downsample(x)
+            stride *= 2
+        out[32] = x
+        return out
+
+    def forward_stages(self, x: Tensor, mask: Tensor | None = None, normalize: bool = True) -> list[Tensor]:
+        """MONAI ``SwinTransformer.forward`` outputs: five channels-first maps, strides 2 to 32."""
+        self.check_input(x)
+        x = self.embed(x, mask)
+        outs = [x]
+        for stage in self.stages:
+            x = stage(x, self.grad_checkpointing)
+            outs.append(x)
+        if normalize:
+            outs = [F.layer_norm(o, o.shape[-1:]) for o in outs]
+        return [o.permute(0, 4, 1, 2, 3).contiguous() for o in outs]
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Final (stride 32) features, channels-first (B, 16 * embed_dim, D/32, H/32, W/32)."""
+        return self.forward_features(x, mask, strides=(32,))[32].permute(0, 4, 1, 2, 3)
