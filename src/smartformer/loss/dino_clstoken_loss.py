@@ -1,0 +1,123 @@
+"""[CLS] self-distillation loss (DINO) with an EMA-centered, sharpened teacher.
+
+Order of calls in a training step (as in DINO)::
+
+    loss = dino_loss(student_logits, teacher_logits, teacher_temp)
+    dino_loss.update_center(teacher_logits)
+
+The center used by the loss is the one from *before* this step's update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def all_reduce_mean_(t: Tensor) -> Tensor:
+    """Average ``t`` in place over the default process group, if one is initialized."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+        t.div_(dist.get_world_size())
+    return t
+
+
+class DINOLoss(nn.Module):
+    """Cross-view cross-entropy between teacher and student [CLS] distributions.
+
+    For every teacher view ``q`` and every student view ``v != q`` the loss is
+    ``mean_b sum_k -softmax((t_q - c) / T_t)[b, k] * log_softmax(s_v / T_s)[b, k]``;
+    the result is the average over all such ``(q, v)`` pairs. The student may have more
+    views than the teacher (extra local crops are paired with every teacher view).
+
+    Everything is computed in float32 with autocast disabled, whatever the input dtype.
+
+    Args:
+        out_dim: number of prototypes ``K`` (the head's output size).
+        student_temp: student softmax temperature ``T_s``.
+        center_momentum: EMA momentum of the center (``c <- m c + (1 - m) batch_mean``).
+
+    Buffers:
+        center: ``(1, K)`` float32, the running mean of the teacher logits.
+    """
+
+    center: Tensor
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+        super().__init__()
+        if out_dim < 1:
+            raise ValueError(f"out_dim must be positive, got {out_dim}")
+        if student_temp <= 0:
+            raise ValueError(f"student_temp must be positive, got {student_temp}")
+        if not 0.0 <= center_momentum <= 1.0:
+            raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
+        self.out_dim = out_dim
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def softmax_center_teacher(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
+        """Teacher probabilities ``softmax((t - center) / teacher_temp)``.
+
+        Args:
+            teacher_logits: ``(..., K)`` logits of any float dtype.
+            teacher_temp: teacher temperature (sharpening, e.g. 0.04 -> 0.07).
+
+        Returns:
+            ``(..., K)`` float32 probabilities, detached.
+        """
+        if teacher_temp <= 0:
+            raise ValueError(f"teacher_temp must be positive, got {teacher_temp}")
+        t = teacher_logits.detach().float()
+        return F.softmax((t - self.center) / teacher_temp, dim=-1)
+
+    def forward(
+        self, student_logits: Sequence[Tensor], teacher_logits: Sequence[Tensor], teacher_temp: float
+    ) -> Tensor:
+        """Cross-view DINO loss.
+
+        Args:
+            student_logits: one ``(B, K)`` tensor per student view.
+            teacher_logits: one ``(B, K)`` tensor per teacher view (no gradient flows to them).
+            teacher_temp: teacher temperature for this step.
+
+        Returns:
+            Scalar float32 loss.
+        """
+        n_s, n_t = len(student_logits), len(teacher_logits)
+        n_pairs = n_s * n_t - min(n_s, n_t)
+        if n_pairs < 1:
+            raise ValueError(
+                f"DINO loss needs at least one cross-view pair; got {n_s} student and {n_t} teacher views"
+            )
+        device = student_logits[0].device
+        with torch.autocast(device_type=device.type, enabled=False):
+            log_p_s = torch.stack(
+                [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student_logits]
+            )  # (S, B, K)
+            p_t = torch.stack(
+                [self.softmax_center_teacher(t, teacher_temp) for t in teacher_logits]
+            )  # (T, B, K)
+            # ce[q, v] = mean_b sum_k -p_t[q, b, k] * log_p_s[v, b, k]
+            ce = -torch.einsum("qbk,vbk->qv", p_t, log_p_s) / p_t.shape[1]
+            same_view = torch.eye(n_t, n_s, dtype=torch.bool, device=ce.device)
+            return ce.masked_fill(same_view, 0.0).sum() / n_pairs
+
+    @torch.no_grad()
+    def update_center(self, teacher_logits: Sequence[Tensor]) -> None:
+        """EMA update of ``center`` with the batch mean of the teacher logits.
+
+        The batch mean is taken over all views and samples of this process, then averaged over
+        the processes of the default ``torch.distributed`` group when it is initialized (the
+        mean of the per-process means). Call it after the loss of the same step.
+
+        Args:
+            teacher_logits: one ``(B, K)`` tensor per teacher view.
+        """
+        batch_center = torch.cat([t.detach().float() for t in teacher_logits]).mean(dim=0, keepdim=True)
+        all_reduce_mean_(batch_center)
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
