@@ -1,0 +1,232 @@
+"""The pretraining dataset (preprocessing cached on disk, random views on top) and its loader."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import PersistentDataset
+from monai.data.utils import set_rnd
+from monai.transforms import Compose
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from smartformer.data.io import validate_volume
+from smartformer.data.transforms import (
+    BODY_HU_THRESHOLD,
+    as_triple,
+    parse_window,
+    preprocess_transforms,
+    view_transforms,
+)
+from smartformer.errors import InputError, SmartformerError
+
+#: Bumped whenever :func:`~smartformer.data.transforms.preprocess_transforms` changes what it
+#: produces, so that caches written by older code are not reused.
+PREPROCESS_VERSION = 1
+
+
+def preprocess_settings(spacing: float | Sequence[float], window: str | Sequence[float],
+                        roi: int | Sequence[int]) -> dict[str, Any]:
+    """The settings that determine a cached preprocessed volume, in canonical form."""
+    return {
+        "version": PREPROCESS_VERSION,
+        "spacing": [float(s) for s in as_triple(spacing, "spacing")],
+        "window": list(parse_window(window)),
+        "roi": [int(r) for r in as_triple(roi, "roi")],
+        "body_threshold": BODY_HU_THRESHOLD,
+    }
+
+
+def cache_subdir(cache_dir: str | Path, settings: dict[str, Any]) -> Path:
+    """``cache_dir/pre-<hash of settings>``: one folder per preprocessing configuration."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"pre-{digest}"
+
+
+def file_fingerprint(item: dict[str, Any]) -> bytes:
+    """PersistentDataset ``hash_func``: hash of the volume's absolute path, size and mtime.
+
+    For a DICOM folder, the names, sizes and mtimes of the files in it. Editing or replacing a
+    file changes its fingerprint and therefore its cache entry; a missing path hashes to a
+    key of its own (and then fails to load with a clear error).
+    """
+    path = Path(item["image"]).absolute()
+    entries = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    parts = [str(path)]
+    for entry in entries:
+        try:
+            stat = entry.stat()
+            parts.append(f"{entry.name}:{stat.st_size}:{stat.st_mtime_ns}")
+        except OSError:
+            parts.append(f"{entry.name}:missing")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest().encode()
+
+
+def _input_error_in(exc: BaseException) -> InputError | None:
+    """The InputError behind MONAI's 'applying transform' RuntimeError wrappers, if any."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, InputError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+class PretrainDataset(PersistentDataset):
+    """A PersistentDataset that reports unreadable volumes as :class:`InputError`.
+
+    With ``skip_bad``, a volume that fails only when its voxels are decoded (e.g. a truncated
+    ``.nii.gz`` with an intact header) is reported once with a warning and replaced by the next
+    readable one, so that a long run does not stop on one bad file.
+    """
+
+    def __init__(self, data: Sequence[dict[str, Any]], transform: Compose, cache_dir: Path,
+                 skip_bad: bool = False) -> None:
+        super().__init__(data=data, transform=transform, cache_dir=cache_dir,
+                         hash_func=file_fingerprint)
+        self.skip_bad = skip_bad
+        self._bad: set[int] = set()
+
+    def _transform(self, index: int) -> dict[str, Any]:
+        for offset in range(len(self.data)):
+            candidate = (index + offset) % len(self.data)
+            if candidate in self._bad:
+                continue
+            try:
+                return super()._transform(candidate)
+            except Exception as exc:
+                error = _input_error_in(exc)
+                if error is None:
+                    raise
+                if not self.skip_bad:
+                    raise error from None
+                self._bad.add(candidate)
+                warnings.warn(f"skipping unreadable volume {error}", stacklevel=2)
+        raise SmartformerError(f"none of the {len(self.data)} volumes could be read")
+
+
+def build_pretrain_dataset(
+    items: Sequence[dict[str, Any] | str | Path],
+    cache_dir: str | Path,
+    spacing: float | Sequence[float] = (2.0, 2.0, 2.0),
+    window: str | Sequence[float] = "wide",
+    roi: int | Sequence[int] = (96, 96, 96),
+    num_views: int = 2,
+    skip_bad: bool = False,
+    intensity_scale: float = 0.1,
+    intensity_shift: float = 0.1,
+    flip_prob: float = 0.5,
+    max_scale: float = 1.5,
+) -> PretrainDataset:
+    """Dataset of ``{"views": (num_views, 1, *roi)}`` samples for pretraining.
+
+    Each volume is read and preprocessed
+    (:func:`~smartformer.data.transforms.preprocess_transforms`) once, then cached under
+    ``cache_dir/pre-<settings hash>/`` (a ``settings.json`` there says which settings); the
+    cache file name hashes the volume's path, size and mtime, so edited files and changed
+    settings are recomputed. The random views
+    (:func:`~smartformer.data.transforms.view_transforms`) are drawn after the cache, anew for
+    every access. Only the ``"image"`` of each item is used.
+
+    Args:
+        items: dicts with ``"image"`` (as from :func:`~smartformer.data.sources.list_volumes`)
+            or plain paths.
+        skip_bad: check every volume's header first (cheap) and drop, with one warning listing
+            them, those that cannot be used; a volume that fails later, when decoded, is
+            skipped with a warning too. Without it, a bad volume raises :class:`InputError`
+            naming the file when it is loaded.
+
+    Raises:
+        InputError: ``items`` is empty.
+        SmartformerError: with ``skip_bad``, no volume passed the header check.
+    """
+    paths = [str(item["image"] if isinstance(item, dict) else item) for item in items]
+    if not paths:
+        raise InputError(cache_dir, "no volumes given to build the pretraining dataset from")
+    if skip_bad:
+        paths = _drop_unreadable(paths)
+    settings = preprocess_settings(spacing, window, roi)
+    subdir = cache_subdir(cache_dir, settings)
+    subdir.mkdir(parents=True, exist_ok=True)
+    (subdir / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    transform = Compose([
+        *preprocess_transforms(spacing=spacing, window=window, roi=roi).transforms,
+        view_transforms(roi=roi, num_views=num_views, intensity_scale=intensity_scale,
+                        intensity_shift=intensity_shift, flip_prob=flip_prob,
+                        max_scale=max_scale),
+    ])
+    return PretrainDataset([{"image": p} for p in paths], transform, subdir, skip_bad=skip_bad)
+
+
+def _drop_unreadable(paths: list[str]) -> list[str]:
+    good, bad = [], []
+    for path in paths:
+        try:
+            validate_volume(path)
+            good.append(path)
+        except InputError as exc:
+            bad.append(str(exc))
+    if bad:
+        warnings.warn(f"skipping {len(bad)} unreadable volume(s):\n  " + "\n  ".join(bad),
+                      stacklevel=3)
+    if not good:
+        raise SmartformerError(f"none of the {len(paths)} volumes is readable: {bad[0]}"
+                               + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+    return good
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seed Python, NumPy and the MONAI transforms of a worker.
+
+    The seed is the worker's torch seed (the loader's base seed + ``worker_id``), so runs with
+    the same loader seed repeat and workers differ.
+    """
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    info = torch.utils.data.get_worker_info()
+    if info is not None:
+        set_rnd(info.dataset, seed=seed)
+
+
+def build_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool = True,
+                 seed: int = 0, distributed: bool = False, drop_last: bool = True) -> DataLoader:
+    """A DataLoader whose batches give ``batch["views"]`` of shape ``(B, num_views, 1, *roi)``.
+
+    With ``distributed`` (needs an initialised ``torch.distributed`` process group), a
+    ``DistributedSampler`` shards the data (call ``loader.sampler.set_epoch(epoch)`` each epoch)
+    and each rank draws different augmentations (seed + rank). Workers are persistent and
+    seeded by :func:`seed_worker`; with ``num_workers=0`` the dataset's random transforms are
+    seeded here, in the main process.
+    """
+    rank = 0
+    sampler = None
+    if distributed:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise SmartformerError("distributed loading needs an initialised torch.distributed "
+                                   "process group (start with torchrun)")
+        rank = torch.distributed.get_rank()
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    generator = torch.Generator()
+    generator.manual_seed(seed + rank)
+    if num_workers == 0:
+        set_rnd(dataset, seed=seed + rank)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        worker_init_fn=seed_worker,
+        generator=generator,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),
+    )

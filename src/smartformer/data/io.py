@@ -1,0 +1,329 @@
+"""Reading CT volumes into MONAI tensors with a RAS affine, and writing NIfTI back.
+
+Every reader in this module goes through nibabel (NIfTI) or SimpleITK (NRRD, MHA/MHD, DICOM
+series); no file format is parsed here. All of them end in the same place: a
+:class:`monai.data.MetaTensor` of shape ``(1, X, Y, Z)``, float32, whose ``.affine`` maps a voxel
+index ``(i, j, k)`` to RAS millimetres (MONAI's convention). Anything that is not a readable 3D
+single-channel volume raises :class:`~smartformer.errors.InputError` with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.data import MetaTensor
+
+from smartformer.errors import InputError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+#: File name endings that :func:`is_volume_path` accepts as one image volume each.
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_DICOM_MAGIC_OFFSET = 128
+
+
+def is_volume_path(path: str | Path) -> bool:
+    """True if ``path`` names one volume: an image file by its suffix, or a folder of DICOM files.
+
+    Only the name (and, for folders, the DICOM preamble of the files directly inside) is looked
+    at; whether the volume is actually readable is for :func:`read_ct` to say.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return any(is_dicom_file(child) for child in path.iterdir() if child.is_file())
+    return path.is_file() and _has_image_suffix(path)
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """True if ``path`` is a file ending in ``.dcm`` or carrying the ``DICM`` preamble marker."""
+    path = Path(path)
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with path.open("rb") as handle:
+            handle.seek(_DICOM_MAGIC_OFFSET)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _has_image_suffix(path: Path) -> bool:
+    return path.name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def read_ct(path: str | Path, series_uid: str | None = None) -> MetaTensor:
+    """Read a 3D CT volume as a ``(1, X, Y, Z)`` float32 MetaTensor in Hounsfield units.
+
+    Args:
+        path: a NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``) or MetaImage
+            (``.mha``, ``.mhd``) file, or a folder holding one DICOM series.
+        series_uid: for a DICOM folder holding several series, the SeriesInstanceUID to read.
+
+    Returns:
+        A MetaTensor whose ``.affine`` (4x4, float64) maps voxel indices to RAS mm and whose
+        ``.meta`` has ``filename_or_obj``, ``spacing`` (3 floats, mm) and ``orientation``
+        (the axis code of the array as stored, e.g. ``"LPS"``).
+
+    Raises:
+        InputError: the path is missing, unreadable, truncated, not an image, or not a 3D
+            single-channel volume.
+    """
+    path = Path(path)
+    array, affine = _read_array_and_affine(path, series_uid)
+    return _to_metatensor(path, array, affine)
+
+
+def validate_volume(path: str | Path, series_uid: str | None = None) -> tuple[int, int, int]:
+    """Check a volume from its header only (cheap) and return its voxel grid shape ``(X, Y, Z)``.
+
+    Catches missing and non-image files, unreadable headers, 2D, 4D and multi-channel images and
+    empty volumes without decoding the voxels; a file whose voxel data is truncated passes here
+    and fails in :func:`read_ct`.
+
+    Raises:
+        InputError: as :func:`read_ct`, for everything that the header reveals.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = _dicom_series_files(path, series_uid)
+        with _quiet_itk(), _itk_errors(path):
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(files[0])
+            reader.ReadImageInformation()
+            components = reader.GetNumberOfComponents()
+            size = reader.GetSize()
+        shape: tuple[int, ...] = (size[0], size[1], len(files))
+    elif path.name.lower().endswith(NIFTI_SUFFIXES):
+        image = _load_nifti(path)
+        shape, components = _nifti_shape_and_components(path, image)
+    else:
+        reader = _itk_header(path)
+        shape, components = tuple(reader.GetSize()), reader.GetNumberOfComponents()
+    _check_grid(path, shape, components)
+    return _spatial_shape(shape)
+
+
+def write_nifti(array: np.ndarray | torch.Tensor, affine: np.ndarray | torch.Tensor,
+                path: str | Path) -> Path:
+    """Write ``array`` ((X, Y, Z) or (1, X, Y, Z)) with a RAS ``affine`` to a NIfTI file.
+
+    The affine is stored exactly (as both sform and qform, code "scanner"), so the output
+    overlays the volume that the affine came from in viewers such as 3D Slicer. ``.nii.gz`` is
+    appended when ``path`` has no NIfTI suffix. Returns the path written.
+    """
+    data = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+    if data.ndim == 4 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim != 3:
+        raise ValueError(f"write_nifti needs an (X, Y, Z) or (1, X, Y, Z) array, got {data.shape}")
+    matrix = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine,
+                        dtype=np.float64)
+    path = Path(path)
+    if not path.name.lower().endswith(NIFTI_SUFFIXES):
+        path = path.with_name(path.name + ".nii.gz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = nib.Nifti1Image(data, matrix)
+    image.set_sform(matrix, code="scanner")
+    image.set_qform(matrix, code="scanner")
+    nib.save(image, str(path))
+    return path
+
+
+def _read_array_and_affine(path: Path, series_uid: str | None) -> tuple[np.ndarray, np.ndarray]:
+    if not path.exists():
+        raise InputError(path, "does not exist")
+    if path.is_dir():
+        return _read_dicom_series(path, series_uid)
+    if path.stat().st_size == 0:
+        raise InputError(path, "is an empty (0-byte) file")
+    if path.name.lower().endswith(NIFTI_SUFFIXES):
+        return _read_nifti(path)
+    return _read_itk_file(path)
+
+
+# --- NIfTI through nibabel ------------------------------------------------------------------
+
+def _load_nifti(path: Path) -> nib.Nifti1Image:
+    if not path.is_file():
+        raise InputError(path, "does not exist" if not path.exists() else "is not a file")
+    try:
+        return nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for non-NIfTI or damaged headers
+        raise InputError(path, f"not a readable NIfTI file ({_one_line(exc)})") from None
+
+
+def _nifti_shape_and_components(path: Path, image: nib.Nifti1Image) -> tuple[tuple[int, ...], int]:
+    dtype = image.get_data_dtype()
+    components = len(dtype.fields) if dtype.fields else 1
+    shape = tuple(int(n) for n in image.shape)
+    if len(shape) == 5 and shape[3] == 1:  # NIfTI stores vectors along the 5th dimension
+        shape, components = shape[:3], components * shape[4]
+    return shape, components
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    image = _load_nifti(path)
+    shape, components = _nifti_shape_and_components(path, image)
+    _check_grid(path, shape, components)
+    try:
+        array = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as exc:  # truncated gzip streams and short files surface here
+        raise InputError(path, f"voxel data cannot be read, file truncated or corrupt "
+                               f"({_one_line(exc)})") from None
+    return array.reshape(array.shape[:3]), np.asarray(image.affine, dtype=np.float64)
+
+
+# --- NRRD / MetaImage / DICOM through SimpleITK ----------------------------------------------
+
+@contextlib.contextmanager
+def _quiet_itk() -> Iterator[None]:
+    """Keep ITK's warnings and MetaIO's raw C++ messages off stderr while reading.
+
+    ITK's own warnings are switched off through SimpleITK; MetaIO writes to the C++ error stream
+    directly, so file descriptor 2 is pointed at /dev/null for the duration (then restored).
+    """
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    saved_fd = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+@contextlib.contextmanager
+def _itk_errors(path: Path, what: str = "not a readable image") -> Iterator[None]:
+    """Turn SimpleITK's RuntimeError (a multi-line C++ trace) into a one-line InputError."""
+    try:
+        yield
+    except RuntimeError as exc:
+        raise InputError(path, f"{what} ({_itk_reason(exc)})") from None
+
+
+def _itk_reason(exc: Exception) -> str:
+    """The informative part of a SimpleITK error: the text after the last 'ITK ERROR: ...:'."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "ITK ERROR" in line:
+            return _one_line(line.split("): ", 1)[-1])
+    return _one_line(lines[-1] if lines else exc)
+
+
+def _one_line(exc: object, limit: int = 200) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _itk_header(path: Path) -> sitk.ImageFileReader:
+    if not path.is_file():
+        raise InputError(path, "does not exist" if not path.exists() else "is not a file")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    with _quiet_itk(), _itk_errors(path):
+        reader.ReadImageInformation()
+    return reader
+
+
+def _read_itk_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    reader = _itk_header(path)
+    _check_grid(path, tuple(reader.GetSize()), reader.GetNumberOfComponents())
+    with _quiet_itk(), _itk_errors(path, "voxel data cannot be read, file truncated or corrupt"):
+        image = reader.Execute()
+    return _itk_to_array_and_affine(image)
+
+
+def _dicom_series_files(folder: Path, series_uid: str | None) -> list[str]:
+    """The slice files of the requested (or only) DICOM series in ``folder``, sorted by GDCM."""
+    with _quiet_itk(), _itk_errors(folder, "DICOM folder cannot be scanned"):
+        series_ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+        files = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+                 for uid in series_ids}
+    if not series_ids:
+        reason = "is an empty folder" if not any(folder.iterdir()) else \
+            "holds no DICOM image series (and is not an image file)"
+        raise InputError(folder, reason)
+    listing = ", ".join(f"{uid!r} ({len(files[uid])} slices)" for uid in series_ids)
+    if series_uid is None:
+        if len(series_ids) > 1:
+            raise InputError(folder, f"holds {len(series_ids)} DICOM series: {listing}; choose one "
+                                     "with read_ct(path, series_uid=...) or put each series in "
+                                     "its own folder")
+        series_uid = series_ids[0]
+    if series_uid not in files:
+        raise InputError(folder, f"has no DICOM series {series_uid!r}; it holds {listing}")
+    return list(files[series_uid])
+
+
+def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[np.ndarray, np.ndarray]:
+    files = _dicom_series_files(folder, series_uid)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    with _quiet_itk(), _itk_errors(folder, "DICOM series cannot be read"):
+        image = reader.Execute()
+    _check_grid(folder, tuple(image.GetSize()), image.GetNumberOfComponentsPerPixel())
+    return _itk_to_array_and_affine(image)
+
+
+def _itk_to_array_and_affine(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """Array in (x, y, z) order, and the LPS geometry of SimpleITK turned into a RAS affine."""
+    array = sitk.GetArrayViewFromImage(image)  # (z, y, x), or with trailing singleton dims
+    array = np.ascontiguousarray(array.reshape(array.shape[-3:]).transpose(2, 1, 0),
+                                 dtype=np.float32)
+    dim = image.GetDimension()
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(dim, dim)[:3, :3]
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)[:3]
+    lps = np.eye(4)
+    lps[:3, :3] = direction * spacing  # column j = spacing_j * direction of axis j
+    lps[:3, 3] = np.asarray(image.GetOrigin(), dtype=np.float64)[:3]
+    return array, _LPS_TO_RAS @ lps
+
+
+# --- common checks and output ---------------------------------------------------------------
+
+def _check_grid(path: Path, shape: tuple[int, ...], components: int) -> None:
+    """Refuse anything but a non-empty 3D single-channel grid (trailing size-1 axes allowed)."""
+    size = "x".join(str(n) for n in shape)
+    if components != 1:
+        raise InputError(path, f"has {components} components per voxel (vector / multi-channel "
+                               "image); need a single-channel CT")
+    if any(n == 0 for n in shape):
+        raise InputError(path, f"is an empty volume (size {size})")
+    if len(shape) < 3:
+        raise InputError(path, f"is a {len(shape)}D image (size {size}); need a 3D volume")
+    if any(n > 1 for n in shape[3:]):
+        raise InputError(path, f"is a {len(shape)}D image (size {size}, e.g. a time series or "
+                               "multi-channel stack); need a single 3D volume")
+    if min(shape[:3]) == 1:
+        raise InputError(path, f"is a single 2D slice (size {size}); need a 3D volume "
+                               "(for DICOM, give the folder of the series, not one file)")
+
+
+def _spatial_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    return int(shape[0]), int(shape[1]), int(shape[2])
+
+
+def _to_metatensor(path: Path, array: np.ndarray, affine: np.ndarray) -> MetaTensor:
+    spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+    meta: dict[str, Any] = {
+        "filename_or_obj": str(path),
+        "spacing": spacing,
+        "orientation": "".join(nib.orientations.aff2axcodes(affine)),
+        "original_affine": torch.as_tensor(affine, dtype=torch.float64),
+        "spatial_shape": tuple(int(n) for n in array.shape),
+        "space": "RAS",
+    }
+    return MetaTensor(torch.from_numpy(array)[None], affine=torch.as_tensor(affine), meta=meta)

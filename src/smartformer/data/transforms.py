@@ -1,0 +1,222 @@
+"""MONAI transforms that turn a CT file into pretraining views.
+
+Two stages, so that the expensive one is cached on disk (see :mod:`smartformer.data.dataset`):
+
+* :func:`preprocess_transforms` (deterministic): read, reorient to RAS, crop to the body,
+  resample, window HU to [0, 1], pad to at least the ROI.
+* :func:`view_transforms` (random): global views of ROI size with intensity and flip
+  augmentations, stacked under ``"views"``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    MapTransform,
+    Orientationd,
+    RandFlip,
+    Randomizable,
+    RandScaleIntensity,
+    RandShiftIntensity,
+    Resize,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialCrop,
+    SpatialPadd,
+    Transform,
+)
+from monai.utils import convert_to_tensor
+
+from smartformer.data.io import read_ct
+from smartformer.errors import ConfigError
+
+#: HU window presets: name -> (lower, upper) Hounsfield units mapped to 0 and 1.
+WINDOWS: dict[str, tuple[float, float]] = {
+    "wide": (-1000, 1000),
+    "lung": (-1000, 400),
+    "abdomen": (-175, 250),
+}
+
+#: Voxels above this HU value count as body (soft tissue, bone, also the table) for the
+#: foreground crop; air (-1000) and lung parenchyma inside the body's bounding box are kept.
+BODY_HU_THRESHOLD = -500.0
+
+
+def parse_window(spec: str | Sequence[float]) -> tuple[float, float]:
+    """Turn a window preset name (see :data:`WINDOWS`), ``"lo,hi"`` or ``(lo, hi)`` into HU bounds.
+
+    Raises:
+        ConfigError: unknown preset, malformed numbers, or ``lo >= hi``.
+    """
+    if isinstance(spec, str):
+        if spec in WINDOWS:
+            lo, hi = WINDOWS[spec]
+            return float(lo), float(hi)
+        parts = spec.split(",")
+    else:
+        parts = list(spec)
+    try:
+        lo, hi = (float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ConfigError(f"window {spec!r}: give a preset ({', '.join(WINDOWS)}) or 'lo,hi' in "
+                          "HU, e.g. '-1000,400'") from None
+    if not lo < hi:
+        raise ConfigError(f"window {spec!r}: the lower bound must be below the upper bound")
+    return lo, hi
+
+
+def as_triple(value: float | Sequence[float], name: str) -> tuple[float, float, float]:
+    """A scalar or 3-sequence (spacing, ROI) as a 3-tuple; ConfigError for other lengths."""
+    values = [value] * 3 if isinstance(value, numbers.Real) else list(value)
+    if len(values) != 3 or any(v <= 0 for v in values):
+        raise ConfigError(f"{name} {value!r}: need one positive number or three")
+    return values[0], values[1], values[2]
+
+
+class LoadCTd(MapTransform):
+    """Replace each path under ``keys`` by :func:`~smartformer.data.io.read_ct`'s MetaTensor."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = read_ct(d[key])
+        return d
+
+
+class BodySelect:
+    """CropForeground ``select_fn``: voxels above ``threshold`` HU, or all voxels if none are.
+
+    Keeping the whole volume when nothing is above the threshold (an all-air scan) avoids an
+    empty crop. A class rather than a lambda so that the pipeline can be pickled to workers.
+    """
+
+    def __init__(self, threshold: float = BODY_HU_THRESHOLD) -> None:
+        self.threshold = threshold
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        mask = image > self.threshold
+        return mask if bool(mask.any()) else torch.ones_like(mask)
+
+
+def preprocess_transforms(
+    keys: Sequence[str] = ("image",),
+    label_keys: Sequence[str] = (),
+    spacing: float | Sequence[float] = (2.0, 2.0, 2.0),
+    window: str | Sequence[float] = "wide",
+    roi: int | Sequence[int] = (96, 96, 96),
+    body_threshold: float = BODY_HU_THRESHOLD,
+) -> Compose:
+    """The deterministic (cacheable) part: file paths in, windowed RAS volumes out.
+
+    Steps, applied to the images under ``keys`` and the label maps under ``label_keys`` alike:
+
+    1. :class:`LoadCTd`: read as ``(1, X, Y, Z)`` float32 HU with a RAS affine.
+    2. ``Orientationd``: reorder/flip axes to RAS.
+    3. ``CropForegroundd``: crop to the bounding box of voxels above ``body_threshold`` HU in
+       the first image key, before windowing (so the crop does not depend on the window) and
+       before resampling (so that only the body is resampled). Labels get the same box.
+    4. ``Spacingd`` to ``spacing`` mm: bilinear for images, nearest for labels.
+    5. ``ScaleIntensityRanged``: the HU ``window`` (preset or ``"lo,hi"``) to [0, 1], clipped
+       (images only).
+    6. ``SpatialPadd`` to at least ``roi`` voxels per axis, with 0 (air after windowing; label
+       background), centred; a volume smaller than the ROI is padded, never refused.
+    """
+    keys, label_keys = list(keys), list(label_keys)
+    all_keys = keys + label_keys
+    lo, hi = parse_window(window)
+    modes = ["bilinear"] * len(keys) + ["nearest"] * len(label_keys)
+    return Compose([
+        LoadCTd(all_keys),
+        Orientationd(all_keys, axcodes="RAS", labels=None),  # labels from meta "space" (RAS)
+        CropForegroundd(all_keys, source_key=keys[0], select_fn=BodySelect(body_threshold),
+                        allow_smaller=True, start_coord_key=None, end_coord_key=None),
+        Spacingd(all_keys, pixdim=as_triple(spacing, "spacing"), mode=modes, dtype=np.float32),
+        ScaleIntensityRanged(keys, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
+        SpatialPadd(all_keys, spatial_size=[int(r) for r in as_triple(roi, "roi")], value=0),
+    ])
+
+
+class RandGlobalViewsd(Randomizable, Transform):
+    """Random global views of a preprocessed volume, stacked as ``(num_views, 1, *roi)``.
+
+    Each view (SMIT/DINO-style "global crop"): a box whose side along each axis is the ROI side
+    times an independent uniform factor in ``[1, max_scale]`` (capped at the volume size) is
+    placed uniformly at random and resized (trilinear) to the ROI; then each axis is flipped
+    with probability ``flip_prob``, intensities are multiplied by ``1 + U(-s, s)`` and shifted
+    by ``U(-t, t)`` (``s = intensity_scale``, ``t = intensity_shift``) and clipped to [0, 1].
+    ``max_scale = 1`` gives plain random ROI crops.
+
+    The output dict is the input without ``image_key`` (its size varies, which would break
+    batching) plus ``views_key``: a float32 tensor. Seed with :meth:`set_random_state`; all
+    draws come from one ``RandomState``, shared with the MONAI sub-transforms.
+    """
+
+    def __init__(self, roi: int | Sequence[int] = (96, 96, 96), num_views: int = 2,
+                 max_scale: float = 1.5, intensity_scale: float = 0.1,
+                 intensity_shift: float = 0.1, flip_prob: float = 0.5,
+                 image_key: str = "image", views_key: str = "views") -> None:
+        if num_views < 1 or max_scale < 1.0:
+            raise ConfigError(f"views: need num_views >= 1 and max_scale >= 1, got {num_views} "
+                              f"and {max_scale}")
+        self.roi = tuple(int(r) for r in as_triple(roi, "roi"))
+        self.num_views = num_views
+        self.max_scale = max_scale
+        self.image_key, self.views_key = image_key, views_key
+        self._resize = Resize(self.roi, mode="trilinear")
+        self._flips = [RandFlip(prob=flip_prob, spatial_axis=axis) for axis in range(3)]
+        self._scale = RandScaleIntensity(factors=intensity_scale, prob=1.0)
+        self._shift = RandShiftIntensity(offsets=intensity_shift, prob=1.0)
+        self._boxes: list[tuple[list[int], list[int]]] = []
+        self.set_random_state()
+
+    def set_random_state(self, seed: int | None = None,
+                         state: np.random.RandomState | None = None) -> RandGlobalViewsd:
+        super().set_random_state(seed, state)
+        for sub in (*self._flips, self._scale, self._shift):
+            sub.set_random_state(state=self.R)
+        return self
+
+    def randomize(self, data: Sequence[int]) -> None:
+        """Draw one crop box ``(start, end)`` per view for a volume of spatial shape ``data``."""
+        self._boxes = []
+        for _ in range(self.num_views):
+            scale = self.R.uniform(1.0, self.max_scale, size=3)
+            size = [min(int(round(r * s)), n) for r, s, n in zip(self.roi, scale, data)]
+            start = [int(self.R.randint(0, n - z + 1)) for n, z in zip(data, size)]
+            self._boxes.append((start, [a + z for a, z in zip(start, size)]))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = {k: v for k, v in data.items() if k != self.image_key}
+        image = convert_to_tensor(data[self.image_key], track_meta=False)
+        self.randomize(image.shape[1:])
+        views = [self._view(image, start, end) for start, end in self._boxes]
+        d[self.views_key] = convert_to_tensor(torch.stack(views), dtype=torch.float32,
+                                              track_meta=False)
+        return d
+
+    def _view(self, image: torch.Tensor, start: list[int], end: list[int]) -> torch.Tensor:
+        view = self._resize(SpatialCrop(roi_start=start, roi_end=end)(image))
+        for flip in self._flips:
+            view = flip(view)
+        view = self._shift(self._scale(view))
+        return torch.clamp(view, 0.0, 1.0)
+
+
+def view_transforms(roi: int | Sequence[int] = (96, 96, 96), num_views: int = 2,
+                    intensity_scale: float = 0.1, intensity_shift: float = 0.1,
+                    flip_prob: float = 0.5, max_scale: float = 1.5) -> RandGlobalViewsd:
+    """The random part: a preprocessed ``{"image": (1, X, Y, Z)}`` dict to ``{"views": ...}``.
+
+    Returns a :class:`RandGlobalViewsd` (callable, MONAI ``Randomizable``); see there for the
+    view recipe. ``views`` has shape ``(num_views, 1, *roi)``, float32 in [0, 1].
+    """
+    return RandGlobalViewsd(roi=roi, num_views=num_views, max_scale=max_scale,
+                            intensity_scale=intensity_scale, intensity_shift=intensity_shift,
+                            flip_prob=flip_prob)
