@@ -18,7 +18,7 @@ from smartformer.errors import SmartformerError
 # Top-level commands, and commands under `smartformer data ...`. A module is listed here only
 # once the command it adds works end to end.
 COMMANDS: list[str] = []
-DATA_COMMANDS: list[str] = ["smartformer.commands.data_phantom"]
+DATA_COMMANDS: list[str] = ["smartformer.commands.data_check", "smartformer.commands.data_phantom"]
 
 
 def build_parser() -> argparse.ArgumentParser:
