@@ -1,0 +1,302 @@
+"""Pretraining configuration: YAML presets shipped with the package, merged with dotted overrides.
+
+``load_config("tiny", ["masking.strategy=random", "optim.lr=2e-4"])`` reads
+``presets/tiny.yaml`` (or a user's YAML file, which may name a preset in ``base:``), applies the
+overrides, and validates every key and type. Mistakes are :class:`~smartformer.errors.ConfigError`
+with the dotted key in the message.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence, get_args, get_origin
+
+import yaml
+
+from smartformer.errors import ConfigError
+from smartformer.models.smartformer import MODEL_PRESETS, SMARTConfig
+
+__all__ = [
+    "PretrainConfig",
+    "DataConfig",
+    "TeacherConfig",
+    "MaskingConfig",
+    "LossConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "load_config",
+    "available_presets",
+    "build_model_config",
+]
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class DataConfig:
+    spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)
+    window: str = "wide"  # preset name (wide, lung, abdomen) or "lo,hi" in HU
+    roi: tuple[int, int, int] = (96, 96, 96)
+    batch_size: int = 2  # per process
+    num_workers: int = 2
+    cache_dir: str | None = None  # None: <out>/../.smartformer-cache next to the run directory
+    intensity_scale: float = 0.1
+    intensity_shift: float = 0.1
+    flip_prob: float = 0.5
+    skip_bad: bool = False
+
+
+@dataclass
+class TeacherConfig:
+    momentum: float = 0.996  # cosine to 1.0 over the whole run
+    noise: Literal["patch_dropout", "gaussian", "none"] = "patch_dropout"
+    noise_ratio: float = 0.1
+    noise_sigma: float = 0.1
+
+
+@dataclass
+class MaskingConfig:
+    strategy: Literal["random", "block", "attention_high", "attention_hint", "attention_low"] = "attention_hint"
+    ratio: float = 0.6
+    hint_ratio: float = 0.1
+    warmup_steps: int = 100  # random masking until the teacher's attention means something
+
+
+@dataclass
+class LossConfig:
+    recon_weight: float = 1.0
+    patch_weight: float = 0.1
+    cls_weight: float = 0.1
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_steps: int = 300
+    center_momentum: float = 0.9
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # per sample of global batch (lr = lr * global batch)
+    min_lr: float = 1e-6
+    warmup_steps: int = 100
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0
+    freeze_last_layer_steps: int = 100  # DINO freezes the prototypes for the first epoch
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA where supported, else fp32
+    grad_checkpointing: bool = False
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: bool = True  # keep step_N checkpoints besides `last`
+    snapshot_every: int = 100  # attention PNG of a fixed volume
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+
+
+@dataclass
+class PretrainConfig:
+    preset: str = "tiny"
+    model: dict[str, Any] = field(default_factory=dict)  # overrides of the model preset (SMARTConfig fields)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert lists to tuples and ints to floats."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, get_args(tp)))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is tuple:
+        args = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and len(args) > 1 and args[1] is not Ellipsis:
+                value = [value] * len(args)  # a scalar stands for an isotropic triple
+            else:
+                raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s}; valid keys here: {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if isinstance(tp, type) and is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _resolve(source: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset name or a YAML file; a file may inherit from a preset or file via ``base:``."""
+    path = Path(source)
+    if source in available_presets() and not path.is_file():
+        data = _read_yaml(PRESET_DIR / f"{source}.yaml")
+    elif path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"{source}: config file not found")
+        data = _read_yaml(path)
+    else:
+        raise ConfigError(f"{source}: not a preset ({', '.join(available_presets())}) nor a YAML file")
+    parent = data.pop("base", None)
+    if parent is not None:
+        if parent in seen:
+            raise ConfigError(f"{source}: circular base: {parent}")
+        data = _merge(_resolve(str(parent), seen + (source,)), data)
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(source: str = "tiny", overrides: Sequence[str] = ()) -> PretrainConfig:
+    """Resolve a preset name or YAML path, apply ``section.key=value`` overrides, and validate."""
+    data = _resolve(source)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[path[-1]] = value
+    config = _build(PretrainConfig, data, "")
+    build_model_config(config)  # validates the model section now, not at the first step
+    return config
+
+
+def build_model_config(config: PretrainConfig) -> SMARTConfig:
+    """The :class:`SMARTConfig` named by ``preset`` with the ``model`` section applied."""
+    if config.preset not in MODEL_PRESETS:
+        raise ConfigError(f"preset: unknown model preset {config.preset!r}; choose one of {sorted(MODEL_PRESETS)}")
+    base = MODEL_PRESETS[config.preset].to_dict()
+    overrides = dict(config.model)
+    backbone = _merge(base.pop("backbone"), overrides.pop("backbone", {}) or {})
+    merged = {**base, **overrides}
+    hints = typing.get_type_hints(SMARTConfig)
+    for key, value in merged.items():
+        if key not in hints:
+            raise ConfigError(f"unknown config key model.{key}")
+        if key != "backbone":
+            merged[key] = _coerce(value, hints[key], f"model.{key}")
+    try:
+        from smartformer.models.swin3d import Swin3DConfig
+
+        bb = _build(Swin3DConfig, backbone, "model.backbone.")
+        bb.grad_checkpointing = bb.grad_checkpointing or config.train.grad_checkpointing
+        return SMARTConfig(**{**merged, "backbone": bb})
+    except ValueError as exc:
+        raise ConfigError(f"model: {exc}") from None
+

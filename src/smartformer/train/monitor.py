@@ -1,0 +1,59 @@
+"""What a run reports: progress bar, ``metrics.jsonl``, TensorBoard scalars, attention snapshots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from smartformer.analysis.overlay import save_overlay_png
+
+__all__ = ["MetricsWriter", "attention_snapshot"]
+
+
+class MetricsWriter:
+    """Append one JSON line per logging step and mirror every number to TensorBoard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        record = {"step": step, **{k: (round(v, 7) if isinstance(v, float) else v) for k, v in values.items()}}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in values.items():
+                group = "loss" if key.startswith("loss") else "train"
+                self._tb.add_scalar(f"{group}/{key}", value, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Read a ``metrics.jsonl`` (skipping a half-written last line)."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+@torch.no_grad()
+def attention_snapshot(model: Any, volume: Tensor, path: Path, title: str) -> Path:
+    """PNG of the mean semantic attention of ``model`` on ``volume`` (1, 1, D, H, W)."""
+    maps = model.attention_maps(volume).float().mean(1, keepdim=True)  # (1, 1, d, h, w)
+    heat = F.interpolate(maps, size=volume.shape[2:], mode="trilinear", align_corners=False)
+    return save_overlay_png(volume[0, 0].float().cpu().numpy(), heat[0, 0].cpu().numpy(), path, title=title)

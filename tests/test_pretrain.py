@@ -1,0 +1,176 @@
+"""The pretraining engine end to end: real phantom CTs, real optimizer steps, real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from smartformer.cli import main
+from smartformer.config import load_config
+from smartformer.data.phantom import write_phantoms
+from smartformer.models.smartformer import SMARTFormer
+from smartformer.train.checkpoint import RunLock, load_checkpoint
+
+# Small and fast: 32^3 views (a 2^3 grid of stride-16 cells), batch 2, no loader workers.
+FAST = [
+    "data.roi=[32,32,32]", "data.spacing=[4.0,4.0,4.0]", "data.num_workers=0", "train.log_every=1",
+    "train.snapshot_every=1000", "train.checkpoint_every=1000", "masking.warmup_steps=2",
+    "optim.warmup_steps=1", "optim.freeze_last_layer_steps=1", "loss.warmup_teacher_temp_steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("phantoms")
+    write_phantoms(out, n=3, seed=0, shape=(64, 64, 48), spacing=(5.0, 5.0, 5.0), progress=False)
+    return out
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "smartformer", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, check=False)
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_run_writes_everything_and_exports_teacher(phantoms: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    rc = main(["pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "3", "--no-progress",
+               *FAST, "train.snapshot_every=3", "train.checkpoint_every=2"])
+    assert rc == 0
+    assert load_config(str(run / "config.yaml")).data.roi == (32, 32, 32)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("loss", "loss_recon", "loss_patch", "loss_cls", "lr", "wd", "momentum", "teacher_temp",
+                "mask_ratio", "head_diversity", "steps_per_s", "volumes_per_s", "data_wait_s"):
+        assert key in rows[-1], key
+    assert rows[0]["momentum"] == pytest.approx(0.996) and rows[-1]["momentum"] == pytest.approx(1.0)
+    assert list((run / "tensorboard").iterdir())
+    assert (run / "snapshots" / "attention_step0000003.png").stat().st_size > 1000
+    assert (run / "checkpoints" / "step_0000002.pt").is_file()
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["step"] == 3
+    assert {"student", "teacher", "optimizer", "scaler", "centers", "rng", "config", "schedules"} <= set(state)
+    teacher = SMARTFormer.from_pretrained(run / "teacher")
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, state["teacher"][k]), k
+
+
+def test_second_run_into_busy_or_used_run_dir_is_refused(phantoms: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    with RunLock(run):
+        assert main(["pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "1", *FAST]) == 2
+    assert "in use" in capsys.readouterr().err
+    assert main(["pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "1", "--no-progress", *FAST]) == 0
+    assert main(["pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "2", *FAST]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_gives_the_uninterrupted_losses(phantoms: Path, tmp_path: Path) -> None:
+    steps = 8
+    ref = tmp_path / "ref"
+    assert cli("pretrain", "--data", str(phantoms), "--out", str(ref), "--max-steps", str(steps), "--no-progress",
+               *FAST).returncode == 0
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "smartformer", "pretrain", "--data", str(phantoms), "--out",
+                             str(run), "--max-steps", str(steps), "--no-progress", *FAST],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run / "metrics.jsonl").is_file():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    stopped_at = load_checkpoint(run / "checkpoints" / "last.pt")["step"]
+    assert 1 <= stopped_at < steps
+    resumed = cli("pretrain", "--data", str(phantoms), "--out", str(run), "--resume", "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    expected, got = losses(ref), losses(run)
+    assert sorted(got) == list(range(1, steps + 1))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_keeps_replicas_identical(phantoms: Path, tmp_path: Path) -> None:
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "smartformer", "pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "3",
+         "--no-progress", *FAST, "train.checkpoint_every=2", "train.device=cpu"],
+        capture_output=True, text=True, env=env, check=False, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    checks = [r for r in rows if "replica_max_abs_diff" in r]
+    assert [r["step"] for r in checks] == [2, 3]
+    assert all(r["replica_max_abs_diff"] == 0.0 for r in checks)
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 3
+    assert proc.stdout.count("completed at step 3/3") == 1  # only rank 0 reports
+
+
+def test_corrupt_file_is_named_or_skipped(phantoms: Path, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    for case in sorted(phantoms.iterdir())[:2]:
+        (data / f"{case.name}.nii.gz").symlink_to(case / "ct.nii.gz")
+    bad = data / "broken.nii.gz"
+    bad.write_text("this is not a NIfTI file\n")
+    # a batch of 2 over 3 volumes reaches the broken one within two steps
+    rc = main(["pretrain", "--data", str(data), "--out", str(tmp_path / "a"), "--max-steps", "3", "--no-progress",
+               *FAST])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "broken.nii.gz" in err[0]
+    rc = main(["pretrain", "--data", str(data), "--out", str(tmp_path / "b"), "--max-steps", "2", "--skip-bad",
+               "--no-progress", *FAST])
+    assert rc == 0
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(phantoms: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    rc = main(["pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "6", "--no-progress",
+               *FAST, "train.checkpoint_every=1", "optim.lr=1e37", "optim.clip_grad=1e30"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "non-finite loss" in err and "last good checkpoint" in err
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in state["student"].values())
+
+
+def test_config_errors_are_one_line(phantoms: Path, tmp_path: Path, capsys) -> None:
+    for override, needle in [("optim.lr=fast", "optim.lr"), ("masking.bogus=1", "masking.bogus"),
+                             ("masking.strategy=attention_high", "semantic attention")]:
+        extra = ["model.semantic_attention=false"] if "attention_high" in override else []
+        rc = main(["pretrain", "--data", str(phantoms), "--out", str(tmp_path / "x"), "--max-steps", "1",
+                   override, *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("ablation", [
+    ["model.semantic_attention=false", "masking.strategy=random", "teacher.noise=none"],  # SMIT-like
+    ["teacher.noise=gaussian", "masking.strategy=attention_high"],
+    ["loss.cls_weight=0", "loss.patch_weight=0", "masking.strategy=block"],
+    ["loss.recon_weight=0", "masking.strategy=attention_low"],
+])
+def test_ablation_switches_run(phantoms: Path, tmp_path: Path, ablation: list[str]) -> None:
+    rc = main(["pretrain", "--data", str(phantoms), "--out", str(tmp_path / "r"), "--max-steps", "3",
+               "--no-progress", *FAST, *ablation])
+    assert rc == 0
+    last = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert ("loss_cls" in last) == ("loss.cls_weight=0" not in ablation)
+    assert ("loss_recon" in last) == ("loss.recon_weight=0" not in ablation)
