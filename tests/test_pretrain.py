@@ -174,3 +174,20 @@ def test_ablation_switches_run(phantoms: Path, tmp_path: Path, ablation: list[st
     last = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
     assert ("loss_cls" in last) == ("loss.cls_weight=0" not in ablation)
     assert ("loss_recon" in last) == ("loss.recon_weight=0" not in ablation)
+
+
+@pytest.mark.slow
+def test_demo_main_job_end_to_end(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "-n", "1", "--max-steps", "2", "--spacing", "4", "--no-progress"]) == 0
+    report = json.loads((out / "demo.json").read_text())
+    ct = nib.load(str(out / "phantoms" / "case_000" / "ct.nii.gz"))
+    attn = nib.load(report["attention_nifti"])
+    heads = nib.load(report["attention_heads_nifti"])
+    assert attn.shape == ct.shape and heads.shape[:3] == ct.shape and heads.shape[3] == 6
+    assert (attn.affine == ct.affine).all() and (heads.affine == ct.affine).all()
+    assert float(attn.get_fdata().max()) > 0
+    assert Path(report["attention_png"]).stat().st_size > 1000
+    assert SMARTFormer.from_pretrained(report["teacher"]) is not None

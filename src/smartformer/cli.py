@@ -17,7 +17,11 @@ from smartformer.errors import SmartformerError
 
 # Top-level commands, and commands under `smartformer data ...`. A module is listed here only
 # once the command it adds works end to end.
-COMMANDS: list[str] = ["smartformer.commands.pretrain", "smartformer.commands.export"]
+COMMANDS: list[str] = [
+    "smartformer.commands.demo",
+    "smartformer.commands.pretrain",
+    "smartformer.commands.export",
+]
 DATA_COMMANDS: list[str] = ["smartformer.commands.data_check", "smartformer.commands.data_phantom"]
 
 

@@ -11,7 +11,6 @@ from typing import Any
 
 from tqdm import tqdm
 
-from smartformer.data.io import read_ct
 from smartformer.data.sources import DEFAULT_EXCLUDE, list_volumes
 from smartformer.errors import InputError
 
@@ -87,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
 def check_volume(path: str) -> VolumeReport:
     """Read one volume fully; a reading problem becomes the report's status, not an exception."""
     try:
+        from smartformer.data.io import read_ct  # torch/MONAI only when checking
+
         image = read_ct(path)
     except InputError as exc:
         return VolumeReport(path=path, status=" ".join(exc.reason.split()))

@@ -5,11 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from smartformer.errors import SmartformerError
-from smartformer.models.convert import load_weights, to_monai_state_dict
-from smartformer.models.smartformer import CONFIG_NAME, WEIGHTS_NAME
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _read_state(path: Path, which: str) -> dict:
+    from smartformer.models.convert import load_weights
+    from smartformer.models.smartformer import CONFIG_NAME, WEIGHTS_NAME
+
     if path.is_dir():
         if not (path / WEIGHTS_NAME).is_file() or not (path / CONFIG_NAME).is_file():
             raise SmartformerError(f"{path}: not a save_pretrained directory ({WEIGHTS_NAME} + {CONFIG_NAME})")
@@ -44,6 +43,10 @@ def _read_state(path: Path, which: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from smartformer.models.convert import to_monai_state_dict
+
     state = _read_state(args.checkpoint, args.weights)
     monai_state = to_monai_state_dict(state)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,9 @@ from typing import Any, Literal, Sequence, get_args, get_origin
 import yaml
 
 from smartformer.errors import ConfigError
-from smartformer.models.smartformer import MODEL_PRESETS, SMARTConfig
+
+if typing.TYPE_CHECKING:
+    from smartformer.models.smartformer import SMARTConfig
 
 __all__ = [
     "PretrainConfig",
@@ -279,6 +281,9 @@ def load_config(source: str = "tiny", overrides: Sequence[str] = ()) -> Pretrain
 
 def build_model_config(config: PretrainConfig) -> SMARTConfig:
     """The :class:`SMARTConfig` named by ``preset`` with the ``model`` section applied."""
+    from smartformer.models.smartformer import MODEL_PRESETS, SMARTConfig
+    from smartformer.models.swin3d import Swin3DConfig
+
     if config.preset not in MODEL_PRESETS:
         raise ConfigError(f"preset: unknown model preset {config.preset!r}; choose one of {sorted(MODEL_PRESETS)}")
     base = MODEL_PRESETS[config.preset].to_dict()
@@ -292,8 +297,6 @@ def build_model_config(config: PretrainConfig) -> SMARTConfig:
         if key != "backbone":
             merged[key] = _coerce(value, hints[key], f"model.{key}")
     try:
-        from smartformer.models.swin3d import Swin3DConfig
-
         bb = _build(Swin3DConfig, backbone, "model.backbone.")
         bb.grad_checkpointing = bb.grad_checkpointing or config.train.grad_checkpointing
         return SMARTConfig(**{**merged, "backbone": bb})

@@ -23,10 +23,7 @@ from monai.data import MetaTensor
 
 from smartformer.errors import InputError
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
-#: File name endings that :func:`is_volume_path` accepts as one image volume each.
-IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+from smartformer.data.suffixes import IMAGE_SUFFIXES, ITK_SUFFIXES, NIFTI_SUFFIXES
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _DICOM_MAGIC_OFFSET = 128

@@ -14,9 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
-from smartformer.data.io import IMAGE_SUFFIXES, is_dicom_file
+from smartformer.data.suffixes import IMAGE_SUFFIXES
 from smartformer.errors import InputError
 
 #: Name patterns (shell-style, case-insensitive) that mark label maps rather than CT images in
@@ -94,7 +92,7 @@ def _scan_folder(root: Path, patterns: tuple[str, ...]) -> list[dict[str, Any]]:
         files = sorted(f for f in files if not f.startswith("."))
         images = [f for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
         others = [here / f for f in files if f not in images]
-        if not _excluded(here.name, patterns) and any(is_dicom_file(p) for p in others):
+        if not _excluded(here.name, patterns) and any(_is_dicom_file(p) for p in others):
             items.append({"image": str(here)})
         items.extend({"image": str(here / f)} for f in images
                      if not _excluded(_strip_image_suffix(f), patterns))
@@ -122,6 +120,8 @@ def _resolve_paths(item: dict[str, Any], base: Path) -> dict[str, Any]:
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
+    import pandas as pd  # imported here: keeps `smartformer --help` fast
+
     try:
         table = pd.read_csv(path, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
@@ -160,3 +160,9 @@ def _read_json(path: Path, key: str) -> list[dict[str, Any]]:
             raise InputError(path, f"item {index} of {key!r} has no 'image' path")
         items.append(_resolve_paths(dict(item), path.parent))
     return items
+
+
+def _is_dicom_file(path: str | Path) -> bool:
+    from smartformer.data.io import is_dicom_file  # torch/MONAI on first use only
+
+    return is_dicom_file(path)

@@ -1,0 +1,104 @@
+"""Whole-volume semantic attention maps on the CT's own grid.
+
+A CT of any size is read (any supported format), reoriented to RAS, resampled to the model's
+spacing and windowed like the pretraining data; the teacher's per-head attention is computed on
+overlapping ROI windows (MONAI ``sliding_window_inference``, Gaussian blending), upsampled
+within each window, and finally resampled back onto the input grid, so the maps overlay the
+input voxel for voxel (same shape, same affine) in 3D Slicer or any viewer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from monai.transforms import Compose, Orientationd, ScaleIntensityRanged, Spacingd, SpatialPadd, SpatialResample
+
+from smartformer.data.io import read_ct, write_nifti
+from smartformer.data.transforms import LoadCTd, as_triple, parse_window
+from smartformer.models.smartformer import SMARTFormer
+
+__all__ = ["AttentionResult", "attention_volume", "write_attention"]
+
+
+@dataclass
+class AttentionResult:
+    heads: np.ndarray  # (heads, X, Y, Z) on the input grid
+    mean: np.ndarray  # (X, Y, Z)
+    image_hu: np.ndarray  # (X, Y, Z) the input CT in HU
+    affine: np.ndarray  # 4x4 RAS affine of the input
+
+
+@torch.no_grad()
+def attention_volume(
+    model: SMARTFormer,
+    ct_path: str | Path,
+    spacing: float | Sequence[float] = (2.0, 2.0, 2.0),
+    window: str | Sequence[float] = "wide",
+    roi: int | Sequence[int] = (64, 64, 64),
+    overlap: float = 0.5,
+    sw_batch_size: int = 2,
+    device: str | torch.device = "cpu",
+) -> AttentionResult:
+    """Per-head and mean teacher attention of ``model`` for the CT at ``ct_path``, on its own grid."""
+    roi_size = tuple(int(r) for r in as_triple(roi, "roi"))
+    lo, hi = parse_window(window)
+    original = read_ct(ct_path)
+    prep = Compose([
+        LoadCTd(["image"]),
+        Orientationd(["image"], axcodes="RAS", labels=None),
+        Spacingd(["image"], pixdim=as_triple(spacing, "spacing"), mode="bilinear", dtype=np.float32),
+        ScaleIntensityRanged(["image"], a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
+        SpatialPadd(["image"], spatial_size=list(roi_size), value=0, method="end"),
+    ])
+    image: MetaTensor = prep({"image": str(ct_path)})["image"]
+    model = model.eval().to(device)
+
+    def predictor(x: torch.Tensor) -> torch.Tensor:
+        maps = model.attention_maps(x)  # (b, heads, d, h, w), each map sums to 1 over its window
+        maps = maps / maps.amax(dim=(2, 3, 4), keepdim=True).clamp_min(1e-12)  # comparable across windows
+        return F.interpolate(maps, size=x.shape[2:], mode="trilinear", align_corners=False)
+
+    blended = sliding_window_inference(
+        image.as_tensor().unsqueeze(0).to(device), roi_size, sw_batch_size, predictor,
+        overlap=overlap, mode="gaussian", progress=False,
+    )[0].cpu()
+    maps = MetaTensor(blended, affine=image.affine)
+    on_input = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float32)(
+        maps, dst_affine=original.affine, spatial_size=original.shape[1:]
+    )
+    heads = np.asarray(on_input.as_tensor().numpy(), dtype=np.float32)
+    return AttentionResult(
+        heads=heads,
+        mean=heads.mean(0),
+        image_hu=original.as_tensor()[0].numpy(),
+        affine=np.asarray(original.affine, dtype=np.float64),
+    )
+
+
+def write_attention(result: AttentionResult, out_dir: str | Path, stem: str = "attention",
+                    mask: np.ndarray | None = None, title: str = "") -> dict[str, Path]:
+    """Write ``<stem>_mean.nii.gz``, ``<stem>_heads.nii.gz`` (4D, heads last) and ``<stem>.png``."""
+    import nibabel as nib
+
+    from smartformer.analysis.overlay import save_overlay_png
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mean_path = write_nifti(result.mean, result.affine, out_dir / f"{stem}_mean.nii.gz")
+    heads_img = nib.Nifti1Image(np.moveaxis(result.heads, 0, -1), result.affine)
+    heads_img.set_sform(result.affine, code="scanner")
+    heads_img.set_qform(result.affine, code="scanner")
+    heads_path = out_dir / f"{stem}_heads.nii.gz"
+    nib.save(heads_img, str(heads_path))
+    spacing = tuple(float(s) for s in np.linalg.norm(result.affine[:3, :3], axis=0))
+    png = save_overlay_png(result.image_hu, result.mean, out_dir / f"{stem}.png", title=title, mask=mask,
+                           spacing=spacing)  # type: ignore[arg-type]
+    return {"mean": mean_path, "heads": heads_path, "png": png}
+
