@@ -4,9 +4,11 @@ Parameter names and layout follow MONAI's ``SwinTransformer`` (the ``swinViT`` o
 ``SwinUNETR``): a state dict moves between the two unchanged, except for our extra
 ``mask_token``. What differs is how it runs:
 
-* window attention goes through :func:`torch.nn.functional.scaled_dot_product_attention` with the
-  relative-position bias (and the shifted-window mask) as ``attn_mask`` (``fused_attn=True``),
-  in training as well as inference; ``fused_attn=False`` is the explicit-softmax reference path;
+* window attention runs fused (``fused_attn=True``), in training as well as inference, through
+  :func:`smartformer.models.attention.window_attention`: PyTorch's CPU flash-attention kernel with
+  a custom backward for the trainable relative-position bias (SDPA on CUDA), never materialising
+  the (windows, heads, n, n) attention matrices; ``fused_attn=False`` is the explicit-softmax
+  reference path;
 * activations stay channels-last between stages, and shifted-window masks are cached per grid;
 * a learnable mask token replaces the patch embeddings of masked cells (SimMIM / iBOT);
 * gradient checkpointing per block (``grad_checkpointing=True``).
@@ -27,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from .attention import window_attention
 
 __all__ = [
     "PRESETS",
@@ -161,23 +165,12 @@ class WindowAttention(nn.Module):
         bw, n, c = x.shape
         h = self.num_heads
         q, k, v = self.qkv(x).view(bw, n, 3, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = self.relative_position_bias(n).to(q.dtype)
         if self.fused_attn:
-            if mask is None:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), scale=self.scale)
-            else:
-                nw = mask.shape[0]
-                full = bias.unsqueeze(0) + mask.unsqueeze(1).to(q.dtype)  # (nW, heads, n, n)
-                if torch.is_grad_enabled():
-                    # Broadcast over the batch: the mask's gradient reduces without a (B*nW) copy.
-                    shape = (bw // nw, nw, h, n, c // h)
-                    out = F.scaled_dot_product_attention(
-                        q.view(shape), k.view(shape), v.view(shape), attn_mask=full, scale=self.scale
-                    ).view(bw, h, n, c // h)
-                else:
-                    full = full.unsqueeze(0).expand(bw // nw, nw, h, n, n).reshape(bw, h, n, n)
-                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=full, scale=self.scale)
+            # Flash kernel in fp32/bf16 on CPU with a custom backward for the bias (see
+            # models/attention.py); SDPA on CUDA. The bias stays in the table's dtype.
+            out = window_attention(q, k, v, self.relative_position_bias(n).contiguous(), mask, self.scale)
         else:
+            bias = self.relative_position_bias(n).to(q.dtype)
             attn = (q * self.scale) @ k.transpose(-2, -1) + bias.unsqueeze(0)
             if mask is not None:
                 nw = mask.shape[0]

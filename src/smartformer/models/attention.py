@@ -1,0 +1,259 @@
+"""Window attention with a trainable relative-position bias, fast on CPU in training.
+
+:func:`window_attention` computes ``softmax(scale * q @ k^T + bias + mask) @ v`` for the windows
+of a Swin block, where ``bias`` (heads, n, n) is the (trainable) relative-position bias and
+``mask`` (nW, n, n) the constant additive mask of shifted windows.
+
+Why a custom autograd function: PyTorch's CPU flash kernel
+(``aten::_scaled_dot_product_flash_attention_for_cpu``) only runs when ``attn_mask`` does not
+require grad; with a trainable bias :func:`~torch.nn.functional.scaled_dot_product_attention`
+falls back to the unfused math path, which is no faster than an explicit softmax. Here the
+forward runs the flash kernel on a detached mask (saving only the output and the row
+log-sum-exp ``lse``), the backward gets ``dq, dk, dv`` from the flash backward kernel, and the
+bias gradient ``d(bias) = sum over windows of dS``, ``dS = P * (dO @ V^T - rowsum(dO * O))``,
+``P = exp(scale * q @ k^T + bias + mask - lse)``, is recomputed one window at a time (see
+:func:`_bias_grad`). No (windows, heads, n, n) tensor is ever materialised: the combined
+bias + shift mask is built for chunks of ``CHUNK_ELEMENTS`` elements and shared by the batch.
+
+On CUDA (and wherever the CPU flash op is unavailable) plain SDPA is used: CUDA's
+memory-efficient kernel supports gradients of ``attn_mask``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["window_attention", "window_attention_reference", "flash_cpu_available"]
+
+try:
+    _FLASH_FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+except (AttributeError, RuntimeError):  # pragma: no cover - older / stripped builds
+    _FLASH_FWD = _FLASH_BWD = None
+
+_FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+# Elements of one chunk of the combined bias + shift mask handed to the flash kernels
+# (windows x heads x n x n; 2**21 floats = 8 MiB), and 8x the elements of one chunk of the
+# (head_dim + 1)-column operands of the bias-gradient pass.
+CHUNK_ELEMENTS = 2**21
+
+
+def flash_cpu_available() -> bool:
+    """Whether this torch build has the CPU flash-attention kernels used here."""
+    return _FLASH_FWD is not None and _FLASH_BWD is not None
+
+
+def window_attention_reference(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """Explicit softmax attention, the definition that :func:`window_attention` computes."""
+    bw, h, n, _ = q.shape
+    attn = (q * scale) @ k.transpose(-2, -1) + bias.to(q.dtype).unsqueeze(0)
+    if mask is not None:
+        nw = mask.shape[0]
+        attn = (attn.view(bw // nw, nw, h, n, n) + mask.to(q.dtype).unsqueeze(1).unsqueeze(0)).view(bw, h, n, n)
+    return attn.softmax(-1) @ v
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _row_blocks(bw: int, n: int, h: int, bias: Tensor, mask: Tensor | None):
+    """Yield (r0, r1, m): rows r0:r1 of the (B*nW) windows and their 4-D additive mask.
+
+    ``m`` is ``bias`` (1, heads, n, n) without a shift mask, else ``bias + mask`` for the
+    windows of the block (chunk, heads, n, n), built once per chunk of windows and shared by
+    the batch elements. Blocks hold at most ``CHUNK_ELEMENTS // (heads * n * n)`` windows.
+    """
+    step = max(1, CHUNK_ELEMENTS // (h * n * n))
+    if mask is None:
+        m = bias.unsqueeze(0)
+        for r0 in range(0, bw, step):
+            yield r0, min(bw, r0 + step), m
+        return
+    nw = mask.shape[0]
+    for w0 in range(0, nw, step):
+        w1 = min(nw, w0 + step)
+        m = torch.add(bias.unsqueeze(0), mask[w0:w1].unsqueeze(1))
+        for r in range(0, bw, nw):
+            yield r + w0, r + w1, m
+
+
+def _flash_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None, scale: float):
+    """Flash CPU forward on windows; returns (out, lse) with out (B*nW, heads, n, hd)."""
+    bw, h, n, hd = q.shape
+    if mask is None:
+        return _FLASH_FWD(q, k, v, attn_mask=bias.unsqueeze(0), scale=scale)
+    blocks = list(_row_blocks(bw, n, h, bias, mask))
+    if len(blocks) == 1:
+        return _FLASH_FWD(q, k, v, attn_mask=blocks[0][2], scale=scale)
+    # (B*nW, n, heads, hd) storage: the kernel's own output layout, which the output
+    # projection reads without a copy.
+    out = q.new_empty(bw, n, h, hd).transpose(1, 2)
+    lse = None
+    for r0, r1, m in blocks:
+        o, l = _FLASH_FWD(q[r0:r1], k[r0:r1], v[r0:r1], attn_mask=m, scale=scale)
+        if lse is None:
+            lse = l.new_empty(bw, n, h).transpose(1, 2)
+        out[r0:r1].copy_(o)
+        lse[r0:r1].copy_(l)
+    return out, lse
+
+
+class _FlashWindowAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+        with torch.autocast("cpu", enabled=False):
+            bias_d = bias.detach().to(_acc_dtype(q.dtype))
+            out, lse = _flash_forward(q, k, v, bias_d, mask, scale)
+        ctx.save_for_backward(q, k, v, bias_d, mask, out, lse)
+        ctx.scale = scale
+        ctx.bias_dtype = bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        q, k, v, bias, mask, out, lse = ctx.saved_tensors
+        need_qkv = any(ctx.needs_input_grad[:3])
+        need_bias = ctx.needs_input_grad[3]
+        with torch.autocast("cpu", enabled=False):
+            dq, dk, dv, dbias = _flash_backward(dout, q, k, v, bias, mask, out, lse, ctx.scale, need_qkv, need_bias)
+        if dbias is not None:
+            dbias = dbias.to(ctx.bias_dtype)
+        return dq, dk, dv, dbias, None, None
+
+
+_LOG2E = 1.4426950408889634
+# P is computed as exp2(log2(e) * logits): exp2 is about twice as fast as exp on CPU. Logits
+# below this floor would give denormal P (for which exp2/exp are ~40x slower); clamping there
+# changes P by less than 2e-38, far below the resolution of P.
+_EXP2_FLOOR = {torch.float32: -126.0, torch.float64: -1022.0}
+
+
+def _flash_backward(dout, q, k, v, bias, mask, out, lse, scale, need_qkv, need_bias):
+    bw, h, n, hd = q.shape
+    dq = dk = dv = dbias = None
+    if need_qkv and mask is None:
+        dq, dk, dv = _FLASH_BWD(dout, q, k, v, out, lse, 0.0, False, attn_mask=bias.unsqueeze(0), scale=scale)
+    elif need_qkv:
+        dq, dk, dv = (torch.empty(bw, n, h, hd, dtype=q.dtype, device=q.device).transpose(1, 2) for _ in range(3))
+        for r0, r1, m in _row_blocks(bw, n, h, bias, mask):
+            rows = slice(r0, r1)
+            g = _FLASH_BWD(
+                dout[rows], q[rows], k[rows], v[rows], out[rows], lse[rows], 0.0, False, attn_mask=m, scale=scale
+            )
+            dq[rows].copy_(g[0])
+            dk[rows].copy_(g[1])
+            dv[rows].copy_(g[2])
+    if need_bias:
+        dbias = _bias_grad(dout, q, k, v, out, lse, bias, mask, scale)
+    return dq, dk, dv, dbias
+
+
+def _bias_grad(dout, q, k, v, out, lse, bias, mask, scale) -> Tensor:
+    """sum over windows of dS = P * (dO V^T - rowsum(dO * O)), one window at a time.
+
+    Both n x n factors come out of a single GEMM each, with the row terms folded into the
+    operands (head_dim + 1 columns)::
+
+        log2(e) * (scale q k^T - lse) = [log2(e) scale q, -log2(e) lse] @ [k, 1]^T
+        dO V^T - rowsum(dO * O)       = [dO, -rowsum(dO * O)]           @ [V, 1]^T
+
+    so per window: one ``baddbmm`` (adds the bias, and the shift mask where the window has
+    one), ``exp2_``, one ``bmm`` and one ``addcmul_`` into the accumulator. Windows are
+    processed one by one so that the (heads, n, n) work buffers stay in cache.
+    """
+    bw, h, n, hd = q.shape
+    acc = bias.dtype
+    floor = _EXP2_FLOOR[acc]
+    nw = 1 if mask is None else mask.shape[0]
+    # Windows whose shift mask is not all zero (the others use the bias alone, no clamp).
+    masked = [False] if mask is None else (mask != 0).flatten(1).any(1).tolist()
+    bias2 = bias * _LOG2E
+    dbias = torch.zeros(h, n, n, dtype=acc, device=q.device)
+    p = torch.empty(h, n, n, dtype=acc, device=q.device)
+    ds = torch.empty_like(p)
+    rows = max(1, CHUNK_ELEMENTS // (8 * h * n * (hd + 1)))
+    for r0 in range(0, bw, rows):
+        r1 = min(bw, r0 + rows)
+        c = r1 - r0
+        qa = torch.empty(c, h, n, hd + 1, dtype=acc, device=q.device)
+        torch.mul(q[r0:r1], scale * _LOG2E, out=qa[..., :hd])
+        torch.mul(lse[r0:r1], -_LOG2E, out=qa[..., hd])
+        ka = torch.ones(c, h, n, hd + 1, dtype=acc, device=q.device)
+        ka[..., :hd] = k[r0:r1]
+        da = torch.empty(c, h, n, hd + 1, dtype=acc, device=q.device)
+        da[..., :hd] = dout[r0:r1]
+        torch.sum(dout[r0:r1].to(acc) * out[r0:r1].to(acc), -1, out=da[..., hd])
+        da[..., hd].neg_()
+        va = torch.ones(c, h, n, hd + 1, dtype=acc, device=q.device)
+        va[..., :hd] = v[r0:r1]
+        kt, vt = ka.transpose(-1, -2), va.transpose(-1, -2)
+        for i in range(c):
+            w = (r0 + i) % nw
+            if masked[w]:
+                torch.add(bias2, mask[w], alpha=_LOG2E, out=p)
+                p.baddbmm_(qa[i], kt[i]).clamp_min_(floor)
+            else:
+                torch.baddbmm(bias2, qa[i], kt[i], out=p)
+            p.exp2_()
+            torch.bmm(da[i], vt[i], out=ds)
+            dbias.addcmul_(p, ds)
+    return dbias
+
+
+def window_attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None = None, scale: float | None = None
+) -> Tensor:
+    """Attention within windows with an additive relative-position bias and shifted-window mask.
+
+    Args:
+        q, k, v: (B * nW, heads, n, head_dim), windows of one batch element contiguous
+            (batch-major, as produced by window partitioning).
+        bias: (heads, n, n) relative-position bias; may require grad.
+        mask: (nW, n, n) additive shifted-window mask (a constant), or None.
+        scale: softmax scale, ``head_dim ** -0.5`` by default.
+
+    Returns:
+        (B * nW, heads, n, head_dim), equal to :func:`window_attention_reference`.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    bw, h, n, _ = q.shape
+    if mask is not None:
+        mask = mask.detach()
+        if bw % mask.shape[0]:
+            raise ValueError(f"{bw} windows are not a multiple of the mask's {mask.shape[0]} windows")
+    if q.device.type == "cuda":
+        return _sdpa(q, k, v, bias, mask, scale)
+    if not flash_cpu_available() or q.device.type != "cpu" or q.dtype not in _FLASH_DTYPES:
+        return window_attention_reference(q, k, v, bias, mask, scale)
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    acc = _acc_dtype(q.dtype)
+    if mask is not None:
+        mask = mask.to(acc)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias)):
+        return _FlashWindowAttention.apply(q, k, v, bias, mask, scale)
+    with torch.autocast("cpu", enabled=False):
+        return _flash_forward(q, k, v, bias.detach().to(acc), mask, scale)[0]
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """SDPA with the bias as attn_mask (its gradient flows through SDPA; fine on CUDA)."""
+    bias = bias.to(q.dtype)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), scale=scale)
+    nw = mask.shape[0]
+    full = bias.unsqueeze(0) + mask.unsqueeze(1).to(q.dtype)  # (nW, heads, n, n)
+    # One call per batch element: 4-D inputs (which the fused kernels need) without a
+    # (B * nW, heads, n, n) copy of the mask.
+    outs = [
+        F.scaled_dot_product_attention(q[r : r + nw], k[r : r + nw], v[r : r + nw], attn_mask=full, scale=scale)
+        for r in range(0, q.shape[0], nw)
+    ]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -1,0 +1,172 @@
+"""Fused window attention (models/attention.py) against the explicit-softmax reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from smartformer.models import attention as A
+from smartformer.models.attention import flash_cpu_available, window_attention, window_attention_reference
+from smartformer.models.swin3d import Swin3D, WindowAttention, _shift_mask
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one thread is as fast, and immune to a busy second core."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+needs_flash = pytest.mark.skipif(not flash_cpu_available(), reason="this torch build has no CPU flash-attention op")
+
+
+def _case(ws: int, heads: int, batch: int, shifted: bool, dtype=torch.float32, seed: int = 0):
+    """qkv (as the module produces it), a module with a random bias table, and the shift mask."""
+    torch.manual_seed(seed)
+    hd = 8
+    grid = (2 * ws,) * 3
+    n, nw = ws**3, 8
+    attn = WindowAttention(heads * hd, heads, (ws,) * 3).to(dtype)
+    with torch.no_grad():
+        attn.relative_position_bias_table.normal_(0.0, 0.5)  # larger than the init: a real test
+    mask = _shift_mask(grid, (ws,) * 3, (ws // 2,) * 3, torch.device("cpu")).to(dtype) if shifted else None
+    qkv = torch.randn(batch * nw, n, 3, heads, hd, dtype=dtype, requires_grad=True)
+    return attn, qkv, mask
+
+
+def _run(fn, attn, qkv, mask, seed: int = 1):
+    attn.zero_grad(set_to_none=True)
+    qkv.grad = None
+    n = qkv.shape[1]
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    out = fn(q, k, v, attn.relative_position_bias(n), mask, attn.scale)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    (out * g).sum().backward()
+    return out.detach(), qkv.grad.clone(), attn.relative_position_bias_table.grad.clone()
+
+
+@needs_flash
+@pytest.mark.parametrize("shifted", [False, True], ids=["plain", "shifted"])
+@pytest.mark.parametrize("ws,heads,batch", [(2, 3, 2), (3, 2, 3), (4, 4, 2), (7, 2, 2)], ids=["n8", "n27", "n64", "n343"])
+def test_matches_explicit_softmax(ws, heads, batch, shifted):
+    attn, qkv, mask = _case(ws, heads, batch, shifted)
+    out, dqkv, dtable = _run(window_attention, attn, qkv, mask)
+    ref_out, ref_dqkv, ref_dtable = _run(window_attention_reference, attn, qkv, mask)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dqkv, ref_dqkv, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(dtable, ref_dtable, atol=1e-5, rtol=1e-4)
+    assert dtable.abs().max() > 1e-2  # the bias gradient is not trivially zero
+
+
+@needs_flash
+@pytest.mark.parametrize("shifted", [False, True], ids=["plain", "shifted"])
+def test_chunked_paths(monkeypatch, shifted):
+    """Small chunks: several flash calls per batch element and several row blocks in d(bias)."""
+    attn, qkv, mask = _case(4, 3, 3, shifted)
+    ref = _run(window_attention_reference, attn, qkv, mask)
+    monkeypatch.setattr(A, "CHUNK_ELEMENTS", 3 * 64 * 64 * 3)  # 3 windows per block
+    got = _run(window_attention, attn, qkv, mask)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@needs_flash
+@pytest.mark.parametrize("shifted", [False, True], ids=["plain", "shifted"])
+def test_no_grad_matches(shifted):
+    attn, qkv, mask = _case(4, 2, 2, shifted)
+    q, k, v = qkv.detach().permute(2, 0, 3, 1, 4).unbind(0)
+    with torch.no_grad():
+        bias = attn.relative_position_bias(64)
+        out = window_attention(q, k, v, bias, mask, attn.scale)
+        ref = window_attention_reference(q, k, v, bias, mask, attn.scale)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_flash
+def test_only_bias_or_only_qkv_requires_grad():
+    attn, qkv, mask = _case(3, 2, 2, True)
+    q, k, v = qkv.detach().permute(2, 0, 3, 1, 4).unbind(0)
+    (window_attention(q, k, v, attn.relative_position_bias(27), mask, attn.scale) ** 2).sum().backward()
+    got = attn.relative_position_bias_table.grad.clone()
+    attn.zero_grad(set_to_none=True)
+    (window_attention_reference(q, k, v, attn.relative_position_bias(27), mask, attn.scale) ** 2).sum().backward()
+    torch.testing.assert_close(got, attn.relative_position_bias_table.grad, atol=1e-5, rtol=1e-4)
+
+    bias = attn.relative_position_bias(27)
+    qr = q.clone().requires_grad_()
+    (window_attention(qr, k, v, bias.detach(), mask, attn.scale) ** 2).sum().backward()
+    qr2 = q.clone().requires_grad_()
+    (window_attention_reference(qr2, k, v, bias.detach(), mask, attn.scale) ** 2).sum().backward()
+    torch.testing.assert_close(qr.grad, qr2.grad, atol=1e-5, rtol=1e-4)
+
+
+@needs_flash
+@pytest.mark.parametrize("shifted", [False, True], ids=["plain", "shifted"])
+def test_gradcheck_float64(shifted):
+    try:
+        A._FLASH_FWD(*(torch.zeros(1, 1, 2, 2, dtype=torch.float64),) * 3)
+    except RuntimeError as exc:  # pragma: no cover - depends on the torch build
+        pytest.skip(f"CPU flash kernel has no float64: {exc}")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(4, 2, 8, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = torch.randn(2, 8, 8, dtype=torch.float64, requires_grad=True)
+    mask = None
+    if shifted:
+        mask = torch.zeros(2, 8, 8, dtype=torch.float64)
+        mask[1, :4, 4:] = mask[1, 4:, :4] = -100.0
+    assert torch.autograd.gradcheck(lambda q, k, v, b: window_attention(q, k, v, b, mask, 0.5), (q, k, v, bias))
+
+
+@needs_flash
+def test_bfloat16_autocast_close_to_float32():
+    attn, qkv, mask = _case(4, 2, 2, True)
+    ref = _run(window_attention_reference, attn, qkv, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, dqkv, dtable = _run(window_attention, attn, qkv, mask)
+    assert out.dtype == torch.bfloat16 and dtable.dtype == torch.float32
+    for a, b in zip((out.float(), dqkv, dtable), ref):
+        assert ((a - b).norm() / b.norm()).item() < 0.03
+
+
+def test_fallbacks_match(monkeypatch):
+    """Without the flash op (reference math) and the CUDA code path (SDPA, run here on CPU)."""
+    attn, qkv, mask = _case(3, 2, 2, True)
+    ref = _run(window_attention_reference, attn, qkv, mask)
+    for got in (
+        _run(lambda *a: A._sdpa(*a), attn, qkv, mask),
+        _run(lambda *a: A._sdpa(*a), attn, qkv, None),
+    ):
+        assert got[0].shape == ref[0].shape
+    for a, b in zip(_run(lambda *a: A._sdpa(*a), attn, qkv, mask), ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    monkeypatch.setattr(A, "_FLASH_FWD", None)
+    for a, b in zip(_run(window_attention, attn, qkv, mask), ref):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_swin3d_fused_equals_explicit():
+    """Whole tiny backbone, forward + backward: same parameter gradients either way."""
+    torch.manual_seed(0)
+    model = Swin3D.from_preset("tiny")
+    x = torch.randn(2, 1, 32, 64, 32)
+    weights = None
+
+    def grads(fused: bool):
+        nonlocal weights
+        model.set_fused_attn(fused)
+        model.zero_grad(set_to_none=True)
+        outs = model.forward_stages(x, normalize=False)
+        if weights is None:
+            g = torch.Generator().manual_seed(1)
+            weights = [torch.randn(o.shape, generator=g) for o in outs]
+        sum((o * w).sum() for o, w in zip(outs, weights)).backward()
+        return [o.detach() for o in outs], {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    outs_f, grads_f = grads(True)
+    outs_e, grads_e = grads(False)
+    for a, b in zip(outs_f, outs_e):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert grads_f.keys() == grads_e.keys() and len(grads_e) > 50
+    for name in grads_e:
+        torch.testing.assert_close(grads_f[name], grads_e[name], atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
