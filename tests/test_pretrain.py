@@ -191,3 +191,13 @@ def test_demo_main_job_end_to_end(tmp_path: Path) -> None:
     assert float(attn.get_fdata().max()) > 0
     assert Path(report["attention_png"]).stat().st_size > 1000
     assert SMARTFormer.from_pretrained(report["teacher"]) is not None
+
+
+def test_bf16_autocast_and_gradient_checkpointing_run(phantoms: Path, tmp_path: Path) -> None:
+    rc = main(["pretrain", "--data", str(phantoms), "--out", str(tmp_path / "r"), "--max-steps", "2",
+               "--no-progress", *FAST, "train.precision=bf16", "train.grad_checkpointing=true"])
+    assert rc == 0
+    last = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert all(v == v for v in last.values())  # no NaN
+    config = load_config(str(tmp_path / "r" / "config.yaml"))
+    assert config.train.precision == "bf16" and config.train.grad_checkpointing

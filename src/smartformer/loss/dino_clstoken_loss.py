@@ -13,20 +13,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from smartformer.loss.centering import CenteredTeacherLoss
 
 
-def all_reduce_mean_(t: Tensor) -> Tensor:
-    """Average ``t`` in place over the default process group, if one is initialized."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-        t.div_(dist.get_world_size())
-    return t
-
-
-class DINOLoss(nn.Module):
+class DINOLoss(CenteredTeacherLoss):
     """Cross-view cross-entropy between teacher and student [CLS] distributions.
 
     For every teacher view ``q`` and every student view ``v != q`` the loss is
@@ -44,36 +37,6 @@ class DINOLoss(nn.Module):
     Buffers:
         center: ``(1, K)`` float32, the running mean of the teacher logits.
     """
-
-    center: Tensor
-
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
-        super().__init__()
-        if out_dim < 1:
-            raise ValueError(f"out_dim must be positive, got {out_dim}")
-        if student_temp <= 0:
-            raise ValueError(f"student_temp must be positive, got {student_temp}")
-        if not 0.0 <= center_momentum <= 1.0:
-            raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
-        self.out_dim = out_dim
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
-
-    def softmax_center_teacher(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
-        """Teacher probabilities ``softmax((t - center) / teacher_temp)``.
-
-        Args:
-            teacher_logits: ``(..., K)`` logits of any float dtype.
-            teacher_temp: teacher temperature (sharpening, e.g. 0.04 -> 0.07).
-
-        Returns:
-            ``(..., K)`` float32 probabilities, detached.
-        """
-        if teacher_temp <= 0:
-            raise ValueError(f"teacher_temp must be positive, got {teacher_temp}")
-        t = teacher_logits.detach().float()
-        return F.softmax((t - self.center) / teacher_temp, dim=-1)
 
     def forward(
         self, student_logits: Sequence[Tensor], teacher_logits: Sequence[Tensor], teacher_temp: float
@@ -118,6 +81,4 @@ class DINOLoss(nn.Module):
         Args:
             teacher_logits: one ``(B, K)`` tensor per teacher view.
         """
-        batch_center = torch.cat([t.detach().float() for t in teacher_logits]).mean(dim=0, keepdim=True)
-        all_reduce_mean_(batch_center)
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
+        self._ema_center(torch.cat([t.detach().float() for t in teacher_logits]).mean(dim=0, keepdim=True))

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from smartformer.loss.dino_clstoken_loss import all_reduce_mean_
+from smartformer.loss.centering import CenteredTeacherLoss
 
 
-class iBOTPatchLoss(nn.Module):
+class iBOTPatchLoss(CenteredTeacherLoss):
     """Cross-entropy between teacher and student distributions on masked patch tokens.
 
     For each image ``b`` with masked tokens ``M_b`` (``|M_b| > 0``)::
@@ -41,36 +41,6 @@ class iBOTPatchLoss(nn.Module):
     Buffers:
         center: ``(1, K)`` float32, the running mean of the teacher patch logits.
     """
-
-    center: Tensor
-
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
-        super().__init__()
-        if out_dim < 1:
-            raise ValueError(f"out_dim must be positive, got {out_dim}")
-        if student_temp <= 0:
-            raise ValueError(f"student_temp must be positive, got {student_temp}")
-        if not 0.0 <= center_momentum <= 1.0:
-            raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
-        self.out_dim = out_dim
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
-
-    def softmax_center_teacher(self, teacher_patch_logits: Tensor, teacher_temp: float) -> Tensor:
-        """Teacher probabilities ``softmax((t - center) / teacher_temp)``.
-
-        Args:
-            teacher_patch_logits: ``(..., K)`` logits of any float dtype.
-            teacher_temp: teacher temperature.
-
-        Returns:
-            ``(..., K)`` float32 probabilities, detached.
-        """
-        if teacher_temp <= 0:
-            raise ValueError(f"teacher_temp must be positive, got {teacher_temp}")
-        t = teacher_patch_logits.detach().float()
-        return F.softmax((t - self.center) / teacher_temp, dim=-1)
 
     def forward(
         self,
@@ -122,6 +92,4 @@ class iBOTPatchLoss(nn.Module):
             teacher_patch_logits: ``(B, N, K)`` teacher logits.
         """
         k = teacher_patch_logits.shape[-1]
-        batch_center = teacher_patch_logits.detach().float().reshape(-1, k).mean(dim=0, keepdim=True)
-        all_reduce_mean_(batch_center)
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
+        self._ema_center(teacher_patch_logits.detach().float().reshape(-1, k).mean(dim=0, keepdim=True))
