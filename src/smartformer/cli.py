@@ -21,6 +21,7 @@ COMMANDS: list[str] = [
     "smartformer.commands.demo",
     "smartformer.commands.pretrain",
     "smartformer.commands.export",
+    "smartformer.commands.attention",
 ]
 DATA_COMMANDS: list[str] = ["smartformer.commands.data_check", "smartformer.commands.data_phantom"]
 
