@@ -11,7 +11,7 @@ import torch
 
 from smartformer.cli import main
 from smartformer.data.io import read_ct
-from smartformer.data.phantom import write_phantoms
+from smartformer.data.phantom import LESION_ID, write_phantoms
 from smartformer.models.smartformer import SMARTFormer
 
 FAST = ["--spacing", "5", "--roi", "32", "--overlap", "0.25"]
@@ -51,7 +51,8 @@ def _attention(checkpoint: Path, image: Path, out: Path, *extra: str) -> int:
 
 def test_ras_nifti_keeps_shape_and_affine(phantom, checkpoint, tmp_path):
     image = phantom / "ct.nii.gz"
-    assert _attention(checkpoint / "teacher", image, tmp_path, "--mask", str(phantom / "labels.nii.gz")) == 0
+    assert _attention(checkpoint / "teacher", image, tmp_path, "--mask", str(phantom / "labels.nii.gz"),
+                      "--mask-label", str(LESION_ID)) == 0
     src = nib.load(str(image))
     mean = nib.load(str(tmp_path / "ct_mean.nii.gz"))
     heads = nib.load(str(tmp_path / "ct_heads.nii.gz"))
@@ -105,6 +106,8 @@ def test_mask_on_another_grid_is_resampled(phantom):
     labels = nib.load(str(phantom / "labels.nii.gz"))
     body = np.asarray(labels.dataobj) > 0
     assert np.array_equal(read_mask_on(phantom / "labels.nii.gz", ct), body)
+    lesion = np.asarray(labels.dataobj) == LESION_ID
+    assert lesion.any() and np.array_equal(read_mask_on(phantom / "labels.nii.gz", ct, LESION_ID), lesion)
     coarse_path = phantom.parent / "body_2x.nii.gz"
     nib.save(nib.Nifti1Image(body[::2, ::2, ::2].astype(np.uint8), labels.affine @ np.diag([2.0, 2.0, 2.0, 1.0])),
              str(coarse_path))

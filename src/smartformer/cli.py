@@ -22,6 +22,7 @@ COMMANDS: list[str] = [
     "smartformer.commands.pretrain",
     "smartformer.commands.export",
     "smartformer.commands.attention",
+    "smartformer.commands.localize",
 ]
 DATA_COMMANDS: list[str] = ["smartformer.commands.data_check", "smartformer.commands.data_phantom"]
 

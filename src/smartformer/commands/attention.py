@@ -40,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--mask", type=Path, default=None,
                    help="optional mask (e.g. a tumour) drawn as a contour; any grid, resampled to the CT's")
+    p.add_argument("--mask-label", type=int, default=None, metavar="ID",
+                   help="take only this label of --mask (e.g. 11, the phantoms' lesions); default: every voxel > 0")
     add_inference_arguments(p)
     p.add_argument("--name", default=None, help="file name stem of the outputs (default: from --image)")
     p.set_defaults(func=run)
@@ -109,11 +111,14 @@ def load_model(path: Path) -> "SMARTFormer":
     return model
 
 
-def read_mask_on(path: Path, reference: "MetaTensor") -> "np.ndarray":
+def read_mask_on(path: Path, reference: "MetaTensor", value: int | None = None,
+                 allow_empty: bool = False) -> "np.ndarray":
     """Read a mask file as a boolean (X, Y, Z) array on the grid of ``reference`` (a :func:`read_ct` result).
 
-    A mask on the same grid is taken as stored; any other grid is resampled by nearest neighbour
-    through world coordinates (both affines are RAS).
+    ``value`` picks one label of a label map (e.g. the phantoms' lesion id); without it every
+    voxel > 0 counts. A mask on the same grid is taken as stored; any other grid is resampled by
+    nearest neighbour through world coordinates (both affines are RAS). An empty result raises
+    :class:`~smartformer.errors.InputError` unless ``allow_empty``.
     """
     import numpy as np
     import torch
@@ -128,9 +133,11 @@ def read_mask_on(path: Path, reference: "MetaTensor") -> "np.ndarray":
         mask = SpatialResample(mode="nearest", padding_mode="zeros", dtype=torch.float32)(
             mask, dst_affine=reference.affine, spatial_size=reference.shape[1:]
         )
-    array = np.asarray(mask.as_tensor()[0].numpy()) > 0.5
-    if not array.any():
-        raise InputError(path, "the mask is empty on the CT's grid (no voxel > 0 inside the CT's field of view)")
+    labels = np.asarray(mask.as_tensor()[0].numpy())
+    array = np.rint(labels) == value if value is not None else labels > 0.5
+    if not array.any() and not allow_empty:
+        what = f"label {value}" if value is not None else "voxel > 0"
+        raise InputError(path, f"the mask is empty on the CT's grid (no {what} inside the CT's field of view)")
     return array
 
 
@@ -152,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     check_inference_arguments(args)
     model = load_model(args.checkpoint)
     ct = read_ct(args.image)  # refuses unreadable input with one line before any compute
-    mask = read_mask_on(args.mask, ct) if args.mask is not None else None
+    mask = read_mask_on(args.mask, ct, args.mask_label) if args.mask is not None else None
     result = attention_volume(model, args.image, **inference_kwargs(args))
     stem = args.name or volume_stem(args.image)
     title = f"{stem}: mean semantic attention" + (" (green: mask)" if mask is not None else "")

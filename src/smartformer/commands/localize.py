@@ -1,0 +1,303 @@
+"""``smartformer localize``: zero-shot tumour localization of attention maps against tumour masks.
+
+For every (CT, mask) pair and every checkpoint, the mean semantic attention on the CT's grid is
+scored with :func:`smartformer.analysis.localization.localization_metrics` (inside the body),
+side by side with three baselines: a centre prior, an intensity prior and the same network with
+random weights. Writes ``cases.csv`` (one row per case and method), ``summary.json`` (mean, std
+and median per method and metric), ``comparison.csv`` / ``comparison.md`` (methods x mean
+metrics) and ``montage.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from smartformer.commands.attention import (
+    add_inference_arguments,
+    check_inference_arguments,
+    inference_kwargs,
+    resolve_checkpoint,
+)
+from smartformer.errors import InputError, SmartformerError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+#: File name stems (any image suffix) that hold a binary lesion mask inside a case folder.
+MASK_STEMS: tuple[str, ...] = ("tumor", "tumour", "lesion", "mask", "gtv")
+#: File name stems of a label map (the lesion is one label value) inside a case folder.
+LABEL_STEMS: tuple[str, ...] = ("labels", "label", "seg", "segmentation")
+CT_STEMS: tuple[str, ...] = ("ct", "image", "img")
+CENTRE, INTENSITY, RANDOM = "centre_prior", "intensity_prior", "random_init"
+#: Cases shown in montage.png.
+MONTAGE_ROWS = 8
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "localize",
+        help="zero-shot tumour localization of attention maps vs tumour masks",
+        description=(
+            "Score the mean semantic attention of one or more checkpoints against tumour masks "
+            "(voxel AUROC, pointing game, Dice/IoU at Otsu and top-k %%, bounding-box IoU, "
+            "enrichment, energy pointing), all inside the body (HU > -500 plus the lesion), next to "
+            "a centre prior, an intensity prior and the network with random weights. --data is a CSV "
+            "with image and mask columns (mask paths relative to the CSV's folder) or a folder of case "
+            "folders, each with ct.* and either tumor.*/mask.*/lesion.* (voxels > 0) or labels.* "
+            "(the lesion is --lesion-label, default 11 as in the built-in phantoms)."
+        ),
+    )
+    p.add_argument("--checkpoint", required=True, type=Path, nargs="+",
+                   help="save_pretrained directories or training run directories (their teacher/)")
+    p.add_argument("--data", required=True, type=Path, help="CSV (image,mask) or a folder of case folders")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    add_inference_arguments(p)
+    p.add_argument("--lesion-label", type=int, default=None, metavar="ID",
+                   help="label value of the lesion in label maps (default: 11 for labels.* files, "
+                        "every voxel > 0 for mask files and CSV masks)")
+    p.add_argument("--tolerance-mm", type=float, default=10.0,
+                   help="pointing game: distance from the lesion still counted as a hit (default: 10)")
+    p.add_argument("--top-k", type=float, default=5.0, help="percent of body voxels for top-k Dice/IoU (default: 5)")
+    p.add_argument("--windows", type=int, default=0,
+                   help="score N windows per case at random offsets that hold part of the lesion, for "
+                        "lesion-centred crops such as STS (default: 0, the whole CT)")
+    p.add_argument("--window-mm", type=float, default=100.0, help="side of those windows in mm (default: 100)")
+    p.add_argument("--max-cases", type=int, default=None, help="only the first N cases")
+    p.add_argument("--no-random-baseline", action="store_true", help="skip the random-weights network")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and windows (default: 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _find_stem(folder: Path, stems: tuple[str, ...]) -> Path | None:
+    from smartformer.data.suffixes import IMAGE_SUFFIXES
+
+    for stem in stems:
+        for suffix in IMAGE_SUFFIXES:
+            if (folder / f"{stem}{suffix}").is_file():
+                return folder / f"{stem}{suffix}"
+    return None
+
+
+def find_cases(data: Path, lesion_label: int | None) -> list[dict[str, Any]]:
+    """List ``{"case", "image", "mask", "value"}`` pairs from a CSV or a folder of case folders."""
+    from smartformer.data.phantom import LESION_ID
+
+    if not data.exists():
+        raise InputError(data, "does not exist")
+    cases: list[dict[str, Any]] = []
+    if data.is_file():
+        if not data.name.lower().endswith(".csv"):
+            raise InputError(data, "give a .csv with image and mask columns, or a folder of case folders")
+        import pandas as pd
+
+        try:
+            table = pd.read_csv(data, dtype=str, keep_default_na=False)
+        except Exception as exc:  # pandas raises several parser error types
+            raise InputError(data, f"not a readable CSV ({str(exc).splitlines()[0]})") from None
+        if "image" not in table.columns or "mask" not in table.columns:
+            raise InputError(data, f"needs 'image' and 'mask' columns, found {list(table.columns)}")
+        for i, row in table.iterrows():
+            image, mask = (Path(row[k]).expanduser() for k in ("image", "mask"))
+            image = image if image.is_absolute() else data.parent / image
+            mask = mask if mask.is_absolute() else data.parent / mask
+            name = row["case"] if "case" in table.columns and row["case"] else f"case_{i:03d}_{image.parent.name}"
+            cases.append({"case": name, "image": image, "mask": mask, "value": lesion_label})
+    else:
+        for folder in [data, *sorted(p for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))]:
+            image = _find_stem(folder, CT_STEMS)
+            if image is None:
+                continue
+            mask = _find_stem(folder, MASK_STEMS)
+            value = lesion_label
+            if mask is None:
+                mask = _find_stem(folder, LABEL_STEMS)
+                value = LESION_ID if lesion_label is None else lesion_label
+            if mask is None:
+                raise InputError(folder, f"has {image.name} but no mask ({'/'.join(MASK_STEMS + LABEL_STEMS)}.*)")
+            cases.append({"case": folder.name, "image": image, "mask": mask, "value": value})
+    if not cases:
+        raise InputError(data, f"holds no case: no CSV rows, and no folder with {'/'.join(CT_STEMS)}.* + a mask")
+    return cases
+
+
+def checkpoint_names(paths: list[Path]) -> list[str]:
+    """Short unique method names for checkpoint directories (a run's teacher/ is named after the run)."""
+    names: list[str] = []
+    for path in paths:
+        resolved = resolve_checkpoint(path)
+        base = resolved.parent.name if resolved.name == "teacher" else resolved.name
+        name, k = base, 2
+        while name in names or name in (CENTRE, INTENSITY, RANDOM):
+            name, k = f"{base}_{k}", k + 1
+        names.append(name)
+    return names
+
+
+def _score_case(maps: dict[str, "np.ndarray"], lesion: "np.ndarray", image_hu: "np.ndarray",
+                spacing: tuple[float, float, float], args: argparse.Namespace,
+                rng: "np.random.Generator") -> dict[str, dict[str, float]]:
+    """Metrics per method for one case: whole CT, or the mean over random lesion windows.
+
+    ``maps`` holds every method but the centre prior, which is built for each scored box.
+    """
+    import numpy as np
+
+    from smartformer.analysis.localization import METRICS, centre_prior, lesion_windows, localization_metrics
+
+    if args.windows <= 0:
+        boxes = [tuple(slice(0, n) for n in lesion.shape)]
+    else:
+        size = [max(1, int(round(args.window_mm / s))) for s in spacing]
+        boxes = lesion_windows(lesion, size, args.windows, rng)
+    scores: dict[str, dict[str, list[float]]] = {m: {k: [] for k in METRICS} for m in [*maps, CENTRE]}
+    for box in boxes:
+        for method in scores:
+            crop = centre_prior(lesion[box].shape, spacing) if method == CENTRE else maps[method][box]
+            values = localization_metrics(crop, lesion[box], image_hu[box], spacing, args.tolerance_mm, args.top_k)
+            for key, v in values.items():
+                scores[method][key].append(v)
+    return {m: {k: float(np.nanmean(v)) if not np.all(np.isnan(v)) else float("nan") for k, v in d.items()}
+            for m, d in scores.items()}
+
+
+def _montage(panels: list[dict[str, Any]], methods: list[str], path: Path) -> Path:
+    """One row per case: the CT and each method's map on the axial slice with the most lesion voxels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cols = 1 + len(methods)
+    fig, axes = plt.subplots(len(panels), cols, figsize=(2.4 * cols, 2.4 * len(panels)), squeeze=False)
+    for row, panel in zip(axes, panels):
+        lesion = panel["lesion"]
+        z = int(np.argmax(lesion.sum(axis=(0, 1))))
+        image = panel["image"][:, :, z].T
+        lo, hi = np.percentile(panel["image"], [1, 99])
+        aspect = panel["spacing"][1] / panel["spacing"][0]
+        for ax, name in zip(row, ["CT", *methods]):
+            ax.imshow(image, cmap="gray", origin="lower", vmin=lo, vmax=hi, aspect=aspect)
+            if name != "CT":
+                heat = panel["maps"][name][:, :, z].T
+                ax.imshow(heat, cmap="jet", origin="lower", alpha=0.45, aspect=aspect,
+                          vmin=float(panel["maps"][name].min()), vmax=float(panel["maps"][name].max()) or 1.0)
+            if lesion[:, :, z].any():
+                ax.contour(lesion[:, :, z].T.astype(float), levels=[0.5], colors="lime", linewidths=1.0,
+                           origin="lower")
+            ax.set_title(f"{panel['case']}" if name == "CT" else name, fontsize=8)
+            ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def summarize(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """Mean, std and median of every metric per method over the cases (NaN cases left out)."""
+    import numpy as np
+
+    from smartformer.analysis.localization import METRICS
+
+    summary: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        entry: dict[str, Any] = {"cases": len(mine)}
+        for key in METRICS:
+            values = np.asarray([r[key] for r in mine], dtype=np.float64)
+            values = values[np.isfinite(values)]
+            entry[key] = ({"mean": float(values.mean()), "std": float(values.std()), "median": float(np.median(values))}
+                          if values.size else None)
+        summary[method] = entry
+    return summary
+
+
+def _comparison(summary: dict[str, dict[str, Any]], out: Path) -> None:
+    """``comparison.csv`` and ``comparison.md``: one row per method, the mean of each metric."""
+    from smartformer.analysis.localization import METRICS
+
+    def cell(entry: dict[str, Any] | None) -> str:
+        return "" if entry is None else f"{entry['mean']:.3f}"
+
+    lines = ["method,cases," + ",".join(METRICS)]
+    md = ["| method | cases | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
+    for method, entry in summary.items():
+        cells = [cell(entry[k]) for k in METRICS]
+        lines.append(",".join([method, str(entry["cases"]), *cells]))
+        md.append("| " + " | ".join([method, str(entry["cases"]), *cells]) + " |")
+    (out / "comparison.csv").write_text("\n".join(lines) + "\n")
+    (out / "comparison.md").write_text("\n".join(md) + "\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+    import pandas as pd
+    import torch
+    from tqdm.auto import tqdm
+
+    from smartformer.analysis.attention import attention_volume
+    from smartformer.analysis.localization import METRICS, centre_prior, intensity_prior
+    from smartformer.commands.attention import load_model, read_mask_on
+    from smartformer.data.io import read_ct
+    from smartformer.models.smartformer import SMARTFormer
+
+    check_inference_arguments(args)
+    if args.tolerance_mm < 0 or not 0 < args.top_k <= 100:
+        raise SmartformerError("--tolerance-mm must be >= 0 and --top-k in (0, 100]")
+    if args.windows < 0 or args.window_mm <= 0 or (args.max_cases is not None and args.max_cases < 1):
+        raise SmartformerError("--windows must be >= 0, --window-mm > 0 and --max-cases >= 1")
+    names = checkpoint_names(args.checkpoint)
+    models = {name: load_model(path) for name, path in zip(names, args.checkpoint)}
+    cases = find_cases(args.data, args.lesion_label)[: args.max_cases]
+    if not args.no_random_baseline:
+        torch.manual_seed(args.seed)
+        models[RANDOM] = SMARTFormer(next(iter(models.values())).config).eval()
+    methods = [*names, CENTRE, INTENSITY] + ([] if args.no_random_baseline else [RANDOM])
+    kwargs = inference_kwargs(args)
+    rng = np.random.default_rng(args.seed)
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    panels: list[dict[str, Any]] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    for case in tqdm(cases, desc="localize", unit="case", disable=args.no_progress):
+        ct = read_ct(case["image"])
+        lesion = read_mask_on(case["mask"], ct, case["value"], allow_empty=True)
+        if not lesion.any():
+            skipped.append({"case": case["case"], "reason": f"empty mask {case['mask']}"})
+            continue
+        image_hu = ct.as_tensor()[0].numpy()
+        spacing = tuple(float(s) for s in np.linalg.norm(np.asarray(ct.affine)[:3, :3], axis=0))
+        maps = {name: attention_volume(model, case["image"], **kwargs).mean for name, model in models.items()}
+        maps[INTENSITY] = intensity_prior(image_hu)
+        scores = _score_case(maps, lesion, image_hu, spacing, args, rng)  # type: ignore[arg-type]
+        for method in methods:
+            rows.append({"case": case["case"], "method": method, **scores[method]})
+        if len(panels) < MONTAGE_ROWS:
+            maps[CENTRE] = centre_prior(lesion.shape, spacing)
+            panels.append({"case": case["case"], "image": image_hu, "lesion": lesion, "spacing": spacing,
+                           "maps": maps})
+    if not rows:
+        raise SmartformerError(f"{args.data}: every mask was empty on its CT's grid; nothing to score")
+    pd.DataFrame(rows, columns=["case", "method", *METRICS]).to_csv(args.out / "cases.csv", index=False)
+    summary = summarize(rows, methods)
+    report = {
+        "checkpoints": {name: str(resolve_checkpoint(p)) for name, p in zip(names, args.checkpoint)},
+        "data": str(args.data),
+        "settings": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()},
+                     "tolerance_mm": args.tolerance_mm, "top_k_percent": args.top_k, "windows": args.windows,
+                     "window_mm": args.window_mm, "seed": args.seed, "region": "body (HU > -500) + lesion"},
+        "skipped": skipped,
+        "methods": summary,
+    }
+    (args.out / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
+    _comparison(summary, args.out)
+    _montage(panels, methods, args.out / "montage.png")
+    print((args.out / "comparison.md").read_text(), end="")
+    print(f"{len(rows) // len(methods)} cases scored, {len(skipped)} skipped; results in {args.out}")
+    return 0
