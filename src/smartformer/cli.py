@@ -23,6 +23,7 @@ COMMANDS: list[str] = [
     "smartformer.commands.export",
     "smartformer.commands.attention",
     "smartformer.commands.localize",
+    "smartformer.commands.cluster",
 ]
 DATA_COMMANDS: list[str] = ["smartformer.commands.data_check", "smartformer.commands.data_phantom"]
 

@@ -1,0 +1,275 @@
+"""Unsupervised organ clustering of frozen token features (SPEC section 9).
+
+The CT is reoriented to RAS, resampled to the model's spacing and windowed like the pretraining
+data, padded to whole windows and cut into non-overlapping ``roi`` windows; the semantic-stage
+tokens (stride 16) of every window are placed on one token grid for the whole volume. Each token
+gets the majority label of the 16^3 voxels it covers (the label map goes through the same
+reorientation and resampling, nearest neighbour); tokens whose majority is background (0) or
+padding are left out. k-means on the L2-normalised features of the remaining tokens is compared
+with their labels (NMI, ARI, purity), and the distance between label centroids is measured
+against the spread within labels. The cluster of each token is written back on the CT's grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.metrics.cluster import contingency_matrix
+
+__all__ = [
+    "TokenFeatures",
+    "purity",
+    "clustering_scores",
+    "centroid_separation",
+    "kmeans_clusters",
+    "token_features",
+    "clusters_on_input",
+    "load_label_names",
+    "save_tsne_png",
+]
+
+#: Token-grid label of padding voxels (never clustered).
+PAD_LABEL = -1
+
+
+@dataclass
+class TokenFeatures:
+    features: np.ndarray  # (d, h, w, C) tokens of the whole (padded) volume
+    labels: np.ndarray  # (d, h, w) majority label per token; 0 background, -1 padding
+    token_affine: np.ndarray  # 4x4 RAS affine of the token grid (token centres)
+    input_affine: np.ndarray  # 4x4 RAS affine of the input CT
+    input_shape: tuple[int, int, int]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def kept(self) -> np.ndarray:
+        """Boolean (d, h, w): tokens with a foreground majority label (the ones that are clustered)."""
+        return self.labels > 0
+
+
+def purity(labels: Sequence[int] | np.ndarray, clusters: Sequence[int] | np.ndarray) -> float:
+    """Share of items whose cluster's most common label is their own label."""
+    table = contingency_matrix(np.asarray(labels), np.asarray(clusters))
+    return float(table.max(axis=0).sum() / table.sum())
+
+
+def clustering_scores(labels: Sequence[int] | np.ndarray, clusters: Sequence[int] | np.ndarray) -> dict[str, float]:
+    """NMI, ARI (scikit-learn) and purity of a clustering against reference labels."""
+    return {
+        "nmi": float(normalized_mutual_info_score(labels, clusters)),
+        "ari": float(adjusted_rand_score(labels, clusters)),
+        "purity": purity(labels, clusters),
+    }
+
+
+def centroid_separation(features: np.ndarray, labels: np.ndarray, min_count: int = 2) -> dict[str, Any]:
+    """Distance between label centroids relative to the spread within labels.
+
+    For labels ``a`` and ``b`` (each with at least ``min_count`` items), the ratio is
+    ``|c_a - c_b| / ((s_a + s_b) / 2)`` with ``s`` the root-mean-square distance of a label's items
+    to its centroid. Ratios above 1 mean the labels stand apart in feature space.
+
+    Returns:
+        ``mean_ratio`` over all pairs, ``labels`` (those used), ``ratio`` (the symmetric matrix as
+        nested lists, 0 on the diagonal), ``centroid_distance`` and ``spread`` per label.
+    """
+    features = np.asarray(features, dtype=np.float64)
+    labels = np.asarray(labels)
+    ids, counts = np.unique(labels, return_counts=True)
+    ids = ids[counts >= min_count]
+    if ids.size < 2:
+        return {"mean_ratio": float("nan"), "labels": ids.tolist(), "ratio": [], "centroid_distance": [],
+                "spread": []}
+    centroids = np.stack([features[labels == i].mean(0) for i in ids])
+    spread = np.array([np.sqrt(((features[labels == i] - c) ** 2).sum(1).mean()) for i, c in zip(ids, centroids)])
+    distance = np.linalg.norm(centroids[:, None] - centroids[None], axis=-1)
+    scale = (spread[:, None] + spread[None]) / 2.0
+    ratio = np.divide(distance, scale, out=np.full_like(distance, np.nan), where=scale > 0)
+    np.fill_diagonal(ratio, 0.0)
+    upper = ratio[np.triu_indices(ids.size, k=1)]
+    return {
+        "mean_ratio": float(np.nanmean(upper)) if np.isfinite(upper).any() else float("nan"),
+        "labels": ids.tolist(),
+        "ratio": ratio.tolist(),
+        "centroid_distance": distance.tolist(),
+        "spread": spread.tolist(),
+    }
+
+
+def kmeans_clusters(features: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """k-means (scikit-learn, 4 restarts) on L2-normalised ``features`` (N, C); cluster ids 0..k-1."""
+    if not 1 <= k <= len(features):
+        raise ValueError(f"k={k} clusters need between 1 and {len(features)} items")
+    x = np.asarray(features, dtype=np.float64)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(x).astype(np.int64)
+
+
+def token_features(model: Any, ct_path: str | Path, labels_path: str | Path | None = None,
+                   spacing: float | Sequence[float] = (2.0, 2.0, 2.0), window: str | Sequence[float] = "wide",
+                   roi: int | Sequence[int] = (64, 64, 64), progress: bool = True) -> TokenFeatures:
+    """Frozen semantic-stage tokens of a whole CT on one token grid, with each token's majority label.
+
+    ``labels_path`` may be on any grid (it is brought onto the CT's grid first, nearest neighbour);
+    without it every non-padding token gets label 1.
+    """
+    import torch
+    import torch.nn.functional as F
+    from monai.transforms import Orientation, ScaleIntensityRange, Spacing, SpatialResample
+    from tqdm.auto import tqdm
+
+    from smartformer.data.io import read_ct
+    from smartformer.data.transforms import as_triple, parse_window
+
+    roi_size = np.asarray([int(r) for r in as_triple(roi, "roi")])
+    stride = _token_stride(model)
+    if (roi_size % stride).any():
+        raise ValueError(f"roi {tuple(roi_size)} must be a multiple of the token stride {stride}")
+    lo, hi = parse_window(window)
+    pixdim = as_triple(spacing, "spacing")
+    original = read_ct(ct_path)
+    to_ras = Orientation(axcodes="RAS", labels=None)
+    image = Spacing(pixdim=pixdim, mode="bilinear", dtype=torch.float32)(to_ras(original))
+    image = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)(image)
+    if labels_path is not None:
+        labels = read_ct(labels_path)
+        if tuple(labels.shape) != tuple(original.shape) or not np.allclose(
+                np.asarray(labels.affine), np.asarray(original.affine), atol=1e-3):
+            labels = SpatialResample(mode="nearest", padding_mode="zeros", dtype=torch.float32)(
+                labels, dst_affine=original.affine, spatial_size=original.shape[1:])
+        labels.affine = original.affine
+        labels = Spacing(pixdim=pixdim, mode="nearest", dtype=torch.float32)(to_ras(labels))
+        label_vox = torch.round(labels.as_tensor()[0]).long()
+    else:
+        label_vox = torch.ones(image.shape[1:], dtype=torch.long)
+    shape = np.asarray(image.shape[1:])
+    padded = (np.ceil(shape / roi_size) * roi_size).astype(int)
+    pad = [(0, int(p - s)) for p, s in zip(padded, shape)]
+    volume = F.pad(image.as_tensor()[0], [v for pair in reversed(pad) for v in pair])
+    label_vox = F.pad(label_vox, [v for pair in reversed(pad) for v in pair], value=PAD_LABEL)
+
+    grid = padded // stride
+    feats: np.ndarray | None = None
+    starts = [(i, j, k) for i in range(0, padded[0], roi_size[0]) for j in range(0, padded[1], roi_size[1])
+              for k in range(0, padded[2], roi_size[2])]
+    model = model.eval()
+    with torch.no_grad():
+        for i, j, k in tqdm(starts, desc="token features", unit="window", disable=not progress):
+            crop = volume[i:i + roi_size[0], j:j + roi_size[1], k:k + roi_size[2]][None, None]
+            out = model.forward_features(crop)
+            tokens = out["tokens"][0].reshape(*out["grid"], -1).float().numpy()
+            if feats is None:
+                feats = np.zeros((*grid, tokens.shape[-1]), dtype=np.float32)
+            a, b, c = i // stride, j // stride, k // stride
+            feats[a:a + tokens.shape[0], b:b + tokens.shape[1], c:c + tokens.shape[2]] = tokens
+    assert feats is not None
+    token_labels = _majority_labels(label_vox, stride)
+    token_affine = np.asarray(image.affine, dtype=np.float64) @ np.array(
+        [[stride, 0, 0, (stride - 1) / 2.0], [0, stride, 0, (stride - 1) / 2.0], [0, 0, stride, (stride - 1) / 2.0],
+         [0, 0, 0, 1.0]])
+    return TokenFeatures(features=feats, labels=token_labels, token_affine=token_affine,
+                         input_affine=np.asarray(original.affine, dtype=np.float64),
+                         input_shape=tuple(int(s) for s in original.shape[1:]),  # type: ignore[arg-type]
+                         extra={"model_grid": [int(s) for s in shape]})
+
+
+def _token_stride(model: Any) -> int:
+    """Voxels per token side at the semantic stage."""
+    return int(model.config.semantic_stride)
+
+
+def _majority_labels(label_vox: Any, stride: int) -> np.ndarray:
+    """Most common label in each ``stride``^3 block of a (X, Y, Z) long tensor (ties: the smaller id)."""
+    import torch
+    import torch.nn.functional as F
+
+    best_share = None
+    best_label = None
+    for value in torch.unique(label_vox).tolist():
+        share = F.avg_pool3d((label_vox == value).float()[None, None], stride)[0, 0]
+        if best_share is None:
+            best_share, best_label = share, torch.full_like(share, value, dtype=torch.long)
+        else:
+            better = share > best_share
+            best_share = torch.where(better, share, best_share)
+            best_label = torch.where(better, torch.full_like(best_label, value), best_label)
+    assert best_label is not None
+    return best_label.numpy()
+
+
+def clusters_on_input(token_clusters: np.ndarray, tokens: TokenFeatures) -> np.ndarray:
+    """A (d, h, w) token map (e.g. cluster id + 1, 0 = none) resampled onto the input CT's grid (nearest)."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    src = MetaTensor(torch.as_tensor(token_clusters, dtype=torch.float32)[None], affine=tokens.token_affine)
+    out = SpatialResample(mode="nearest", padding_mode="zeros", dtype=torch.float32)(
+        src, dst_affine=tokens.input_affine, spatial_size=tokens.input_shape)
+    return np.rint(out.as_tensor()[0].numpy()).astype(np.int16)
+
+
+def load_label_names(path: str | Path | None, ids: Sequence[int]) -> dict[int, str]:
+    """Names for label ids from a JSON ``{"id": "name"}`` (or ``{"labels": {...}}``, the phantoms' file).
+
+    Ids the file does not name (or every id, without a file) are called ``label <id>``.
+    """
+    import json
+
+    from smartformer.errors import InputError
+
+    names: dict[int, str] = {}
+    if path is not None:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(path, f"not a readable JSON file ({exc})") from None
+        table = data.get("labels", data) if isinstance(data, dict) else None
+        if not isinstance(table, dict):
+            raise InputError(path, 'expected {"id": "name", ...} or {"labels": {"id": "name", ...}}')
+        try:
+            names = {int(k): str(v) for k, v in table.items()}
+        except ValueError:
+            raise InputError(path, "label ids must be integers") from None
+    return {int(i): names.get(int(i), f"label {int(i)}") for i in ids}
+
+
+def save_tsne_png(features: np.ndarray, labels: np.ndarray, names: dict[int, str], path: str | Path,
+                  max_points: int = 1500, seed: int = 0, title: str = "") -> Path:
+    """t-SNE scatter of ``features`` (N, C) coloured by label name (a random subset of ``max_points``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+
+    rng = np.random.default_rng(seed)
+    pick = rng.permutation(len(features))[:max_points]
+    x, y = np.asarray(features)[pick], np.asarray(labels)[pick]
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3.0)))
+    if len(x) > 3:
+        xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+    else:
+        xy = np.column_stack([np.arange(len(x), dtype=float), np.zeros(len(x))])
+    fig, ax = plt.subplots(figsize=(8, 6.5))
+    ids = sorted(set(y.tolist()))
+    cmap = plt.get_cmap("tab20", max(len(ids), 1))
+    for n, i in enumerate(ids):
+        sel = y == i
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=8, color=cmap(n), label=names.get(i, f"label {i}"))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=6, markerscale=1.5, loc="center left", bbox_to_anchor=(1.0, 0.5), ncol=1 + len(ids) // 30)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
