@@ -24,6 +24,7 @@ COMMANDS: list[str] = [
     "smartformer.commands.attention",
     "smartformer.commands.localize",
     "smartformer.commands.cluster",
+    "smartformer.commands.report",
 ]
 DATA_COMMANDS: list[str] = ["smartformer.commands.data_check", "smartformer.commands.data_phantom"]
 
