@@ -142,3 +142,24 @@ def test_bad_input_is_one_line_and_exit_2(case, phantom, checkpoint, tmp_path, c
     assert rc == 2
     assert len(err.splitlines()) == 1 and err.startswith("smartformer: error:")
     assert not (tmp_path / "o").exists()
+
+
+def test_png_is_drawn_in_ras_whatever_the_storage_order(tmp_path):
+    """The same anatomy stored LPS or with swapped axes gives the same PNG as its RAS copy."""
+    import matplotlib.image as mpimg
+
+    from smartformer.analysis.overlay import save_overlay_png
+    from smartformer.commands.attention import save_ras_png
+
+    rng = np.random.default_rng(0)
+    image, heat = rng.random((12, 10, 8)), rng.random((12, 10, 8))
+    mask = heat > 0.9
+    ras = np.diag([1.0, 2.0, 3.0, 1.0])
+    reference = mpimg.imread(save_overlay_png(image, heat, tmp_path / "ras.png", title="t", mask=mask,
+                                              spacing=(1.0, 2.0, 3.0)))
+    lps = np.diag([-1.0, -2.0, 3.0, 1.0])
+    swapped = np.array([[0, 1.0, 0, 0], [2.0, 0, 0, 0], [0, 0, 3.0, 0], [0, 0, 0, 1]])  # stored (y, x, z)
+    for name, affine, store in (("lps", lps, lambda a: a[::-1, ::-1]),
+                                ("swapped", swapped, lambda a: a.transpose(1, 0, 2))):
+        png = save_ras_png(store(image), store(heat), affine, tmp_path / f"{name}.png", "t", store(mask))
+        np.testing.assert_array_equal(mpimg.imread(png), reference)
