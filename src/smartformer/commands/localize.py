@@ -163,32 +163,44 @@ def _score_case(maps: dict[str, "np.ndarray"], lesion: "np.ndarray", image_hu: "
             for m, d in scores.items()}
 
 
+def montage_panel(case: str, image_hu: "np.ndarray", lesion: "np.ndarray", maps: dict[str, "np.ndarray"],
+                  spacing: tuple[float, float, float]) -> dict[str, Any]:
+    """The axial slice with the most lesion voxels of the CT, the lesion and every map (kept small)."""
+    import numpy as np
+
+    z = int(np.argmax(lesion.sum(axis=(0, 1))))
+    lo, hi = np.percentile(image_hu, [1, 99])
+    return {
+        "case": case,
+        "image": image_hu[:, :, z].copy(),
+        "window": (float(lo), float(hi)),
+        "lesion": lesion[:, :, z].copy(),
+        "maps": {name: (m[:, :, z].copy(), float(m.min()), float(m.max())) for name, m in maps.items()},
+        "aspect": spacing[1] / spacing[0],
+    }
+
+
 def _montage(panels: list[dict[str, Any]], methods: list[str], path: Path) -> Path:
-    """One row per case: the CT and each method's map on the axial slice with the most lesion voxels."""
+    """One row per case (see :func:`montage_panel`): the CT, then each method's map on it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     cols = 1 + len(methods)
     fig, axes = plt.subplots(len(panels), cols, figsize=(2.4 * cols, 2.4 * len(panels)), squeeze=False)
     for row, panel in zip(axes, panels):
-        lesion = panel["lesion"]
-        z = int(np.argmax(lesion.sum(axis=(0, 1))))
-        image = panel["image"][:, :, z].T
-        lo, hi = np.percentile(panel["image"], [1, 99])
-        aspect = panel["spacing"][1] / panel["spacing"][0]
+        lo, hi = panel["window"]
         for ax, name in zip(row, ["CT", *methods]):
-            ax.imshow(image, cmap="gray", origin="lower", vmin=lo, vmax=hi, aspect=aspect)
+            ax.imshow(panel["image"].T, cmap="gray", origin="lower", vmin=lo, vmax=hi, aspect=panel["aspect"])
             if name != "CT":
-                heat = panel["maps"][name][:, :, z].T
-                ax.imshow(heat, cmap="jet", origin="lower", alpha=0.45, aspect=aspect,
-                          vmin=float(panel["maps"][name].min()), vmax=float(panel["maps"][name].max()) or 1.0)
-            if lesion[:, :, z].any():
-                ax.contour(lesion[:, :, z].T.astype(float), levels=[0.5], colors="lime", linewidths=1.0,
+                heat, vmin, vmax = panel["maps"][name]
+                ax.imshow(heat.T, cmap="jet", origin="lower", alpha=0.45, aspect=panel["aspect"], vmin=vmin,
+                          vmax=vmax if vmax > vmin else vmin + 1.0)
+            if panel["lesion"].any():
+                ax.contour(panel["lesion"].T.astype(float), levels=[0.5], colors="lime", linewidths=1.0,
                            origin="lower")
-            ax.set_title(f"{panel['case']}" if name == "CT" else name, fontsize=8)
+            ax.set_title(panel["case"] if name == "CT" else name, fontsize=8)
             ax.axis("off")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -280,8 +292,7 @@ def run(args: argparse.Namespace) -> int:
             rows.append({"case": case["case"], "method": method, **scores[method]})
         if len(panels) < MONTAGE_ROWS:
             maps[CENTRE] = centre_prior(lesion.shape, spacing)
-            panels.append({"case": case["case"], "image": image_hu, "lesion": lesion, "spacing": spacing,
-                           "maps": maps})
+            panels.append(montage_panel(case["case"], image_hu, lesion, maps, spacing))  # type: ignore[arg-type]
     if not rows:
         raise SmartformerError(f"{args.data}: every mask was empty on its CT's grid; nothing to score")
     pd.DataFrame(rows, columns=["case", "method", *METRICS]).to_csv(args.out / "cases.csv", index=False)
