@@ -46,10 +46,17 @@ def _run(fn, attn, qkv, mask, seed: int = 1):
     return out.detach(), qkv.grad.clone(), attn.relative_position_bias_table.grad.clone()
 
 
+@pytest.fixture(params=[False, True], ids=["grads-in-bias-pass", "flash-backward"])
+def flash_backward(request, monkeypatch):
+    """Both ways of getting dq, dk, dv (see attention.USE_FLASH_BACKWARD)."""
+    monkeypatch.setattr(A, "USE_FLASH_BACKWARD", request.param)
+    return request.param
+
+
 @needs_flash
 @pytest.mark.parametrize("shifted", [False, True], ids=["plain", "shifted"])
 @pytest.mark.parametrize("ws,heads,batch", [(2, 3, 2), (3, 2, 3), (4, 4, 2), (7, 2, 2)], ids=["n8", "n27", "n64", "n343"])
-def test_matches_explicit_softmax(ws, heads, batch, shifted):
+def test_matches_explicit_softmax(ws, heads, batch, shifted, flash_backward):
     attn, qkv, mask = _case(ws, heads, batch, shifted)
     out, dqkv, dtable = _run(window_attention, attn, qkv, mask)
     ref_out, ref_dqkv, ref_dtable = _run(window_attention_reference, attn, qkv, mask)
@@ -61,11 +68,12 @@ def test_matches_explicit_softmax(ws, heads, batch, shifted):
 
 @needs_flash
 @pytest.mark.parametrize("shifted", [False, True], ids=["plain", "shifted"])
-def test_chunked_paths(monkeypatch, shifted):
+def test_chunked_paths(monkeypatch, shifted, flash_backward):
     """Small chunks: several flash calls per batch element and several row blocks in d(bias)."""
     attn, qkv, mask = _case(4, 3, 3, shifted)
     ref = _run(window_attention_reference, attn, qkv, mask)
-    monkeypatch.setattr(A, "CHUNK_ELEMENTS", 3 * 64 * 64 * 3)  # 3 windows per block
+    monkeypatch.setattr(A, "CHUNK_ELEMENTS", 3 * 64 * 64 * 3)  # 3 windows per flash call
+    monkeypatch.setattr(A, "GROUP_ELEMENTS", 3 * 64 * 64 * 3)  # and per bias-gradient step
     got = _run(window_attention, attn, qkv, mask)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
@@ -103,7 +111,7 @@ def test_only_bias_or_only_qkv_requires_grad():
 
 @needs_flash
 @pytest.mark.parametrize("shifted", [False, True], ids=["plain", "shifted"])
-def test_gradcheck_float64(shifted):
+def test_gradcheck_float64(shifted, flash_backward):
     try:
         A._FLASH_FWD(*(torch.zeros(1, 1, 2, 2, dtype=torch.float64),) * 3)
     except RuntimeError as exc:  # pragma: no cover - depends on the torch build
@@ -119,7 +127,7 @@ def test_gradcheck_float64(shifted):
 
 
 @needs_flash
-def test_bfloat16_autocast_close_to_float32():
+def test_bfloat16_autocast_close_to_float32(flash_backward):
     attn, qkv, mask = _case(4, 2, 2, True)
     ref = _run(window_attention_reference, attn, qkv, mask)
     with torch.autocast("cpu", dtype=torch.bfloat16):
