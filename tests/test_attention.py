@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from smartformer.models import attention as A
-from smartformer.models.attention import flash_cpu_available, window_attention, window_attention_reference
+from smartformer.models.attention import (
+    flash_cpu_available,
+    window_attention,
+    window_attention_qkv,
+    window_attention_reference,
+)
 from smartformer.models.swin3d import Swin3D, WindowAttention, _shift_mask
 
 @pytest.fixture(autouse=True)
@@ -35,12 +40,20 @@ def _case(ws: int, heads: int, batch: int, shifted: bool, dtype=torch.float32, s
     return attn, qkv, mask
 
 
+def _packed(q, k, v, bias, mask, scale):
+    """window_attention_qkv on the tensor that q, k, v are views of (as the module calls it)."""
+    return window_attention_qkv(q._base if q._base is not None else q, bias, mask, scale)
+
+
 def _run(fn, attn, qkv, mask, seed: int = 1):
     attn.zero_grad(set_to_none=True)
     qkv.grad = None
     n = qkv.shape[1]
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    out = fn(q, k, v, attn.relative_position_bias(n), mask, attn.scale)
+    if fn is _packed:
+        out = window_attention_qkv(qkv, attn.relative_position_bias(n), mask, attn.scale)
+    else:
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out = fn(q, k, v, attn.relative_position_bias(n), mask, attn.scale)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
     (out * g).sum().backward()
     return out.detach(), qkv.grad.clone(), attn.relative_position_bias_table.grad.clone()
@@ -56,9 +69,10 @@ def flash_backward(request, monkeypatch):
 @needs_flash
 @pytest.mark.parametrize("shifted", [False, True], ids=["plain", "shifted"])
 @pytest.mark.parametrize("ws,heads,batch", [(2, 3, 2), (3, 2, 3), (4, 4, 2), (7, 2, 2)], ids=["n8", "n27", "n64", "n343"])
-def test_matches_explicit_softmax(ws, heads, batch, shifted, flash_backward):
+@pytest.mark.parametrize("api", ["qkv", "q_k_v"])
+def test_matches_explicit_softmax(ws, heads, batch, shifted, flash_backward, api):
     attn, qkv, mask = _case(ws, heads, batch, shifted)
-    out, dqkv, dtable = _run(window_attention, attn, qkv, mask)
+    out, dqkv, dtable = _run(_packed if api == "qkv" else window_attention, attn, qkv, mask)
     ref_out, ref_dqkv, ref_dtable = _run(window_attention_reference, attn, qkv, mask)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dqkv, ref_dqkv, atol=1e-5, rtol=1e-4)
@@ -74,9 +88,9 @@ def test_chunked_paths(monkeypatch, shifted, flash_backward):
     ref = _run(window_attention_reference, attn, qkv, mask)
     monkeypatch.setattr(A, "CHUNK_ELEMENTS", 3 * 64 * 64 * 3)  # 3 windows per flash call
     monkeypatch.setattr(A, "GROUP_ELEMENTS", 3 * 64 * 64 * 3)  # and per bias-gradient step
-    got = _run(window_attention, attn, qkv, mask)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for fn in (window_attention, _packed):
+        for a, b in zip(_run(fn, attn, qkv, mask), ref):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 @needs_flash
@@ -130,11 +144,12 @@ def test_gradcheck_float64(shifted, flash_backward):
 def test_bfloat16_autocast_close_to_float32(flash_backward):
     attn, qkv, mask = _case(4, 2, 2, True)
     ref = _run(window_attention_reference, attn, qkv, mask)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, dqkv, dtable = _run(window_attention, attn, qkv, mask)
-    assert out.dtype == torch.bfloat16 and dtable.dtype == torch.float32
-    for a, b in zip((out.float(), dqkv, dtable), ref):
-        assert ((a - b).norm() / b.norm()).item() < 0.03
+    for fn in (window_attention, _packed):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, dqkv, dtable = _run(fn, attn, qkv, mask)
+        assert out.dtype == torch.bfloat16 and dtable.dtype == torch.float32
+        for a, b in zip((out.float(), dqkv, dtable), ref):
+            assert ((a - b).norm() / b.norm()).item() < 0.03
 
 
 def test_fallbacks_match(monkeypatch):
@@ -149,8 +164,9 @@ def test_fallbacks_match(monkeypatch):
     for a, b in zip(_run(lambda *a: A._sdpa(*a), attn, qkv, mask), ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     monkeypatch.setattr(A, "_FLASH_FWD", None)
-    for a, b in zip(_run(window_attention, attn, qkv, mask), ref):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    for fn in (window_attention, _packed):
+        for a, b in zip(_run(fn, attn, qkv, mask), ref):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
 def test_swin3d_fused_equals_explicit():

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["window_attention", "window_attention_reference", "flash_cpu_available"]
+__all__ = ["window_attention", "window_attention_qkv", "window_attention_reference", "flash_cpu_available"]
 
 try:
     _FLASH_FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -68,14 +68,18 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _row_blocks(bw: int, n: int, h: int, bias: Tensor, mask: Tensor | None):
+def _row_blocks(bw: int, n: int, h: int, bias: Tensor, mask: Tensor | None, whole: bool = False):
     """Yield (r0, r1, m): rows r0:r1 of the (B*nW) windows and their 4-D additive mask.
 
     ``m`` is ``bias`` (1, heads, n, n) without a shift mask, else ``bias + mask`` for the
     windows of the block (chunk, heads, n, n), built once per chunk of windows and shared by
-    the batch elements. Blocks hold at most ``CHUNK_ELEMENTS // (heads * n * n)`` windows.
+    the batch elements. Blocks hold at most ``CHUNK_ELEMENTS // (heads * n * n)`` windows
+    (with a shift mask, or unless ``whole``).
     """
     step = max(1, CHUNK_ELEMENTS // (h * n * n))
+    if mask is None and whole:
+        yield 0, bw, bias.unsqueeze(0)
+        return
     if mask is None:
         m = bias.unsqueeze(0)
         for r0 in range(0, bw, step):
@@ -110,27 +114,55 @@ def _flash_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor |
     return out, lse
 
 
+def _unpack(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(B*nW, n, 3, heads, hd) -> q, k, v views (B*nW, heads, n, hd)."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
 class _FlashWindowAttention(torch.autograd.Function):
+    """Inputs either q, k, v or (packed) qkv, None, None; see :func:`window_attention_qkv`."""
+
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor | None, v: Tensor | None, bias: Tensor, mask: Tensor | None, scale: float):
+        packed = k is None
         with torch.autocast("cpu", enabled=False):
             bias_d = bias.detach().to(_acc_dtype(q.dtype))
-            out, lse = _flash_forward(q, k, v, bias_d, mask, scale)
-        ctx.save_for_backward(q, k, v, bias_d, mask, out, lse)
+            out, lse = _flash_forward(*(_unpack(q) if packed else (q, k, v)), bias_d, mask, scale)
+        ctx.save_for_backward(*((q,) if packed else (q, k, v)), bias_d, mask, out, lse)
+        ctx.packed = packed
         ctx.scale = scale
         ctx.bias_dtype = bias.dtype
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):
-        q, k, v, bias, mask, out, lse = ctx.saved_tensors
-        need_qkv = any(ctx.needs_input_grad[:3])
+        if ctx.packed:
+            qkv, bias, mask, out, lse = ctx.saved_tensors
+            q, k, v = _unpack(qkv)
+            need_qkv = ctx.needs_input_grad[0]
+        else:
+            q, k, v, bias, mask, out, lse = ctx.saved_tensors
+            need_qkv = any(ctx.needs_input_grad[:3])
         need_bias = ctx.needs_input_grad[3]
+        grads = None
+        if need_qkv:
+            manual = need_bias and not USE_FLASH_BACKWARD
+            dtype = bias.dtype if manual else q.dtype  # the GEMMs of the bias pass write in fp32
+            bw, h, n, hd = q.shape
+            if ctx.packed:
+                dqkv = torch.empty(bw, n, 3, h, hd, dtype=dtype, device=q.device)
+                grads = _unpack(dqkv)
+            else:
+                grads = tuple(torch.empty(bw, h, n, hd, dtype=dtype, device=q.device) for _ in range(3))
         with torch.autocast("cpu", enabled=False):
-            dq, dk, dv, dbias = _flash_backward(dout, q, k, v, bias, mask, out, lse, ctx.scale, need_qkv, need_bias)
+            dbias = _flash_backward(dout, q, k, v, bias, mask, out, lse, ctx.scale, grads, need_bias)
         if dbias is not None:
             dbias = dbias.to(ctx.bias_dtype)
-        return dq, dk, dv, dbias, None, None
+        if grads is None:
+            return None, None, None, dbias, None, None
+        if ctx.packed:
+            return dqkv.to(q.dtype), None, None, dbias, None, None
+        return *(g.to(q.dtype) for g in grads), dbias, None, None
 
 
 _LOG2E = 1.4426950408889634
@@ -147,30 +179,21 @@ _EXP2_FLOOR = {torch.float32: -126.0, torch.float64: -1022.0}
 USE_FLASH_BACKWARD = False
 
 
-def _flash_backward(dout, q, k, v, bias, mask, out, lse, scale, need_qkv, need_bias):
+def _flash_backward(dout, q, k, v, bias, mask, out, lse, scale, grads, need_bias):
+    """Fills ``grads`` (dq, dk, dv: (B*nW, heads, n, hd) views, or None) and returns d(bias)."""
     bw, h, n, hd = q.shape
-    dq = dk = dv = dbias = None
-    manual = need_bias and not USE_FLASH_BACKWARD
-    if need_qkv and manual:
-        # Contiguous in the accumulation dtype: the batched GEMMs write into them directly.
-        dq, dk, dv = (torch.empty(bw, h, n, hd, dtype=bias.dtype, device=q.device) for _ in range(3))
-    elif need_qkv and mask is None:
-        dq, dk, dv = _FLASH_BWD(dout, q, k, v, out, lse, 0.0, False, attn_mask=bias.unsqueeze(0), scale=scale)
-    elif need_qkv:
-        dq, dk, dv = (torch.empty(bw, n, h, hd, dtype=q.dtype, device=q.device).transpose(1, 2) for _ in range(3))
-        for r0, r1, m in _row_blocks(bw, n, h, bias, mask):
+    if grads is not None and not (need_bias and not USE_FLASH_BACKWARD):
+        for r0, r1, m in _row_blocks(bw, n, h, bias, mask, whole=True):
             rows = slice(r0, r1)
             g = _FLASH_BWD(
                 dout[rows], q[rows], k[rows], v[rows], out[rows], lse[rows], 0.0, False, attn_mask=m, scale=scale
             )
-            dq[rows].copy_(g[0])
-            dk[rows].copy_(g[1])
-            dv[rows].copy_(g[2])
+            for dst, src in zip(grads, g):
+                dst[rows].copy_(src)
+        grads = None
     if need_bias:
-        dbias = _bias_grad(dout, q, k, v, out, lse, bias, mask, scale, (dq, dk, dv) if manual and need_qkv else None)
-    if manual and need_qkv and q.dtype != bias.dtype:
-        dq, dk, dv = dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
-    return dq, dk, dv, dbias
+        return _bias_grad(dout, q, k, v, out, lse, bias, mask, scale, grads)
+    return None
 
 
 def _bias_grad(dout, q, k, v, out, lse, bias, mask, scale, grads=None) -> Tensor:
@@ -236,11 +259,22 @@ def _bias_grad(dout, q, k, v, out, lse, bias, mask, scale, grads=None) -> Tensor
             if grads is not None:
                 ds.mul_(p)  # dS
                 dbias.add_(ds.sum(0) if m > 1 else ds[0])
-                dq, dk, dv = (t[r0 + i : r0 + j].view(m * h, n, hd) for t in grads)
                 ds3, sl = ds.view(m * h, n, n), slice(i * h, j * h)
-                torch.bmm(p3.transpose(1, 2), da[sl, :, :hd], out=dv)
-                torch.bmm(ds3, kt[sl, :hd, :].transpose(1, 2), out=dq).mul_(scale)
-                torch.bmm(ds3.transpose(1, 2), qa[sl, :, :hd], out=dk).mul_(1 / _LOG2E)
+                products = (
+                    (ds3, kt[sl, :hd, :].transpose(1, 2), scale),  # dq = scale dS K
+                    (ds3.transpose(1, 2), qa[sl, :, :hd], 1 / _LOG2E),  # dk = scale dS^T Q
+                    (p3.transpose(1, 2), da[sl, :, :hd], None),  # dv = P^T dO
+                )
+                for dst, (a, b, f) in zip(grads, products):
+                    dst = dst[r0 + i : r0 + j]
+                    if m == 1:  # (heads, n, hd) with BLAS-compatible strides: written in place
+                        res = torch.bmm(a, b, out=dst[0])
+                    else:
+                        res = torch.bmm(a, b).view(m, h, n, hd)
+                    if f is not None:
+                        res.mul_(f)
+                    if m > 1:
+                        dst.copy_(res)
             elif m == 1:
                 dbias.addcmul_(p[0], ds[0])
             else:
@@ -264,28 +298,48 @@ def window_attention(
     Returns:
         (B * nW, heads, n, head_dim), equal to :func:`window_attention_reference`.
     """
+    return _window_attention(q, k, v, bias, mask, scale)
+
+
+def window_attention_qkv(qkv: Tensor, bias: Tensor, mask: Tensor | None = None, scale: float | None = None) -> Tensor:
+    """:func:`window_attention` on the packed output of a qkv projection.
+
+    ``qkv`` is (B * nW, n, 3, heads, head_dim) (the ``qkv`` linear's output viewed); its
+    gradient is written directly in that layout, sparing the stack and copy that autograd
+    would otherwise need to bring separate dq, dk, dv back into it.
+    """
+    return _window_attention(qkv, None, None, bias, mask, scale)
+
+
+def _window_attention(q, k, v, bias, mask, scale) -> Tensor:
+    packed = k is None
+    q_ = _unpack(q)[0] if packed else q
     if scale is None:
-        scale = q.shape[-1] ** -0.5
-    bw, h, n, _ = q.shape
+        scale = q_.shape[-1] ** -0.5
+    bw = q_.shape[0]
     if mask is not None:
         mask = mask.detach()
         if bw % mask.shape[0]:
             raise ValueError(f"{bw} windows are not a multiple of the mask's {mask.shape[0]} windows")
-    if q.device.type == "cuda":
-        return _sdpa(q, k, v, bias, mask, scale)
-    if not flash_cpu_available() or q.device.type != "cpu" or q.dtype not in _FLASH_DTYPES:
+    dev = q.device.type
+    if dev == "cuda" or not flash_cpu_available() or dev != "cpu" or q.dtype not in _FLASH_DTYPES:
+        if packed:
+            q, k, v = _unpack(q)
+        if dev == "cuda":
+            return _sdpa(q, k, v, bias, mask, scale)
         return window_attention_reference(q, k, v, bias, mask, scale)
     if torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    k, v = k.to(q.dtype), v.to(q.dtype)
+        q = q.to(dtype)
+    if not packed:
+        k, v = k.to(q.dtype), v.to(q.dtype)
     acc = _acc_dtype(q.dtype)
     if mask is not None:
         mask = mask.to(acc)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias)):
         return _FlashWindowAttention.apply(q, k, v, bias, mask, scale)
     with torch.autocast("cpu", enabled=False):
-        return _flash_forward(q, k, v, bias.detach().to(acc), mask, scale)[0]
+        return _flash_forward(*(_unpack(q) if packed else (q, k, v)), bias.detach().to(acc), mask, scale)[0]
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None, scale: float) -> Tensor:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import window_attention
+from .attention import window_attention_qkv
 
 __all__ = [
     "PRESETS",
@@ -164,12 +164,14 @@ class WindowAttention(nn.Module):
         """x: (B * nW, n, C); mask: (nW, n, n) additive shifted-window mask or None."""
         bw, n, c = x.shape
         h = self.num_heads
-        q, k, v = self.qkv(x).view(bw, n, 3, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.qkv(x).view(bw, n, 3, h, c // h)
         if self.fused_attn:
-            # Flash kernel in fp32/bf16 on CPU with a custom backward for the bias (see
-            # models/attention.py); SDPA on CUDA. The bias stays in the table's dtype.
-            out = window_attention(q, k, v, self.relative_position_bias(n).contiguous(), mask, self.scale)
+            # Flash kernel in fp32/bf16 on CPU with a custom backward for the bias, the qkv
+            # gradient written in qkv's layout (see models/attention.py); SDPA on CUDA. The bias
+            # stays in the table's dtype.
+            out = window_attention_qkv(qkv, self.relative_position_bias(n).contiguous(), mask, self.scale)
         else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             bias = self.relative_position_bias(n).to(q.dtype)
             attn = (q * self.scale) @ k.transpose(-2, -1) + bias.unsqueeze(0)
             if mask is not None:
