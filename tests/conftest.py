@@ -97,3 +97,14 @@ def phantom_zyx() -> Callable[..., tuple[np.ndarray, np.ndarray]]:
         label[cube] = 1
         return ct, label
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny volumes: one torch thread is as fast, and immune to a busy second core."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

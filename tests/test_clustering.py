@@ -18,14 +18,7 @@ from smartformer.cli import main
 from smartformer.data.phantom import LABELS, write_phantoms
 from smartformer.models.smartformer import SMARTFormer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny volumes: one thread is as fast, and immune to a busy second core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,17 +26,10 @@ STS_CASES = sorted((DATA / "sts").glob("STS_*"))[:3] if DATA.is_dir() else []
 FAST = ["--spacing", "4", "--roi", "64", "--no-progress"]
 
 pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
     pytest.mark.realdata,
     pytest.mark.skipif(not DATA.is_dir(), reason=f"real CT data not found at {DATA}"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
