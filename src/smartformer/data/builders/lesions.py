@@ -1,0 +1,313 @@
+"""Lesion vs. normal tissue samples from CT scans with lesion masks.
+
+For each case (a CT and a lesion mask on the same voxel grid) this finds
+
+* **positives** (``label`` 1, ``kind`` ``lesion``): one per connected lesion component (26-
+  connectivity, components under ``min_lesion_voxels`` dropped), or only the largest one; the
+  centre is the component's centroid, or, when the centroid falls outside the component (a
+  crescent-shaped lesion), the component voxel nearest to it, so a positive centre always lies
+  in the lesion;
+* **negatives** (``label`` 0, ``kind`` ``normal``): ``negatives_per_case`` voxels drawn at random
+  from body tissue (HU above ``body_hu``) at least ``min_distance_mm`` from every lesion voxel
+  (Euclidean distance in mm, voxel spacing respected). The draw is seeded by ``(seed, case id)``,
+  so a case gets the same negatives whatever the other cases are.
+
+Centres are world millimetres in the RAS frame of :func:`smartformer.data.io.read_ct` and point
+into the original CT: nothing is copied. Rows are written to ``lesions.csv`` with the columns of
+:data:`COLUMNS`.
+"""
+
+from __future__ import annotations
+
+import sys
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+from tqdm import tqdm
+
+from smartformer.data.builders import (
+    CENTER_COLUMNS,
+    prepare_out_dir,
+    voxel_to_world,
+    write_csv_atomic,
+)
+from smartformer.data.suffixes import IMAGE_SUFFIXES
+from smartformer.errors import InputError, SmartformerError
+
+COLUMNS: tuple[str, ...] = ("image", "label", "patient", *CENTER_COLUMNS, "kind", "mask",
+                            "component", "lesion_voxels", "distance_mm", "hu")
+"""Columns of ``lesions.csv``. ``component``: the lesion component's number (1 = largest) for
+positives, empty for negatives; ``lesion_voxels``: that component's size; ``distance_mm``: for
+negatives, the distance to the nearest lesion voxel (empty when the case has no lesion);
+``hu``: the CT value at the centre voxel."""
+
+IMAGE_NAMES: tuple[str, ...] = ("ct", "image", "img")
+"""Base names (before the image suffix) of the CT in a case folder, in order of preference."""
+MASK_NAMES: tuple[str, ...] = ("tumor", "tumour", "lesion", "lesions", "mask", "gtv", "seg",
+                               "labels", "label")
+"""Base names of the lesion mask in a case folder, in order of preference."""
+
+
+@dataclass(frozen=True)
+class LesionCase:
+    """One CT with its lesion mask."""
+
+    patient: str
+    image: Path
+    mask: Path
+
+
+@dataclass
+class CaseResult:
+    """The rows one case gave, and what could not be had."""
+
+    case: LesionCase
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    n_components: int = 0
+    n_candidates: int = 0
+
+    @property
+    def n_positive(self) -> int:
+        return sum(row["label"] == 1 for row in self.rows)
+
+    @property
+    def n_negative(self) -> int:
+        return sum(row["label"] == 0 for row in self.rows)
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How positives and negatives are chosen (see the module docstring)."""
+
+    negatives_per_case: int = 4
+    min_distance_mm: float = 30.0
+    body_hu: float = -500.0
+    mask_label: int | None = None
+    largest_only: bool = False
+    min_lesion_voxels: int = 10
+    seed: int = 0
+
+    def check(self) -> None:
+        """Raise a one-line SmartformerError for values that make no sense."""
+        if self.negatives_per_case < 0:
+            raise SmartformerError(f"--negatives-per-case must be >= 0, got {self.negatives_per_case}")
+        if not np.isfinite(self.min_distance_mm) or self.min_distance_mm < 0:
+            raise SmartformerError(f"--min-distance must be >= 0 mm, got {self.min_distance_mm}")
+        if self.min_lesion_voxels < 1:
+            raise SmartformerError(f"--min-lesion-voxels must be >= 1, got {self.min_lesion_voxels}")
+        if int(self.seed) != self.seed or self.seed < 0:
+            raise SmartformerError(f"--seed must be a whole number >= 0, got {self.seed}")
+
+
+# --- finding the cases ------------------------------------------------------------------------
+
+def find_cases(data: str | Path, image_name: str | None = None,
+               mask_name: str | None = None) -> list[LesionCase]:
+    """The cases of a CSV (``image``, ``mask`` and optional ``patient`` columns) or a folder.
+
+    A folder holds one sub-folder per case (its name is the patient id) with a CT named
+    ``ct.*`` (see :data:`IMAGE_NAMES`) and a mask named ``tumor.*``, ``labels.*`` ... (see
+    :data:`MASK_NAMES`); ``image_name`` / ``mask_name`` (file names such as ``ct.nii.gz``)
+    override the search. Sub-folders without both files are skipped; none at all is an error.
+    In a CSV, relative paths are resolved against its folder and a missing ``patient`` column
+    is filled with each image's folder name.
+
+    Raises:
+        InputError: the source is missing, unreadable, or names no usable case.
+    """
+    data = Path(data)
+    if not data.exists():
+        raise InputError(data, "does not exist")
+    cases = _cases_from_csv(data) if data.is_file() else _cases_from_folder(data, image_name, mask_name)
+    ids = [case.patient for case in cases]
+    duplicated = sorted({pid for pid in ids if ids.count(pid) > 1})
+    if duplicated and data.is_dir():
+        raise InputError(data, f"case ids repeated: {', '.join(duplicated[:5])}")
+    return cases
+
+
+def _cases_from_csv(path: Path) -> list[LesionCase]:
+    import pandas as pd  # only here: keeps `smartformer --help` fast
+
+    try:
+        table = pd.read_csv(path, keep_default_na=False, dtype=str)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"not a readable CSV table ({' '.join(str(exc).split())})") from None
+    missing = [column for column in ("image", "mask") if column not in table.columns]
+    if missing:
+        raise InputError(path, f"has no {' and no '.join(repr(c) for c in missing)} column "
+                               f"(columns: {', '.join(map(str, table.columns))})")
+    cases = []
+    for row, record in enumerate(table.to_dict("records"), start=2):
+        image, mask = (record[key].strip() for key in ("image", "mask"))
+        if not image or not mask:
+            raise InputError(path, f"row {row}: empty 'image' or 'mask' value")
+        image_path, mask_path = (_resolve(path.parent, value) for value in (image, mask))
+        patient = str(record.get("patient", "")).strip() or image_path.parent.name
+        cases.append(LesionCase(patient, image_path, mask_path))
+    if not cases:
+        raise InputError(path, "lists no case")
+    return cases
+
+
+def _resolve(base: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _cases_from_folder(root: Path, image_name: str | None, mask_name: str | None) -> list[LesionCase]:
+    cases = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        image = folder / image_name if image_name else _first_named(folder, IMAGE_NAMES)
+        mask = folder / mask_name if mask_name else _first_named(folder, MASK_NAMES)
+        if image is not None and mask is not None and image.exists() and mask.exists():
+            cases.append(LesionCase(folder.name, image, mask))
+    if not cases:
+        wanted = (f"{image_name or 'ct.nii.gz'} and {mask_name or 'tumor.nii.gz / labels.nii.gz'}")
+        raise InputError(root, f"holds no case folder with {wanted} (give a CSV with 'image' and "
+                               "'mask' columns, or --image-name / --mask-name)")
+    return cases
+
+
+def _first_named(folder: Path, names: Sequence[str]) -> Path | None:
+    files = {}
+    for path in folder.iterdir():
+        lower = path.name.lower()
+        for suffix in IMAGE_SUFFIXES:
+            if path.is_file() and lower.endswith(suffix):
+                files.setdefault(lower[: -len(suffix)], path)
+    return next((files[name] for name in names if name in files), None)
+
+
+# --- sampling one case ------------------------------------------------------------------------
+
+def case_seed(seed: int, patient: str) -> list[int]:
+    """The seed sequence of a case's negatives: the set's seed and a checksum of its id."""
+    return [int(seed), zlib.crc32(patient.encode("utf-8"))]
+
+
+def load_case(case: LesionCase, mask_label: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(HU array (X, Y, Z), boolean lesion mask, RAS affine) of a case, grids checked to match.
+
+    Raises:
+        InputError: a file cannot be read, the grids differ, or a mask with more than two
+            values comes without ``mask_label``. (A mask without lesion voxels is allowed: the
+            case then gives negatives only.)
+    """
+    from smartformer.data.io import read_ct  # torch/MONAI only when building
+
+    image, mask_image = read_ct(case.image), read_ct(case.mask)
+    ct, values = image[0].numpy(), mask_image[0].numpy()
+    affine = image.affine.numpy()
+    if ct.shape != values.shape:
+        raise InputError(case.mask, f"grid {'x'.join(map(str, values.shape))} differs from the "
+                                    f"CT's {'x'.join(map(str, ct.shape))} ({case.image})")
+    if not np.allclose(mask_image.affine.numpy(), affine, atol=1e-2):
+        raise InputError(case.mask, f"voxel-to-world affine differs from the CT's ({case.image}); "
+                                    "resample the mask onto the CT grid first")
+    if mask_label is None:
+        present = np.unique(values)
+        if present.size > 2:
+            shown = ", ".join(f"{v:g}" for v in present[:8]) + (" ..." if present.size > 8 else "")
+            raise InputError(case.mask, f"is a label map with {present.size} values ({shown}); "
+                                        "pass --mask-label with the lesion's value")
+        return ct, values > 0, affine
+    return ct, values == mask_label, affine
+
+
+def sample_case(case: LesionCase, options: SamplingOptions) -> CaseResult:
+    """Positive and negative rows of one case (see the module docstring)."""
+    ct, lesion, affine = load_case(case, options.mask_label)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    result = CaseResult(case)
+    base = {"image": str(case.image), "patient": case.patient, "mask": str(case.mask)}
+
+    components, n = ndimage.label(lesion, structure=np.ones((3, 3, 3), dtype=bool))
+    sizes = np.bincount(components.ravel(), minlength=n + 1)[1:]
+    order = [int(i) + 1 for i in np.argsort(-sizes, kind="stable") if sizes[i] >= options.min_lesion_voxels]
+    result.n_components = len(order)
+    for rank, index in enumerate(order[:1] if options.largest_only else order, start=1):
+        voxel = _inside_centroid(components == index, spacing)
+        result.rows.append({**base, **_centre(affine, voxel), "label": 1, "kind": "lesion",
+                            "component": rank, "lesion_voxels": int(sizes[index - 1]),
+                            "distance_mm": 0.0, "hu": float(ct[voxel])})
+
+    candidates = ct > options.body_hu
+    distance = None
+    if lesion.any():
+        distance = ndimage.distance_transform_edt(~lesion, sampling=spacing)
+        candidates &= distance >= options.min_distance_mm
+    flat = np.flatnonzero(candidates)
+    result.n_candidates = int(flat.size)
+    rng = np.random.default_rng(case_seed(options.seed, case.patient))
+    chosen = np.sort(rng.choice(flat, size=min(options.negatives_per_case, flat.size), replace=False))
+    for voxel in zip(*np.unravel_index(chosen, ct.shape)):
+        result.rows.append({**base, **_centre(affine, voxel), "label": 0, "kind": "normal",
+                            "component": "", "lesion_voxels": "",
+                            "distance_mm": "" if distance is None else float(distance[voxel]),
+                            "hu": float(ct[voxel])})
+    return result
+
+
+def _inside_centroid(component: np.ndarray, spacing: np.ndarray) -> tuple[int, int, int]:
+    """The voxel at the component's centroid, or the component voxel nearest to it (in mm)."""
+    points = np.argwhere(component)
+    centroid = points.mean(axis=0)
+    voxel = tuple(int(v) for v in np.rint(centroid))
+    if component[voxel]:
+        return voxel
+    nearest = np.argmin((((points - centroid) * spacing) ** 2).sum(axis=1))
+    return tuple(int(v) for v in points[nearest])
+
+
+def _centre(affine: np.ndarray, voxel: Sequence[int]) -> dict[str, float]:
+    return dict(zip(CENTER_COLUMNS, (float(v) for v in voxel_to_world(affine, voxel))))
+
+
+# --- the whole set ----------------------------------------------------------------------------
+
+def build_lesion_set(data: str | Path, out: str | Path, options: SamplingOptions = SamplingOptions(),
+                     image_name: str | None = None, mask_name: str | None = None,
+                     progress: bool = True) -> tuple[Path, list[CaseResult]]:
+    """Sample every case of ``data`` and write ``out/lesions.csv``; return it and per-case results.
+
+    Every case is read and sampled before the table is written (then atomically), so a bad case
+    leaves no partial output.
+
+    Raises:
+        InputError: a bad source, case file or output folder.
+        SmartformerError: bad sampling options.
+    """
+    options.check()
+    cases = find_cases(data, image_name, mask_name)
+    out = prepare_out_dir(out)
+    results = [sample_case(case, options)
+               for case in tqdm(cases, desc="lesions", unit="case", file=sys.stderr,
+                                disable=not progress, dynamic_ncols=True)]
+    path = write_csv_atomic(out / "lesions.csv", (row for r in results for row in r.rows), COLUMNS)
+    return path, results
+
+
+def summarize(results: Sequence[CaseResult], negatives_per_case: int) -> list[str]:
+    """Closing lines: counts of cases, positives and negatives, and cases that fell short."""
+    n_pos = sum(r.n_positive for r in results)
+    n_neg = sum(r.n_negative for r in results)
+    lines = [f"{len(results)} cases: {n_pos} lesion samples (label 1), {n_neg} normal-tissue "
+             f"samples (label 0)"]
+    no_lesion = [r.case.patient for r in results if r.n_components == 0]
+    if no_lesion:
+        lines.append(f"{len(no_lesion)} case(s) without a lesion component: {_ids(no_lesion)}")
+    short = [r.case.patient for r in results if r.n_negative < negatives_per_case]
+    if short:
+        lines.append(f"{len(short)} case(s) with fewer than {negatives_per_case} normal-tissue "
+                     f"voxels far enough from the lesion: {_ids(short)}")
+    return lines
+
+
+def _ids(ids: Sequence[str], most: int = 8) -> str:
+    return ", ".join(ids[:most]) + (f" (+{len(ids) - most} more)" if len(ids) > most else "")
