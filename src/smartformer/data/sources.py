@@ -138,13 +138,21 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
     return items
 
 
-def _read_json(path: Path, key: str) -> list[dict[str, Any]]:
+def load_json(path: str | Path) -> Any:
+    """The parsed content of a JSON file, or an InputError saying why it cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "does not exist" if not path.exists() else "is not a file")
     try:
-        content = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise InputError(path, f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except UnicodeDecodeError:
         raise InputError(path, "not a text (JSON) file") from None
+
+
+def _read_json(path: Path, key: str) -> list[dict[str, Any]]:
+    content = load_json(path)
     if isinstance(content, dict):
         if key not in content:
             raise InputError(path, f"has no {key!r} list (keys: {', '.join(map(str, content))})")
