@@ -161,3 +161,18 @@ def test_every_sts_case_gives_lesion_and_normal_samples(tmp_path):
         assert result.n_positive >= 1 and result.n_negative == 2, result.case.patient
     assert len({r["patient"] for r in rows}) == 51
     assert all(float(r["hu"]) > -500 for r in rows if r["label"] == "0")
+
+
+def test_rare_far_voxels_are_all_found_and_a_short_case_is_reported(tmp_path):
+    mask = np.zeros((20, 20, 20), np.uint8)
+    mask[10, 10, 10] = 1
+    _case(tmp_path / "data" / "P2", mask)  # body voxels 2..17; only (2, 2, 2) is >= 27 mm away
+    options = SamplingOptions(negatives_per_case=3, min_distance_mm=27.0, min_lesion_voxels=1)
+    path, results = build_lesion_set(tmp_path / "data", tmp_path / "out", options, progress=False)
+    negatives = [r for r in _rows(path) if r["label"] == "0"]
+    affine = read_ct(tmp_path / "data" / "P2" / "ct.nii.gz").affine.numpy()
+    assert len(negatives) == 1
+    assert np.allclose(world_to_voxel(affine, _centre(negatives[0])), 2)
+    assert float(negatives[0]["distance_mm"]) == pytest.approx(np.sqrt(3) * 16)
+    from smartformer.data.builders.lesions import summarize
+    assert "1 case(s) with fewer than 3 normal-tissue voxels" in "\n".join(summarize(results, 3))

@@ -69,7 +69,6 @@ class CaseResult:
     case: LesionCase
     rows: list[dict[str, Any]] = field(default_factory=list)
     n_components: int = 0
-    n_candidates: int = 0
 
     @property
     def n_positive(self) -> int:
@@ -237,21 +236,64 @@ def sample_case(case: LesionCase, options: SamplingOptions) -> CaseResult:
                             "component": rank, "lesion_voxels": int(sizes[index - 1]),
                             "distance_mm": 0.0, "hu": float(ct[voxel])})
 
-    candidates = ct > options.body_hu
-    distance = None
-    if lesion.any():
-        distance = ndimage.distance_transform_edt(~lesion, sampling=spacing)
-        candidates &= distance >= options.min_distance_mm
-    flat = np.flatnonzero(candidates)
-    result.n_candidates = int(flat.size)
     rng = np.random.default_rng(case_seed(options.seed, case.patient))
-    chosen = np.sort(rng.choice(flat, size=min(options.negatives_per_case, flat.size), replace=False))
-    for voxel in zip(*np.unravel_index(chosen, ct.shape)):
+    chosen, distance = _draw_negatives(ct > options.body_hu, lesion, spacing, options, rng)
+    for index, voxel in enumerate(zip(*np.unravel_index(chosen, ct.shape))):
         result.rows.append({**base, **_centre(affine, voxel), "label": 0, "kind": "normal",
                             "component": "", "lesion_voxels": "",
-                            "distance_mm": "" if distance is None else float(distance[voxel]),
+                            "distance_mm": "" if distance is None else float(distance[index]),
                             "hu": float(ct[voxel])})
     return result
+
+
+def _draw_negatives(body: np.ndarray, lesion: np.ndarray, spacing: np.ndarray,
+                    options: SamplingOptions, rng: np.random.Generator,
+                    batch: int = 4096, tries: int = 16) -> tuple[np.ndarray, np.ndarray | None]:
+    """Flat indices of up to ``negatives_per_case`` body voxels far enough from the lesion, and
+    their distances (mm) to the nearest lesion voxel (None without a lesion).
+
+    Body voxels are drawn uniformly at random (seeded) and kept, first come first kept, while
+    they are at least ``min_distance_mm`` from the lesion: a uniform draw among all such voxels
+    without a distance map of the whole scan. When ``tries`` batches do not give enough (such
+    voxels are rare), all body voxels are visited in a random order instead, so a case gets
+    fewer only if fewer exist. Distances are exact: the lesion voxel nearest to an outside point
+    always lies on the lesion's boundary, so they are measured to the boundary voxels (k-d tree).
+    """
+    wanted = options.negatives_per_case
+    flat = np.flatnonzero(body & ~lesion)
+    if not lesion.any() or wanted == 0 or flat.size == 0:
+        return np.sort(rng.choice(flat, size=min(wanted, flat.size), replace=False)), \
+            None if not lesion.any() else np.zeros(0)
+    from scipy.spatial import cKDTree
+
+    box = tuple(slice(max(lo - 1, 0), hi + 2) for lo, hi in
+                zip(np.argwhere(lesion).min(axis=0), np.argwhere(lesion).max(axis=0)))
+    inner = lesion[box] & ~ndimage.binary_erosion(lesion[box])
+    tree = cKDTree((np.argwhere(inner) + [b.start for b in box]) * spacing)
+
+    def far(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        points = np.stack(np.unravel_index(indices, body.shape), axis=1) * spacing
+        distance, _ = tree.query(points)
+        keep = distance >= options.min_distance_mm
+        return indices[keep], distance[keep]
+
+    chosen: dict[int, float] = {}
+    for _ in range(tries):
+        indices, distance = far(flat[rng.integers(0, flat.size, size=batch)])
+        for index, value in zip(indices.tolist(), distance.tolist()):
+            chosen.setdefault(index, value)
+        if len(chosen) >= wanted:
+            break
+    if len(chosen) < wanted:  # rare candidates: visit every body voxel once, in random order
+        chosen = {}
+        order = rng.permutation(flat)
+        for start in range(0, order.size, batch * 16):
+            indices, distance = far(order[start:start + batch * 16])
+            chosen.update(zip(indices.tolist(), distance.tolist()))
+            if len(chosen) >= wanted:
+                break
+    picked = sorted(list(chosen.items())[:wanted])
+    return np.array([i for i, _ in picked], dtype=np.int64), np.array([d for _, d in picked])
 
 
 def _inside_centroid(component: np.ndarray, spacing: np.ndarray) -> tuple[int, int, int]:
