@@ -1,0 +1,82 @@
+"""Resampling a multi-channel volume from one voxel grid onto another (e.g. back onto a CT's grid).
+
+:func:`resample_to_grid` computes what MONAI's ``SpatialResample`` (trilinear, zero padding)
+computes, faster in the common case: when the two grids are axis-aligned with each other (one
+is a reorientation and rescaling of the other, as after ``Orientation`` + ``Spacing``), the
+trilinear weights factor into one 1-D linear interpolation per axis. Three 1-D passes touch
+each output voxel a few times, instead of ``grid_sample``'s eight gathers per voxel and
+channel plus a full (X, Y, Z, 3) sampling grid; for 12 attention heads on a 512 x 512 CT
+that is several seconds. Oblique grids go through ``SpatialResample`` unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["resample_to_grid", "axis_aligned_map"]
+
+
+def axis_aligned_map(src_affine: np.ndarray, dst_affine: np.ndarray,
+                     tol: float = 1e-6) -> tuple[list[int], np.ndarray, np.ndarray] | None:
+    """How destination voxel indices map to source voxel indices, if the grids are axis-aligned.
+
+    Returns ``(perm, scale, offset)`` such that source axis ``j`` reads destination axis
+    ``perm[j]`` with ``src_j = scale[j] * dst_{perm[j]} + offset[j]``, or None when some source
+    axis depends on two destination axes (oblique grids).
+    """
+    xform = np.linalg.solve(np.asarray(src_affine, np.float64), np.asarray(dst_affine, np.float64))
+    linear = xform[:3, :3]
+    big = np.abs(linear) > tol * max(1.0, float(np.abs(linear).max()))
+    if not (big.sum(axis=1) == 1).all() or not (big.sum(axis=0) == 1).all():
+        return None
+    perm = [int(np.argmax(row)) for row in big]
+    scale = np.array([linear[j, perm[j]] for j in range(3)])
+    return perm, scale, xform[:3, 3].copy()
+
+
+def _interp_axis(volume: Tensor, dim: int, coords: Tensor) -> Tensor:
+    """Linear interpolation of ``volume`` along ``dim`` at fractional indices ``coords``, zero outside."""
+    n = volume.shape[dim]
+    lower = torch.floor(coords)
+    frac = (coords - lower).to(volume.dtype)
+    i0 = lower.long()
+    i1 = i0 + 1
+    w0 = (1 - frac) * ((i0 >= 0) & (i0 < n))
+    w1 = frac * ((i1 >= 0) & (i1 < n))
+    shape = [1] * volume.ndim
+    shape[dim] = -1
+    out = volume.index_select(dim, i0.clamp(0, n - 1)).mul_(w0.view(shape))
+    return out.addcmul_(volume.index_select(dim, i1.clamp(0, n - 1)), w1.view(shape))
+
+
+def resample_to_grid(volume: Tensor, src_affine: np.ndarray, dst_affine: np.ndarray,
+                     dst_shape: Sequence[int]) -> Tensor:
+    """Trilinear resampling of ``volume`` (C, X, Y, Z) on ``src_affine`` onto ``dst_shape`` on ``dst_affine``.
+
+    Equal, to float rounding, to MONAI's ``SpatialResample(mode="bilinear",
+    padding_mode="zeros")``; voxels whose sample falls outside the source are 0.
+    """
+    dst_shape = [int(s) for s in dst_shape]
+    mapping = axis_aligned_map(src_affine, dst_affine)
+    if mapping is None:
+        from monai.data import MetaTensor
+        from monai.transforms import SpatialResample
+
+        resampler = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float32)
+        out = resampler(MetaTensor(volume, affine=torch.as_tensor(src_affine)),
+                        dst_affine=torch.as_tensor(dst_affine), spatial_size=dst_shape)
+        return out.as_tensor()
+    perm, scale, offset = mapping
+    out = volume.float()
+    # Shrinking axes first, growing ones last, so that the early passes work on less data.
+    order = sorted(range(3), key=lambda j: dst_shape[perm[j]] / volume.shape[1 + j])
+    for j in order:
+        dst_axis = perm[j]
+        coords = torch.arange(dst_shape[dst_axis], dtype=torch.float64) * scale[j] + offset[j]
+        out = _interp_axis(out, 1 + j, coords)
+    inverse = [perm.index(k) for k in range(3)]  # the source axis feeding destination axis k
+    return out.permute(0, *(1 + j for j in inverse)).contiguous()
