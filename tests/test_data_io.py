@@ -246,7 +246,12 @@ def test_write_nifti_keeps_affine(tmp_path, write_volume, as_tensor):
 
 def test_write_nifti_refuses_wrong_rank(tmp_path):
     with pytest.raises(ValueError, match="X, Y, Z"):
-        write_nifti(np.zeros((2, 3, 4, 5)), np.eye(4), tmp_path / "x.nii.gz")
+        write_nifti(np.zeros((2, 3, 4, 5, 6)), np.eye(4), tmp_path / "x.nii.gz")
+    with pytest.raises(ValueError, match="X, Y, Z"):
+        write_nifti(np.zeros((3, 4)), np.eye(4), tmp_path / "x.nii.gz")
+    with pytest.raises(ValueError, match="non-negative"):
+        write_nifti(-np.ones((3, 4, 5)), np.eye(4), tmp_path / "x.nii.gz", as_uint8=True)
+    assert not list(tmp_path.iterdir())
 
 
 def test_is_volume_path(tmp_path, write_volume, write_dicom_series):
@@ -259,3 +264,41 @@ def test_is_volume_path(tmp_path, write_volume, write_dicom_series):
     assert not is_volume_path(tmp_path / "absent.nii.gz")
     (tmp_path / "empty").mkdir()
     assert not is_volume_path(tmp_path / "empty")
+
+
+def test_write_nifti_4d_uint8_and_multimember_gzip(tmp_path: Path) -> None:
+    """A 4D channels-first map comes back channels-last, within half a quantisation step, from
+    nibabel and SimpleITK alike; the multi-member gzip is one valid stream."""
+    import gzip
+
+    import SimpleITK as sitk
+    from smartformer.data.io import write_gzip, write_nifti
+
+    rng = np.random.default_rng(0)
+    maps = rng.random((3, 9, 7, 5)).astype(np.float32) * 0.4
+    affine = np.array([[-1.5, 0, 0, 10], [0, 0, 2.0, -4], [0, 1.2, 0, 3], [0, 0, 0, 1]])
+    path = write_nifti(maps, affine, tmp_path / "maps.nii.gz", as_uint8=True)
+    img = nib.load(path)
+    assert img.shape == (9, 7, 5, 3) and img.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(img.affine, affine)
+    slope = maps.max() / 255
+    np.testing.assert_allclose(img.get_fdata(), np.moveaxis(maps, 0, -1), atol=slope / 2 + 1e-7)
+    itk = sitk.ReadImage(str(path))
+    assert itk.GetSize() == (9, 7, 5, 3)
+    # write_gzip: small chunks make many members; gzip reads back the plain concatenation.
+    payload = rng.integers(0, 255, 100_000, dtype=np.uint8).tobytes()
+    write_gzip(tmp_path / "x.gz", [b"head", payload], chunk=4096)
+    assert gzip.decompress((tmp_path / "x.gz").read_bytes()) == b"head" + payload
+    assert (tmp_path / "x.gz").read_bytes().count(b"\x1f\x8b\x08") >= 25
+
+
+def test_write_nifti_keeps_dtype_and_3d_shape(tmp_path: Path) -> None:
+    from smartformer.data.io import write_nifti
+
+    labels = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6) - 60
+    path = write_nifti(labels[None], np.diag([2.0, 2.0, 3.0, 1.0]), tmp_path / "labels")
+    assert path.name == "labels.nii.gz"
+    img = nib.load(path)
+    assert img.get_data_dtype() == np.int16 and img.shape == (4, 5, 6)
+    np.testing.assert_array_equal(np.asarray(img.dataobj), labels)
+    assert img.header.get_slope_inter() == (None, None)
