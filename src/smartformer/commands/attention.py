@@ -61,8 +61,9 @@ def add_inference_arguments(p: argparse.ArgumentParser) -> None:
                    help="HU window: a preset (wide, lung, abdomen) or --window=LOW,HIGH in HU (default: wide)")
     p.add_argument("--roi", type=int, nargs="+", default=[64], metavar="VOXELS",
                    help="sliding-window size, 1 or 3 values, multiples of 32 (default: 64)")
-    p.add_argument("--overlap", type=float, default=0.5,
-                   help="overlap of neighbouring windows, in [0, 1) (default: 0.5)")
+    p.add_argument("--overlap", type=float, default=0.25,
+                   help="overlap of neighbouring windows, in [0, 1) (default: 0.25, as MONAI; 0.5 blends "
+                        "more smoothly for about 3x the time)")
 
 
 def check_inference_arguments(args: argparse.Namespace) -> None:
@@ -186,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.checkpoint)
     ct = read_ct(args.image)  # refuses unreadable input with one line before any compute
     mask = read_mask_on(args.mask, ct, args.mask_label) if args.mask is not None else None
-    result = attention_volume(model, args.image, **inference_kwargs(args))
+    result = attention_volume(model, ct, **inference_kwargs(args))
     stem = args.name or volume_stem(args.image)
     title = f"{stem}: mean semantic attention" + (" (green: mask)" if mask is not None else "")
     files = write_attention(result, args.out, stem=stem, mask=mask, title=title)

@@ -285,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         image_hu = ct.as_tensor()[0].numpy()
         spacing = tuple(float(s) for s in np.linalg.norm(np.asarray(ct.affine)[:3, :3], axis=0))
-        maps = {name: attention_volume(model, case["image"], **kwargs).mean for name, model in models.items()}
+        maps = {name: attention_volume(model, ct, **kwargs).mean for name, model in models.items()}
         maps[INTENSITY] = intensity_prior(image_hu)
         scores = _score_case(maps, lesion, image_hu, spacing, args, rng)  # type: ignore[arg-type]
         for method in methods:
