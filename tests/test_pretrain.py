@@ -201,3 +201,21 @@ def test_bf16_autocast_and_gradient_checkpointing_run(phantoms: Path, tmp_path: 
     assert all(v == v for v in last.values())  # no NaN
     config = load_config(str(tmp_path / "r" / "config.yaml"))
     assert config.train.precision == "bf16" and config.train.grad_checkpointing
+
+
+def test_time_budget_stops_saves_and_counts_across_resume(phantoms: Path, tmp_path: Path) -> None:
+    """train.max_minutes: the run saves and stops at the first step past the budget; a resume
+    counts the time already spent, so a spent budget trains no further."""
+    run = tmp_path / "run"
+    budget = ["train.max_minutes=0.0001"]  # 6 ms: over after the first step
+    assert main(["pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "50", "--no-progress",
+                 *FAST, *budget]) == 0
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["step"] == 1 and state["train_seconds"] > 0.006
+    assert main(["pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "50", "--no-progress",
+                 "--resume"]) == 0
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 1
+    # A larger budget on resume continues from there.
+    assert main(["pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "3", "--no-progress",
+                 "--resume", "train.max_minutes=100"]) == 0
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 3

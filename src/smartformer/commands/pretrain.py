@@ -38,16 +38,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# Overrides that --resume accepts: budgets, which change when a run stops, not what it computes.
+RESUME_OVERRIDES = ("train.max_minutes=",)
+
+
 def run(args: argparse.Namespace) -> int:
     from smartformer.train.engine import pretrain
 
     overrides = list(args.overrides)
     if args.resume and (args.out / "config.yaml").is_file():
-        # Continue with the run's own resolved config; only the step budget may change.
-        if overrides:
+        # Continue with the run's own resolved config; only the step and time budgets may change.
+        if any(not o.startswith(RESUME_OVERRIDES) for o in overrides):
             raise SmartformerError("--resume continues with RUN_DIR/config.yaml; overrides are not allowed "
-                                   "(only --max-steps and --skip-bad)")
-        config = load_config(str(args.out / "config.yaml"))
+                                   "(only --max-steps, --skip-bad and train.max_minutes=...)")
+        config = load_config(str(args.out / "config.yaml"), overrides)
     else:
         config = load_config(args.config, overrides)
     if args.max_steps is not None:
@@ -65,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  metrics       : {Path(summary['run_dir']) / 'metrics.jsonl'}  (tensorboard --logdir {Path(summary['run_dir']) / 'tensorboard'})")
         if summary["metrics"]:
             print("  last metrics  : " + json.dumps({k: round(v, 4) for k, v in summary["metrics"].items()}))
-    return 0 if summary["status"] == "completed" else 130
+    return 0 if summary["status"] in ("completed", "time_budget") else 130
 
 
 def _is_main() -> bool:

@@ -102,6 +102,10 @@ class TrainConfig:
     keep_checkpoints: bool = True  # keep step_N checkpoints besides `last`
     snapshot_every: int = 100  # attention PNG of a fixed volume
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    # Wall-clock budget of the training loop in minutes, summed over resumed invocations (0 = none):
+    # the run saves and stops at the first step past it, before max_steps. The schedules still
+    # span max_steps, so set max_steps to what fits the budget.
+    max_minutes: float = 0.0
 
 
 @dataclass

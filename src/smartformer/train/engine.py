@@ -186,10 +186,11 @@ def _build_loader(config: PretrainConfig, data: str | Path, out: Path, ctx: Dist
 
 
 def _checkpoint_state(meta: SMARTMetaArch, optimizer, scaler, step: int, config: PretrainConfig,
-                      schedules: Schedules, generator: torch.Generator) -> dict[str, Any]:
+                      schedules: Schedules, generator: torch.Generator, train_seconds: float) -> dict[str, Any]:
     return {
         "format_version": 1,
         "step": step,
+        "train_seconds": train_seconds,
         "student": meta.student.state_dict(),
         "teacher": meta.teacher.state_dict(),
         "centers": {"cls": meta.dino_loss.center.clone(), "patch": meta.ibot_loss.center.clone()},
@@ -258,6 +259,7 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
     schedules = build_schedules(config, ctx.world_size)
     generator = torch.Generator(device=device).manual_seed(config.train.seed * 1000 + ctx.rank)
     start_step = 0
+    seconds_before = 0.0  # training time of earlier invocations (resume), for train.max_minutes
     if state is not None:
         meta.student.load_state_dict(state["student"])
         meta.teacher.load_state_dict(state["teacher"])
@@ -267,6 +269,7 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"], generator)
         start_step = int(state["step"])
+        seconds_before = float(state.get("train_seconds", 0.0))
     student: torch.nn.Module = meta.student
     if ctx.enabled:
         student = DistributedDataParallel(
@@ -300,9 +303,17 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
     window_steps = 0
     bar = tqdm(total=max_steps, initial=start_step, unit="step", disable=not verbose, dynamic_ncols=True)
     it = iter(loader)
+    t_start = time.perf_counter()
+
+    def train_seconds() -> float:
+        return seconds_before + time.perf_counter() - t_start
+
     try:
         with _StopFlag(verbose) as stop:
-            while step < max_steps:
+            budget_spent = tc.max_minutes > 0 and seconds_before >= 60.0 * tc.max_minutes
+            if budget_spent:
+                status = "time_budget"
+            while step < max_steps and not budget_spent:
                 t0 = time.perf_counter()
                 batch = next(it)
                 t1 = time.perf_counter()
@@ -318,8 +329,10 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
                         group["weight_decay"] = vals["wd"]
                 out_step = meta(views, step, vals["teacher_temp"], generator=generator, student=student,
                                 autocast=autocast)
-                bad, stop_now = _all_reduce_max(
-                    [0.0 if math.isfinite(out_step.terms["loss"]) else 1.0, float(stop.requested)], ctx, device
+                out_of_time = tc.max_minutes > 0 and train_seconds() >= 60.0 * tc.max_minutes
+                bad, stop_now, time_up = _all_reduce_max(
+                    [0.0 if math.isfinite(out_step.terms["loss"]) else 1.0, float(stop.requested), float(out_of_time)],
+                    ctx, device,
                 )
                 if bad:
                     good = last_checkpoint(out)
@@ -364,7 +377,7 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
                         and meta.teacher.semantic is not None:
                     attention_snapshot(meta.teacher, snapshot_volume, out / "snapshots" / f"attention_step{step:07d}.png",
                                        title=f"teacher attention, step {step}")
-                must_stop = bool(stop_now)
+                must_stop = bool(stop_now or time_up)
                 if step % tc.checkpoint_every == 0 or step == max_steps or must_stop:
                     divergence = replica_divergence(meta, ctx)  # student and teacher
                     if divergence > 0:
@@ -373,13 +386,16 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
                         assert metrics is not None
                         metrics.write(step, {"replica_max_abs_diff": divergence})
                     if ctx.is_main:
-                        state = _checkpoint_state(meta, optimizer, scaler, step, config, schedules, generator)
+                        state = _checkpoint_state(meta, optimizer, scaler, step, config, schedules, generator,
+                                                  train_seconds())
                         save_checkpoint(state, out, step, keep=tc.keep_checkpoints and step % tc.checkpoint_every == 0)
                         meta.teacher.save_pretrained(out / "teacher")
                     if ctx.enabled:
                         dist.barrier()
                 if must_stop:
-                    status = "interrupted"
+                    status = "interrupted" if stop_now else "time_budget"
+                    if verbose and not stop_now:
+                        tqdm.write(f"train.max_minutes={tc.max_minutes:g} reached at step {step}; saved")
                     break
     finally:
         bar.close()
@@ -389,6 +405,7 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
         "status": status,
         "step": step,
         "max_steps": max_steps,
+        "train_seconds": train_seconds(),
         "run_dir": str(out),
         "teacher": str(out / "teacher"),
         "checkpoint": str(last_checkpoint(out)) if last_checkpoint(out) else None,
