@@ -26,7 +26,9 @@ COMMANDS: list[str] = [
     "smartformer.commands.cluster",
     "smartformer.commands.report",
 ]
-DATA_COMMANDS: list[str] = ["smartformer.commands.data_check", "smartformer.commands.data_phantom"]
+DATA_COMMANDS: list[str] = ["smartformer.commands.data_check", "smartformer.commands.data_phantom",
+                            "smartformer.commands.data_lidc", "smartformer.commands.data_nodulemnist3d",
+                            "smartformer.commands.data_lesions"]
 
 
 def build_parser() -> argparse.ArgumentParser:
