@@ -1,0 +1,121 @@
+"""``smartformer features``: frozen [CLS] and pooled features of every case of a CSV, to CSV or Parquet.
+
+Also home of the options and steps that ``probe`` and ``finetune`` share with it: the case CSV, the crop
+options (:func:`add_crop_arguments`, :func:`crop_options`) and the checkpoint list.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from smartformer.errors import InputError, SmartformerError
+
+if TYPE_CHECKING:
+    from smartformer.downstream.cases import CropOptions
+
+CSV_HELP = (
+    "CSV with one row per case: image (CT file or DICOM folder, relative to the CSV's folder), label, "
+    "optionally center_x,center_y,center_z (lesion centre, world RAS mm as read_ct's affine gives) or "
+    "mask (a file whose voxels > 0 locate the lesion), patient (default: one per row) and case (id); "
+    "other columns are ignored"
+)
+CHECKPOINT_HELP = ("save_pretrained directories, training run directories (their teacher/), or random:tiny / "
+                   "random:base (that preset with random weights, seeded: the baseline)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "features",
+        help="frozen [CLS] and pooled features of CT crops, to CSV or Parquet",
+        description=(
+            "Encode a crop around each case's lesion (or the whole scan, when the CSV gives no location) "
+            "with one checkpoint and write one row per case: case, the CSV's label and patient columns "
+            "when present, then cls_0.. and/or pooled_0.. (the semantic [CLS] and the mean of the "
+            "tokens). --out ending in .csv writes CSV, in .parquet writes Parquet (needs pyarrow)."
+        ),
+    )
+    p.add_argument("--csv", required=True, type=Path, help=CSV_HELP.replace(", label,", ", label (optional),"))
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP.replace("directories", "directory"))
+    p.add_argument("--out", required=True, type=Path, help="output table, .csv or .parquet")
+    p.add_argument("--features", choices=("cls", "pooled", "both"), default="both",
+                   help="which features to write (default: both)")
+    add_crop_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_crop_arguments(p: argparse.ArgumentParser, batch_size: int = 8) -> None:
+    """``--crop``, ``--spacing``, ``--window``, ``--batch-size``, ``--device``, ``--seed``, ``--no-progress``."""
+    p.add_argument("--crop", type=int, nargs="+", default=[64], metavar="VOXELS",
+                   help="crop size around the lesion, 1 or 3 values, multiples of 32 (default: 64)")
+    p.add_argument("--spacing", type=float, nargs="+", default=[2.0], metavar="MM",
+                   help="voxel size of the crop, 1 or 3 values in mm (default: 2)")
+    p.add_argument("--window", default="wide",
+                   help="HU window: a preset (wide, lung, abdomen) or --window=LOW,HIGH (default: wide)")
+    p.add_argument("--batch-size", type=int, default=batch_size,
+                   help=f"crops per forward pass or training step (default: {batch_size})")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of folds, label fractions, random:* weights, training and bootstrap (default: 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def crop_options(args: argparse.Namespace) -> "CropOptions":
+    """The crop options of the command line; one-line errors for bad values."""
+    from smartformer.data.transforms import parse_window
+    from smartformer.downstream.cases import CropOptions
+
+    if len(args.crop) not in (1, 3) or any(c < 32 or c % 32 for c in args.crop):
+        raise SmartformerError("--crop takes 1 or 3 values, each a positive multiple of 32")
+    if len(args.spacing) not in (1, 3) or any(s <= 0 for s in args.spacing):
+        raise SmartformerError("--spacing takes 1 or 3 positive values (mm)")
+    if args.batch_size < 1:
+        raise SmartformerError("--batch-size must be at least 1")
+    size = tuple(args.crop) * 3 if len(args.crop) == 1 else tuple(args.crop)
+    spacing = tuple(args.spacing) * 3 if len(args.spacing) == 1 else tuple(args.spacing)
+    return CropOptions(size=size, spacing=spacing, window=parse_window(args.window))  # type: ignore[arg-type]
+
+
+def run(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from smartformer.downstream.cases import PASSTHROUGH_COLUMNS, build_crops, read_cases
+    from smartformer.downstream.features import (
+        checkpoint_names,
+        extract_features,
+        feature_columns,
+        load_encoder,
+        pick_device,
+    )
+
+    suffix = args.out.suffix.lower()
+    if suffix not in (".csv", ".parquet"):
+        raise SmartformerError(f"--out {args.out}: name a .csv or .parquet file")
+    if suffix == ".parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise SmartformerError("Parquet output needs pyarrow: pip install 'smartformer[parquet]'") from None
+    if args.out.is_dir():
+        raise InputError(args.out, "is a directory; name a .csv or .parquet file")
+    options = crop_options(args)
+    device = pick_device(args.device)
+    (name,) = checkpoint_names([args.checkpoint])
+    table = read_cases(args.csv, require_labels=False)
+    model = load_encoder(args.checkpoint, seed=args.seed)
+    crops = build_crops(table, options, progress=not args.no_progress)
+    features = extract_features(model, crops, args.features, args.batch_size, device, progress=not args.no_progress)
+    frame = pd.DataFrame({"case": table.ids})
+    for column in PASSTHROUGH_COLUMNS:
+        if column in table.columns:
+            frame[column] = [getattr(c, "raw_label" if column == "label" else column) for c in table.cases]
+    values = pd.DataFrame(features, columns=feature_columns(args.features, model.embed_dim))
+    frame = pd.concat([frame, values], axis=1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".csv":
+        frame.to_csv(args.out, index=False)
+    else:
+        frame.to_parquet(args.out, index=False)
+    print(f"{len(frame)} cases x {values.shape[1]} features of {name} ({args.features}) -> {args.out}")
+    return 0

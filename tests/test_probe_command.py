@@ -1,0 +1,98 @@
+"""``smartformer probe`` end to end on phantom lesion vs air crops, and its refusal of bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from downstream_cases import FAST, case_csv, tiny_checkpoint  # noqa: F401  (fixtures)
+from smartformer.cli import main
+from smartformer.downstream.metrics import METRICS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def probe_run(case_csv, tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("probe")
+    rc = main(["probe", "--csv", str(case_csv), "--checkpoint", str(tiny_checkpoint), "random:tiny", "--out", str(out),
+               "--folds", "3", "--fraction", "0.5", "1.0", "--bootstrap", "50", *FAST])
+    assert rc == 0
+    return out
+
+
+def test_outputs(probe_run, tiny_checkpoint):
+    out, name = probe_run, tiny_checkpoint.name
+    for file in ("folds.csv", "predictions.csv", "metrics.json", "roc.png", "comparison.csv", "comparison.md"):
+        assert (out / file).is_file(), file
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert list(predictions.columns) == ["case", "patient", "fold", "fraction", "checkpoint", "label", "probability"]
+    assert len(predictions) == 24 * 2 * 2  # every case once per checkpoint and fraction: the test fold is whole
+    assert predictions.groupby(["checkpoint", "fraction"])["case"].nunique().eq(24).all()
+    assert predictions["probability"].between(0, 1).all()
+    folds = pd.read_csv(out / "folds.csv").set_index("case")
+    assert folds.groupby("patient")["fold"].nunique().eq(1).all()  # patient-level
+    assert (predictions["fold"].to_numpy() == folds.loc[predictions["case"], "fold"].to_numpy()).all()  # same folds for every checkpoint and fraction
+    comparison = pd.read_csv(out / "comparison.csv")
+    assert list(comparison["checkpoint"]) == [name, name, "random_tiny", "random_tiny"]
+    assert list(comparison["fraction"]) == [0.5, 1.0, 0.5, 1.0]
+    assert (out / "roc.png").stat().st_size > 5000
+
+
+def test_metrics_json_and_easy_task(probe_run, tiny_checkpoint):
+    report = json.loads((probe_run / "metrics.json").read_text())
+    assert report["classes"] == {"air": 0, "lesion": 1}
+    assert report["cases"] == 24 and report["patients"] == 6 and report["folds"] == 3
+    for name in (tiny_checkpoint.name, "random_tiny"):
+        for fraction in ("0.5", "1"):
+            entry = report["results"][name][fraction]
+            assert set(entry["overall"]) == set(METRICS) and len(entry["per_fold"]) == 3
+            auc = entry["overall"]["auc"]
+            assert auc["ci_low"] <= auc["value"] <= auc["ci_high"]
+            assert auc["value"] > 0.9  # lesion vs air is easy even for random weights
+    half = report["results"][tiny_checkpoint.name]["0.5"]["per_fold"]
+    full = report["results"][tiny_checkpoint.name]["1"]["per_fold"]
+    assert all(h["n_train"] < f["n_train"] for h, f in zip(half, full))  # the fraction shrinks training only
+    assert all(f["C"] == 1.0 for f in full)  # too few patients per class for inner CV
+
+
+def test_fixed_C_and_cls_features(case_csv, tmp_path):
+    rc = main(["probe", "--csv", str(case_csv), "--checkpoint", "random:tiny", "--out", str(tmp_path), "--folds", "2",
+               "--C", "0.5", "--features", "cls", "--bootstrap", "0", *FAST])
+    assert rc == 0
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["features"] == "cls" and report["settings"]["C"] == 0.5
+    assert all(f["C"] == 0.5 for f in report["results"]["random_tiny"]["1"]["per_fold"])
+    assert np.isnan(report["results"]["random_tiny"]["1"]["overall"]["auc"]["ci_low"])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.drop(columns=["label"]), "missing column(s) label"),
+    (lambda t: t.assign(image=["missing.nii.gz"] + list(t["image"][1:])), "row 2: image missing.nii.gz does not exist"),
+    (lambda t: t.assign(label=["air", "lesion", "other"] * 8), "exactly two classes, found 3"),
+    (lambda t: t.assign(center_x=["left"] + list(t["center_x"][1:])), "row 2: center_x/y/z must be three numbers"),
+])
+def test_bad_input_writes_nothing(case_csv, tmp_path, capsys, edit, message):
+    bad = case_csv.parent / f"bad_{abs(hash(message))}.csv"
+    edit(pd.read_csv(case_csv, dtype=str)).to_csv(bad, index=False)
+    out = tmp_path / "out"
+    assert main(["probe", "--csv", str(bad), "--checkpoint", "random:tiny", "--out", str(out), *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and message in err[0], err
+    assert not out.exists()
+
+
+def test_bad_options(case_csv, tmp_path, capsys):
+    base = ["probe", "--csv", str(case_csv), "--out", str(tmp_path / "o"), *FAST]
+    assert main([*base, "--checkpoint", "random:huge"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    assert main([*base, "--checkpoint", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main([*base, "--checkpoint", "random:tiny", "--folds", "7"]) == 2
+    assert "at least 7 patients with class 0; there are 6" in capsys.readouterr().err
+    assert main([*base, "--checkpoint", "random:tiny", "--crop", "48"]) == 2
+    assert "multiple of 32" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
