@@ -14,6 +14,7 @@ from smartformer.downstream.metrics import (
     binary_metrics,
     bootstrap_intervals,
     metrics_with_ci,
+    paired_difference,
     plot_roc,
 )
 
@@ -96,6 +97,19 @@ def test_patient_bootstrap_resamples_whole_patients():
         assert doubled[metric] == pytest.approx(cases[metric])
     per_case = bootstrap_intervals(np.repeat(y, 2), np.repeat(p, 2), n=200, seed=4)
     assert per_case["auc"][1] - per_case["auc"][0] < doubled["auc"][1] - doubled["auc"][0]
+
+
+def test_paired_difference():
+    y, noisy = _noisy(80, seed=3)
+    same = paired_difference(y, noisy, noisy, n=100, seed=0)
+    assert same == {"value": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    perfect = np.where(y == 1, 0.9, 0.1)
+    better = paired_difference(y, perfect, noisy, groups=np.arange(80) // 2, n=200, seed=0)
+    assert better["value"] == pytest.approx(1 - auc_score(y, noisy))
+    assert 0 < better["ci_low"] <= better["value"] <= better["ci_high"]
+    worse = paired_difference(y, noisy, perfect, groups=np.arange(80) // 2, n=200, seed=0)
+    assert worse["value"] == pytest.approx(-better["value"])
+    assert (worse["ci_low"], worse["ci_high"]) == pytest.approx((-better["ci_high"], -better["ci_low"]))
 
 
 def test_no_bootstrap_gives_nan_interval():

@@ -39,6 +39,9 @@ def test_outputs(probe_run, tiny_checkpoint):
     comparison = pd.read_csv(out / "comparison.csv")
     assert list(comparison["checkpoint"]) == [name, name, "random_tiny", "random_tiny"]
     assert list(comparison["fraction"]) == [0.5, 1.0, 0.5, 1.0]
+    paired = comparison["auc_vs_baseline"].to_numpy()  # paired AUC difference against random:tiny
+    assert np.isfinite(paired[:2]).all() and np.isnan(paired[2:]).all()
+    assert "| auc_vs_baseline |" in (out / "comparison.md").read_text()
     assert (out / "roc.png").stat().st_size > 5000
 
 
@@ -46,6 +49,9 @@ def test_metrics_json_and_easy_task(probe_run, tiny_checkpoint):
     report = json.loads((probe_run / "metrics.json").read_text())
     assert report["classes"] == {"air": 0, "lesion": 1}
     assert report["cases"] == 24 and report["patients"] == 6 and report["folds"] == 3
+    assert report["baseline"] == "random_tiny"
+    delta = report["results"][tiny_checkpoint.name]["1"]["auc_vs_baseline"]
+    assert delta["ci_low"] <= delta["value"] <= delta["ci_high"]
     for name in (tiny_checkpoint.name, "random_tiny"):
         for fraction in ("0.5", "1"):
             entry = report["results"][name][fraction]

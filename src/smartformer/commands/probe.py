@@ -55,7 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "the training fold, or --C). Patient-level stratified k-fold CV; the folds and label-fraction "
             "subsets depend only on the CSV and --seed, so checkpoints are compared on the same splits. "
             "Writes folds.csv, predictions.csv, metrics.json (accuracy, balanced accuracy, AUC, "
-            "sensitivity, specificity with bootstrap 95%% intervals), roc.png and comparison.csv/.md. "
+            "sensitivity, specificity with bootstrap 95%% intervals), roc.png and comparison.csv/.md "
+            "(with a random:PRESET baseline among several checkpoints, also each one's AUC minus the "
+            "baseline's on the same cases, paired bootstrap CI). "
             + TREATMENT_RESPONSE_HELP
         ),
     )
@@ -94,7 +96,7 @@ def evaluate(args: argparse.Namespace, task: str, run_checkpoint: CheckpointRunn
 
     from smartformer.commands.features import crop_options
     from smartformer.downstream.cases import build_crops, read_cases
-    from smartformer.downstream.features import checkpoint_names
+    from smartformer.downstream.features import RANDOM_PREFIX, checkpoint_names
     from smartformer.downstream.splits import assign_folds, check_fractions
 
     if args.bootstrap < 0:
@@ -123,6 +125,9 @@ def evaluate(args: argparse.Namespace, task: str, run_checkpoint: CheckpointRunn
                   "fold": folds}).to_csv(args.out / "folds.csv", index=False)
     predictions.to_csv(args.out / "predictions.csv", index=False)
     results = summarize(predictions, details, args.bootstrap, args.seed)
+    baseline = next((n for n, spec in zip(names, args.checkpoint) if spec.startswith(RANDOM_PREFIX)), None)
+    if baseline is not None and len(names) > 1:
+        compare_to_baseline(predictions, results, baseline, args.bootstrap, args.seed)
     report = {
         "task": task,
         "csv": str(args.csv),
@@ -138,6 +143,7 @@ def evaluate(args: argparse.Namespace, task: str, run_checkpoint: CheckpointRunn
         "crop_options": options.to_dict(),
         "settings": settings,
         "checkpoints": dict(zip(names, map(str, args.checkpoint))),
+        "baseline": baseline,
         "results": results,
     }
     (args.out / "metrics.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
@@ -169,6 +175,23 @@ def summarize(predictions: Any, details: dict[str, list[dict[str, Any]]], n_boot
     return results
 
 
+def compare_to_baseline(predictions: Any, results: dict[str, dict[str, Any]], baseline: str, n_boot: int,
+                        seed: int) -> None:
+    """Add ``auc_vs_baseline`` (AUC minus the baseline's on the same cases, paired bootstrap CI) to ``results``."""
+    from smartformer.downstream.metrics import paired_difference
+
+    table = predictions.pivot_table(index=["fraction", "case", "patient", "label"], columns="checkpoint",
+                                    values="probability").reset_index()
+    for name, by_fraction in results.items():
+        if name == baseline:
+            continue
+        for fraction, entry in by_fraction.items():
+            rows = table[table["fraction"].map(lambda f: f"{f:g}") == fraction]
+            entry["auc_vs_baseline"] = paired_difference(rows["label"].to_numpy(), rows[name].to_numpy(),
+                                                         rows[baseline].to_numpy(), rows["patient"].to_numpy(),
+                                                         n=n_boot, seed=seed)
+
+
 def write_roc(predictions: Any, path: Path, task: str) -> Path:
     """roc.png: one out-of-fold ROC curve per checkpoint and fraction."""
     from smartformer.downstream.metrics import plot_roc
@@ -180,23 +203,32 @@ def write_roc(predictions: Any, path: Path, task: str) -> Path:
 
 
 def write_comparison(results: dict[str, dict[str, Any]], out: Path) -> str:
-    """comparison.csv (values and CI bounds) and comparison.md (value [low, high]); returns the markdown."""
+    """comparison.csv (values and CI bounds) and comparison.md (value [low, high]); returns the markdown.
+
+    One row per checkpoint and fraction; with a ``random:`` baseline among several checkpoints, a last
+    column gives each one's AUC minus the baseline's on the same cases (paired bootstrap CI).
+    """
     import pandas as pd
 
     from smartformer.downstream.metrics import METRICS
 
-    rows, md = [], ["| checkpoint | fraction | n | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 3) + "|"]
+    def cell(entry: dict[str, float]) -> str:
+        return f"{entry['value']:.3f} [{entry['ci_low']:.3f}, {entry['ci_high']:.3f}]"
+
+    paired = any("auc_vs_baseline" in e for by_fraction in results.values() for e in by_fraction.values())
+    columns = [*METRICS, *(["auc_vs_baseline"] if paired else [])]
+    rows, md = [], ["| checkpoint | fraction | n | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
     for name, by_fraction in results.items():
         for fraction, entry in by_fraction.items():
-            overall = entry["overall"]
+            values = {**entry["overall"], **({"auc_vs_baseline": entry["auc_vs_baseline"]}
+                                             if "auc_vs_baseline" in entry else {})}
             row: dict[str, Any] = {"checkpoint": name, "fraction": float(fraction), "n": entry["n"]}
-            for metric in METRICS:
-                row.update({metric: overall[metric]["value"], f"{metric}_low": overall[metric]["ci_low"],
-                            f"{metric}_high": overall[metric]["ci_high"]})
+            for metric in columns:
+                value = values.get(metric, {"value": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")})
+                row.update({metric: value["value"], f"{metric}_low": value["ci_low"], f"{metric}_high": value["ci_high"]})
             rows.append(row)
-            cells = [f"{overall[m]['value']:.3f} [{overall[m]['ci_low']:.3f}, {overall[m]['ci_high']:.3f}]"
-                     for m in METRICS]
-            md.append("| " + " | ".join([name, fraction, str(entry["n"]), *cells]) + " |")
+            md.append("| " + " | ".join([name, fraction, str(entry["n"]),
+                                         *(cell(values[m]) if m in values else "baseline" for m in columns)]) + " |")
     pd.DataFrame(rows).to_csv(out / "comparison.csv", index=False)
     text = "\n".join(md) + "\n"
     (out / "comparison.md").write_text(text)
