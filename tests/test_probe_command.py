@@ -102,3 +102,19 @@ def test_bad_options(case_csv, tmp_path, capsys):
     assert main([*base, "--checkpoint", "random:tiny", "--crop", "48"]) == 2
     assert "multiple of 32" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_scan_level_labels_use_whole_scans(case_csv, tmp_path):
+    """Treatment response: a label per scan and no location -> whole-scan crops, same outputs."""
+    scans = sorted(case_csv.parent.glob("case_*/ct.nii.gz"))
+    csv = tmp_path / "response.csv"
+    csv.write_text("image,label\n" + "".join(f"{p},{'responder' if i % 2 else 'progressor'}\n"
+                                             for i, p in enumerate(scans)))
+    rc = main(["probe", "--csv", str(csv), "--checkpoint", "random:tiny", "--out", str(tmp_path / "out"),
+               "--folds", "2", "--bootstrap", "20", *FAST])
+    assert rc == 0
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert report["located_cases"] == 0 and report["cases"] == len(scans) == 6
+    assert report["classes"] == {"progressor": 0, "responder": 1}
+    predictions = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    assert list(predictions["case"]) != [] and predictions["case"].str.endswith("/ct").all()

@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "the training fold, or --C). Patient-level stratified k-fold CV; the folds and label-fraction "
             "subsets depend only on the CSV and --seed, so checkpoints are compared on the same splits. "
             "Writes folds.csv, predictions.csv, metrics.json (accuracy, balanced accuracy, AUC, "
-            "sensitivity, specificity with bootstrap 95%% intervals), roc.png and comparison.csv/.md "
+            "sensitivity, specificity with bootstrap 95% intervals), roc.png and comparison.csv/.md "
             "(with a random:PRESET baseline among several checkpoints, also each one's AUC minus the "
             "baseline's on the same cases, paired bootstrap CI). "
             + TREATMENT_RESPONSE_HELP

@@ -7,7 +7,8 @@ The CSV has one row per case (a lesion, or a whole scan):
   to 0 and 1 (numbers sorted as numbers), and the mapping is recorded in the outputs.
 * ``center_x``, ``center_y``, ``center_z``: the lesion centre in world millimetres, RAS, as the affine of
   :func:`smartformer.data.io.read_ct` gives it; or ``mask``: a mask file whose voxels > 0 have the
-  lesion centre as their centroid. A row with neither is cropped as a whole scan.
+  lesion centre as their centroid (the centre columns win where a row has both). A row with neither
+  is cropped as a whole scan (scan-level labels, e.g. treatment response).
 * ``patient``: groups rows for patient-level splits and bootstrap (default: one patient per row).
 * ``case``: the case id (default: the image file name without suffix, with its folder when two
   images share a name, with ``_r<row>`` when one image holds several lesions).
