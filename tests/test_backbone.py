@@ -113,3 +113,17 @@ def test_sides_not_multiple_of_32_are_refused_and_pad_helper_fixes_them() -> Non
     padded, original = pad_to_multiple(x)
     assert padded.shape[2:] == (64, 64, 96) and original == (40, 64, 70)
     assert model(padded).shape == (1, 384, 2, 2, 3)
+
+
+def test_inference_mode_forward_then_training_backward() -> None:
+    """The cached shift mask made under inference_mode must not poison later training passes."""
+    from smartformer.models.smartformer import SMARTFormer
+
+    torch.manual_seed(0)
+    model = SMARTFormer.from_preset("tiny", heads=False, decoder=False)
+    x = torch.rand(1, 1, 64, 64, 64)
+    with torch.inference_mode():
+        model.forward_features(x)
+    out = model.forward_features(x)["cls"].sum()
+    out.backward()
+    assert model.backbone.patch_embed.proj.weight.grad is not None

@@ -320,7 +320,10 @@ class BasicLayer(nn.Module):
         padded = tuple(-(-g // w) * w for g, w in zip(grid, ws))
         key = (padded, ws, ss, str(device))
         if key not in self._masks:
-            self._masks[key] = _shift_mask(padded, ws, ss, device)
+            # A normal tensor even when first built under torch.inference_mode: an inference
+            # tensor in the cache would break any later training pass of the same model.
+            with torch.inference_mode(False):
+                self._masks[key] = _shift_mask(padded, ws, ss, device)
         return self._masks[key]
 
     def forward_blocks(self, x: Tensor, use_checkpoint: bool = False) -> Tensor:
