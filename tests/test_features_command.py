@@ -79,7 +79,7 @@ def test_centre_outside_the_scan(marked_ct, tmp_path, capsys):
     path, _ = marked_ct
     csv = tmp_path / "cases.csv"
     csv.write_text(f"image,center_x,center_y,center_z\n{path.name},500,0,0\n")
-    assert main(["features", "--csv", str(csv), "--checkpoint", "random:tiny", "--out", str(tmp_path / "f.csv"),
+    assert main(["features", "--data", str(csv), "--checkpoint", "random:tiny", "--out", str(tmp_path / "f.csv"),
                  *FAST]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(csv) in err[0] and "row 2" in err[0] and "outside the scan" in err[0]
@@ -87,7 +87,7 @@ def test_centre_outside_the_scan(marked_ct, tmp_path, capsys):
 
 
 def test_features_csv_and_parquet(case_csv, tiny_checkpoint, tmp_path):
-    rc = main(["features", "--csv", str(case_csv), "--checkpoint", str(tiny_checkpoint), "--out",
+    rc = main(["features", "--data", str(case_csv), "--checkpoint", str(tiny_checkpoint), "--out",
                str(tmp_path / "f.csv"), *FAST])
     assert rc == 0
     table = pd.read_csv(tmp_path / "f.csv")
@@ -99,7 +99,7 @@ def test_features_csv_and_parquet(case_csv, tiny_checkpoint, tmp_path):
     pooled = table.filter(like="pooled_").to_numpy()
     assert cls.shape == pooled.shape == (24, 192)
     assert np.isfinite(cls).all() and cls.std(axis=0).max() > 0
-    rc = main(["features", "--csv", str(case_csv), "--checkpoint", str(tiny_checkpoint), "--out",
+    rc = main(["features", "--data", str(case_csv), "--checkpoint", str(tiny_checkpoint), "--out",
                str(tmp_path / "f.parquet"), *FAST])
     assert rc == 0
     again = pd.read_parquet(tmp_path / "f.parquet")
@@ -111,7 +111,7 @@ def test_features_cls_only_with_case_column(tmp_path, marked_ct):
     path, _ = marked_ct
     csv = tmp_path / "cases.csv"
     csv.write_text(f"case,image\nA,{path}\nB,{path.name}\n")  # absolute and relative path
-    rc = main(["features", "--csv", str(csv), "--checkpoint", "random:tiny", "--features", "cls", "--out",
+    rc = main(["features", "--data", str(csv), "--checkpoint", "random:tiny", "--features", "cls", "--out",
                str(tmp_path / "out" / "f.csv"), *FAST])
     assert rc == 0
     table = pd.read_csv(tmp_path / "out" / "f.csv")
@@ -127,12 +127,12 @@ def test_features_cls_only_with_case_column(tmp_path, marked_ct):
 def test_bad_csv(tmp_path, capsys, content, message):
     csv = tmp_path / "bad.csv"
     csv.write_text(content)
-    assert main(["features", "--csv", str(csv), "--checkpoint", "random:tiny", "--out", str(tmp_path / "f.csv")]) == 2
+    assert main(["features", "--data", str(csv), "--checkpoint", "random:tiny", "--out", str(tmp_path / "f.csv")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(csv) in err[0] and message in err[0]
 
 
 def test_bad_output_name(case_csv, tmp_path, capsys):
-    assert main(["features", "--csv", str(case_csv), "--checkpoint", "random:tiny", "--out",
+    assert main(["features", "--data", str(case_csv), "--checkpoint", "random:tiny", "--out",
                  str(tmp_path / "f.txt")]) == 2
     assert ".csv or .parquet" in capsys.readouterr().err

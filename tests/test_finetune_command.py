@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_finetune_command(case_csv, tiny_checkpoint, tmp_path):
-    rc = main(["finetune", "--csv", str(case_csv), "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path),
+    rc = main(["finetune", "--data", str(case_csv), "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path),
                "--folds", "2", "--epochs", "2", "--patience", "1", "--lr", "3e-4", "--bootstrap", "50", *FAST])
     assert rc == 0
     predictions = pd.read_csv(tmp_path / "predictions.csv")

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def probe_run(case_csv, tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("probe")
-    rc = main(["probe", "--csv", str(case_csv), "--checkpoint", str(tiny_checkpoint), "random:tiny", "--out", str(out),
+    rc = main(["probe", "--data", str(case_csv), "--checkpoint", str(tiny_checkpoint), "random:tiny", "--out", str(out),
                "--folds", "3", "--fraction", "0.5", "1.0", "--bootstrap", "50", *FAST])
     assert rc == 0
     return out
@@ -66,7 +66,7 @@ def test_metrics_json_and_easy_task(probe_run, tiny_checkpoint):
 
 
 def test_fixed_C_and_cls_features(case_csv, tmp_path):
-    rc = main(["probe", "--csv", str(case_csv), "--checkpoint", "random:tiny", "--out", str(tmp_path), "--folds", "2",
+    rc = main(["probe", "--data", str(case_csv), "--checkpoint", "random:tiny", "--out", str(tmp_path), "--folds", "2",
                "--C", "0.5", "--features", "cls", "--bootstrap", "0", *FAST])
     assert rc == 0
     report = json.loads((tmp_path / "metrics.json").read_text())
@@ -85,14 +85,14 @@ def test_bad_input_writes_nothing(case_csv, tmp_path, capsys, edit, message):
     bad = case_csv.parent / f"bad_{abs(hash(message))}.csv"
     edit(pd.read_csv(case_csv, dtype=str)).to_csv(bad, index=False)
     out = tmp_path / "out"
-    assert main(["probe", "--csv", str(bad), "--checkpoint", "random:tiny", "--out", str(out), *FAST]) == 2
+    assert main(["probe", "--data", str(bad), "--checkpoint", "random:tiny", "--out", str(out), *FAST]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bad) in err[0] and message in err[0], err
     assert not out.exists()
 
 
 def test_bad_options(case_csv, tmp_path, capsys):
-    base = ["probe", "--csv", str(case_csv), "--out", str(tmp_path / "o"), *FAST]
+    base = ["probe", "--data", str(case_csv), "--out", str(tmp_path / "o"), *FAST]
     assert main([*base, "--checkpoint", "random:huge"]) == 2
     assert "unknown preset" in capsys.readouterr().err
     assert main([*base, "--checkpoint", str(tmp_path / "nowhere")]) == 2
@@ -110,7 +110,7 @@ def test_scan_level_labels_use_whole_scans(case_csv, tmp_path):
     csv = tmp_path / "response.csv"
     csv.write_text("image,label\n" + "".join(f"{p},{'responder' if i % 2 else 'progressor'}\n"
                                              for i, p in enumerate(scans)))
-    rc = main(["probe", "--csv", str(csv), "--checkpoint", "random:tiny", "--out", str(tmp_path / "out"),
+    rc = main(["probe", "--data", str(csv), "--checkpoint", "random:tiny", "--out", str(tmp_path / "out"),
                "--folds", "2", "--bootstrap", "20", *FAST])
     assert rc == 0
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())

@@ -25,6 +25,9 @@ COMMANDS: list[str] = [
     "smartformer.commands.localize",
     "smartformer.commands.cluster",
     "smartformer.commands.report",
+    "smartformer.commands.features",
+    "smartformer.commands.probe",
+    "smartformer.commands.finetune",
 ]
 DATA_COMMANDS: list[str] = ["smartformer.commands.data_check", "smartformer.commands.data_phantom",
                             "smartformer.commands.data_lidc", "smartformer.commands.data_nodulemnist3d",

@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "tokens). --out ending in .csv writes CSV, in .parquet writes Parquet (needs pyarrow)."
         ),
     )
-    p.add_argument("--csv", required=True, type=Path, help=CSV_HELP.replace(", label,", ", label (optional),"))
+    p.add_argument("--data", "--csv", dest="csv", required=True, type=Path, help=CSV_HELP.replace(", label,", ", label (optional),"))
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP.replace("directories", "directory"))
     p.add_argument("--out", required=True, type=Path, help="output table, .csv or .parquet")
     p.add_argument("--features", choices=("cls", "pooled", "both"), default="both",

@@ -70,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def add_evaluation_arguments(p: argparse.ArgumentParser, batch_size: int = 8) -> None:
     """Options shared by probe and finetune: data, checkpoints, splits, metrics and crops."""
-    p.add_argument("--csv", required=True, type=Path, help=CSV_HELP)
+    p.add_argument("--data", "--csv", dest="csv", required=True, type=Path, help=CSV_HELP)
     p.add_argument("--checkpoint", required=True, nargs="+", help=CHECKPOINT_HELP)
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--features", choices=("cls", "pooled", "both"), default="both",
