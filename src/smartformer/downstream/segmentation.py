@@ -44,8 +44,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SegCase", "SegmentationSettings", "SegmentationConfig", "TrainResult", "LabelPrediction",
-    "build_segmenter", "segmenter_from_encoder", "swinunetr_kwargs", "find_cases", "split_cases", "load_case", "train_segmentation",
-    "load_segmenter", "predict_labels", "write_labels", "CONFIG_FILE", "WEIGHTS_FILE", "METRICS_FILE",
+    "build_segmenter", "segmenter_from_encoder", "new_swinunetr", "swinunetr_kwargs", "find_cases",
+    "split_cases", "load_case", "train_segmentation", "load_segmenter", "predict_labels", "write_labels",
+    "CONFIG_FILE", "WEIGHTS_FILE", "METRICS_FILE",
 ]
 
 CONFIG_FILE = "segmentation.json"
@@ -59,21 +60,28 @@ DEFAULT_LABEL_NAME = "labels.nii.gz"
 
 # ----------------------------------------------------------------------------------- the network
 
+#: SwinUNETR constructor arguments that MONAI 1.4 does not take yet, with the values it builds instead.
+_FIXED_IN_OLD_MONAI = {"window_size": (7, 7, 7), "patch_size": 2, "mlp_ratio": 4.0, "qkv_bias": True}
+
+
+def _encoder_args(encoder: "Swin3DConfig") -> dict[str, Any]:
+    return {"window_size": tuple(encoder.window_size), "patch_size": encoder.patch_size,
+            "mlp_ratio": encoder.mlp_ratio, "qkv_bias": encoder.qkv_bias}
+
+
 def swinunetr_kwargs(encoder: "Swin3DConfig", num_classes: int,
                      roi: Sequence[int] = (64, 64, 64)) -> dict[str, Any]:
-    """``SwinUNETR`` keyword arguments whose ``swinViT`` matches ``encoder``, for this MONAI version.
+    """``SwinUNETR`` keyword arguments for ``encoder``'s architecture, as far as this MONAI takes them.
 
-    MONAI 1.4 still wants ``img_size`` (deprecated; given ``roi``), and a release that does not take
-    ``window_size``/``patch_size``/``mlp_ratio``/``qkv_bias`` builds its fixed defaults (7, 2, 4, True):
-    an encoder that needs other values is refused.
+    MONAI 1.4 wants ``img_size`` (deprecated; given ``roi``) and has no ``window_size``,
+    ``patch_size``, ``mlp_ratio`` or ``qkv_bias`` arguments; :func:`new_swinunetr` then swaps in
+    a MONAI ``SwinTransformer`` built with the encoder's values.
 
     Raises:
-        SmartformerError: an encoder MONAI's ``SwinUNETR`` cannot reproduce (feature size not a
-            multiple of 12, a window this MONAI cannot set).
+        SmartformerError: an encoder width SwinUNETR's decoder cannot take (not a multiple of 12).
     """
     import inspect
 
-    import monai
     from monai.networks.nets import SwinUNETR
 
     if encoder.embed_dim % 12:
@@ -85,27 +93,32 @@ def swinunetr_kwargs(encoder: "Swin3DConfig", num_classes: int,
         depths=tuple(encoder.depths), num_heads=tuple(encoder.num_heads),
         dropout_path_rate=encoder.drop_path_rate,
     )
-    wanted = {"window_size": (tuple(encoder.window_size), (7, 7, 7)), "patch_size": (encoder.patch_size, 2),
-              "mlp_ratio": (encoder.mlp_ratio, 4.0), "qkv_bias": (encoder.qkv_bias, True)}
-    for name, (value, fixed) in wanted.items():
-        if name in params:
-            kwargs[name] = value
-        elif value != fixed:
-            raise SmartformerError(f"MONAI {monai.__version__}'s SwinUNETR has a fixed {name} of {fixed}, "
-                                   f"this encoder needs {value}; install MONAI >= 1.5")
+    kwargs.update({k: v for k, v in _encoder_args(encoder).items() if k in params})
     if "img_size" in params:
         kwargs["img_size"] = tuple(int(r) for r in roi)
     return kwargs
 
 
-def _new_swinunetr(encoder: "Swin3DConfig", num_classes: int, roi: Sequence[int]) -> "SwinUNETR":
+def new_swinunetr(encoder: "Swin3DConfig", num_classes: int, roi: Sequence[int] = (64, 64, 64)) -> "SwinUNETR":
+    """A randomly initialised ``SwinUNETR`` whose ``swinViT`` has exactly ``encoder``'s architecture."""
     import warnings
 
     from monai.networks.nets import SwinUNETR
+    from monai.networks.nets.swin_unetr import SwinTransformer
 
+    kwargs = swinunetr_kwargs(encoder, num_classes, roi)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # MONAI 1.4's img_size deprecation notice
-        return SwinUNETR(**swinunetr_kwargs(encoder, num_classes, roi))
+        net = SwinUNETR(**kwargs)
+    wanted = _encoder_args(encoder)
+    if any(name not in kwargs and value != _FIXED_IN_OLD_MONAI[name] for name, value in wanted.items()):
+        # Older MONAI: same SwinTransformer class and arguments as SwinUNETR builds, the encoder's values.
+        net.swinViT = SwinTransformer(
+            in_chans=encoder.in_chans, embed_dim=encoder.embed_dim, window_size=wanted["window_size"],
+            patch_size=(encoder.patch_size,) * 3, depths=tuple(encoder.depths), num_heads=tuple(encoder.num_heads),
+            mlp_ratio=encoder.mlp_ratio, qkv_bias=encoder.qkv_bias, drop_path_rate=encoder.drop_path_rate,
+            spatial_dims=3, downsample="merging", use_v2=False)
+    return net
 
 
 def build_segmenter(checkpoint: str | Path, num_classes: int, roi: Sequence[int] = (64, 64, 64),
@@ -137,7 +150,7 @@ def segmenter_from_encoder(encoder_model: "SMARTFormer", num_classes: int, roi: 
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = _new_swinunetr(encoder_model.config.backbone, num_classes, roi)
+        net = new_swinunetr(encoder_model.config.backbone, num_classes, roi)
     state = {k[len(MONAI_PREFIX):]: v for k, v in to_monai_state_dict(encoder_model.backbone.state_dict()).items()}
     try:
         net.swinViT.load_state_dict(state, strict=True)
@@ -547,7 +560,7 @@ def train_segmentation(checkpoint: str | Path, train_cases: Sequence[SegCase], v
     check_label_grids([*train_cases, *val_cases])
     encoder_model = load_encoder(str(checkpoint), seed=s.seed)  # fails fast on a bad checkpoint ...
     encoder = encoder_model.config.backbone
-    swinunetr_kwargs(encoder, 1, s.roi)  # ... or an architecture SwinUNETR cannot take
+    swinunetr_kwargs(encoder, 1, s.roi)  # ... or on an encoder width SwinUNETR cannot take
 
     loaded = [load_case(c, s.spacing, s.window, s.roi) for c in tqdm(
         [*train_cases, *val_cases], desc="cases", unit="case", disable=not progress)]
@@ -663,7 +676,7 @@ def load_segmenter(run_dir: str | Path, device: "torch.device | str" = "cpu") ->
         encoder = config.encoder_config()
     except (json.JSONDecodeError, TypeError, ValueError) as exc:
         raise InputError(config_path, f"not a valid segmentation config ({exc})") from None
-    net = _new_swinunetr(encoder, config.num_classes, config.roi)
+    net = new_swinunetr(encoder, config.num_classes, config.roi)
     try:
         state = load_file(str(weights_path))
     except Exception as exc:  # safetensors raises its own error types for damaged files
