@@ -258,3 +258,24 @@ def test_csv_cases_resolve_against_the_csv_and_split_by_patient(phantoms: Path, 
         assert len({c.patient for c in val}) == 1 and train
         assert not {c.patient for c in train} & {c.patient for c in val}
         assert len(train) + len(val) == 4
+
+
+def test_frozen_encoder_keeps_its_weights_while_the_decoder_learns(threads, phantoms: Path, tmp_path: Path) -> None:
+    """random:tiny, --epochs 1 (2 cases, batch 1: 2 steps), encoder frozen throughout."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "frozen"
+    args = [a for a in TRAIN_ARGS if a not in ("--max-steps", "12")]
+    assert main(["segment", "train", "--checkpoint", "random:tiny", "--data", str(phantoms), "--out", str(run),
+                 *args, "--epochs", "1", "--freeze-encoder-steps", "2"]) == 0
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in lines if "val_dice" in e] == [0, 2]
+    assert all(e["encoder_frozen"] for e in lines if "loss" in e)
+    saved = load_file(str(run / "best.safetensors"))
+    start, _ = build_segmenter("random:tiny", num_classes=len(LABELS), seed=0)
+    before = start.state_dict()
+    assert json.loads((run / "segmentation.json").read_text())["step"] == 2  # the trained model was kept
+    for key, value in before.items():
+        if key.startswith("swinViT."):
+            assert torch.equal(saved[key], value), key
+    assert not torch.equal(saved["out.conv.conv.weight"], before["out.conv.conv.weight"])
