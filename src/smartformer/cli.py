@@ -28,6 +28,7 @@ COMMANDS: list[str] = [
     "smartformer.commands.features",
     "smartformer.commands.probe",
     "smartformer.commands.finetune",
+    "smartformer.commands.segment",
 ]
 DATA_COMMANDS: list[str] = ["smartformer.commands.data_check", "smartformer.commands.data_phantom",
                             "smartformer.commands.data_lidc", "smartformer.commands.data_nodulemnist3d",
