@@ -58,3 +58,24 @@ def test_oblique_grid_falls_back_to_monai() -> None:
     volume = torch.rand(2, 10, 10, 10, generator=torch.Generator().manual_seed(1))
     ours = resample_to_grid(volume, src, dst, (15, 15, 15))
     assert torch.allclose(ours, _monai(volume, src, dst, (15, 15, 15)), atol=1e-5)
+
+
+def test_reversed_layout_gives_the_same_volume() -> None:
+    """Resampling the (C, Z, Y, X) layout on reversed affines is the same resampling, transposed."""
+    from smartformer.data.resample import reverse_axes
+
+    src, dst, shape = CASES["lps_flip"]
+    volume = torch.rand(2, 14, 16, 12, generator=torch.Generator().manual_seed(2))
+    direct = resample_to_grid(volume, src, dst, shape)
+    reversed_ = resample_to_grid(volume.permute(0, 3, 2, 1).contiguous(), reverse_axes(src), reverse_axes(dst),
+                                 shape[::-1])
+    assert torch.allclose(reversed_.permute(0, 3, 2, 1), direct, atol=1e-6)
+
+
+def test_identity_axis_is_copied_exactly() -> None:
+    src = _affine((2.0, 2.0, 2.0), (0, 0, 0))
+    dst = _affine((1.0, 1.0, 2.0), (0, 0, 0))  # z stays on the source grid
+    volume = torch.rand(1, 6, 6, 5, generator=torch.Generator().manual_seed(3))
+    out = resample_to_grid(volume, src, dst, (12, 12, 5))
+    assert torch.equal(out[0, ::2, ::2, :], volume[0])
+    assert torch.allclose(out, _monai(volume, src, dst, (12, 12, 5)), atol=1e-5)

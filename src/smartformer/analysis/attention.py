@@ -21,7 +21,7 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import Compose, Orientation, ScaleIntensityRange, Spacing, SpatialPad
 
 from smartformer.data.io import read_ct, write_nifti
-from smartformer.data.resample import resample_to_grid
+from smartformer.data.resample import resample_to_grid, reverse_axes
 from smartformer.data.transforms import as_triple, parse_window
 from smartformer.models.smartformer import SMARTFormer
 
@@ -74,10 +74,13 @@ def attention_volume(
         image.as_tensor().unsqueeze(0).to(device), roi_size, sw_batch_size, predictor,
         overlap=overlap, mode="gaussian", progress=False,
     )[0].cpu()
-    heads = resample_to_grid(blended, np.asarray(image.affine), np.asarray(original.affine), original.shape[1:])
+    # Resampled in (heads, Z, Y, X) memory order, NIfTI's order: the (heads, X, Y, Z) result is a
+    # transposed view that write_nifti stores without a transposing copy of 12 full-size volumes.
+    heads = resample_to_grid(blended.permute(0, 3, 2, 1).contiguous(), reverse_axes(np.asarray(image.affine)),
+                             reverse_axes(np.asarray(original.affine)), tuple(original.shape[1:])[::-1])
     return AttentionResult(
-        heads=heads.numpy(),
-        mean=heads.mean(0).numpy(),
+        heads=heads.permute(0, 3, 2, 1).numpy(),
+        mean=heads.mean(0).permute(2, 1, 0).numpy(),
         image_hu=original.as_tensor()[0].numpy(),
         affine=np.asarray(original.affine, dtype=np.float64),
     )

@@ -137,6 +137,10 @@ def write_nifti(array: np.ndarray | torch.Tensor, affine: np.ndarray | torch.Ten
     header.set_sform(matrix, code="scanner")
     header.set_qform(matrix, code="scanner")
     header.set_xyzt_units("mm")
+    # NIfTI stores the first axis fastest (Fortran order): (X, Y, Z[, C]) in Fortran order is
+    # the C order of the reversed axes. A caller that keeps its maps in that memory order (see
+    # analysis.attention) makes this permute, and the reductions below, copy-free and fast.
+    data = data.permute(*((0, 3, 2, 1) if data.ndim == 4 else (2, 1, 0)))
     if as_uint8:
         top = float(data.max()) if data.numel() else 0.0
         if data.numel() and float(data.min()) < 0:
@@ -146,11 +150,8 @@ def write_nifti(array: np.ndarray | torch.Tensor, affine: np.ndarray | torch.Ten
         header.set_slope_inter(slope, 0.0)
     elif data.dtype == torch.bool:
         data = data.to(torch.uint8)
-    header.set_data_dtype(data.numpy().dtype)
-    # NIfTI stores the first axis fastest (Fortran order): (X, Y, Z[, C]) in Fortran order is
-    # the C order of the reversed axes, one (multi-threaded) permute-copy away.
-    order = (0, 3, 2, 1) if data.ndim == 4 else (2, 1, 0)
-    raw = data.permute(*order).contiguous().numpy()
+    raw = data.contiguous().numpy()
+    header.set_data_dtype(raw.dtype)
     header["vox_offset"] = 352  # 348-byte header + the 4-byte "no extensions" flag
     blocks = [header.binaryblock + b"\0" * 4, memoryview(raw).cast("B")]
     if path.name.lower().endswith(".gz"):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["resample_to_grid", "axis_aligned_map"]
+__all__ = ["resample_to_grid", "axis_aligned_map", "reverse_axes"]
 
 
 def axis_aligned_map(src_affine: np.ndarray, dst_affine: np.ndarray,
@@ -49,8 +49,15 @@ def _interp_axis(volume: Tensor, dim: int, coords: Tensor) -> Tensor:
     w1 = frac * ((i1 >= 0) & (i1 < n))
     shape = [1] * volume.ndim
     shape[dim] = -1
-    out = volume.index_select(dim, i0.clamp(0, n - 1)).mul_(w0.view(shape))
-    return out.addcmul_(volume.index_select(dim, i1.clamp(0, n - 1)), w1.view(shape))
+    out = _take(volume, dim, i0.clamp(0, n - 1)).mul_(w0.view(shape))
+    return out.addcmul_(_take(volume, dim, i1.clamp(0, n - 1)), w1.view(shape))
+
+
+def _take(volume: Tensor, dim: int, index: Tensor) -> Tensor:
+    """``volume.index_select(dim, index)``; along the last axis as a gather, 4-6x faster on CPU there."""
+    if dim != volume.ndim - 1:
+        return volume.index_select(dim, index)
+    return torch.gather(volume, dim, index.expand(*volume.shape[:-1], index.numel()))
 
 
 def resample_to_grid(volume: Tensor, src_affine: np.ndarray, dst_affine: np.ndarray,
@@ -72,11 +79,26 @@ def resample_to_grid(volume: Tensor, src_affine: np.ndarray, dst_affine: np.ndar
         return out.as_tensor()
     perm, scale, offset = mapping
     out = volume.float()
-    # Shrinking axes first, growing ones last, so that the early passes work on less data.
-    order = sorted(range(3), key=lambda j: dst_shape[perm[j]] / volume.shape[1 + j])
+    # The last (contiguous) axis first, as index_select along it is a slow per-element gather;
+    # then shrinking axes before growing ones, so that the early passes work on less data.
+    order = [2] + sorted(range(2), key=lambda j: dst_shape[perm[j]] / volume.shape[1 + j])
     for j in order:
         dst_axis = perm[j]
+        if abs(scale[j] - 1) < 1e-9 and abs(offset[j]) < 1e-6 and dst_shape[dst_axis] == out.shape[1 + j]:
+            continue  # this axis is already on the destination grid
         coords = torch.arange(dst_shape[dst_axis], dtype=torch.float64) * scale[j] + offset[j]
         out = _interp_axis(out, 1 + j, coords)
     inverse = [perm.index(k) for k in range(3)]  # the source axis feeding destination axis k
     return out.permute(0, *(1 + j for j in inverse)).contiguous()
+
+
+def reverse_axes(affine: np.ndarray) -> np.ndarray:
+    """The affine of the same grid with its axes in reverse order: (X, Y, Z) <-> (Z, Y, X).
+
+    A (C, Z, Y, X) C-contiguous tensor on ``reverse_axes(A)`` is the (C, X, Y, Z) volume on ``A``
+    stored in NIfTI's (Fortran) order, so resampling in that layout gives maps that are written
+    without a transposing copy.
+    """
+    out = np.array(affine, dtype=np.float64, copy=True)
+    out[:, :3] = out[:, [2, 1, 0]]
+    return out
