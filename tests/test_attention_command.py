@@ -156,3 +156,12 @@ def test_png_is_drawn_in_ras_whatever_the_storage_order(tmp_path):
                                 ("swapped", swapped, lambda a: a.transpose(1, 0, 2))):
         png = save_ras_png(store(image), store(heat), affine, tmp_path / f"{name}.png", "t", store(mask))
         np.testing.assert_array_equal(mpimg.imread(png), reference)
+
+
+def test_progress_bar_over_windows_unless_disabled(phantom, checkpoint, tmp_path, capsys):
+    assert _attention(checkpoint, phantom / "ct.nii.gz", tmp_path / "a") == 0
+    err = capsys.readouterr().err
+    assert "it/s" in err or "s/it" in err
+    assert _attention(checkpoint, phantom / "ct.nii.gz", tmp_path / "b", "--no-progress") == 0
+    err = capsys.readouterr().err
+    assert "it/s" not in err and "s/it" not in err

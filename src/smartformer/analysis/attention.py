@@ -46,12 +46,14 @@ def attention_volume(
     overlap: float = 0.25,
     sw_batch_size: int = 2,
     device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> AttentionResult:
     """Per-head and mean teacher attention of ``model`` for a CT, on the CT's own grid.
 
     ``ct`` is a path (any supported format) or a volume already read by
     :func:`~smartformer.data.io.read_ct`. ``overlap`` is that of neighbouring windows (MONAI's
-    default, 0.25; 0.5 blends more smoothly for about 3x the windows).
+    default, 0.25; 0.5 blends more smoothly for about 3x the windows). ``progress`` shows a bar
+    over the windows (rate and ETA).
     """
     roi_size = tuple(int(r) for r in as_triple(roi, "roi"))
     lo, hi = parse_window(window)
@@ -72,7 +74,7 @@ def attention_volume(
 
     blended = sliding_window_inference(
         image.as_tensor().unsqueeze(0).to(device), roi_size, sw_batch_size, predictor,
-        overlap=overlap, mode="gaussian", progress=False,
+        overlap=overlap, mode="gaussian", progress=progress,
     )[0].cpu()
     # Resampled in (heads, Z, Y, X) memory order, NIfTI's order: the (heads, X, Y, Z) result is a
     # transposed view that write_nifti stores without a transposing copy of 12 full-size volumes.

@@ -44,13 +44,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="take only this label of --mask (e.g. 11, the phantoms' lesions); default: every voxel > 0")
     add_inference_arguments(p)
     p.add_argument("--name", default=None, help="file name stem of the outputs (default: from --image)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def add_checkpoint_argument(p: argparse.ArgumentParser) -> None:
     """The ``--checkpoint`` option shared by the interpretation commands."""
     p.add_argument("--checkpoint", required=True, type=Path,
-                   help="a save_pretrained directory, or a training run directory (its teacher/ is used)")
+                   help="a save_pretrained directory, a training run directory (its teacher/ is used), or "
+                        "smart-tiny-ct, the pretrained model shipped with smartformer")
 
 
 def add_inference_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,10 +92,14 @@ def inference_kwargs(args: argparse.Namespace) -> dict:
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """The save_pretrained directory named by ``path``: itself, or ``path/teacher`` for a run directory."""
-    from smartformer.models.smartformer import CONFIG_NAME, WEIGHTS_NAME
+    """The save_pretrained directory named by ``path``: itself, ``path/teacher`` for a run directory,
+    or the shipped model of that name (:data:`~smartformer.models.smartformer.PRETRAINED`)."""
+    from smartformer.models.smartformer import CONFIG_NAME, WEIGHTS_NAME, pretrained_path
 
     if not path.exists():
+        shipped = pretrained_path(path)
+        if shipped is not None:
+            return shipped
         raise InputError(path, "does not exist")
     for candidate in (path, path / "teacher"):
         if candidate.is_dir() and (candidate / CONFIG_NAME).is_file() and (candidate / WEIGHTS_NAME).is_file():
@@ -187,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.checkpoint)
     ct = read_ct(args.image)  # refuses unreadable input with one line before any compute
     mask = read_mask_on(args.mask, ct, args.mask_label) if args.mask is not None else None
-    result = attention_volume(model, ct, **inference_kwargs(args))
+    result = attention_volume(model, ct, **inference_kwargs(args), progress=not args.no_progress)
     stem = args.name or volume_stem(args.image)
     title = f"{stem}: mean semantic attention" + (" (green: mask)" if mask is not None else "")
     files = write_attention(result, args.out, stem=stem, mask=mask, title=title)
