@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--checkpoint", required=True, type=Path,
-                   help="a save_pretrained directory, a training checkpoint (.pt) or a weights file")
+                   help="a save_pretrained directory, a training checkpoint (.pt), a weights file, or "
+                        "smart-tiny-ct (the shipped model)")
     p.add_argument("--to", choices=["monai"], default="monai", help="target format (default: monai)")
     p.add_argument("--out", required=True, type=Path, help="output file: .pt (torch) or .safetensors")
     p.add_argument("--weights", choices=["teacher", "student"], default="teacher",
@@ -30,8 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _read_state(path: Path, which: str) -> dict:
     from smartformer.models.convert import load_weights
-    from smartformer.models.smartformer import CONFIG_NAME, WEIGHTS_NAME
+    from smartformer.models.smartformer import CONFIG_NAME, WEIGHTS_NAME, pretrained_path
 
+    if not path.exists() and pretrained_path(path) is not None:
+        path = pretrained_path(path)  # type: ignore[assignment]
     if path.is_dir():
         if not (path / WEIGHTS_NAME).is_file() or not (path / CONFIG_NAME).is_file():
             raise SmartformerError(f"{path}: not a save_pretrained directory ({WEIGHTS_NAME} + {CONFIG_NAME})")

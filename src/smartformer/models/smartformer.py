@@ -25,11 +25,24 @@ from smartformer.models.semantic_attention import SemanticAttention
 from smartformer.models.swin3d import PRESETS as BACKBONE_PRESETS
 from smartformer.models.swin3d import Swin3D, Swin3DConfig
 
-__all__ = ["SMARTConfig", "SMARTFormer", "MODEL_PRESETS", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["SMARTConfig", "SMARTFormer", "MODEL_PRESETS", "CONFIG_NAME", "WEIGHTS_NAME", "PRETRAINED",
+           "pretrained_path"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
+
+#: Pretrained models shipped inside the package, by short name (folders of smartformer/pretrained/,
+#: each with model.safetensors, config.json and a model card, README.md).
+PRETRAINED: tuple[str, ...] = ("smart-tiny-ct",)
+
+
+def pretrained_path(name: str | Path) -> Path | None:
+    """The folder of the shipped pretrained model called ``name`` (see :data:`PRETRAINED`), else None."""
+    if str(name) not in PRETRAINED:
+        return None
+    folder = Path(__file__).resolve().parents[1] / "pretrained" / str(name)
+    return folder if (folder / WEIGHTS_NAME).is_file() else None
 
 
 @dataclass
@@ -233,10 +246,14 @@ class SMARTFormer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "SMARTFormer":
-        """Load a model written by :meth:`save_pretrained` (safetensors: no code is ever unpickled)."""
+        """Load a model written by :meth:`save_pretrained`, or a shipped one by name (``"smart-tiny-ct"``).
+
+        A path that exists wins over a shipped name. Weights are safetensors: no code is ever unpickled.
+        """
         from safetensors.torch import load_file
 
-        directory = Path(directory)
+        shipped = None if Path(directory).exists() else pretrained_path(directory)
+        directory = shipped or Path(directory)
         cfg_path, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         for path in (cfg_path, weights):
             if not path.is_file():
