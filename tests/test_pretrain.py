@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -184,12 +185,17 @@ def test_demo_main_job_end_to_end(tmp_path: Path) -> None:
     assert main(["demo", "--out", str(out), "-n", "1", "--max-steps", "2", "--spacing", "4", "--no-progress"]) == 0
     report = json.loads((out / "demo.json").read_text())
     ct = nib.load(str(out / "phantoms" / "case_000" / "ct.nii.gz"))
-    attn = nib.load(report["attention_nifti"])
-    heads = nib.load(report["attention_heads_nifti"])
-    assert attn.shape == ct.shape and heads.shape[:3] == ct.shape and heads.shape[3] == 6
-    assert (attn.affine == ct.affine).all() and (heads.affine == ct.affine).all()
-    assert float(attn.get_fdata().max()) > 0
-    assert Path(report["attention_png"]).stat().st_size > 1000
+    assert set(report["attention"]) == {"smart-tiny-ct", "demo_run"}  # the shipped model and the demo's teacher
+    maps = {}
+    for name, entry in report["attention"].items():
+        attn = nib.load(entry["mean"])
+        heads = nib.load(entry["heads"])
+        assert attn.shape == ct.shape and heads.shape[:3] == ct.shape and heads.shape[3] == 6
+        assert (attn.affine == ct.affine).all() and (heads.affine == ct.affine).all()
+        assert float(attn.get_fdata().max()) > 0
+        assert Path(entry["png"]).stat().st_size > 1000
+        maps[name] = attn.get_fdata()
+    assert not np.allclose(maps["smart-tiny-ct"], maps["demo_run"])
     assert SMARTFormer.from_pretrained(report["teacher"]) is not None
 
 

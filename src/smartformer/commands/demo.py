@@ -13,8 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="phantom CTs -> SMART pretraining (tiny) -> teacher attention maps",
         description=(
             "Write a few synthetic chest/abdomen CTs with tumours, pretrain the tiny SMARTFormer on "
-            "them, and write the teacher's attention maps (NIfTI on the CT's grid + PNG) for a "
-            "phantom with a tumour. Everything lands in --out."
+            "them, and write attention maps (NIfTI on the CT's grid + PNG) for a phantom with a "
+            "tumour: those of smart-tiny-ct, the model shipped with smartformer (pretrained on real "
+            "CTs for hours), and those of the teacher just trained. Everything lands in --out."
         ),
     )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from smartformer.config import load_config
     from smartformer.data.phantom import LESION_ID, write_phantoms
     from smartformer.errors import SmartformerError
-    from smartformer.models.smartformer import SMARTFormer
+    from smartformer.models.smartformer import PRETRAINED, SMARTFormer
     from smartformer.train.engine import pretrain
 
     if args.cases < 1 or args.max_steps < 1:
@@ -66,32 +67,37 @@ def run(args: argparse.Namespace) -> int:
         return 130
 
     case = next((c for c in cases if (nib.load(str(c / "labels.nii.gz")).get_fdata() == LESION_ID).any()), cases[0])
-    print(f"[3/3] teacher attention for {case / 'ct.nii.gz'}")
-    teacher = SMARTFormer.from_pretrained(run_dir / "teacher")
-    result = attention_volume(teacher, case / "ct.nii.gz", spacing=config.data.spacing, window=config.data.window,
-                              roi=config.data.roi, overlap=0.25)
     lesion = np.asarray(nib.load(str(case / "labels.nii.gz")).dataobj) == LESION_ID
-    files = write_attention(result, out / "attention", stem=case.name, mask=lesion,
-                            title=f"{case.name}: teacher attention after {summary['step']} steps (green: tumour)")
-    inside = float(result.mean[lesion].mean()) if lesion.any() else float("nan")
-    body = float(result.mean[result.image_hu > -500].mean())
+    shipped = PRETRAINED[0]
+    models = {
+        shipped: (SMARTFormer.from_pretrained(shipped), f"{shipped} (shipped, pretrained on real CT)"),
+        "demo_run": (SMARTFormer.from_pretrained(run_dir / "teacher"), f"demo teacher after {summary['step']} steps"),
+    }
+    print(f"[3/3] attention maps of {shipped} and of the demo teacher for {case / 'ct.nii.gz'}")
     report = {
         "phantoms": str(out / "phantoms"),
         "run_dir": summary["run_dir"],
         "teacher": summary["teacher"],
         "metrics": str(run_dir / "metrics.jsonl"),
         "snapshots": str(run_dir / "snapshots"),
-        "attention_nifti": str(files["mean"]),
-        "attention_heads_nifti": str(files["heads"]),
-        "attention_png": str(files["png"]),
-        "tumour_enrichment": inside / body if body > 0 else None,
         "final_metrics": summary["metrics"],
+        "attention": {},
     }
+    for name, (model, what) in models.items():
+        result = attention_volume(model, case / "ct.nii.gz", spacing=config.data.spacing, window=config.data.window,
+                                  roi=config.data.roi, overlap=0.25)
+        files = write_attention(result, out / "attention", stem=f"{case.name}_{name}", mask=lesion,
+                                title=f"{case.name}: {what} (green: tumour)")
+        inside = float(result.mean[lesion].mean()) if lesion.any() else float("nan")
+        body = float(result.mean[result.image_hu > -500].mean())
+        report["attention"][name] = {**{k: str(v) for k, v in files.items()},
+                                     "tumour_enrichment": inside / body if body > 0 else None}
     (out / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
     print("\ndone. Where everything is:")
-    for key in ("phantoms", "run_dir", "teacher", "metrics", "snapshots", "attention_nifti", "attention_heads_nifti",
-                "attention_png"):
+    for key in ("phantoms", "run_dir", "teacher", "metrics", "snapshots"):
         print(f"  {key:<22} {report[key]}")
-    print(f"  {'tumour enrichment':<22} {report['tumour_enrichment']:.3f}  (mean attention in tumour / in body)")
+    for name, entry in report["attention"].items():
+        print(f"  {name + ' maps':<22} {entry['png']}  (+ {Path(entry['mean']).name}, {Path(entry['heads']).name})")
+        print(f"  {'':<22} tumour enrichment {entry['tumour_enrichment']:.3f}  (mean attention in tumour / in body)")
     print(f"  {'summary':<22} {out / 'demo.json'}")
     return 0
