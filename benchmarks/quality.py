@@ -1,0 +1,380 @@
+"""Benchmark: the paper's ablations in miniature, on the real CTs of ../shared/data (issue 7).
+
+Every variant pretrains the ``tiny`` preset on 64^3 views of the same corpus (all STS cases,
+both chest CTs, both organ CTs) for the same compute budget, then is evaluated the same way:
+
+* zero-shot localization of the STS tumours (``smartformer localize``, windows at random
+  offsets holding part of the tumour, so a centre prior scores ~0.5): voxel AUROC, pointing game;
+* organ clustering on both organ CTs (``smartformer cluster``): NMI, ARI, purity, centroid
+  separation;
+* the STS lesion-vs-normal-tissue probe (``smartformer data lesions`` + ``smartformer probe``,
+  patient-level 5-fold): AUC;
+* attention-head diversity of the teacher on fixed corpus crops (mean pairwise cosine distance).
+
+The budget. Wall-clock minutes measured while other jobs share the 2 cores would favour
+whichever variant ran on a quiet machine, so the budget is fixed in *steps*: each variant's
+step time is measured side by side, interleaved, in one process (``calibrate``), and a
+variant gets ``budget_minutes * 60 / step_seconds`` steps -- what it completes in that many
+minutes on the idle machine. The calibration is cached and reused by every later session.
+
+Runs span sessions: each pretraining run and each evaluation is cached under ``--work``
+(default ``runs/quality``) and skipped once finished; an interrupted pretraining run resumes
+from its last checkpoint. Results go to ``benchmarks/results/quality.json`` and a table plus
+plots for docs/BENCHMARKS.md.
+
+Usage::
+
+    python benchmarks/quality.py                         # everything still missing, then the report
+    python benchmarks/quality.py --only smart_full:0     # one run
+    python benchmarks/quality.py --report                # the report from what is finished
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "benchmarks" / "results" / "quality.json"
+PLOT = ROOT / "docs" / "quality.png"
+
+#: Config overrides of each variant (``None``: no pretraining, the random-init baseline).
+VARIANTS: dict[str, list[str] | None] = {
+    "random_init": None,
+    "smit_like": ["masking.strategy=random", "model.semantic_attention=false", "teacher.noise=none"],
+    "smart_no_noise": ["teacher.noise=none"],
+    # Attention-guided masking needs the semantic module, so without it masking is random.
+    "smart_no_semantic": ["model.semantic_attention=false", "masking.strategy=random"],
+    "smart_random_mask": ["masking.strategy=random"],
+    "smart_full": [],
+}
+SEEDS: dict[str, list[int]] = {"smart_full": [0, 1], "smit_like": [0, 1]}
+#: Order of the runs: the comparisons that matter most first, second seeds last.
+ORDER = ["random_init:0", "smart_full:0", "smit_like:0", "smart_no_noise:0", "smart_no_semantic:0",
+         "smart_random_mask:0", "smart_full:1", "smit_like:1"]
+COMMON = ["data.roi=[64,64,64]", "data.num_workers=1", "train.checkpoint_every=50", "train.snapshot_every=100",
+          "train.log_every=10"]
+
+
+def corpus(work: Path) -> Path:
+    """CSV of every real CT in ../shared/data (the DICOM example as its NIfTI twin, once)."""
+    images = sorted(DATA.glob("sts/*/ct.nii.gz")) + sorted(DATA.glob("chest/*.nii.gz")) + [
+        DATA / "organs" / "ts_example" / "ct.nii.gz", DATA / "organs" / "ts_dicom_example" / "ct.nii.gz"]
+    path = work / "corpus.csv"
+    path.write_text("image\n" + "".join(f"{p}\n" for p in images))
+    return path
+
+
+def smartformer(*args: str, log: Path | None = None) -> None:
+    """Run the real CLI in a fresh process (one OpenMP pool, memory returned when done)."""
+    command = [sys.executable, "-m", "smartformer", *args]
+    with open(log, "a") if log else open("/dev/null", "w") as out:
+        rc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=False).returncode
+    if rc != 0:
+        raise SystemExit(f"failed ({rc}): {' '.join(command)}" + (f"; see {log}" if log else ""))
+
+
+# ---------------------------------------------------------------------------- budget
+def calibrate(work: Path, repeats: int = 4) -> dict[str, float]:
+    """Seconds per training step of each pretrained variant, interleaved in one process (cached)."""
+    path = work / "calibration.json"
+    if path.is_file():
+        return json.loads(path.read_text())["step_seconds"]
+    import torch
+
+    from smartformer.config import load_config
+    from smartformer.train.ssl_meta_arch import SMARTMetaArch
+
+    metas = {}
+    for name, overrides in VARIANTS.items():
+        if overrides is None:
+            continue
+        cfg = load_config("tiny", [*COMMON, *overrides, "masking.warmup_steps=0"])
+        torch.manual_seed(0)
+        meta = SMARTMetaArch(cfg).train()
+        metas[name] = (meta, torch.optim.AdamW(meta.param_groups(), lr=1e-4))
+    views = torch.rand(2, 2, 1, 64, 64, 64, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    times: dict[str, list[float]] = {name: [] for name in metas}
+    for r in range(repeats + 1):  # the first round warms up
+        for name, (meta, opt) in metas.items():
+            t = time.perf_counter()
+            out = meta(views, 100, 0.04, generator=gen)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt.step()
+            meta.after_step(out, 0.996)
+            if r:
+                times[name].append(time.perf_counter() - t)
+    step_seconds = {name: statistics.median(t) for name, t in times.items()}
+    path.write_text(json.dumps({"step_seconds": step_seconds, "threads": torch.get_num_threads(),
+                                "repeats": repeats, "date": time.strftime("%Y-%m-%d %H:%M")}, indent=2) + "\n")
+    return step_seconds
+
+
+# ---------------------------------------------------------------------------- runs
+def checkpoint_of(work: Path, name: str, seed: int) -> Path:
+    """The save_pretrained directory evaluated for a run (random init: seeded fresh weights)."""
+    if VARIANTS[name] is not None:
+        return work / "runs" / f"{name}-s{seed}" / "teacher"
+    path = work / "runs" / f"{name}-s{seed}" / "model"
+    if not (path / "model.safetensors").is_file():
+        import torch
+
+        from smartformer.models.smartformer import SMARTFormer
+
+        torch.manual_seed(seed)
+        SMARTFormer.from_preset("tiny").save_pretrained(path)
+    return path
+
+
+def pretrain(work: Path, name: str, seed: int, steps: int) -> dict[str, Any]:
+    """Pretrain one variant for ``steps`` steps (resuming an interrupted run); cached."""
+    run = work / "runs" / f"{name}-s{seed}"
+    done = run / "pretrain.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    overrides = VARIANTS[name]
+    if overrides is None:
+        checkpoint_of(work, name, seed)
+        summary = {"steps": 0, "train_seconds": 0.0}
+    else:
+        resume = (run / "checkpoints" / "last.pt").is_file()
+        args = ["pretrain", "--data", str(corpus(work)), "--out", str(run), "--max-steps", str(steps), "--no-progress"]
+        args += ["--resume"] if resume else ["--config", "tiny", f"train.seed={seed}",
+                                             f"data.cache_dir={work / 'cache'}", *COMMON, *overrides]
+        print(f"[{name}:{seed}] pretraining {steps} steps" + (" (resuming)" if resume else ""), flush=True)
+        smartformer(*args, log=run.parent / f"{name}-s{seed}.log")
+        from smartformer.train.checkpoint import load_checkpoint
+
+        state = load_checkpoint(run / "checkpoints" / "last.pt")
+        if int(state["step"]) < steps:
+            raise SystemExit(f"[{name}:{seed}] stopped at step {state['step']} of {steps}; run again to resume")
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses = [r for r in rows if "loss" in r]
+        summary = {"steps": int(state["step"]), "train_seconds": float(state.get("train_seconds", 0.0)),
+                   "final": losses[-1] if losses else {}}
+    done.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+# ---------------------------------------------------------------------------- evaluations
+def lesion_task(work: Path) -> Path:
+    """The STS lesion-vs-normal CSV (``smartformer data lesions``), built once."""
+    out = work / "lesions"
+    if not (out / "lesions.csv").is_file():
+        smartformer("data", "lesions", "--data", str(DATA / "sts"), "--out", str(out), "--seed", "0",
+                    log=work / "lesions.log")
+    return out / "lesions.csv"
+
+
+def localization_cases(work: Path) -> Path:
+    path = work / "sts_masks.csv"
+    rows = [f"{d / 'ct.nii.gz'},{d / 'tumor.nii.gz'}\n" for d in sorted(DATA.glob("sts/STS_*"))]
+    path.write_text("image,mask\n" + "".join(rows))
+    return path
+
+
+def evaluate(work: Path, name: str, seed: int) -> dict[str, Any]:
+    """All evaluations of one run; each one cached in the run's eval/ folder."""
+    ckpt = checkpoint_of(work, name, seed)
+    ev = work / "runs" / f"{name}-s{seed}" / "eval"
+    log = ev / "eval.log"
+    ev.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {}
+    semantic = json.loads((ckpt / "config.json").read_text())["model"]["semantic_attention"]
+
+    # Zero-shot localization: only models with the semantic attention module have maps.
+    if semantic:
+        if not (ev / "localize" / "summary.json").is_file():
+            smartformer("localize", "--checkpoint", str(ckpt), "--data", str(localization_cases(work)),
+                        "--out", str(ev / "localize"), "--windows", "3", "--no-random-baseline", "--no-progress",
+                        log=log)
+        result["localization"] = localization_summary(ev / "localize")
+    else:
+        result["localization"] = None  # no semantic attention, no attention maps (pooled token)
+
+    clustering = {}
+    for organ in ("ts_example", "ts_dicom_example"):
+        folder = DATA / "organs" / organ
+        out = ev / "cluster" / organ
+        if not (out / f"{organ}_clustering.json").is_file():
+            smartformer("cluster", "--checkpoint", str(ckpt), "--image", str(folder / "ct.nii.gz"), "--labels",
+                        str(folder / "organs.nii.gz"), "--names", str(DATA / "organs" / "labels.json"),
+                        "--out", str(out), "--name", organ, "--no-progress", log=log)
+        clustering[organ] = json.loads((out / f"{organ}_clustering.json").read_text())
+    result["clustering"] = clustering
+
+    if not (ev / "probe" / "metrics.json").is_file():
+        smartformer("probe", "--checkpoint", str(ckpt), "--data", str(lesion_task(work)), "--out",
+                    str(ev / "probe"), "--folds", "5", "--seed", "0", "--no-progress", log=log)
+    result["probe"] = json.loads((ev / "probe" / "metrics.json").read_text())
+    result["head_diversity"] = head_diversity(work, ckpt) if semantic else None
+    return result
+
+
+def localization_summary(folder: Path) -> dict[str, Any]:
+    """Mean AUROC, pointing game and energy of the checkpoint's maps, and of the two priors."""
+    methods = json.loads((folder / "summary.json").read_text())["methods"]
+    priors = ("centre_prior", "intensity_prior")
+    (model,) = [m for m in methods if m not in (*priors, "random_init")]
+
+    def means(entry: dict[str, Any]) -> dict[str, float | None]:
+        return {k: (entry[k]["mean"] if entry.get(k) else None) for k in ("auroc", "pointing", "energy")}
+
+    return {**means(methods[model]), "cases": methods[model]["cases"],
+            "priors": {p: means(methods[p]) for p in priors}}
+
+
+def head_diversity(work: Path, ckpt: Path, crops: int = 8) -> float:
+    """Mean pairwise cosine distance between the teacher's head maps on fixed 64^3 corpus crops."""
+    import torch
+
+    from smartformer.data.transforms import preprocess_transforms
+    from smartformer.models.smartformer import SMARTFormer
+    from smartformer.train.teacher import head_diversity as diversity
+
+    model = SMARTFormer.from_pretrained(ckpt).eval()
+    prep = preprocess_transforms(spacing=2.0, roi=64)
+    images = sorted(DATA.glob("sts/*/ct.nii.gz"))[:: max(1, 51 // crops)][:crops]
+    values = []
+    with torch.inference_mode():
+        for path in images:
+            volume = prep({"image": str(path)})["image"].as_tensor()
+            starts = [(s - 64) // 2 for s in volume.shape[1:]]
+            crop = volume[:, starts[0]:starts[0] + 64, starts[1]:starts[1] + 64, starts[2]:starts[2] + 64]
+            values.append(float(diversity(model.attention_maps(crop[None]))))
+    return statistics.mean(values)
+
+
+# ---------------------------------------------------------------------------- report
+METRICS = {
+    "localization AUROC": lambda r: (r["localization"] or {}).get("auroc"),
+    "pointing game": lambda r: (r["localization"] or {}).get("pointing"),
+    "clustering NMI": lambda r: statistics.mean(c["nmi"] for c in r["clustering"].values()),
+    "clustering ARI": lambda r: statistics.mean(c["ari"] for c in r["clustering"].values()),
+    "clustering purity": lambda r: statistics.mean(c["purity"] for c in r["clustering"].values()),
+    "lesion probe AUC": lambda r: _dig(r, "probe", "auc"),
+    "head diversity": lambda r: r["head_diversity"],
+}
+
+
+def _dig(result: dict[str, Any], section: str, key: str) -> float | None:
+    """A metric from a section of the results, wherever the command's JSON nests it."""
+    data = result.get(section)
+    if data is None:
+        return None
+    stack = [data]
+    while stack:
+        item = stack.pop(0)
+        if isinstance(item, dict):
+            if key in item and isinstance(item[key], (int, float)):
+                return float(item[key])
+            if key in item and isinstance(item[key], dict) and "value" in item[key]:
+                return float(item[key]["value"])
+            stack.extend(item.values())
+    return None
+
+
+def report(work: Path, step_seconds: dict[str, float], budget: float) -> dict[str, Any]:
+    rows: dict[str, Any] = {}
+    for key in ORDER:
+        name, seed = key.split(":")
+        run = work / "runs" / f"{name}-s{seed}"
+        if not (run / "eval.json").is_file():
+            continue
+        rows.setdefault(name, {"runs": []})["runs"].append({
+            "seed": int(seed),
+            "pretrain": json.loads((run / "pretrain.json").read_text()),
+            "eval": json.loads((run / "eval.json").read_text()),
+        })
+    for name, row in rows.items():
+        row["summary"] = {}
+        for metric, fn in METRICS.items():
+            values = [v for v in (fn(r["eval"]) for r in row["runs"]) if v is not None]
+            if values:
+                row["summary"][metric] = {"mean": statistics.mean(values), "values": values,
+                                          "spread": (max(values) - min(values)) if len(values) > 1 else None}
+        row["steps"] = [r["pretrain"]["steps"] for r in row["runs"]]
+    result = {"budget_minutes_idle": budget, "step_seconds_idle": step_seconds, "variants": rows,
+              "complete": all(f"{k}" in {f"{n}:{r['seed']}" for n, v in rows.items() for r in v["runs"]} for k in ORDER)}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown(result))
+    if rows:
+        plot(result)
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = ["| variant | runs | steps | " + " | ".join(METRICS) + " |",
+             "|---|---|---|" + "---|" * len(METRICS)]
+    for name, row in result["variants"].items():
+        cells = []
+        for metric in METRICS:
+            s = row["summary"].get(metric)
+            if s is None:
+                cells.append("n/a")
+            else:
+                cells.append(f"{s['mean']:.3f}" + (f" ± {s['spread'] / 2:.3f}" if s["spread"] is not None else ""))
+        lines.append(f"| {name} | {len(row['runs'])} | {'/'.join(map(str, row['steps']))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["variants"])
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.4))
+    for ax, metric in zip(axes, METRICS):
+        for i, name in enumerate(names):
+            s = result["variants"][name]["summary"].get(metric)
+            if s is None:
+                continue
+            ax.bar(i, s["mean"], color="tab:blue" if name.startswith("smart") else "tab:gray")
+            ax.plot([i] * len(s["values"]), s["values"], "k.", ms=4)
+        ax.set_xticks(range(len(names)), names, rotation=70, fontsize=7)
+        ax.set_title(metric, fontsize=9)
+    fig.tight_layout()
+    PLOT.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(PLOT, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "quality")
+    parser.add_argument("--budget-minutes", type=float, default=20.0,
+                        help="compute budget per variant in idle-machine minutes (default: 20)")
+    parser.add_argument("--only", nargs="*", default=None, metavar="VARIANT:SEED")
+    parser.add_argument("--report", action="store_true", help="only write the report from finished runs")
+    parser.add_argument("--pretrain-only", action="store_true", help="pretrain the runs, evaluate none")
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        raise SystemExit(f"{DATA}: not found; this benchmark needs ../shared/data")
+    args.work.mkdir(parents=True, exist_ok=True)
+    step_seconds = calibrate(args.work)
+    if not args.report:
+        for key in args.only or ORDER:
+            name, seed = key.split(":")
+            steps = 0 if VARIANTS[name] is None else int(args.budget_minutes * 60 / step_seconds[name])
+            pretrain(args.work, name, int(seed), steps)
+            done = args.work / "runs" / f"{name}-s{seed}" / "eval.json"
+            if not done.is_file() and not args.pretrain_only:
+                print(f"[{name}:{seed}] evaluating", flush=True)
+                done.write_text(json.dumps(evaluate(args.work, name, int(seed)), indent=2) + "\n")
+    report(args.work, step_seconds, args.budget_minutes)
+
+
+if __name__ == "__main__":
+    main()
