@@ -131,3 +131,14 @@ def test_cluster_command_end_to_end(phantom, tmp_path, capsys):
                "--labels", str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "o2"), "--spacing", "5"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "missing.nii.gz" in err
+
+
+def test_cluster_command_takes_a_pooled_token_model(phantom, tmp_path):
+    """Clustering needs token features only: the SMIT-like ablation (no semantic attention) clusters too."""
+    torch.manual_seed(0)
+    SMARTFormer.from_preset("tiny", semantic_attention=False).save_pretrained(tmp_path / "model")
+    rc = main(["cluster", "--checkpoint", str(tmp_path / "model"), "--image", str(phantom / "ct.nii.gz"),
+               "--labels", str(phantom / "labels.nii.gz"), "--out", str(tmp_path / "out"), "--spacing", "5",
+               "--roi", "32", "--no-progress"])
+    assert rc == 0
+    assert 0 <= json.loads((tmp_path / "out" / "ct_clustering.json").read_text())["nmi"] <= 1

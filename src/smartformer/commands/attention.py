@@ -108,12 +108,16 @@ def resolve_checkpoint(path: Path) -> Path:
                            "nor a training run directory with teacher/")
 
 
-def load_model(path: Path) -> "SMARTFormer":
-    """Load the network of a checkpoint argument (see :func:`resolve_checkpoint`), in eval mode."""
+def load_model(path: Path, need_attention: bool = True) -> "SMARTFormer":
+    """Load the network of a checkpoint argument (see :func:`resolve_checkpoint`), in eval mode.
+
+    ``need_attention`` refuses, in one line, a model without the semantic attention module (the
+    pooled-token ablation), which has no attention maps; token features need no such module.
+    """
     from smartformer.models.smartformer import SMARTFormer
 
     model = SMARTFormer.from_pretrained(resolve_checkpoint(path)).eval()
-    if model.semantic is None:
+    if need_attention and model.semantic is None:
         raise InputError(path, "this model has no semantic attention module (built with semantic_attention=False)")
     return model
 

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         names_path = args.labels.parent / "labels.json"
     if names_path is not None and not names_path.is_file():
         raise InputError(names_path, "does not exist")
-    model = load_model(args.checkpoint)
+    model = load_model(args.checkpoint, need_attention=False)  # tokens only: pooled-token models too
     tokens = token_features(model, args.image, args.labels,
                             spacing=args.spacing[0] if len(args.spacing) == 1 else tuple(args.spacing),
                             window=args.window, roi=args.roi[0] if len(args.roi) == 1 else tuple(args.roi),
