@@ -247,6 +247,8 @@ def save_tsne_png(features: np.ndarray, labels: np.ndarray, names: dict[int, str
     import matplotlib.pyplot as plt
     from sklearn.manifold import TSNE
 
+    from smartformer.analysis.overlay import save_figure
+
     rng = np.random.default_rng(seed)
     pick = rng.permutation(len(features))[:max_points]
     x, y = np.asarray(features)[pick], np.asarray(labels)[pick]
@@ -267,9 +269,4 @@ def save_tsne_png(features: np.ndarray, labels: np.ndarray, names: dict[int, str
     if title:
         ax.set_title(title)
     ax.legend(fontsize=6, markerscale=1.5, loc="center left", bbox_to_anchor=(1.0, 0.5), ncol=1 + len(ids) // 30)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)

@@ -6,13 +6,29 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["save_overlay_png"]
+__all__ = ["save_overlay_png", "save_figure"]
 
 
 def _slices(volume: np.ndarray, centre: tuple[int, int, int]) -> list[tuple[str, np.ndarray, tuple[int, ...]]]:
     """Axial (fixed z), coronal (fixed y), sagittal (fixed x) of a RAS-ordered (x, y, z) array."""
     x, y, z = centre
     return [("axial", volume[:, :, z], (x, y)), ("coronal", volume[:, y, :], (x, z)), ("sagittal", volume[x, :, :], (y, z))]
+
+
+def save_figure(fig, path: str | Path, dpi: int = 90) -> Path:
+    """Lay out ``fig``, write it as a PNG at ``path`` (creating the folder) and close it.
+
+    Closing matters: pyplot keeps every figure alive until it is closed, so a command drawing
+    one figure per case would otherwise grow without bound.
+    """
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
 
 
 def save_overlay_png(
@@ -57,9 +73,4 @@ def save_overlay_png(
         ax.axis("off")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)

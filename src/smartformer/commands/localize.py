@@ -187,6 +187,8 @@ def _montage(panels: list[dict[str, Any]], methods: list[str], path: Path) -> Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from smartformer.analysis.overlay import save_figure
+
     cols = 1 + len(methods)
     fig, axes = plt.subplots(len(panels), cols, figsize=(2.4 * cols, 2.4 * len(panels)), squeeze=False)
     for row, panel in zip(axes, panels):
@@ -202,11 +204,7 @@ def _montage(panels: list[dict[str, Any]], methods: list[str], path: Path) -> Pa
                            origin="lower")
             ax.set_title(panel["case"] if name == "CT" else name, fontsize=8)
             ax.axis("off")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=80)
 
 
 def summarize(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[str, Any]]:

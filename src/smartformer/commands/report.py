@@ -49,6 +49,8 @@ def _curves_png(rows: list[dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from smartformer.analysis.overlay import save_figure
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
     for ax, keys in ((left, LOSS_KEYS), (right, SCHEDULE_KEYS)):
         drawn = False
@@ -67,11 +69,7 @@ def _curves_png(rows: list[dict[str, Any]], path: Path) -> Path:
     for ax, keys in ((left, LOSS_KEYS), (right, SCHEDULE_KEYS)):  # lr and momentum differ by 1e3 and more
         if all(v > 0 for r in rows for k, v in r.items() if k in keys and isinstance(v, (int, float))):
             ax.set_yscale("log")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=80)
 
 
 def _pick_snapshots(paths: list[Path]) -> list[Path]:

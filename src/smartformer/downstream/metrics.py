@@ -152,6 +152,8 @@ def plot_roc(curves: Mapping[str, tuple["np.ndarray", "np.ndarray"]], path: str 
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from smartformer.analysis.overlay import save_figure
+
     fig, ax = plt.subplots(figsize=(5.5, 5.0))
     ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="chance")
     for name, (y, p) in curves.items():
@@ -166,9 +168,4 @@ def plot_roc(curves: Mapping[str, tuple["np.ndarray", "np.ndarray"]], path: str 
     ax.set_ylim(0, 1.01)
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
