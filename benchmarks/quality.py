@@ -32,6 +32,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -75,7 +76,7 @@ def corpus(work: Path) -> Path:
 def smartformer(*args: str, log: Path | None = None) -> None:
     """Run the real CLI in a fresh process (one OpenMP pool, memory returned when done)."""
     command = [sys.executable, "-m", "smartformer", *args]
-    with open(log, "a") if log else open("/dev/null", "w") as out:
+    with open(log, "a") if log else contextlib.nullcontext(subprocess.DEVNULL) as out:
         rc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=False).returncode
     if rc != 0:
         raise SystemExit(f"failed ({rc}): {' '.join(command)}" + (f"; see {log}" if log else ""))
@@ -261,26 +262,15 @@ METRICS = {
     "clustering NMI": lambda r: statistics.mean(c["nmi"] for c in r["clustering"].values()),
     "clustering ARI": lambda r: statistics.mean(c["ari"] for c in r["clustering"].values()),
     "clustering purity": lambda r: statistics.mean(c["purity"] for c in r["clustering"].values()),
-    "lesion probe AUC": lambda r: _dig(r, "probe", "auc"),
+    "lesion probe AUC": lambda r: probe_auc(r["probe"]),
     "head diversity": lambda r: r["head_diversity"],
 }
 
 
-def _dig(result: dict[str, Any], section: str, key: str) -> float | None:
-    """A metric from a section of the results, wherever the command's JSON nests it."""
-    data = result.get(section)
-    if data is None:
-        return None
-    stack = [data]
-    while stack:
-        item = stack.pop(0)
-        if isinstance(item, dict):
-            if key in item and isinstance(item[key], (int, float)):
-                return float(item[key])
-            if key in item and isinstance(item[key], dict) and "value" in item[key]:
-                return float(item[key]["value"])
-            stack.extend(item.values())
-    return None
+def probe_auc(metrics: dict[str, Any]) -> float:
+    """Out-of-fold AUC of the one checkpoint in a ``smartformer probe`` metrics.json (all labels)."""
+    (per_fraction,) = metrics["results"].values()
+    return float(per_fraction["1"]["overall"]["auc"]["value"])
 
 
 def report(work: Path, step_seconds: dict[str, float], budget: float) -> dict[str, Any]:
@@ -304,7 +294,7 @@ def report(work: Path, step_seconds: dict[str, float], budget: float) -> dict[st
                                           "spread": (max(values) - min(values)) if len(values) > 1 else None}
         row["steps"] = [r["pretrain"]["steps"] for r in row["runs"]]
     result = {"budget_minutes_idle": budget, "step_seconds_idle": step_seconds, "variants": rows,
-              "complete": all(f"{k}" in {f"{n}:{r['seed']}" for n, v in rows.items() for r in v["runs"]} for k in ORDER)}
+              "complete": {f"{n}:{r['seed']}" for n, v in rows.items() for r in v["runs"]} == set(ORDER)}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))

@@ -33,8 +33,8 @@ def _read_state(path: Path, which: str) -> dict:
     from smartformer.models.convert import load_weights
     from smartformer.models.smartformer import CONFIG_NAME, WEIGHTS_NAME, pretrained_path
 
-    if not path.exists() and pretrained_path(path) is not None:
-        path = pretrained_path(path)  # type: ignore[assignment]
+    if not path.exists():
+        path = pretrained_path(path) or path  # a shipped model by name
     if path.is_dir():
         if not (path / WEIGHTS_NAME).is_file() or not (path / CONFIG_NAME).is_file():
             raise SmartformerError(f"{path}: not a save_pretrained directory ({WEIGHTS_NAME} + {CONFIG_NAME})")

@@ -308,9 +308,12 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
     def train_seconds() -> float:
         return seconds_before + time.perf_counter() - t_start
 
+    def out_of_time() -> bool:
+        return tc.max_minutes > 0 and train_seconds() >= 60.0 * tc.max_minutes
+
     try:
         with _StopFlag(verbose) as stop:
-            budget_spent = tc.max_minutes > 0 and seconds_before >= 60.0 * tc.max_minutes
+            budget_spent = out_of_time()  # a resumed run whose budget is already used up
             if budget_spent:
                 status = "time_budget"
             while step < max_steps and not budget_spent:
@@ -329,9 +332,8 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
                         group["weight_decay"] = vals["wd"]
                 out_step = meta(views, step, vals["teacher_temp"], generator=generator, student=student,
                                 autocast=autocast)
-                out_of_time = tc.max_minutes > 0 and train_seconds() >= 60.0 * tc.max_minutes
                 bad, stop_now, time_up = _all_reduce_max(
-                    [0.0 if math.isfinite(out_step.terms["loss"]) else 1.0, float(stop.requested), float(out_of_time)],
+                    [0.0 if math.isfinite(out_step.terms["loss"]) else 1.0, float(stop.requested), float(out_of_time())],
                     ctx, device,
                 )
                 if bad:
