@@ -37,6 +37,29 @@ def test_maps_equal_explicit_softmax_of_query_key_scores() -> None:
     assert torch.allclose(attn.reshape(2, 4, 24), expected, atol=1e-6)
 
 
+def test_cls_depends_on_the_input_from_initialisation() -> None:
+    # The regression behind the [CLS] collapse: with CaiT's LayerScale start (1e-4) the [CLS]
+    # of a fresh model was the learnt constant token for every input (cosine 0.9999999 between
+    # unrelated inputs), so the centered teacher targets were uniform and stayed so.
+    torch.manual_seed(0)
+    sa = SemanticAttention(dim=48, num_heads=6).eval()
+    tokens = torch.randn(8, 4, 4, 4, 48)
+    cls, _ = sa(tokens, return_attn=False)
+    unit = torch.nn.functional.normalize(cls, dim=-1)
+    cosine = (unit @ unit.T)[~torch.eye(8, dtype=torch.bool)]
+    assert cosine.max() < 0.99
+    torch.manual_seed(0)
+    cait = SemanticAttention(dim=48, num_heads=6, init_values=1e-4).eval()
+    unit = torch.nn.functional.normalize(cait(tokens, return_attn=False)[0], dim=-1)
+    assert (unit @ unit.T).min() > 0.9999  # the trap the default avoids
+
+
+def test_layer_scale_start_is_a_model_option() -> None:
+    model = SMARTFormer.from_preset("tiny", semantic_layer_scale=0.5)
+    assert model.semantic is not None
+    assert all(torch.all(blk.gamma1 == 0.5) for blk in model.semantic.blocks)
+
+
 def test_fused_and_explicit_class_attention_agree() -> None:
     torch.manual_seed(0)
     sa = SemanticAttention(dim=48, num_heads=6).eval()

@@ -49,7 +49,14 @@ class ClassAttention(nn.Module):
 
 
 class ClassAttentionBlock(nn.Module):
-    """[CLS] <- [CLS] + gamma1 * CA(norm1([CLS]), norm1(tokens)); [CLS] <- [CLS] + gamma2 * MLP(norm2([CLS]))."""
+    """[CLS] <- [CLS] + gamma1 * CA(norm1([CLS]), norm1(tokens)); [CLS] <- [CLS] + gamma2 * MLP(norm2([CLS])).
+
+    ``init_values`` is the LayerScale start (``gamma1``, ``gamma2``). CaiT's small values
+    (1e-5 .. 1e-4) suit a supervised loss; under self-distillation they are a trap: the [CLS]
+    starts as the learnt constant token, equal for every input to 1e-4, the centered teacher
+    targets are then uniform, and a uniform target gives the student nothing to learn from
+    (the [CLS] loss sits at ln K for good). 1.0 makes the [CLS] depend on the input from step 0.
+    """
 
     def __init__(
         self,
@@ -57,7 +64,7 @@ class ClassAttentionBlock(nn.Module):
         num_heads: int,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
-        init_values: float = 1e-4,
+        init_values: float = 1.0,
         fused_attn: bool = True,
     ) -> None:
         super().__init__()
@@ -97,7 +104,7 @@ class SemanticAttention(nn.Module):
         depth: int = 2,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
-        init_values: float = 1e-4,
+        init_values: float = 1.0,
         fused_attn: bool = True,
     ) -> None:
         super().__init__()

@@ -54,6 +54,8 @@ class SMARTConfig:
     semantic_stride: int = 16
     semantic_depth: int = 2
     semantic_heads: int = 6
+    # LayerScale start of the class-attention blocks; see ClassAttentionBlock for why not CaiT's 1e-4.
+    semantic_layer_scale: float = 1.0
     heads: bool = True  # DINO projection heads ([CLS] and patch)
     head_out_dim: int = 1024
     head_hidden_dim: int = 512
@@ -120,6 +122,7 @@ class SMARTFormer(nn.Module):
         self.pool_norm: nn.LayerNorm | None = None
         if config.semantic_attention:
             self.semantic = SemanticAttention(dim, config.semantic_heads, depth=config.semantic_depth,
+                                              init_values=config.semantic_layer_scale,
                                               fused_attn=config.backbone.fused_attn)
         else:
             self.pool_norm = nn.LayerNorm(dim)
