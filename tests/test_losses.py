@@ -38,6 +38,26 @@ def test_dino_uniform_logits_give_log_k() -> None:
     assert loss(student, teacher, teacher_temp=0.04).item() == pytest.approx(math.log(k), rel=1e-6)
 
 
+def test_teacher_entropy_is_a_fraction_of_log_k() -> None:
+    k = 8
+    loss = DINOLoss(k)
+    assert loss.teacher_entropy(torch.zeros(4, k), 0.04) == pytest.approx(1.0, abs=1e-6)
+    sharp = torch.full((4, k), -1.0)
+    sharp[:, 0] = 1.0
+    assert loss.teacher_entropy(sharp, 0.04) < 1e-3
+    # two-level logits, closed form: p0 = e^a / (e^a + (k-1)), the rest share 1 - p0
+    logits = torch.zeros(3, k)
+    logits[:, 2] = 0.1
+    p0 = math.exp(0.1 / 0.07) / (math.exp(0.1 / 0.07) + k - 1)
+    rest = (1 - p0) / (k - 1)
+    expected = -(p0 * math.log(p0) + (k - 1) * rest * math.log(rest)) / math.log(k)
+    assert loss.teacher_entropy(logits, 0.07) == pytest.approx(expected, rel=1e-5)
+    loss.center.fill_(0.3)  # a constant center changes nothing; a per-prototype one does
+    assert loss.teacher_entropy(logits, 0.07) == pytest.approx(expected, rel=1e-5)
+    loss.center[0, 2] = 0.4  # cancels the bump exactly
+    assert loss.teacher_entropy(logits, 0.07) == pytest.approx(1.0, abs=1e-6)
+
+
 def test_dino_matches_numpy_and_pairs_only_cross_view() -> None:
     s = np.array([[[0.2, -0.1, 0.4], [1.0, 0.0, -0.5]], [[-0.3, 0.8, 0.1], [0.0, 0.5, 0.5]]], dtype=np.float32)
     t = np.array([[[0.5, 0.1, -0.2], [0.3, 0.3, 0.9]], [[-0.4, 0.2, 0.6], [0.7, -0.1, 0.0]]], dtype=np.float32)

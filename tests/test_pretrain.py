@@ -55,8 +55,10 @@ def test_run_writes_everything_and_exports_teacher(phantoms: Path, tmp_path: Pat
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("loss", "loss_recon", "loss_patch", "loss_cls", "lr", "wd", "momentum", "teacher_temp",
-                "mask_ratio", "head_diversity", "steps_per_s", "volumes_per_s", "data_wait_s"):
+                "mask_ratio", "head_diversity", "steps_per_s", "volumes_per_s", "data_wait_s",
+                "teacher_cls_entropy", "teacher_patch_entropy"):
         assert key in rows[-1], key
+    assert 0.0 < rows[-1]["teacher_cls_entropy"] < 1.0 and 0.0 < rows[-1]["teacher_patch_entropy"] < 1.0
     assert rows[0]["momentum"] == pytest.approx(0.996) and rows[-1]["momentum"] == pytest.approx(1.0)
     assert list((run / "tensorboard").iterdir())
     assert (run / "snapshots" / "attention_step0000003.png").stat().st_size > 1000
@@ -175,6 +177,26 @@ def test_ablation_switches_run(phantoms: Path, tmp_path: Path, ablation: list[st
     last = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
     assert ("loss_cls" in last) == ("loss.cls_weight=0" not in ablation)
     assert ("loss_recon" in last) == ("loss.recon_weight=0" not in ablation)
+
+
+def test_uniform_teacher_targets_are_reported_once(phantoms: Path, tmp_path: Path) -> None:
+    # CaiT's LayerScale start makes the [CLS] input-independent: the centered targets are
+    # uniform, the collapse the engine must name. The default start must not trigger it.
+    def args(run: str) -> list[str]:
+        return ["pretrain", "--data", str(phantoms), "--out", str(tmp_path / run), "--max-steps", "4",
+                "--no-progress", *FAST]
+
+    with pytest.warns(UserWarning, match=r"cls targets are uniform") as caught:
+        # center_momentum=0: the center is the last batch mean, so it catches up at once
+        assert main([*args("cait"), "model.semantic_layer_scale=1e-6", "loss.center_momentum=0"]) == 0
+    assert sum("uniform" in str(w.message) for w in caught) == 1
+    rows = [json.loads(line) for line in (tmp_path / "cait" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["teacher_cls_entropy"] > 0.999
+    import warnings
+    with warnings.catch_warnings(record=True) as healthy:
+        warnings.simplefilter("always")
+        assert main([*args("default"), "loss.center_momentum=0"]) == 0
+    assert not [w for w in healthy if "uniform" in str(w.message)]
 
 
 @pytest.mark.slow

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -59,6 +61,18 @@ class CenteredTeacherLoss(nn.Module):
             raise ValueError(f"teacher_temp must be positive, got {teacher_temp}")
         t = teacher_logits.detach().float()
         return F.softmax((t - self.center) / teacher_temp, dim=-1)
+
+    @torch.no_grad()
+    def teacher_entropy(self, teacher_logits: Tensor, teacher_temp: float) -> float:
+        """Mean entropy of the teacher distributions, as a fraction of ``ln K`` (1.0 = uniform).
+
+        The number DINO users watch for collapse: near 0, every input gets the same one-hot
+        target; at 1, the targets are uniform and carry no information (centering won over
+        sharpening). Healthy training sits in between.
+        """
+        p = self.softmax_center_teacher(teacher_logits, teacher_temp).reshape(-1, self.out_dim)
+        entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+        return float(entropy) / math.log(self.out_dim) if self.out_dim > 1 else 0.0
 
     @torch.no_grad()
     def _ema_center(self, batch_center: Tensor) -> None:

@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from smartformer.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from smartformer.train.monitor import MetricsWriter, attention_snapshot
+from smartformer.train.monitor import MetricsWriter, attention_snapshot, collapse_message
 from smartformer.train.schedules import Schedules, cosine_schedule, linear_warmup_then_constant, momentum_schedule
 from smartformer.train.ssl_meta_arch import SMARTMetaArch
 
@@ -301,6 +302,7 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
     last: dict[str, float] = {}
     data_wait = compute = 0.0
     window_steps = 0
+    collapse_warned = False
     bar = tqdm(total=max_steps, initial=start_step, unit="step", disable=not verbose, dynamic_ncols=True)
     it = iter(loader)
     t_start = time.perf_counter()
@@ -373,6 +375,11 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
                     }
                     assert metrics is not None
                     metrics.write(step, last)
+                    if not collapse_warned and step > config.loss.warmup_teacher_temp_steps:
+                        message = collapse_message(last)
+                        if message:
+                            warnings.warn(f"step {step}: {message}", stacklevel=1)
+                            collapse_warned = True
                     data_wait = compute = 0.0
                     window_steps = 0
                 if ctx.is_main and snapshot_volume is not None and (step % tc.snapshot_every == 0 or step == max_steps) \

@@ -12,7 +12,10 @@ from torch import Tensor
 
 from smartformer.analysis.overlay import save_overlay_png
 
-__all__ = ["MetricsWriter", "attention_snapshot"]
+__all__ = ["MetricsWriter", "attention_snapshot", "collapse_message"]
+
+#: Teacher entropy (fraction of ln K) above which the distillation targets count as uniform.
+UNIFORM_ENTROPY = 0.999
 
 
 class MetricsWriter:
@@ -38,6 +41,22 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def collapse_message(values: dict[str, float]) -> str | None:
+    """A one-line warning when a logged teacher entropy says the targets are uniform, else None.
+
+    ``values`` is one logged record (``teacher_cls_entropy`` / ``teacher_patch_entropy`` as
+    fractions of ``ln K``). Uniform targets after the temperature warm-up mean the branch has
+    collapsed: its loss sits at ``ln K`` and teaches nothing.
+    """
+    uniform = [k.removeprefix("teacher_").removesuffix("_entropy") for k in ("teacher_cls_entropy", "teacher_patch_entropy")
+               if values.get(k, 0.0) > UNIFORM_ENTROPY]
+    if not uniform:
+        return None
+    return (f"the teacher's {' and '.join(uniform)} targets are uniform (entropy > {UNIFORM_ENTROPY} ln K): "
+            "that distillation branch has collapsed and teaches nothing; try a lower loss.teacher_temp "
+            "or a larger batch")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -109,18 +109,22 @@ class SMARTMetaArch(nn.Module):
             terms["recon"] = masked_l1_loss(s_out["recon"], x, mask)
         t_cls: list[Tensor] = []
         t_patch = None
+        entropies: dict[str, float] = {}  # collapse monitors: 1.0 = uniform targets
         if self.use_heads:
             t_cls = list(t_out["cls_logits"].float().chunk(v))
             t_patch = t_out["patch_logits"].float()
             if cfg.patch_weight > 0:
                 terms["patch"] = self.ibot_loss(s_out["patch_logits"], t_patch, mask, teacher_temp)
+                entropies["teacher_patch_entropy"] = self.ibot_loss.teacher_entropy(t_patch, teacher_temp)
             if cfg.cls_weight > 0:
                 terms["cls"] = self.dino_loss(list(s_out["cls_logits"].chunk(v)), t_cls, teacher_temp)
+                entropies["teacher_cls_entropy"] = self.dino_loss.teacher_entropy(t_out["cls_logits"], teacher_temp)
         weights = {"recon": cfg.recon_weight, "patch": cfg.patch_weight, "cls": cfg.cls_weight}
         total = sum(weights[k] * t for k, t in terms.items())
         values = {f"loss_{k}": float(t.detach()) for k, t in terms.items()}
         values["loss"] = float(total.detach())
         values["mask_ratio"] = float(mask.float().mean())
+        values.update(entropies)
         if attn is not None:
             values["head_diversity"] = float(head_diversity(attn))
         return StepOutput(total, values, attn, t_cls, t_patch)
