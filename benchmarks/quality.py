@@ -121,6 +121,12 @@ def calibrate(work: Path, repeats: int = 4) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------- runs
+def git_commit() -> str | None:
+    """The checked-out commit of this repository (None outside a git checkout)."""
+    proc = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
 def checkpoint_of(work: Path, name: str, seed: int) -> Path:
     """The save_pretrained directory evaluated for a run (random init: seeded fresh weights)."""
     if VARIANTS[name] is not None:
@@ -162,6 +168,7 @@ def pretrain(work: Path, name: str, seed: int, steps: int) -> dict[str, Any]:
         losses = [r for r in rows if "loss" in r]
         summary = {"steps": int(state["step"]), "train_seconds": float(state.get("train_seconds", 0.0)),
                    "final": losses[-1] if losses else {}}
+    summary["commit"] = git_commit()  # which code trained it: stale runs can be told apart
     done.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
