@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 from pathlib import Path
 
 import yaml
+
+from smartformer.train.monitor import UNIFORM_ENTROPY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,8 +80,20 @@ Weights derived from these data sets; attribution is required when results are p
 - Trained at {spacing} mm, window {window_hu} HU, {roi} views: feed it the same
   (`smartformer attention` does by default).
 - Attention maps are for exploration, not a detector; the zero-shot localization and probe
-  figures of this model are in docs/BENCHMARKS.md. Not for clinical use.
+  figures of this model are in docs/BENCHMARKS.md. Not for clinical use.{collapse_note}
 """
+
+
+def collapse_note(last: dict, out_dim: int) -> str:
+    """A known-limits line when the run's [CLS] branch collapsed (uniform teacher targets), else ''."""
+    entropy = last.get("teacher_cls_entropy")
+    uniform = entropy > UNIFORM_ENTROPY if entropy is not None else abs(last["loss_cls"] - math.log(out_dim)) < 1e-3
+    if not uniform:
+        return ""
+    return (f"\n- Its [CLS] distillation collapsed: the loss sits at ln K = {math.log(out_dim):.4f} (uniform teacher\n"
+            "  targets), so the [CLS] embedding carries little and the attention query learnt only\n"
+            "  indirectly. Runs of smartformer before the semantic-attention LayerScale fix (LayerScale\n"
+            "  started at 1e-4) collapse this way.")
 
 
 def main() -> None:
@@ -127,6 +142,7 @@ def main() -> None:
         mask_ratio=t["masking"]["ratio"], w_recon=t["loss"]["recon_weight"], w_patch=t["loss"]["patch_weight"],
         w_cls=t["loss"]["cls_weight"], last_step=last["step"], loss=last["loss"], loss_recon=last["loss_recon"],
         loss_patch=last["loss_patch"], loss_cls=last["loss_cls"], head_diversity=last.get("head_diversity", float("nan")),
+        collapse_note=collapse_note(last, m.head_out_dim),
     )
     (dest / "README.md").write_text(card)
     print(f"shipped {args.run / 'teacher'} (step {steps}) as {dest}")
