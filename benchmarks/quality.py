@@ -300,6 +300,9 @@ def report(work: Path, step_seconds: dict[str, float], budget: float) -> dict[st
                 row["summary"][metric] = {"mean": statistics.mean(values), "values": values,
                                           "spread": (max(values) - min(values)) if len(values) > 1 else None}
         row["steps"] = [r["pretrain"]["steps"] for r in row["runs"]]
+        # Collapse monitor at the end of training (1.0 = uniform [CLS] targets; not logged by runs
+        # trained before the monitor existed).
+        row["final_cls_entropy"] = [r["pretrain"].get("final", {}).get("teacher_cls_entropy") for r in row["runs"]]
     result = {"budget_minutes_idle": budget, "step_seconds_idle": step_seconds, "variants": rows,
               "complete": {f"{n}:{r['seed']}" for n, v in rows.items() for r in v["runs"]} == set(ORDER)}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -311,8 +314,8 @@ def report(work: Path, step_seconds: dict[str, float], budget: float) -> dict[st
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = ["| variant | runs | steps | " + " | ".join(METRICS) + " |",
-             "|---|---|---|" + "---|" * len(METRICS)]
+    lines = ["| variant | runs | steps | " + " | ".join(METRICS) + " | [CLS] target entropy at the end |",
+             "|---|---|---|" + "---|" * (len(METRICS) + 1)]
     for name, row in result["variants"].items():
         cells = []
         for metric in METRICS:
@@ -321,7 +324,9 @@ def markdown(result: dict[str, Any]) -> str:
                 cells.append("n/a")
             else:
                 cells.append(f"{s['mean']:.3f}" + (f" ± {s['spread'] / 2:.3f}" if s["spread"] is not None else ""))
-        lines.append(f"| {name} | {len(row['runs'])} | {'/'.join(map(str, row['steps']))} | " + " | ".join(cells) + " |")
+        entropy = "/".join("n/a" if e is None else f"{e:.3f}" for e in row.get("final_cls_entropy", []))
+        lines.append(f"| {name} | {len(row['runs'])} | {'/'.join(map(str, row['steps']))} | " + " | ".join(cells)
+                     + f" | {entropy or 'n/a'} |")
     return "\n".join(lines)
 
 
