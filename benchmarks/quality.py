@@ -64,9 +64,10 @@ VARIANTS: dict[str, list[str] | None] = {
 #: its calibrated step time, so the cached calibration stays valid when one is added.
 SAME_COST = {"smart_layerscale_1e-4": "smart_full"}
 SEEDS: dict[str, list[int]] = {"smart_full": [0, 1], "smit_like": [0, 1]}
-#: Order of the runs: the comparisons that matter most first, second seeds last.
+#: Order of the runs: the comparisons that matter most first, second seeds last (a second random
+#: init costs only its evaluation, and tells how much the maps of untrained weights vary).
 ORDER = ["random_init:0", "smart_full:0", "smit_like:0", "smart_no_noise:0", "smart_no_semantic:0",
-         "smart_random_mask:0", "smart_layerscale_1e-4:0", "smart_full:1", "smit_like:1"]
+         "smart_random_mask:0", "smart_layerscale_1e-4:0", "smart_full:1", "smit_like:1", "random_init:1"]
 COMMON = ["data.roi=[64,64,64]", "data.num_workers=1", "train.checkpoint_every=50", "train.snapshot_every=100",
           "train.log_every=10"]
 
