@@ -377,8 +377,8 @@ def main() -> None:
     if not args.report:
         for key in args.only or ORDER:
             name, seed = key.split(":")
-            seconds = step_seconds[SAME_COST.get(name, name)]
-            steps = 0 if VARIANTS[name] is None else int(args.budget_minutes * 60 / seconds)
+            steps = 0 if VARIANTS[name] is None else \
+                int(args.budget_minutes * 60 / step_seconds[SAME_COST.get(name, name)])
             pretrain(args.work, name, int(seed), steps)
             done = args.work / "runs" / f"{name}-s{seed}" / "eval.json"
             if not done.is_file() and not args.pretrain_only:
