@@ -345,16 +345,29 @@ def plot(result: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     names = list(result["variants"])
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.4))
-    for ax, metric in zip(axes, METRICS):
+    priors = next((r["eval"]["localization"]["priors"] for v in result["variants"].values() for r in v["runs"]
+                   if r["eval"]["localization"]), {})
+    prior_key = {"localization AUROC": "auroc", "pointing game": "pointing"}
+    columns = (len(METRICS) + 1) // 2
+    fig, axes = plt.subplots(2, columns, figsize=(3.6 * columns, 6.8))
+    for ax in axes.flat[len(METRICS):]:
+        ax.axis("off")
+    for ax, metric in zip(axes.flat, METRICS):
         for i, name in enumerate(names):
             s = result["variants"][name]["summary"].get(metric)
             if s is None:
                 continue
             ax.bar(i, s["mean"], color="tab:blue" if name.startswith("smart") else "tab:gray")
             ax.plot([i] * len(s["values"]), s["values"], "k.", ms=4)
+        for prior, style in (("centre_prior", "--"), ("intensity_prior", ":")):
+            value = (priors.get(prior) or {}).get(prior_key.get(metric, ""))
+            if value is not None:
+                ax.axhline(value, color="tab:red", ls=style, lw=1, label=prior.replace("_", " "))
         ax.set_xticks(range(len(names)), names, rotation=70, fontsize=7)
-        ax.set_title(metric, fontsize=9)
+        ax.set_title(metric + " (dots: seeds)", fontsize=9)
+    if priors and len(axes.flat) > len(METRICS):  # the priors' key, in the spare panel
+        axes.flat[-1].legend(*axes.flat[0].get_legend_handles_labels(), loc="center", fontsize=9,
+                             title="localization baselines")
     fig.tight_layout()
     PLOT.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(PLOT, dpi=110)
