@@ -63,7 +63,6 @@ VARIANTS: dict[str, list[str] | None] = {
 #: Variants whose step costs the same as another's (only an initial value differs): they share
 #: its calibrated step time, so the cached calibration stays valid when one is added.
 SAME_COST = {"smart_layerscale_1e-4": "smart_full"}
-SEEDS: dict[str, list[int]] = {"smart_full": [0, 1], "smit_like": [0, 1]}
 #: Order of the runs: the comparisons that matter most first, second seeds last (a second random
 #: init costs only its evaluation, and tells how much the maps of untrained weights vary).
 ORDER = ["random_init:0", "smart_full:0", "smit_like:0", "smart_no_noise:0", "smart_no_semantic:0",

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -192,7 +193,6 @@ def test_uniform_teacher_targets_are_reported_once(phantoms: Path, tmp_path: Pat
     assert sum("uniform" in str(w.message) for w in caught) == 1
     rows = [json.loads(line) for line in (tmp_path / "cait" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["teacher_cls_entropy"] > 0.999
-    import warnings
     with warnings.catch_warnings(record=True) as healthy:
         warnings.simplefilter("always")
         assert main([*args("default"), "loss.center_momentum=0"]) == 0
