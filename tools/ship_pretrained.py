@@ -24,6 +24,7 @@ import yaml
 from smartformer.train.monitor import UNIFORM_ENTROPY
 
 ROOT = Path(__file__).resolve().parents[1]
+TAIL_ROWS = 20  # logged steps averaged for the card's entropy figures and the collapse check
 
 CARD = """\
 # {name}: SMART `tiny` encoder pretrained on public CT
@@ -58,7 +59,8 @@ multiples of 32 (trained on {roi} views).
   {w_recon} / patch {w_patch} / [CLS] {w_cls}). Full resolved config: `training_config.yaml`.
 - Final training losses (step {last_step}): total {loss:.4f}, reconstruction {loss_recon:.4f},
   patch distillation {loss_patch:.4f}, [CLS] distillation {loss_cls:.4f}; attention-head
-  diversity {head_diversity:.3f}.
+  diversity {head_diversity:.3f}. Teacher target entropy over the last {tail} logged steps, as a
+  fraction of ln K (1.0 = uniform targets, nothing to learn): [CLS] {cls_entropy:.3f}, patch {patch_entropy:.3f}.
 
 ## Data, licences and attributions
 Weights derived from these data sets; attribution is required when results are published:
@@ -84,10 +86,20 @@ Weights derived from these data sets; attribution is required when results are p
 """
 
 
-def collapse_note(last: dict, out_dim: int) -> str:
-    """A known-limits line when the run's [CLS] branch collapsed (uniform teacher targets), else ''."""
-    entropy = last.get("teacher_cls_entropy")
-    uniform = entropy > UNIFORM_ENTROPY if entropy is not None else abs(last["loss_cls"] - math.log(out_dim)) < 1e-3
+def mean_of(rows: list[dict], key: str) -> float:
+    """Mean of ``key`` over the rows that logged it (NaN when none did)."""
+    values = [r[key] for r in rows if key in r]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def collapse_note(tail: list[dict], out_dim: int) -> str:
+    """A known-limits line when the run's [CLS] branch collapsed (uniform teacher targets), else ''.
+
+    ``tail`` is the last logged steps: one step's entropy is noisy, their mean is not.
+    """
+    entropy = mean_of(tail, "teacher_cls_entropy")
+    uniform = (entropy > UNIFORM_ENTROPY if not math.isnan(entropy)
+               else abs(mean_of(tail, "loss_cls") - math.log(out_dim)) < 1e-3)
     if not uniform:
         return ""
     return (f"\n- Its [CLS] distillation collapsed: the loss sits at ln K = {math.log(out_dim):.4f} (uniform teacher\n"
@@ -111,8 +123,11 @@ def main() -> None:
     state = load_checkpoint(args.run / "checkpoints" / "last.pt")
     rows = [json.loads(line) for line in (args.run / "metrics.jsonl").read_text().splitlines()]
     steps = int(state["step"])
-    logged = [r for r in rows if "loss" in r and r["step"] <= steps]
-    last = logged[-1]
+    # A resumed run logs the steps between its last checkpoint and the interruption twice: keep
+    # the later row for each step.
+    logged = sorted({r["step"]: r for r in rows if "loss" in r and r["step"] <= steps}.values(),
+                    key=lambda r: r["step"])
+    last, tail = logged[-1], logged[-TAIL_ROWS:]
     # Training time: the checkpoint's own count, else the logged throughput summed over the logs.
     seconds = float(state.get("train_seconds", 0.0)) or sum(
         (r["step"] - (logged[i - 1]["step"] if i else 0)) / r["steps_per_s"] for i, r in enumerate(logged))
@@ -142,7 +157,9 @@ def main() -> None:
         mask_ratio=t["masking"]["ratio"], w_recon=t["loss"]["recon_weight"], w_patch=t["loss"]["patch_weight"],
         w_cls=t["loss"]["cls_weight"], last_step=last["step"], loss=last["loss"], loss_recon=last["loss_recon"],
         loss_patch=last["loss_patch"], loss_cls=last["loss_cls"], head_diversity=last.get("head_diversity", float("nan")),
-        collapse_note=collapse_note(last, m.head_out_dim),
+        tail=len(tail), cls_entropy=mean_of(tail, "teacher_cls_entropy"),
+        patch_entropy=mean_of(tail, "teacher_patch_entropy"),
+        collapse_note=collapse_note(tail, m.head_out_dim),
     )
     (dest / "README.md").write_text(card)
     print(f"shipped {args.run / 'teacher'} (step {steps}) as {dest}")
