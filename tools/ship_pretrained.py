@@ -59,8 +59,7 @@ multiples of 32 (trained on {roi} views).
   {w_recon} / patch {w_patch} / [CLS] {w_cls}). Full resolved config: `training_config.yaml`.
 - Final training losses (step {last_step}): total {loss:.4f}, reconstruction {loss_recon:.4f},
   patch distillation {loss_patch:.4f}, [CLS] distillation {loss_cls:.4f}; attention-head
-  diversity {head_diversity:.3f}. Teacher target entropy over the last {tail} logged steps, as a
-  fraction of ln K (1.0 = uniform targets, nothing to learn): [CLS] {cls_entropy:.3f}, patch {patch_entropy:.3f}.
+  diversity {head_diversity:.3f}.{entropy_line}
 
 ## Data, licences and attributions
 Weights derived from these data sets; attribution is required when results are published:
@@ -92,20 +91,40 @@ def mean_of(rows: list[dict], key: str) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def collapse_note(tail: list[dict], out_dim: int) -> str:
-    """A known-limits line when the run's [CLS] branch collapsed (uniform teacher targets), else ''.
+def entropy_line(tail: list[dict]) -> str:
+    """The card's sentence on the teacher target entropies at the end ('' for runs that did not log them)."""
+    cls, patch = mean_of(tail, "teacher_cls_entropy"), mean_of(tail, "teacher_patch_entropy")
+    if math.isnan(cls) or math.isnan(patch):
+        return ""
+    return (f" Teacher target entropy over the last {len(tail)} logged steps, as a\n"
+            f"  fraction of ln K (1.0 = uniform targets, nothing to learn): [CLS] {cls:.3f}, patch {patch:.3f}.")
+
+
+def collapse_note(tail: list[dict], out_dim: int, layer_scale: float, batch: int) -> str:
+    """A known-limits line when the run's [CLS] targets were uniform at the end, else ''.
 
     ``tail`` is the last logged steps: one step's entropy is noisy, their mean is not.
+    ``layer_scale`` is the class-attention LayerScale start the run used (configs written
+    before it was an option started at 1e-4), which decides the cause the line gives; ``batch``
+    the volumes per step.
     """
     entropy = mean_of(tail, "teacher_cls_entropy")
     uniform = (entropy > UNIFORM_ENTROPY if not math.isnan(entropy)
                else abs(mean_of(tail, "loss_cls") - math.log(out_dim)) < 1e-3)
     if not uniform:
         return ""
-    return (f"\n- Its [CLS] distillation collapsed: the loss sits at ln K = {math.log(out_dim):.4f} (uniform teacher\n"
-            "  targets), so the [CLS] embedding carries little and the attention query learnt only\n"
-            "  indirectly. Runs of smartformer before the semantic-attention LayerScale fix (LayerScale\n"
-            "  started at 1e-4) collapse this way.")
+    if layer_scale < 1e-2:
+        cause = ("  Runs of smartformer before the semantic-attention LayerScale fix (LayerScale started\n"
+                 "  at 1e-4) collapse this way: the [CLS] did not depend on the input.")
+    else:
+        cause = (f"  With {batch} volumes per step the teacher's [CLS] outputs for different CTs stay too\n"
+                 "  alike for the sharpening to separate them (docs/BENCHMARKS.md, quality section), while\n"
+                 f"  the patch targets, at {mean_of(tail, 'teacher_patch_entropy'):.3f} of ln K, are not uniform. DINO trains with\n"
+                 "  hundreds of images per step; a larger batch is the first thing to try (untested here).")
+    return (f"\n- Its [CLS] targets ended near uniform (teacher entropy above {UNIFORM_ENTROPY} of ln K; the\n"
+            f"  [CLS] loss sits near ln K = {math.log(out_dim):.4f}), so the [CLS] distillation taught the\n"
+            "  [CLS] embedding little and the attention query learnt mostly through the other losses.\n"
+            + cause)
 
 
 def main() -> None:
@@ -132,6 +151,9 @@ def main() -> None:
     seconds = float(state.get("train_seconds", 0.0)) or sum(
         (r["step"] - (logged[i - 1]["step"] if i else 0)) / r["steps_per_s"] for i, r in enumerate(logged))
     model = SMARTFormer.from_pretrained(args.run / "teacher")
+    # Saved before the LayerScale start was an option: then it was CaiT's 1e-4.
+    layer_scale = json.loads((args.run / "teacher" / "config.json").read_text())["model"].get(
+        "semantic_layer_scale", 1e-4)
     dest = ROOT / "src" / "smartformer" / "pretrained" / args.name
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("model.safetensors", "config.json"):
@@ -157,9 +179,8 @@ def main() -> None:
         mask_ratio=t["masking"]["ratio"], w_recon=t["loss"]["recon_weight"], w_patch=t["loss"]["patch_weight"],
         w_cls=t["loss"]["cls_weight"], last_step=last["step"], loss=last["loss"], loss_recon=last["loss_recon"],
         loss_patch=last["loss_patch"], loss_cls=last["loss_cls"], head_diversity=last.get("head_diversity", float("nan")),
-        tail=len(tail), cls_entropy=mean_of(tail, "teacher_cls_entropy"),
-        patch_entropy=mean_of(tail, "teacher_patch_entropy"),
-        collapse_note=collapse_note(tail, m.head_out_dim),
+        entropy_line=entropy_line(tail),
+        collapse_note=collapse_note(tail, m.head_out_dim, layer_scale, t["data"]["batch_size"]),
     )
     (dest / "README.md").write_text(card)
     print(f"shipped {args.run / 'teacher'} (step {steps}) as {dest}")
