@@ -8,7 +8,7 @@ always those of the weights next to it.
 
 Usage::
 
-    python tools/ship_pretrained.py RUN_DIR --data CORPUS_CSV [--name smart-tiny-ct]
+    python tools/ship_pretrained.py RUN_DIR --data CORPUS_CSV [--name smart-tiny-ct] [--limit TEXT ...]
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import argparse
 import json
 import math
 import shutil
+import statistics
+import textwrap
 from pathlib import Path
 
 import yaml
@@ -24,7 +26,7 @@ import yaml
 from smartformer.train.monitor import UNIFORM_ENTROPY
 
 ROOT = Path(__file__).resolve().parents[1]
-TAIL_ROWS = 20  # logged steps averaged for the card's entropy figures and the collapse check
+TAIL_ROWS = 20  # logged steps summarised (median) for the card's entropy figures and the collapse check
 
 CARD = """\
 # {name}: SMART `tiny` encoder pretrained on public CT
@@ -81,45 +83,50 @@ Weights derived from these data sets; attribution is required when results are p
 - Trained at {spacing} mm, window {window_hu} HU, {roi} views: feed it the same
   (`smartformer attention` does by default).
 - Attention maps are for exploration, not a detector; the zero-shot localization and probe
-  figures of this model are in docs/BENCHMARKS.md. Not for clinical use.{collapse_note}
+  figures of this model are in docs/BENCHMARKS.md. Not for clinical use.{collapse_note}{notes}
 """
 
 
-def mean_of(rows: list[dict], key: str) -> float:
-    """Mean of ``key`` over the rows that logged it (NaN when none did)."""
+def median_of(rows: list[dict], key: str) -> float:
+    """Median of ``key`` over the rows that logged it (NaN when none did).
+
+    The median, not the mean: a collapsed branch's entropy sits at 1.0 with brief dips (one
+    step at 0.6 among twenty at 1.0), which would pull a mean under the threshold.
+    """
     values = [r[key] for r in rows if key in r]
-    return sum(values) / len(values) if values else float("nan")
+    return statistics.median(values) if values else float("nan")
 
 
 def entropy_line(tail: list[dict]) -> str:
     """The card's sentence on the teacher target entropies at the end ('' for runs that did not log them)."""
-    cls, patch = mean_of(tail, "teacher_cls_entropy"), mean_of(tail, "teacher_patch_entropy")
+    cls, patch = median_of(tail, "teacher_cls_entropy"), median_of(tail, "teacher_patch_entropy")
     if math.isnan(cls) or math.isnan(patch):
         return ""
-    return (f" Teacher target entropy over the last {len(tail)} logged steps, as a\n"
+    return (f" Median teacher target entropy over the last {len(tail)} logged steps, as a\n"
             f"  fraction of ln K (1.0 = uniform targets, nothing to learn): [CLS] {cls:.3f}, patch {patch:.3f}.")
 
 
 def collapse_note(tail: list[dict], out_dim: int, layer_scale: float, batch: int) -> str:
     """A known-limits line when the run's [CLS] targets were uniform at the end, else ''.
 
-    ``tail`` is the last logged steps: one step's entropy is noisy, their mean is not.
+    ``tail`` is the last logged steps: one step's entropy is noisy, their median is not.
     ``layer_scale`` is the class-attention LayerScale start the run used (configs written
     before it was an option started at 1e-4), which decides the cause the line gives; ``batch``
     the volumes per step.
     """
-    entropy = mean_of(tail, "teacher_cls_entropy")
+    entropy = median_of(tail, "teacher_cls_entropy")
     uniform = (entropy > UNIFORM_ENTROPY if not math.isnan(entropy)
-               else abs(mean_of(tail, "loss_cls") - math.log(out_dim)) < 1e-3)
+               else abs(median_of(tail, "loss_cls") - math.log(out_dim)) < 1e-3)
     if not uniform:
         return ""
     if layer_scale < 1e-2:
         cause = ("  Runs of smartformer before the semantic-attention LayerScale fix (LayerScale started\n"
                  "  at 1e-4) collapse this way: the [CLS] did not depend on the input.")
     else:
-        cause = (f"  The [CLS] does depend on the input; at {batch} volumes per step its targets drift to uniform\n"
-                 "  during training, as in every run of the quality benchmark (docs/BENCHMARKS.md), while the\n"
-                 f"  patch targets stay informative ({mean_of(tail, 'teacher_patch_entropy'):.3f} of ln K). DINO trains with hundreds of\n"
+        cause = (f"  The [CLS] starts input-dependent, but at {batch} volumes per step its targets drift to\n"
+                 "  uniform during training, as in every run of the quality benchmark (docs/BENCHMARKS.md),\n"
+                 "  and the [CLS] ends nearly the same for every input; the patch targets stay informative\n"
+                 f"  ({median_of(tail, 'teacher_patch_entropy'):.3f} of ln K). DINO trains with hundreds of\n"
                  "  images per step and recommends a teacher temperature of 0.04 (this recipe warms up to\n"
                  "  0.07): a larger batch or `loss.teacher_temp=0.04` are the first things to try (untested here).")
     return (f"\n- Its [CLS] targets ended near uniform (teacher entropy above {UNIFORM_ENTROPY} of ln K; the\n"
@@ -134,6 +141,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="the CSV (image column) the run was trained on")
     parser.add_argument("--name", default="smart-tiny-ct")
     parser.add_argument("--hardware", default="2 vCPU (AMD EPYC), no GPU, shared with other work")
+    parser.add_argument("--limit", action="append", default=[], metavar="TEXT",
+                        help="a further known-limits item for the card (measured figures, e.g. localization); repeatable")
     args = parser.parse_args()
 
     from smartformer.models.smartformer import SMARTFormer
@@ -182,6 +191,7 @@ def main() -> None:
         loss_patch=last["loss_patch"], loss_cls=last["loss_cls"], head_diversity=last.get("head_diversity", float("nan")),
         entropy_line=entropy_line(tail),
         collapse_note=collapse_note(tail, m.head_out_dim, layer_scale, t["data"]["batch_size"]),
+        notes="".join("\n- " + textwrap.fill(text, 96, subsequent_indent="  ") for text in args.limit),
     )
     (dest / "README.md").write_text(card)
     print(f"shipped {args.run / 'teacher'} (step {steps}) as {dest}")
