@@ -128,7 +128,8 @@ def collapse_note(tail: list[dict], out_dim: int, layer_scale: float, batch: int
                  "  and the [CLS] ends nearly the same for every input; the patch targets stay informative\n"
                  f"  ({median_of(tail, 'teacher_patch_entropy'):.3f} of ln K). DINO trains with hundreds of\n"
                  "  images per step and recommends a teacher temperature of 0.04 (this recipe warms up to\n"
-                 "  0.07): a larger batch or `loss.teacher_temp=0.04` are the first things to try (untested here).")
+                 "  0.07): a larger batch or `loss.teacher_temp=0.04` are the first things to try\n"
+                 "  (docs/BENCHMARKS.md has a first, short trial of the latter).")
     return (f"\n- Its [CLS] targets ended near uniform (teacher entropy above {UNIFORM_ENTROPY} of ln K; the\n"
             f"  [CLS] loss sits near ln K = {math.log(out_dim):.4f}), so the [CLS] distillation taught the\n"
             "  [CLS] embedding little and the attention query learnt mostly through the other losses.\n"
