@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,6 +107,21 @@ def test_sigterm_then_resume_gives_the_uninterrupted_losses(phantoms: Path, tmp_
     assert sorted(got) == list(range(1, steps + 1))
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+
+
+def test_resume_after_a_lost_checkpoint_logs_each_step_once(phantoms: Path, tmp_path: Path) -> None:
+    # A run killed between checkpoints has logged steps its last checkpoint does not hold; the
+    # resumed run logs them again, and must replace, not duplicate, them.
+    run = tmp_path / "run"
+    assert cli("pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "4", "--no-progress",
+               *FAST, "train.checkpoint_every=2").returncode == 0
+    first = losses(run)
+    shutil.copyfile(run / "checkpoints" / "step_0000002.pt", run / "checkpoints" / "last.pt")  # as if killed at 4
+    resumed = cli("pretrain", "--data", str(phantoms), "--out", str(run), "--resume", "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert losses(run) == pytest.approx(first, rel=1e-6, abs=1e-7)  # the re-run steps, deterministic
 
 
 @pytest.mark.slow

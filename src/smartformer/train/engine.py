@@ -286,7 +286,7 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
         dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
         enabled=precision in ("bf16", "fp16"),
     )
-    metrics = MetricsWriter(out) if ctx.is_main else None
+    metrics = MetricsWriter(out, resume_step=start_step if state is not None else None) if ctx.is_main else None
     snapshot_volume = None
     max_steps = config.train.max_steps
     tc = config.train

@@ -19,15 +19,25 @@ UNIFORM_ENTROPY = 0.999
 
 
 class MetricsWriter:
-    """Append one JSON line per logging step and mirror every number to TensorBoard."""
+    """Append one JSON line per logging step and mirror every number to TensorBoard.
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+    ``resume_step``: the step of the checkpoint a resumed run starts from. A run stopped
+    without a final checkpoint (killed, machine lost) logged steps past it that the resumed run
+    logs again; they are dropped from ``metrics.jsonl`` and purged from TensorBoard, so every
+    step appears once.
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None) -> None:
         self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.is_file():
+            kept = [json.dumps(r) + "\n" for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(kept))
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
+                                     purge_step=None if resume_step is None else resume_step + 1)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         record = {"step": step, **{k: (round(v, 7) if isinstance(v, float) else v) for k, v in values.items()}}
