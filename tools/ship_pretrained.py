@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from smartformer.train.monitor import UNIFORM_ENTROPY
+from smartformer.train.monitor import UNIFORM_ENTROPY, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TAIL_ROWS = 20  # logged steps summarised (median) for the card's entropy figures and the collapse check
@@ -151,12 +151,8 @@ def main() -> None:
 
     config = yaml.safe_load((args.run / "config.yaml").read_text())
     state = load_checkpoint(args.run / "checkpoints" / "last.pt")
-    rows = [json.loads(line) for line in (args.run / "metrics.jsonl").read_text().splitlines()]
     steps = int(state["step"])
-    # A resumed run logs the steps between its last checkpoint and the interruption twice: keep
-    # the later row for each step.
-    logged = sorted({r["step"]: r for r in rows if "loss" in r and r["step"] <= steps}.values(),
-                    key=lambda r: r["step"])
+    logged = [r for r in read_metrics(args.run / "metrics.jsonl") if "loss" in r and r["step"] <= steps]
     last, tail = logged[-1], logged[-TAIL_ROWS:]
     # Training time: the checkpoint's own count, else the logged throughput summed over the logs.
     seconds = float(state.get("train_seconds", 0.0)) or sum(
