@@ -20,3 +20,12 @@ class InputError(SmartformerError):
 
 class ConfigError(SmartformerError):
     """An invalid configuration value, key or file."""
+
+
+class OutputError(SmartformerError):
+    """An output location that cannot be written (full disk, a file in the way, read-only), named."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
