@@ -47,6 +47,7 @@ def attention_volume(
     sw_batch_size: int = 2,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    normalize: str = "uniform",
 ) -> AttentionResult:
     """Per-head and mean teacher attention of ``model`` for a CT, on the CT's own grid.
 
@@ -54,7 +55,15 @@ def attention_volume(
     :func:`~smartformer.data.io.read_ct`. ``overlap`` is that of neighbouring windows (MONAI's
     default, 0.25; 0.5 blends more smoothly for about 3x the windows). ``progress`` shows a bar
     over the windows (rate and ETA).
+
+    ``normalize`` makes windows comparable before they are blended: ``"uniform"`` (default)
+    multiplies each window's softmax weights by its token count, so 1.0 means "as much as a
+    uniform map" in every window and the window seams do not show; ``"max"`` divides by each
+    window's peak (the earlier behaviour; a window without salient content is stretched to 1,
+    which shows the windows as blocks).
     """
+    if normalize not in ("uniform", "max"):
+        raise ValueError(f"normalize must be 'uniform' or 'max', got {normalize!r}")
     roi_size = tuple(int(r) for r in as_triple(roi, "roi"))
     lo, hi = parse_window(window)
     original = ct if isinstance(ct, MetaTensor) else read_ct(ct)
@@ -69,7 +78,10 @@ def attention_volume(
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
         maps = model.attention_maps(x)  # (b, heads, d, h, w), each map sums to 1 over its window
-        maps = maps / maps.amax(dim=(2, 3, 4), keepdim=True).clamp_min(1e-12)  # comparable across windows
+        if normalize == "max":
+            maps = maps / maps.amax(dim=(2, 3, 4), keepdim=True).clamp_min(1e-12)
+        else:  # relative to a uniform map over the window's tokens
+            maps = maps * float(maps.shape[2] * maps.shape[3] * maps.shape[4])
         return F.interpolate(maps, size=x.shape[2:], mode="trilinear", align_corners=False)
 
     blended = sliding_window_inference(
@@ -89,8 +101,12 @@ def attention_volume(
 
 
 def write_attention(result: AttentionResult, out_dir: str | Path, stem: str = "attention",
-                    mask: np.ndarray | None = None, title: str = "") -> dict[str, Path]:
-    """Write ``<stem>_mean.nii.gz`` (float32), ``<stem>_heads.nii.gz`` (4D, heads last, 8-bit scaled) and ``<stem>.png``."""
+                    mask: np.ndarray | None = None, title: str = "", mask_label: str = "mask") -> dict[str, Path]:
+    """Write ``<stem>_mean.nii.gz`` (float32), ``<stem>_heads.nii.gz`` (4D, heads last, 8-bit scaled) and ``<stem>.png``.
+
+    The PNG (:func:`~smartformer.analysis.overlay.save_overlay_png`) is drawn in RAS whatever the
+    storage order, through ``mask``'s centroid (its contour named ``mask_label``) or the body's centre.
+    """
     from smartformer.analysis.overlay import save_overlay_png
 
     out_dir = Path(out_dir)
@@ -99,7 +115,7 @@ def write_attention(result: AttentionResult, out_dir: str | Path, stem: str = "a
     # 8 bits with a scale factor: 1/255 of the range is finer than any viewer's colour map, and
     # the 4D file is 4x smaller and faster to write.
     heads_path = write_nifti(result.heads, result.affine, out_dir / f"{stem}_heads.nii.gz", as_uint8=True)
-    spacing = tuple(float(s) for s in np.linalg.norm(result.affine[:3, :3], axis=0))
     png = save_overlay_png(result.image_hu, result.mean, out_dir / f"{stem}.png", title=title, mask=mask,
-                           spacing=spacing)  # type: ignore[arg-type]
+                           affine=result.affine, mask_label=mask_label,
+                           heat_label="mean attention (1 = uniform over a window)")
     return {"mean": mean_path, "heads": heads_path, "png": png}

@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "(sliding window with overlap and Gaussian blending), resampled back onto the input "
             "grid. Writes NAME_mean.nii.gz (exactly the input's shape and affine, so it overlays in "
             "3D Slicer), NAME_heads.nii.gz (4D, one volume per head), NAME.png (axial, coronal and "
-            "sagittal slices through the maximum, the optional mask as a green contour) and "
+            "sagittal slices through the mask's centroid, or the body's centre, with the map over the CT inside "
+            "the body, the mask as a green contour, a colourbar and orientation letters) and "
             "NAME.json (what was run)."
         ),
     )
@@ -165,31 +166,14 @@ def volume_stem(path: Path) -> str:
 
 def save_ras_png(image: "np.ndarray", heat: "np.ndarray", affine: "np.ndarray", path: Path, title: str,
                  mask: "np.ndarray | None" = None) -> Path:
-    """:func:`~smartformer.analysis.overlay.save_overlay_png` of arrays stored in any axis order.
-
-    The arrays are reordered and flipped to RAS first (no resampling), so "axial", "coronal" and
-    "sagittal" are true to their names for LPS, DICOM or sagittally stored volumes too.
-    """
-    import nibabel as nib
-    import numpy as np
-
+    """:func:`~smartformer.analysis.overlay.save_overlay_png` of arrays stored in any axis order
+    (reordered and flipped to RAS first, no resampling)."""
     from smartformer.analysis.overlay import save_overlay_png
 
-    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
-                                                nib.orientations.axcodes2ornt("RAS"))
-    spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)[transform[:, 0].argsort()]
-
-    def to_ras(array: "np.ndarray") -> "np.ndarray":
-        return np.ascontiguousarray(nib.orientations.apply_orientation(array, transform))
-
-    return save_overlay_png(to_ras(image), to_ras(heat), path, title=title,
-                            mask=to_ras(mask) if mask is not None else None,
-                            spacing=tuple(float(s) for s in spacing))  # type: ignore[arg-type]
+    return save_overlay_png(image, heat, path, title=title, mask=mask, affine=affine)
 
 
 def run(args: argparse.Namespace) -> int:
-    import nibabel as nib
-
     from smartformer.analysis.attention import attention_volume, write_attention
     from smartformer.data.io import read_ct
 
@@ -199,10 +183,8 @@ def run(args: argparse.Namespace) -> int:
     mask = read_mask_on(args.mask, ct, args.mask_label) if args.mask is not None else None
     result = attention_volume(model, ct, **inference_kwargs(args), progress=not args.no_progress)
     stem = args.name or volume_stem(args.image)
-    title = f"{stem}: mean semantic attention" + (" (green: mask)" if mask is not None else "")
-    files = write_attention(result, args.out, stem=stem, mask=mask, title=title)
-    if nib.aff2axcodes(result.affine) != ("R", "A", "S"):  # write_attention draws the stored axis order
-        save_ras_png(result.image_hu, result.mean, result.affine, files["png"], title, mask)
+    files = write_attention(result, args.out, stem=stem, mask=mask, title=f"{stem}: mean semantic attention",
+                            mask_label=f"mask ({args.mask.name})" if args.mask is not None else "mask")
     summary = {
         "checkpoint": str(resolve_checkpoint(args.checkpoint)),
         "image": str(args.image),

@@ -231,7 +231,7 @@ def sample_case(case: LesionCase, options: SamplingOptions) -> CaseResult:
     order = [int(i) + 1 for i in np.argsort(-sizes, kind="stable") if sizes[i] >= options.min_lesion_voxels]
     result.n_components = len(order)
     for rank, index in enumerate(order[:1] if options.largest_only else order, start=1):
-        voxel = _inside_centroid(components == index, spacing)
+        voxel = inside_centroid(components == index, spacing)
         result.rows.append({**base, **_centre(affine, voxel), "label": 1, "kind": "lesion",
                             "component": rank, "lesion_voxels": int(sizes[index - 1]),
                             "distance_mm": 0.0, "hu": float(ct[voxel])})
@@ -296,7 +296,7 @@ def _draw_negatives(body: np.ndarray, lesion: np.ndarray, spacing: np.ndarray,
     return np.array([i for i, _ in picked], dtype=np.int64), np.array([d for _, d in picked])
 
 
-def _inside_centroid(component: np.ndarray, spacing: np.ndarray) -> tuple[int, int, int]:
+def inside_centroid(component: np.ndarray, spacing: np.ndarray) -> tuple[int, int, int]:
     """The voxel at the component's centroid, or the component voxel nearest to it (in mm)."""
     points = np.argwhere(component)
     centroid = points.mean(axis=0)
