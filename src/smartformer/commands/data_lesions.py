@@ -25,7 +25,8 @@ Negatives (label 0, kind normal): --negatives-per-case voxels drawn at random fr
 (HU > --body-hu) at least --min-distance mm from every lesion voxel, seeded by (--seed, case id).
 
 Writes OUT/lesions.csv with columns image, label, patient, center_x, center_y, center_z, kind,
-mask, component, lesion_voxels, distance_mm, hu."""
+mask, component, lesion_voxels, distance_mm, hu. The image and mask paths are absolute where
+they were given absolute, else relative to OUT, as every reader of the CSV resolves them."""
 
 _EPILOG = """\
 examples:

@@ -44,6 +44,19 @@ def prepare_out_dir(out: str | Path) -> Path:
     return out
 
 
+def csv_path(path: str | Path, csv_dir: str | Path) -> str:
+    """How a CSV in ``csv_dir`` names ``path`` so that every reader finds it.
+
+    Readers resolve a relative cell against the CSV's folder, so an absolute ``path`` is kept
+    as it is and a relative one (relative to the working directory, as typed on the command
+    line) is rewritten relative to ``csv_dir``.
+    """
+    path = Path(path)
+    if path.is_absolute():
+        return str(path)
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(csv_dir))
+
+
 def write_csv_atomic(path: str | Path, rows: Iterable[Mapping[str, Any]],
                      columns: Sequence[str]) -> Path:
     """Write ``rows`` (dicts; missing keys empty) to ``path`` under a temporary name, then rename.

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from smartformer.data.builders import (
     CENTER_COLUMNS,
+    csv_path,
     prepare_out_dir,
     voxel_to_world,
     write_csv_atomic,
@@ -331,7 +332,9 @@ def build_lesion_set(data: str | Path, out: str | Path, options: SamplingOptions
     results = [sample_case(case, options)
                for case in tqdm(cases, desc="lesions", unit="case", file=sys.stderr,
                                 disable=not progress, dynamic_ncols=True)]
-    path = write_csv_atomic(out / "lesions.csv", (row for r in results for row in r.rows), COLUMNS)
+    rows = ({**row, "image": csv_path(row["image"], out), "mask": csv_path(row["mask"], out)}
+            for r in results for row in r.rows)  # readers resolve relative cells against the CSV's folder
+    path = write_csv_atomic(out / "lesions.csv", rows, COLUMNS)
     return path, results
 
 

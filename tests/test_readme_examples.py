@@ -1,0 +1,71 @@
+"""The README's command sequences, run as written (on phantoms shaped like the real data, and on the
+real data where ``../shared/data`` exists)."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from smartformer.cli import main
+from smartformer.data.phantom import LESION_ID, write_phantoms
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+SHARED = ROOT.parent / "shared"
+#: Appended to the README's probe line in tests: small crops, two folds, few bootstrap draws.
+FAST_PROBE = ["--crop", "32", "--spacing", "4", "--folds", "2", "--bootstrap", "20", "--no-progress"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def readme_command(start: str) -> list[str]:
+    """The README's command line that starts with ``start`` (its ``# comment`` dropped), as argv."""
+    for line in README.read_text().splitlines():
+        if line.startswith(start):
+            return shlex.split(line.split(" #")[0])[1:]  # without "smartformer"
+    raise AssertionError(f"README.md has no line starting with {start!r}")
+
+
+def test_lesions_then_probe_as_in_the_readme(tmp_path, monkeypatch):
+    """``data lesions --data ../shared/data/sts`` then ``probe`` on its CSV, from a working directory
+    beside ``shared/``: the CSV's relative paths must resolve for probe (they did not, issue 17)."""
+    sts = tmp_path / "shared" / "data" / "sts"
+    for case in write_phantoms(tmp_path / "phantoms", 6, seed=5, shape=(48, 48, 40), spacing=(4.0, 4.0, 4.0),
+                               n_lesions=1, progress=False):
+        folder = sts / f"STS_{case.name[-3:]}"
+        folder.mkdir(parents=True)
+        (case / "ct.nii.gz").rename(folder / "ct.nii.gz")
+        labels = nib.load(str(case / "labels.nii.gz"))
+        tumour = (np.asarray(labels.dataobj) == LESION_ID).astype(np.uint8)
+        nib.save(nib.Nifti1Image(tumour, labels.affine), str(folder / "tumor.nii.gz"))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    lesions = readme_command("smartformer data lesions --data ../shared/data/sts")
+    assert main([*lesions, "--no-progress"]) == 0
+    csv = Path(lesions[lesions.index("--out") + 1]) / "lesions.csv"
+    image = csv.read_text().splitlines()[1].split(",")[0]
+    assert (csv.parent / image).is_file(), f"{image} is not relative to the CSV's folder"
+    probe = readme_command(f"smartformer probe --data {csv}")
+    probe[probe.index("--checkpoint") + 1:probe.index("--out")] = ["random:tiny"]  # no second model: fast
+    assert main([*probe, *FAST_PROBE]) == 0
+    assert (Path(probe[probe.index("--out") + 1]) / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+@pytest.mark.skipif(not (SHARED / "data" / "sts").is_dir(), reason=f"real CT data not found at {SHARED / 'data'}")
+def test_lesions_then_probe_on_the_real_sts_data(tmp_path, monkeypatch):
+    """The same two README lines on the 51 real STS cases (``../shared`` linked beside the working directory)."""
+    (tmp_path / "shared").symlink_to(SHARED)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    lesions = readme_command("smartformer data lesions --data ../shared/data/sts")
+    assert main([*lesions, "--no-progress"]) == 0
+    probe = readme_command("smartformer probe --data data/sts_lesions/lesions.csv")
+    assert main([*probe, *FAST_PROBE]) == 0
