@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from smartformer.config import PretrainConfig
+    from smartformer.models.smartformer import SMARTFormer
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,9 +38,7 @@ def run(args: argparse.Namespace) -> int:
     import shutil
 
     import nibabel as nib
-    import numpy as np
 
-    from smartformer.analysis.attention import attention_volume, write_attention
     from smartformer.config import load_config
     from smartformer.data.phantom import LESION_ID, write_phantoms
     from smartformer.errors import SmartformerError
@@ -67,13 +70,14 @@ def run(args: argparse.Namespace) -> int:
         return 130
 
     case = next((c for c in cases if (nib.load(str(c / "labels.nii.gz")).get_fdata() == LESION_ID).any()), cases[0])
-    lesion = np.asarray(nib.load(str(case / "labels.nii.gz")).dataobj) == LESION_ID
     shipped = PRETRAINED[0]
     models = {
         shipped: (SMARTFormer.from_pretrained(shipped), f"{shipped} (shipped, pretrained on real CT)"),
         "demo_run": (SMARTFormer.from_pretrained(run_dir / "teacher"), f"demo teacher after {summary['step']} steps"),
     }
-    print(f"[3/3] attention maps of {shipped} and of the demo teacher for {case / 'ct.nii.gz'}")
+    print(f"[3/3] attention maps of {shipped} and of the demo teacher for {case / 'ct.nii.gz'}, "
+          "next to a centre prior and the same network with random weights")
+    scored = attention_with_baselines(case, models, config, out / "attention", seed=args.seed)
     report = {
         "phantoms": str(out / "phantoms"),
         "run_dir": summary["run_dir"],
@@ -81,23 +85,82 @@ def run(args: argparse.Namespace) -> int:
         "metrics": str(run_dir / "metrics.jsonl"),
         "snapshots": str(run_dir / "snapshots"),
         "final_metrics": summary["metrics"],
-        "attention": {},
+        "attention": {name: entry for name, entry in scored.items() if name in models},
+        "baselines": {name: entry for name, entry in scored.items() if name not in models},
     }
-    for name, (model, what) in models.items():
-        result = attention_volume(model, case / "ct.nii.gz", spacing=config.data.spacing, window=config.data.window,
-                                  roi=config.data.roi, overlap=0.25)
-        files = write_attention(result, out / "attention", stem=f"{case.name}_{name}", mask=lesion,
-                                title=f"{case.name}: {what} (green: tumour)")
-        inside = float(result.mean[lesion].mean()) if lesion.any() else float("nan")
-        body = float(result.mean[result.image_hu > -500].mean())
-        report["attention"][name] = {**{k: str(v) for k, v in files.items()},
-                                     "tumour_enrichment": inside / body if body > 0 else None}
     (out / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
     print("\ndone. Where everything is:")
     for key in ("phantoms", "run_dir", "teacher", "metrics", "snapshots"):
         print(f"  {key:<22} {report[key]}")
     for name, entry in report["attention"].items():
         print(f"  {name + ' maps':<22} {entry['png']}  (+ {Path(entry['mean']).name}, {Path(entry['heads']).name})")
-        print(f"  {'':<22} tumour enrichment {entry['tumour_enrichment']:.3f}  (mean attention in tumour / in body)")
     print(f"  {'summary':<22} {out / 'demo.json'}")
+    for line in localization_lines(scored):
+        print(line)
     return 0
+
+
+def attention_with_baselines(case: Path, models: dict[str, tuple["SMARTFormer", str]], config: "PretrainConfig",
+                             out: Path, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Attention maps (NIfTI + PNG) of each model for the phantom ``case``, and how well each map and
+    two baselines (as ``smartformer localize`` has them) point at its tumour.
+
+    ``models`` maps a name to (network, description). Returns, per method (each model, then
+    :data:`~smartformer.commands.localize.CENTRE` and :data:`~smartformer.commands.localize.RANDOM`,
+    the first model's architecture with random weights): ``auroc`` and ``tumour_enrichment`` (mean
+    attention in the tumour / in the body, 1.0 is chance), and ``body_mean`` / ``air_mean``; the models
+    also get their ``png``, ``mean`` and ``heads`` files.
+    """
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    from smartformer.analysis.attention import attention_volume, write_attention
+    from smartformer.analysis.localization import centre_prior, localization_metrics
+    from smartformer.commands.localize import CENTRE, RANDOM
+    from smartformer.data.phantom import LESION_ID
+    from smartformer.data.transforms import BODY_HU_THRESHOLD
+    from smartformer.models.smartformer import SMARTFormer
+
+    lesion = np.asarray(nib.load(str(case / "labels.nii.gz")).dataobj) == LESION_ID
+    torch.manual_seed(seed)
+    first = next(iter(models.values()))[0]
+    methods: dict[str, tuple[SMARTFormer | None, str]] = {
+        **models, RANDOM: (SMARTFormer(first.config).eval(), "random weights"), CENTRE: (None, "centre prior")}
+    entries: dict[str, dict[str, Any]] = {}
+    image_hu = spacing = None
+    for name, (model, what) in methods.items():
+        entry: dict[str, Any] = {"what": what}
+        if model is None:
+            heat = centre_prior(lesion.shape, spacing)
+        else:
+            result = attention_volume(model, case / "ct.nii.gz", spacing=config.data.spacing,
+                                      window=config.data.window, roi=config.data.roi, overlap=0.25)
+            image_hu, heat = result.image_hu, result.mean
+            spacing = tuple(float(s) for s in np.linalg.norm(result.affine[:3, :3], axis=0))
+            if name in models:
+                files = write_attention(result, out, stem=f"{case.name}_{name}", mask=lesion,
+                                        title=f"{case.name}: {what}", mask_label="tumour")
+                entry.update({k: str(v) for k, v in files.items()})
+        body = image_hu > BODY_HU_THRESHOLD
+        entry.update({"body_mean": float(heat[body].mean()),
+                      "air_mean": float(heat[~body].mean()) if (~body).any() else None})
+        if lesion.any():
+            scores = localization_metrics(heat, lesion, image_hu, spacing)
+            entry.update({"auroc": scores["auroc"], "tumour_enrichment": scores["enrichment"]})
+        entries[name] = entry
+    return entries
+
+
+def localization_lines(entries: dict[str, dict[str, Any]]) -> list[str]:
+    """The summary's table: each map's tumour AUROC and enrichment next to the baselines'."""
+    lines = ["", "  how well each map points at the tumour (inside the body; chance: AUROC 0.5, enrichment 1.0):",
+             f"  {'method':<16} {'AUROC':>6} {'enrichment':>11} {'mean in body':>13} {'mean in air':>12}"]
+    for name, e in entries.items():
+        def number(key: str, width: int) -> str:
+            value = e.get(key)
+            return f"{value:>{width}.3f}" if isinstance(value, float) else f"{'-':>{width}}"
+        lines.append(f"  {name:<16} {number('auroc', 6)} {number('tumour_enrichment', 11)} "
+                     f"{number('body_mean', 13)} {number('air_mean', 12)}  {e['what']}")
+    lines.append("  a map localizes the tumour only where it beats both baselines (centre_prior, random_init)")
+    return lines
