@@ -266,3 +266,97 @@ def test_upsample_mask_blocks_and_rejects_non_integer_factor() -> None:
         upsample_mask(mask, (5, 3, 2))
     with pytest.raises(ValueError, match="integer multiple"):
         masked_l1_loss(torch.zeros(1, 1, 5, 3, 2), torch.zeros(1, 1, 5, 3, 2), mask)
+
+
+# ----------------------------------------------------------------------- Sinkhorn-Knopp, KoLeo
+
+
+def test_sinkhorn_rows_are_distributions_and_prototypes_are_used_equally() -> None:
+    from smartformer.loss import sinkhorn_knopp
+
+    logits = torch.randn(8, 4, generator=torch.Generator().manual_seed(0)) * 3
+    q = sinkhorn_knopp(logits, temp=0.5, iterations=200)
+    assert torch.allclose(q.sum(1), torch.ones(8), atol=1e-5)  # one unit per sample
+    assert torch.allclose(q.sum(0), torch.full((4,), 2.0), atol=1e-4)  # N / K per prototype
+    plain = torch.softmax(logits / 0.5, dim=-1)
+    assert not torch.allclose(plain.sum(0), torch.full((4,), 2.0), atol=1e-2)  # softmax alone does not balance
+
+
+def test_sinkhorn_ignores_a_bias_towards_one_prototype() -> None:
+    # The collapse EMA centering fights slowly: every input leaning to the same prototype. A
+    # per-prototype constant is a column scaling of exp(logits / T), which Sinkhorn-Knopp removes.
+    from smartformer.loss import sinkhorn_knopp
+
+    logits = torch.randn(6, 5, generator=torch.Generator().manual_seed(1))
+    bias = torch.tensor([4.0, 0.0, -1.0, 0.5, 2.0])
+    a = sinkhorn_knopp(logits, temp=0.1, iterations=300)
+    b = sinkhorn_knopp(logits + bias, temp=0.1, iterations=300)
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_sinkhorn_queue_holds_the_newest_teacher_rows_and_sharpens_small_batches() -> None:
+    k = 64
+    loss = DINOLoss(k, centering="sinkhorn", queue_size=6)
+    first, second = torch.randn(2, 2, k), torch.randn(2, 2, k)
+    loss.update_center(list(first))
+    assert int(loss.queue_filled) == 4 and torch.equal(loss.queue[:4], first.reshape(4, k))
+    loss.update_center(list(second))
+    assert int(loss.queue_filled) == 6
+    assert torch.equal(loss.queue[:4], second.reshape(4, k)) and torch.equal(loss.queue[4:], first.reshape(4, k)[:2])
+    # Balanced over 64 prototypes, 4 rows must each spread over >= 16 of them; past rows in the
+    # queue carry most of the balancing, so the current rows may stay sharp.
+    no_queue = DINOLoss(k, centering="sinkhorn", sinkhorn_iterations=100)
+    logits = torch.randn(1000, k, generator=torch.Generator().manual_seed(0))
+    queued = DINOLoss(k, centering="sinkhorn", queue_size=996, sinkhorn_iterations=100)
+    queued.update_center([logits[4:]])
+    alone, with_queue = no_queue.teacher_entropy(logits[:4], 0.1), queued.teacher_entropy(logits[:4], 0.1)
+    assert alone > math.log(16) / math.log(k) - 0.02
+    assert with_queue < alone - 0.1
+
+
+def test_dino_loss_with_sinkhorn_targets_is_the_cross_entropy_against_them() -> None:
+    from smartformer.loss import sinkhorn_knopp
+
+    k, ts, tt = 5, 0.1, 0.07
+    loss = DINOLoss(k, student_temp=ts, centering="sinkhorn")
+    g = torch.Generator().manual_seed(3)
+    student = [torch.randn(3, k, generator=g) for _ in range(2)]
+    teacher = [torch.randn(3, k, generator=g) for _ in range(2)]
+    p = sinkhorn_knopp(torch.cat(teacher), tt).reshape(2, 3, k).numpy()
+    s = [x.numpy() / ts for x in student]
+    expected = (_np_ce(p[0], s[1]).mean() + _np_ce(p[1], s[0]).mean()) / 2
+    assert loss(student, teacher, tt).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_queue_needs_sinkhorn() -> None:
+    with pytest.raises(ValueError, match="sinkhorn"):
+        DINOLoss(8, queue_size=4)
+
+
+def test_batch_entropy_tells_one_hot_collapse_from_sharp_targets() -> None:
+    k = 16
+    same = torch.zeros(4, k)
+    same[:, 3] = 1.0
+    different = torch.eye(k)[:4]
+    assert DINOLoss.batch_entropy(same) == pytest.approx(0.0, abs=1e-6)
+    assert DINOLoss.batch_entropy(different) == pytest.approx(math.log(4) / math.log(k), rel=1e-5)
+    assert DINOLoss.entropy_fraction(same) == DINOLoss.entropy_fraction(different) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_koleo_closed_form_and_it_pushes_a_pair_apart() -> None:
+    from smartformer.loss import KoLeoLoss
+
+    koleo = KoLeoLoss()
+    orthogonal = torch.tensor([[3.0, 0.0], [0.0, 0.5]])  # normalised distance sqrt(2)
+    assert koleo(orthogonal).item() == pytest.approx(-0.5 * math.log(2.0), rel=1e-6)
+    theta = 0.2
+    close = torch.tensor([[1.0, 0.0], [math.cos(theta), math.sin(theta)]])
+    assert koleo(close).item() == pytest.approx(-math.log(2 * math.sin(theta / 2)), rel=1e-5)
+    x = close.clone().requires_grad_(True)
+    koleo(x).backward()
+    with torch.no_grad():
+        moved = x - 0.01 * x.grad
+    cos = lambda z: float(torch.nn.functional.cosine_similarity(z[0:1], z[1:2]))  # noqa: E731
+    assert cos(moved) < cos(close)
+    with pytest.raises(ValueError, match="B >= 2"):
+        koleo(torch.ones(1, 4))

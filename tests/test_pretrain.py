@@ -58,7 +58,8 @@ def test_run_writes_everything_and_exports_teacher(phantoms: Path, tmp_path: Pat
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("loss", "loss_recon", "loss_patch", "loss_cls", "lr", "wd", "momentum", "teacher_temp",
                 "mask_ratio", "head_diversity", "steps_per_s", "volumes_per_s", "data_wait_s",
-                "teacher_cls_entropy", "teacher_patch_entropy"):
+                "teacher_cls_entropy", "teacher_patch_entropy", "teacher_cls_batch_entropy", "teacher_cls_cosine",
+                "teacher_pooled_cosine", "attn_air_share", "air_cell_share"):
         assert key in rows[-1], key
     assert 0.0 < rows[-1]["teacher_cls_entropy"] < 1.0 and 0.0 < rows[-1]["teacher_patch_entropy"] < 1.0
     assert rows[0]["momentum"] == pytest.approx(0.996) and rows[-1]["momentum"] == pytest.approx(1.0)
@@ -107,6 +108,24 @@ def test_sigterm_then_resume_gives_the_uninterrupted_losses(phantoms: Path, tmp_
     assert sorted(got) == list(range(1, steps + 1))
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+
+
+def test_resume_restores_the_sinkhorn_queue(phantoms: Path, tmp_path: Path) -> None:
+    # The queue is training state: a resumed run that lost it would normalise step 3's targets
+    # over other rows and log another loss than the uninterrupted run.
+    remedies = ["loss.centering=sinkhorn", "loss.cls_queue=16", "loss.koleo_weight=0.1",
+                "data.min_body_fraction=0.3", "data.min_view_overlap=0.5"]
+    run = tmp_path / "run"
+    assert cli("pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "3", "--no-progress",
+               *FAST, *remedies, "train.checkpoint_every=2").returncode == 0
+    first = losses(run)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("loss_koleo" in r for r in rows)
+    assert int(load_checkpoint(run / "checkpoints" / "last.pt")["losses"]["cls"]["queue_filled"]) == 12
+    shutil.copyfile(run / "checkpoints" / "step_0000002.pt", run / "checkpoints" / "last.pt")
+    resumed = cli("pretrain", "--data", str(phantoms), "--out", str(run), "--resume", "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(run) == pytest.approx(first, rel=1e-6, abs=1e-7)
 
 
 def test_resume_after_a_lost_checkpoint_logs_each_step_once(phantoms: Path, tmp_path: Path) -> None:

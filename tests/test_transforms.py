@@ -225,3 +225,53 @@ def test_distributed_loader_needs_a_process_group(tmp_path, volumes):
     dataset = build_pretrain_dataset(volumes, tmp_path / "cache", roi=16)
     with pytest.raises(SmartformerError, match="torchrun"):
         build_loader(dataset, batch_size=1, num_workers=0, distributed=True)
+
+
+def _corner_body(shape=(96, 96, 96), body=40) -> dict:
+    """A preprocessed-like volume: air (0) except a cube of body (0.6) in one corner."""
+    image = torch.zeros(1, *shape)
+    image[:, :body, :body, :body] = 0.6
+    return {"image": image}
+
+
+def test_min_body_fraction_redraws_views_that_are_mostly_air():
+    sample = _corner_body()
+    plain = view_transforms(roi=(32, 32, 32), num_views=2, max_scale=1.0)
+    picky = view_transforms(roi=(32, 32, 32), num_views=2, max_scale=1.0, min_body_fraction=0.5, body_level=0.25)
+
+    def fractions(views) -> list[float]:
+        out = []
+        for seed in range(30):
+            views.set_random_state(seed=seed)
+            views.randomize(sample["image"].shape[1:], sample["image"])
+            out += [views.body_fraction(sample["image"], box) for box in views._boxes]
+        return out
+
+    assert np.mean(fractions(plain)) < 0.2  # a 40^3 body corner of a 96^3 volume
+    picked = fractions(picky)
+    assert np.mean(picked) > 0.5 and np.mean(np.array(picked) >= 0.5) > 0.9
+    assert view_transforms(roi=(32, 32, 32), min_body_fraction=0.5)(sample)["views"].shape == (2, 1, 32, 32, 32)
+
+
+def test_min_view_overlap_keeps_the_views_of_a_volume_on_shared_anatomy():
+    shape = (160, 160, 160)
+    independent = view_transforms(roi=(32, 32, 32), num_views=3)
+    paired = view_transforms(roi=(32, 32, 32), num_views=3, min_view_overlap=0.5)
+
+    def overlaps(views) -> list[float]:
+        out = []
+        for seed in range(40):
+            views.set_random_state(seed=seed)
+            views.randomize(shape)
+            (a0, a1), rest = views._boxes[0], views._boxes[1:]
+            for s, e in rest:
+                out.append(min((min(e[i], a1[i]) - max(s[i], a0[i])) / (e[i] - s[i]) for i in range(3)))
+        return out
+
+    assert min(overlaps(independent)) < 0  # disjoint views happen
+    assert min(overlaps(paired)) >= 0.5 - 1e-9
+
+
+def test_view_options_are_range_checked():
+    with pytest.raises(ConfigError, match="min_body_fraction"):
+        view_transforms(min_body_fraction=1.5)

@@ -49,6 +49,12 @@ class DataConfig:
     intensity_shift: float = 0.1
     flip_prob: float = 0.5
     skip_bad: bool = False
+    # Views that hold anatomy: redraw a view (up to 10 times) while less than this fraction of
+    # its voxels is body (above -500 HU); 0 = off. Limb crops and padded volumes are mostly air.
+    min_body_fraction: float = 0.0
+    # Views of one volume share anatomy: each view after the first overlaps the first by at
+    # least this fraction of its side along every axis (0 = placed independently, as SMIT does).
+    min_view_overlap: float = 0.0
 
 
 @dataclass
@@ -77,6 +83,13 @@ class LossConfig:
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_steps: int = 300
     center_momentum: float = 0.9
+    # ema: DINO's centering; sinkhorn: Sinkhorn-Knopp targets (SwAV, DINOv2), for both heads.
+    centering: Literal["ema", "sinkhorn"] = "ema"
+    # With sinkhorn: past teacher [CLS] outputs kept in a queue for the normalisation (SwAV's
+    # remedy for small batches; 0 = the current batch only).
+    cls_queue: int = 0
+    # KoLeo on the student [CLS] of each view (DINOv2 uses 0.1); spreads the batch apart.
+    koleo_weight: float = 0.0
 
 
 @dataclass

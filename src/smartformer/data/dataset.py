@@ -21,6 +21,7 @@ from smartformer.data.io import validate_volume
 from smartformer.data.transforms import (
     BODY_HU_THRESHOLD,
     as_triple,
+    body_level,
     parse_window,
     preprocess_transforms,
     view_transforms,
@@ -124,6 +125,8 @@ def build_pretrain_dataset(
     intensity_shift: float = 0.1,
     flip_prob: float = 0.5,
     max_scale: float = 1.5,
+    min_body_fraction: float = 0.0,
+    min_view_overlap: float = 0.0,
 ) -> PretrainDataset:
     """Dataset of ``{"views": (num_views, 1, *roi)}`` samples for pretraining.
 
@@ -142,6 +145,8 @@ def build_pretrain_dataset(
             them, those that cannot be used; a volume that fails later, when decoded, is
             skipped with a warning too. Without it, a bad volume raises :class:`InputError`
             naming the file when it is loaded.
+        min_body_fraction, min_view_overlap: see
+            :class:`~smartformer.data.transforms.RandGlobalViewsd` (0 = off).
 
     Raises:
         InputError: ``items`` is empty.
@@ -160,7 +165,8 @@ def build_pretrain_dataset(
         *preprocess_transforms(spacing=spacing, window=window, roi=roi).transforms,
         view_transforms(roi=roi, num_views=num_views, intensity_scale=intensity_scale,
                         intensity_shift=intensity_shift, flip_prob=flip_prob,
-                        max_scale=max_scale),
+                        max_scale=max_scale, min_body_fraction=min_body_fraction,
+                        body_level=body_level(window), min_view_overlap=min_view_overlap),
     ])
     return PretrainDataset([{"image": p} for p in paths], transform, subdir, skip_bad=skip_bad)
 

@@ -72,6 +72,12 @@ def parse_window(spec: str | Sequence[float]) -> tuple[float, float]:
     return lo, hi
 
 
+def body_level(window: str | Sequence[float]) -> float:
+    """The windowed intensity (0..1) of :data:`BODY_HU_THRESHOLD`: above it, a voxel is body."""
+    lo, hi = parse_window(window)
+    return min(max((BODY_HU_THRESHOLD - lo) / (hi - lo), 0.0), 1.0)
+
+
 def as_triple(value: float | Sequence[float], name: str) -> tuple[float, float, float]:
     """A scalar or 3-sequence (spacing, ROI) as a 3-tuple; ConfigError for other lengths."""
     values = [value] * 3 if isinstance(value, numbers.Real) else list(value)
@@ -153,6 +159,15 @@ class RandGlobalViewsd(Randomizable, Transform):
     by ``U(-t, t)`` (``s = intensity_scale``, ``t = intensity_shift``) and clipped to [0, 1].
     ``max_scale = 1`` gives plain random ROI crops.
 
+    Two options keep the views informative for self-distillation:
+
+    * ``min_body_fraction``: a view box with fewer body voxels (windowed intensity above
+      ``body_level``) than this fraction is redrawn, up to ``max_tries`` times (the last draw
+      is kept), so limb crops and padded volumes do not train on air;
+    * ``min_view_overlap``: every view after the first overlaps the first box by at least this
+      fraction of its own side along each axis, so the views of a volume share anatomy (DINO's
+      [CLS] loss asks views to agree; far-apart views of a chest CT show different organs).
+
     The output dict is the input without ``image_key`` (its size varies, which would break
     batching) plus ``views_key``: a float32 tensor. Seed with :meth:`set_random_state`; all
     draws come from one ``RandomState``, shared with the MONAI sub-transforms.
@@ -161,10 +176,18 @@ class RandGlobalViewsd(Randomizable, Transform):
     def __init__(self, roi: int | Sequence[int] = (96, 96, 96), num_views: int = 2,
                  max_scale: float = 1.5, intensity_scale: float = 0.1,
                  intensity_shift: float = 0.1, flip_prob: float = 0.5,
-                 image_key: str = "image", views_key: str = "views") -> None:
+                 image_key: str = "image", views_key: str = "views", min_body_fraction: float = 0.0,
+                 body_level: float = 0.25, min_view_overlap: float = 0.0, max_tries: int = 10) -> None:
         if num_views < 1 or max_scale < 1.0:
             raise ConfigError(f"views: need num_views >= 1 and max_scale >= 1, got {num_views} "
                               f"and {max_scale}")
+        if not 0.0 <= min_body_fraction <= 1.0 or not 0.0 <= min_view_overlap <= 1.0:
+            raise ConfigError(f"views: min_body_fraction and min_view_overlap must lie in [0, 1], got "
+                              f"{min_body_fraction} and {min_view_overlap}")
+        self.min_body_fraction = min_body_fraction
+        self.body_level = body_level
+        self.min_view_overlap = min_view_overlap
+        self.max_tries = max(1, max_tries)
         self.roi = tuple(int(r) for r in as_triple(roi, "roi"))
         self.num_views = num_views
         self.max_scale = max_scale
@@ -183,19 +206,62 @@ class RandGlobalViewsd(Randomizable, Transform):
             sub.set_random_state(state=self.R)
         return self
 
-    def randomize(self, data: Sequence[int]) -> None:
-        """Draw one crop box ``(start, end)`` per view for a volume of spatial shape ``data``."""
+    def randomize(self, data: Sequence[int], image: torch.Tensor | None = None) -> None:
+        """Draw one crop box ``(start, end)`` per view for a volume of spatial shape ``data``.
+
+        ``image`` (1, X, Y, Z) is needed for ``min_body_fraction``; without it the option is
+        not applied. With it, the first view is centred on a random body voxel (as MONAI's
+        ``RandCropByPosNegLabeld`` centres on foreground), and a view below the fraction is
+        redrawn; after ``max_tries`` the draw with the most body is kept.
+        """
         self._boxes = []
-        for _ in range(self.num_views):
-            scale = self.R.uniform(1.0, self.max_scale, size=3)
-            size = [min(int(round(r * s)), n) for r, s, n in zip(self.roi, scale, data)]
-            start = [int(self.R.randint(0, n - z + 1)) for n, z in zip(data, size)]
-            self._boxes.append((start, [a + z for a, z in zip(start, size)]))
+        check = image is not None and self.min_body_fraction > 0
+        body = torch.nonzero(image[0] > self.body_level) if check else None
+        for i in range(self.num_views):
+            anchor = self._boxes[0] if i and self.min_view_overlap > 0 else None
+            best, best_fraction = None, -1.0
+            for _ in range(self.max_tries if check else 1):
+                centre = None
+                if body is not None and len(body) and anchor is None:
+                    centre = body[int(self.R.randint(0, len(body)))].tolist()
+                box = self._draw(data, anchor, centre)
+                if not check:
+                    best = box
+                    break
+                fraction = self.body_fraction(image, box)
+                if fraction > best_fraction:
+                    best, best_fraction = box, fraction
+                if fraction >= self.min_body_fraction:
+                    break
+            assert best is not None
+            self._boxes.append(best)
+
+    def _draw(self, shape: Sequence[int], anchor: tuple[list[int], list[int]] | None,
+              centre: Sequence[int] | None = None) -> tuple[list[int], list[int]]:
+        """A random box; it overlaps ``anchor`` by ``min_view_overlap`` or is centred near ``centre``."""
+        scale = self.R.uniform(1.0, self.max_scale, size=3)
+        size = [min(int(round(r * s)), n) for r, s, n in zip(self.roi, scale, shape)]
+        start = []
+        for axis, (n, z) in enumerate(zip(shape, size)):
+            lo, hi = 0, n - z
+            if anchor is not None:  # overlap the anchor box by >= min_view_overlap * z along this axis
+                a0, a1 = anchor[0][axis], anchor[1][axis]
+                need = min(int(np.ceil(self.min_view_overlap * z)), a1 - a0)
+                lo, hi = max(lo, a0 + need - z), min(hi, a1 - need)
+            elif centre is not None:
+                lo = hi = min(max(int(centre[axis]) - z // 2, 0), n - z)
+            start.append(int(self.R.randint(lo, hi + 1)))
+        return start, [a + z for a, z in zip(start, size)]
+
+    def body_fraction(self, image: torch.Tensor, box: tuple[list[int], list[int]]) -> float:
+        """The fraction of the voxels of ``box`` in ``image`` (1, X, Y, Z) that are body."""
+        (x0, y0, z0), (x1, y1, z1) = box
+        return float((image[:, x0:x1, y0:y1, z0:z1] > self.body_level).float().mean())
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = {k: v for k, v in data.items() if k != self.image_key}
         image = convert_to_tensor(data[self.image_key], track_meta=False)
-        self.randomize(image.shape[1:])
+        self.randomize(image.shape[1:], image)
         views = [self._view(image, start, end) for start, end in self._boxes]
         d[self.views_key] = convert_to_tensor(torch.stack(views), dtype=torch.float32,
                                               track_meta=False)
@@ -211,7 +277,8 @@ class RandGlobalViewsd(Randomizable, Transform):
 
 def view_transforms(roi: int | Sequence[int] = (96, 96, 96), num_views: int = 2,
                     intensity_scale: float = 0.1, intensity_shift: float = 0.1,
-                    flip_prob: float = 0.5, max_scale: float = 1.5) -> RandGlobalViewsd:
+                    flip_prob: float = 0.5, max_scale: float = 1.5, min_body_fraction: float = 0.0,
+                    body_level: float = 0.25, min_view_overlap: float = 0.0) -> RandGlobalViewsd:
     """The random part: a preprocessed ``{"image": (1, X, Y, Z)}`` dict to ``{"views": ...}``.
 
     Returns a :class:`RandGlobalViewsd` (callable, MONAI ``Randomizable``); see there for the
@@ -219,4 +286,5 @@ def view_transforms(roi: int | Sequence[int] = (96, 96, 96), num_views: int = 2,
     """
     return RandGlobalViewsd(roi=roi, num_views=num_views, max_scale=max_scale,
                             intensity_scale=intensity_scale, intensity_shift=intensity_shift,
-                            flip_prob=flip_prob)
+                            flip_prob=flip_prob, min_body_fraction=min_body_fraction, body_level=body_level,
+                            min_view_overlap=min_view_overlap)

@@ -39,7 +39,8 @@ class DINOLoss(CenteredTeacherLoss):
     """
 
     def forward(
-        self, student_logits: Sequence[Tensor], teacher_logits: Sequence[Tensor], teacher_temp: float
+        self, student_logits: Sequence[Tensor], teacher_logits: Sequence[Tensor], teacher_temp: float,
+        targets: Tensor | None = None,
     ) -> Tensor:
         """Cross-view DINO loss.
 
@@ -47,6 +48,8 @@ class DINOLoss(CenteredTeacherLoss):
             student_logits: one ``(B, K)`` tensor per student view.
             teacher_logits: one ``(B, K)`` tensor per teacher view (no gradient flows to them).
             teacher_temp: teacher temperature for this step.
+            targets: the ``(T, B, K)`` teacher targets if already computed by
+                :meth:`view_targets` (so that monitors and loss share one computation).
 
         Returns:
             Scalar float32 loss.
@@ -62,23 +65,30 @@ class DINOLoss(CenteredTeacherLoss):
             log_p_s = torch.stack(
                 [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student_logits]
             )  # (S, B, K)
-            p_t = torch.stack(
-                [self.softmax_center_teacher(t, teacher_temp) for t in teacher_logits]
-            )  # (T, B, K)
+            p_t = targets if targets is not None else self.view_targets(teacher_logits, teacher_temp)  # (T, B, K)
             # ce[q, v] = mean_b sum_k -p_t[q, b, k] * log_p_s[v, b, k]
             ce = -torch.einsum("qbk,vbk->qv", p_t, log_p_s) / p_t.shape[1]
             same_view = torch.eye(n_t, n_s, dtype=torch.bool, device=ce.device)
             return ce.masked_fill(same_view, 0.0).sum() / n_pairs
 
     @torch.no_grad()
+    def view_targets(self, teacher_logits: Sequence[Tensor], teacher_temp: float) -> Tensor:
+        """The ``(T, B, K)`` targets of every teacher view (Sinkhorn-Knopp normalises them jointly)."""
+        stacked = torch.stack([t.detach().float() for t in teacher_logits])
+        return self.targets(stacked, teacher_temp)
+
+    @torch.no_grad()
     def update_center(self, teacher_logits: Sequence[Tensor]) -> None:
-        """EMA update of ``center`` with the batch mean of the teacher logits.
+        """EMA update of ``center`` with the batch mean of the teacher logits (and the queue).
 
         The batch mean is taken over all views and samples of this process, then averaged over
         the processes of the default ``torch.distributed`` group when it is initialized (the
-        mean of the per-process means). Call it after the loss of the same step.
+        mean of the per-process means). With a Sinkhorn-Knopp queue, this step's logits enter
+        it. Call it after the loss of the same step.
 
         Args:
             teacher_logits: one ``(B, K)`` tensor per teacher view.
         """
-        self._ema_center(torch.cat([t.detach().float() for t in teacher_logits]).mean(dim=0, keepdim=True))
+        rows = torch.cat([t.detach().float() for t in teacher_logits])
+        self._ema_center(rows.mean(dim=0, keepdim=True))
+        self._push_queue(rows)

@@ -48,6 +48,7 @@ class iBOTPatchLoss(CenteredTeacherLoss):
         teacher_patch_logits: Tensor,
         mask: Tensor,
         teacher_temp: float,
+        targets: Tensor | None = None,
     ) -> Tensor:
         """Masked-token iBOT loss.
 
@@ -57,6 +58,7 @@ class iBOTPatchLoss(CenteredTeacherLoss):
             mask: bool, ``(B, N)`` or ``(B, d, h, w)`` with ``d*h*w == N`` (flattened in C
                 order, matching the token order), True = masked.
             teacher_temp: teacher temperature for this step.
+            targets: the ``(B, N, K)`` teacher targets if already computed by :meth:`targets`.
 
         Returns:
             Scalar float32 loss.
@@ -73,7 +75,7 @@ class iBOTPatchLoss(CenteredTeacherLoss):
         m = mask.reshape(b, n).to(device=student_patch_logits.device, dtype=torch.float32)
         with torch.autocast(device_type=student_patch_logits.device.type, enabled=False):
             log_p_s = F.log_softmax(student_patch_logits.float() / self.student_temp, dim=-1)
-            p_t = self.softmax_center_teacher(teacher_patch_logits, teacher_temp)
+            p_t = targets if targets is not None else self.targets(teacher_patch_logits, teacher_temp)
             ce = -(p_t * log_p_s).sum(dim=-1)  # (B, N)
             n_masked = m.sum(dim=1)  # (B,)
             per_image = (ce * m).sum(dim=1) / n_masked.clamp(min=1.0)

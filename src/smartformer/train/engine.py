@@ -170,6 +170,8 @@ def _build_loader(config: PretrainConfig, data: str | Path, out: Path, ctx: Dist
         intensity_scale=d.intensity_scale,
         intensity_shift=d.intensity_shift,
         flip_prob=d.flip_prob,
+        min_body_fraction=d.min_body_fraction,
+        min_view_overlap=d.min_view_overlap,
     )
     keyed = _ErrorsAsData(dataset, seed=config.train.seed)
     sampler = ResumableSampler(len(keyed), config.train.seed, ctx.rank, ctx.world_size, start=start_step * d.batch_size)
@@ -195,6 +197,7 @@ def _checkpoint_state(meta: SMARTMetaArch, optimizer, scaler, step: int, config:
         "student": meta.student.state_dict(),
         "teacher": meta.teacher.state_dict(),
         "centers": {"cls": meta.dino_loss.center.clone(), "patch": meta.ibot_loss.center.clone()},
+        "losses": {"cls": meta.dino_loss.state_dict(), "patch": meta.ibot_loss.state_dict()},  # + Sinkhorn queue
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "schedules": {k: torch.from_numpy(getattr(schedules, k).copy()) for k in ("lr", "wd", "momentum", "teacher_temp")},
@@ -266,6 +269,9 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
         meta.teacher.load_state_dict(state["teacher"])
         meta.dino_loss.center.copy_(state["centers"]["cls"])
         meta.ibot_loss.center.copy_(state["centers"]["patch"])
+        if "losses" in state:  # checkpoints since the Sinkhorn queue; older ones hold the centers only
+            meta.dino_loss.load_state_dict(state["losses"]["cls"])
+            meta.ibot_loss.load_state_dict(state["losses"]["patch"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"], generator)

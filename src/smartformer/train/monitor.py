@@ -16,6 +16,9 @@ __all__ = ["MetricsWriter", "attention_snapshot", "collapse_message"]
 
 #: Teacher entropy (fraction of ln K) above which the distillation targets count as uniform.
 UNIFORM_ENTROPY = 0.999
+#: Entropy (fraction of ln K) of the batch-mean [CLS] target below which every input gets the
+#: same one-hot target.
+ONE_HOT_ENTROPY = 0.02
 
 
 class MetricsWriter:
@@ -54,19 +57,26 @@ class MetricsWriter:
 
 
 def collapse_message(values: dict[str, float]) -> str | None:
-    """A one-line warning when a logged teacher entropy says the targets are uniform, else None.
+    """A one-line warning when a logged record shows a collapsed distillation branch, else None.
 
-    ``values`` is one logged record (``teacher_cls_entropy`` / ``teacher_patch_entropy`` as
-    fractions of ``ln K``). Uniform targets after the temperature warm-up mean the branch has
-    collapsed: its loss sits at ``ln K`` and teaches nothing.
+    ``values`` is one logged record. Two collapses (DINO, Sec. 5.3):
+
+    * uniform: ``teacher_cls_entropy`` / ``teacher_patch_entropy`` (fractions of ``ln K``) above
+      :data:`UNIFORM_ENTROPY`: centering won, the loss sits at ``ln K`` and teaches nothing;
+    * one-hot: ``teacher_cls_batch_entropy``, the entropy of the batch-mean target, below
+      :data:`ONE_HOT_ENTROPY`: every input of the step gets the same sharp target.
     """
     uniform = [k.removeprefix("teacher_").removesuffix("_entropy") for k in ("teacher_cls_entropy", "teacher_patch_entropy")
                if values.get(k, 0.0) > UNIFORM_ENTROPY]
-    if not uniform:
-        return None
-    return (f"the teacher's {' and '.join(uniform)} targets are uniform (entropy > {UNIFORM_ENTROPY} ln K): "
-            "that distillation branch has collapsed and teaches nothing; try a lower loss.teacher_temp "
-            "or a larger batch")
+    if uniform:
+        return (f"the teacher's {' and '.join(uniform)} targets are uniform (entropy > {UNIFORM_ENTROPY} ln K): "
+                "that distillation branch has collapsed and teaches nothing; try a lower loss.teacher_temp, "
+                "loss.koleo_weight=0.1 or a larger batch")
+    if values.get("teacher_cls_batch_entropy", 1.0) < ONE_HOT_ENTROPY:
+        return (f"every input gets the same one-hot [CLS] target (batch-mean entropy < {ONE_HOT_ENTROPY} ln K): "
+                "the [CLS] branch has collapsed; try a higher loss.teacher_temp, loss.centering=sinkhorn "
+                "or loss.koleo_weight=0.1")
+    return None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -7,7 +7,10 @@ One :meth:`SMARTMetaArch.forward` call computes every loss term for a batch of v
 2. the student's masks come from that attention (``attention_hint`` by default; ``random``
    during the warm-up) -- no extra forward pass;
 3. the student sees the masked views and is trained on masked-voxel reconstruction, masked
-   patch-token distillation (iBOT) and cross-view [CLS] distillation (DINO).
+   patch-token distillation (iBOT), cross-view [CLS] distillation (DINO) and, optionally, the
+   KoLeo spreading term on its [CLS] (DINOv2).
+
+Besides the loss terms, every step reports the collapse monitors (see :func:`collapse_monitors`).
 
 The EMA update and the loss centers are applied by :meth:`after_step` once the optimizer ran.
 """
@@ -18,16 +21,61 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smartformer.config import PretrainConfig, build_model_config
 from smartformer.data.masking import ATTENTION_STRATEGIES, MaskGenerator
+from smartformer.data.transforms import body_level
 from smartformer.errors import ConfigError
-from smartformer.loss import DINOLoss, iBOTPatchLoss, masked_l1_loss
+from smartformer.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss, masked_l1_loss
 from smartformer.models.smartformer import SMARTFormer
 from smartformer.train.teacher import TeacherNoise, build_teacher, head_diversity, update_momentum
 
-__all__ = ["SMARTMetaArch", "StepOutput"]
+__all__ = ["SMARTMetaArch", "StepOutput", "collapse_monitors"]
+
+
+def _mean_cross_cosine(x: Tensor, views: int) -> float | None:
+    """Mean cosine between the rows of different volumes of the same view (rows view-major)."""
+    per_view = F.normalize(x.detach().float(), dim=-1).reshape(views, -1, x.shape[-1])
+    b = per_view.shape[1]
+    if b < 2:
+        return None
+    sims = per_view @ per_view.transpose(1, 2)  # (V, B, B)
+    off = ~torch.eye(b, dtype=torch.bool, device=x.device)
+    return float(sims[:, off].mean())
+
+
+@torch.no_grad()
+def collapse_monitors(volumes: Tensor, views: int, cls: Tensor, tokens: Tensor, attn: Tensor | None,
+                      level: float, stride: int) -> dict[str, float]:
+    """What tells a collapsing run from a learning one, beyond the loss.
+
+    Args:
+        volumes: the ``(V*B, 1, D, H, W)`` inputs, view-major.
+        views: ``V``.
+        cls: the teacher's ``(V*B, C)`` [CLS] embeddings; tokens: its ``(V*B, N, C)`` tokens.
+        attn: its ``(V*B, heads, d, h, w)`` attention, or None.
+        level: windowed intensity of the body threshold (:func:`body_level`).
+        stride: the attention grid's stride in voxels.
+
+    Returns:
+        ``teacher_cls_cosine`` / ``teacher_pooled_cosine``: mean cosine between the [CLS] (or
+        mean token) of *different* volumes (1.0: every CT gets the same embedding; needs 2 or
+        more volumes per step); ``attn_air_share``: the share of the attention on cells that
+        are mostly air, next to ``air_cell_share``, the share a uniform map would give.
+    """
+    out: dict[str, float] = {}
+    for name, x in (("teacher_cls_cosine", cls), ("teacher_pooled_cosine", tokens.mean(1))):
+        value = _mean_cross_cosine(x, views)
+        if value is not None:
+            out[name] = value
+    if attn is not None:
+        body = F.avg_pool3d((volumes > level).float(), stride).flatten(1) >= 0.5  # (V*B, N)
+        weights = attn.float().mean(1).flatten(1)  # (V*B, N), rows sum to 1
+        out["attn_air_share"] = float((weights * (~body)).sum(1).mean())
+        out["air_cell_share"] = float((~body).float().mean())
+    return out
 
 
 @dataclass
@@ -64,10 +112,16 @@ class SMARTMetaArch(nn.Module):
             config.masking.strategy, config.masking.ratio, config.masking.hint_ratio, config.masking.warmup_steps
         )
         self.noise = TeacherNoise(config.teacher.noise, config.teacher.noise_ratio, config.teacher.noise_sigma)
-        self.dino_loss = DINOLoss(model_cfg.head_out_dim, loss.student_temp, loss.center_momentum)
-        self.ibot_loss = iBOTPatchLoss(
-            model_cfg.patch_out_dim or model_cfg.head_out_dim, loss.student_temp, loss.center_momentum
-        )
+        if loss.cls_queue and loss.centering != "sinkhorn":
+            raise ConfigError("loss.cls_queue needs loss.centering=sinkhorn (EMA centering keeps no queue)")
+        if loss.koleo_weight > 0 and config.data.batch_size < 2:
+            raise ConfigError("loss.koleo_weight needs data.batch_size >= 2 (it spreads the volumes of a step apart)")
+        self.dino_loss = DINOLoss(model_cfg.head_out_dim, loss.student_temp, loss.center_momentum,
+                                  centering=loss.centering, queue_size=loss.cls_queue)
+        self.ibot_loss = iBOTPatchLoss(model_cfg.patch_out_dim or model_cfg.head_out_dim, loss.student_temp,
+                                       loss.center_momentum, centering=loss.centering)
+        self.koleo_loss = KoLeoLoss()
+        self.body_level = body_level(config.data.window)
 
     def train(self, mode: bool = True) -> "SMARTMetaArch":
         super().train(mode)
@@ -114,17 +168,26 @@ class SMARTMetaArch(nn.Module):
             t_cls = list(t_out["cls_logits"].float().chunk(v))
             t_patch = t_out["patch_logits"].float()
             if cfg.patch_weight > 0:
-                terms["patch"] = self.ibot_loss(s_out["patch_logits"], t_patch, mask, teacher_temp)
-                entropies["teacher_patch_entropy"] = self.ibot_loss.teacher_entropy(t_patch, teacher_temp)
+                patch_targets = self.ibot_loss.targets(t_patch, teacher_temp)
+                terms["patch"] = self.ibot_loss(s_out["patch_logits"], t_patch, mask, teacher_temp,
+                                                targets=patch_targets)
+                entropies["teacher_patch_entropy"] = self.ibot_loss.entropy_fraction(patch_targets)
             if cfg.cls_weight > 0:
-                terms["cls"] = self.dino_loss(list(s_out["cls_logits"].chunk(v)), t_cls, teacher_temp)
-                entropies["teacher_cls_entropy"] = self.dino_loss.teacher_entropy(t_out["cls_logits"], teacher_temp)
-        weights = {"recon": cfg.recon_weight, "patch": cfg.patch_weight, "cls": cfg.cls_weight}
+                cls_targets = self.dino_loss.view_targets(t_cls, teacher_temp)
+                terms["cls"] = self.dino_loss(list(s_out["cls_logits"].chunk(v)), t_cls, teacher_temp,
+                                              targets=cls_targets)
+                entropies["teacher_cls_entropy"] = self.dino_loss.entropy_fraction(cls_targets)
+                entropies["teacher_cls_batch_entropy"] = self.dino_loss.batch_entropy(cls_targets)
+        if cfg.koleo_weight > 0:
+            terms["koleo"] = torch.stack([self.koleo_loss(c) for c in s_out["cls"].chunk(v)]).mean()
+        weights = {"recon": cfg.recon_weight, "patch": cfg.patch_weight, "cls": cfg.cls_weight,
+                   "koleo": cfg.koleo_weight}
         total = sum(weights[k] * t for k, t in terms.items())
         values = {f"loss_{k}": float(t.detach()) for k, t in terms.items()}
         values["loss"] = float(total.detach())
         values["mask_ratio"] = float(mask.float().mean())
         values.update(entropies)
+        values.update(collapse_monitors(x, v, t_out["cls"], t_out["tokens"], attn, self.body_level, stride))
         if attn is not None:
             values["head_diversity"] = float(head_diversity(attn))
         return StepOutput(total, values, attn, t_cls, t_patch)
