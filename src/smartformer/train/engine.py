@@ -42,7 +42,14 @@ from smartformer.train.checkpoint import (
     set_rng_state,
 )
 from smartformer.train.monitor import MetricsWriter, attention_snapshot, collapse_message
-from smartformer.train.schedules import Schedules, cosine_schedule, linear_warmup_then_constant, momentum_schedule
+from smartformer.train.schedules import (
+    Schedules,
+    annotate_effective_lr,
+    cosine_schedule,
+    linear_warmup_then_constant,
+    momentum_schedule,
+    schedule_warnings,
+)
 from smartformer.train.ssl_meta_arch import SMARTMetaArch
 
 __all__ = ["pretrain", "DistContext"]
@@ -285,7 +292,10 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
 
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config.to_yaml())
+        (out / "config.yaml").write_text(annotate_effective_lr(config.to_yaml(), config, ctx.world_size))
+        for message in schedule_warnings(config, schedules, ctx.world_size, start_step,
+                                         state["schedules"] if state is not None else None):
+            warnings.warn(message, stacklevel=1)
     keyed, loader, n_volumes = _build_loader(config, data, out, ctx, start_step)
     autocast = torch.autocast(
         device.type,

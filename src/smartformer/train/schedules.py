@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -111,3 +113,83 @@ class Schedules:
                 ("teacher_temp", self.teacher_temp),
             )
         }
+
+
+# --- what a user would not expect of a run's schedules --------------------------------------
+
+#: How ``config.yaml`` states the effective peak lr (see :func:`annotate_effective_lr`).
+EFFECTIVE_LR_NOTE = "effective peak lr"
+
+
+def effective_lr(config: Any, world_size: int = 1) -> float:
+    """The peak lr a run uses: ``optim.lr`` is per sample and scaled by the global batch
+    (``data.batch_size`` x processes), as in DINO."""
+    return float(config.optim.lr) * int(config.data.batch_size) * int(world_size)
+
+
+def _lr_note(config: Any, world_size: int) -> str:
+    return (f"{EFFECTIVE_LR_NOTE} {effective_lr(config, world_size):.6g} = optim.lr {config.optim.lr:.6g} x global "
+            f"batch {config.data.batch_size * world_size} ({config.data.batch_size} per process x {world_size})")
+
+
+def annotate_effective_lr(text: str, config: Any, world_size: int = 1) -> str:
+    """``config.yaml`` text with the effective peak lr as a comment on ``optim.lr``'s line (still valid YAML)."""
+    lines, section = text.splitlines(), None
+    for i, line in enumerate(lines):
+        if not line.startswith(" "):
+            section = line.split(":")[0]
+        elif section == "optim" and line.strip().startswith("lr:"):
+            lines[i] = f"{line}  # per sample; {_lr_note(config, world_size)}"
+            break
+    return "\n".join(lines) + "\n"
+
+
+def read_effective_lr(text: str) -> float | None:
+    """The effective peak lr stated in a ``config.yaml`` written by :func:`annotate_effective_lr`, if any."""
+    import re
+
+    found = re.search(rf"{EFFECTIVE_LR_NOTE} ([0-9.eE+-]+)", text)
+    return float(found.group(1)) if found else None
+
+
+def schedule_warnings(config: Any, schedules: Schedules, world_size: int = 1, start_step: int = 0,
+                      previous: dict[str, Any] | None = None) -> list[str]:
+    """One line for each way the run's schedules will surprise: a warm-up that fills the whole
+    run (the lr only rises; the teacher temperature never arrives; attention-guided masking never
+    starts) and, when resuming, schedules re-stretched to a changed ``train.max_steps``.
+
+    Args:
+        config: the run's :class:`~smartformer.config.PretrainConfig`.
+        schedules: the schedules the run will follow (:func:`~smartformer.train.engine.build_schedules`).
+        world_size: processes, for the effective lr.
+        start_step: the step the run starts (or resumes) at.
+        previous: the schedules stored in the checkpoint being resumed (name -> per-step values).
+    """
+    steps, o, lc, m = config.train.max_steps, config.optim, config.loss, config.masking
+    out: list[str] = []
+    if o.warmup_steps >= steps - 1:
+        out.append(f"optim.warmup_steps={o.warmup_steps} spans the whole run of train.max_steps={steps}: the lr only "
+                   f"rises and ends at its peak, {_lr_note(config, world_size)}; give more steps or a shorter "
+                   "warm-up for a cosine decay")
+    if lc.warmup_teacher_temp_steps > steps:
+        out.append(f"loss.warmup_teacher_temp_steps={lc.warmup_teacher_temp_steps} > train.max_steps={steps}: the "
+                   f"teacher temperature ends at {schedules.teacher_temp[-1]:.4g}, short of loss.teacher_temp="
+                   f"{lc.teacher_temp:g}")
+    if m.strategy.startswith("attention") and m.warmup_steps >= steps:
+        out.append(f"masking.strategy={m.strategy} starts after masking.warmup_steps={m.warmup_steps}, but the run "
+                   f"has train.max_steps={steps}: it masks at random throughout (attention-guided masking never "
+                   "switches on)")
+    if previous is not None and start_step > 0:
+        old_length = len(previous["lr"])
+        if old_length != steps:
+            def at(values: Any, step: int) -> float:
+                return float(values[min(step, len(values) - 1)])
+
+            now = schedules.at(start_step)
+            changes = [f"{name} {at(previous[name], start_step):.6g} -> {now[name]:.6g}"
+                       for name in ("lr", "momentum", "teacher_temp", "wd") if name in previous
+                       and not math.isclose(at(previous[name], start_step), now[name], rel_tol=1e-9, abs_tol=1e-12)]
+            out.append(f"resuming at step {start_step} with train.max_steps={steps} instead of {old_length}: every "
+                       f"schedule is stretched over the new length" + (f" ({', '.join(changes)} at this step)"
+                                                                       if changes else ""))
+    return out
