@@ -71,3 +71,29 @@ def test_report_refuses_an_empty_folder(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds no metrics.jsonl" in err
     assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_report_takes_results_from_elsewhere_and_states_the_effective_lr(tmp_path):
+    """``--results DIR`` finds a localize output outside the run; small lr values keep their digits."""
+    from smartformer.config import load_config
+    from smartformer.train.schedules import annotate_effective_lr
+
+    run_dir = tmp_path / "run"
+    _fake_run(run_dir)
+    with (run_dir / "metrics.jsonl").open("a") as fh:  # after the half-written line, as a resumed run would
+        fh.write("\n" + json.dumps({"step": 22, "loss": 0.1, "loss_patch": 0.002, "lr": 0.0005}) + "\n")
+    config = load_config("tiny")
+    (run_dir / "config.yaml").write_text(annotate_effective_lr(config.to_yaml(), config))
+    phantoms = tmp_path / "phantoms"
+    write_phantoms(phantoms, n=1, seed=2, shape=(64, 64, 48), spacing=(5.0, 5.0, 5.0), progress=False, n_lesions=1)
+    assert main(["localize", "--checkpoint", str(run_dir), "--data", str(phantoms), "--out", str(tmp_path / "loc"),
+                 "--no-random-baseline", "--no-progress", "--spacing", "5", "--roi", "32"]) == 0
+
+    assert main(["report", str(run_dir)]) == 0
+    assert "Localization" not in (run_dir / "report.html").read_text()
+    assert main(["report", str(run_dir), "--results", str(tmp_path / "loc")]) == 0
+    page = (run_dir / "report.html").read_text()
+    assert "<h3>Localization: " in page and "centre_prior" in page
+    assert "<td>lr</td><td>0.0005</td>" in page
+    assert "effective peak lr 0.0005" in page
+    assert main(["report", str(run_dir), "--results", str(tmp_path / "missing")]) == 2

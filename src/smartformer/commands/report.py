@@ -24,11 +24,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Gather a run directory's loss curves (metrics.jsonl), attention snapshots (snapshots/*.png), "
             "and every 'smartformer localize' (summary.json) or 'smartformer cluster' (*_clustering.json) "
-            "result and 'smartformer attention' PNG found below it, into one self-contained HTML page "
-            "(images embedded)."
+            "result and 'smartformer attention' PNG found below it or below --results, into one "
+            "self-contained HTML page (images embedded)."
         ),
     )
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a 'smartformer pretrain' output folder")
+    p.add_argument("--results", type=Path, nargs="+", default=[], metavar="DIR",
+                   help="more folders to search for localize, cluster and attention outputs (e.g. the --out of "
+                        "'smartformer localize' when it is not inside RUN_DIR)")
     p.add_argument("--out", type=Path, default=None, help="HTML file to write (default: RUN_DIR/report.html)")
     p.set_defaults(func=run)
 
@@ -43,7 +46,8 @@ def _image(path: Path, caption: str, width: int = 900) -> str:
 
 
 def _curves_png(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Loss terms (log scale when positive) and schedules against the step."""
+    """One panel per logged loss term (top row) and per schedule (bottom row) against the step, each
+    on its own scale: terms that differ by orders of magnitude do not hide one another."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,24 +55,24 @@ def _curves_png(rows: list[dict[str, Any]], path: Path) -> Path:
 
     from smartformer.analysis.overlay import save_figure
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
-    for ax, keys in ((left, LOSS_KEYS), (right, SCHEDULE_KEYS)):
-        drawn = False
-        for key in keys:
-            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
+    def series(key: str) -> list[tuple[float, float]]:
+        return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
+
+    groups = [[k for k in keys if series(k)] or keys[:1] for keys in (LOSS_KEYS, SCHEDULE_KEYS)]
+    cols = max(len(g) for g in groups)
+    fig, axes = plt.subplots(2, cols, figsize=(3.2 * cols, 5.6), squeeze=False)
+    for row, keys in zip(axes, groups):
+        for ax, key in zip(row, keys):
+            points = series(key)
             if points:
                 steps, values = zip(*points)
-                ax.plot(steps, values, label=key, marker="." if len(points) < 30 else None)
-                drawn = True
-        if drawn:
-            ax.legend(fontsize=8)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    left.set_title("losses")
-    right.set_title("schedules")
-    for ax, keys in ((left, LOSS_KEYS), (right, SCHEDULE_KEYS)):  # lr and momentum differ by 1e3 and more
-        if all(v > 0 for r in rows for k, v in r.items() if k in keys and isinstance(v, (int, float))):
-            ax.set_yscale("log")
+                ax.plot(steps, values, marker="." if len(points) < 30 else None)
+            ax.set_title(key, fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+        for ax in row[len(keys):]:
+            ax.axis("off")
     return save_figure(fig, path, dpi=80)
 
 
@@ -82,20 +86,28 @@ def _pick_snapshots(paths: list[Path]) -> list[Path]:
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     def cell(v: Any) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
+        return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))  # 0.0005 stays 0.0005
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _localization_section(summary_path: Path, run_dir: Path) -> str:
+def _name(path: Path, roots: list[Path]) -> str:
+    """``path`` relative to the first of ``roots`` that holds it (else as given)."""
+    for root in roots:
+        if path.resolve().is_relative_to(root.resolve()):
+            return str(path.resolve().relative_to(root.resolve()))
+    return str(path)
+
+
+def _localization_section(summary_path: Path, roots: list[Path]) -> str:
     from smartformer.analysis.localization import METRICS
 
     data = json.loads(summary_path.read_text())
     rows = [[m, e.get("cases", ""), *[(e[k]["mean"] if e.get(k) else "") for k in METRICS]]
             for m, e in data["methods"].items()]
-    parts = [f"<h3>Localization: {html.escape(str(summary_path.parent.relative_to(run_dir)))}</h3>",
+    parts = [f"<h3>Localization: {html.escape(_name(summary_path.parent, roots))}</h3>",
              f"<p>data: {html.escape(str(data.get('data', '')))}; metrics inside the body, means over cases</p>",
              _table(["method", "cases", *METRICS], rows)]
     montage = summary_path.parent / "montage.png"
@@ -104,11 +116,11 @@ def _localization_section(summary_path: Path, run_dir: Path) -> str:
     return "\n".join(parts)
 
 
-def _clustering_section(result_path: Path, run_dir: Path) -> str:
+def _clustering_section(result_path: Path, roots: list[Path]) -> str:
     data = json.loads(result_path.read_text())
     rows = [[data.get("image", ""), data.get("k", ""), data.get("tokens", ""), data.get("nmi", ""),
              data.get("ari", ""), data.get("purity", ""), data.get("centroid_separation", "")]]
-    parts = [f"<h3>Clustering: {html.escape(str(result_path.relative_to(run_dir)))}</h3>",
+    parts = [f"<h3>Clustering: {html.escape(_name(result_path, roots))}</h3>",
              _table(["image", "k", "tokens", "NMI", "ARI", "purity", "centroid separation"], rows)]
     tsne = result_path.parent / Path(str(data.get("tsne_png", ""))).name  # beside the JSON, wherever it moved
     if data.get("tsne_png") and tsne.is_file():
@@ -116,16 +128,37 @@ def _clustering_section(result_path: Path, run_dir: Path) -> str:
     return "\n".join(parts)
 
 
+def _found(roots: list[Path], pattern: str, keep: Any = None) -> list[Path]:
+    """Files matching ``pattern`` below any of ``roots`` (each once, sorted), those ``keep`` accepts."""
+    found = {p.resolve(): p for root in roots for p in root.rglob(pattern) if keep is None or keep(p)}
+    return [found[k] for k in sorted(found)]
+
+
+def _peak_lr(run_dir: Path, rows: list[dict[str, Any]]) -> str:
+    """``; peak lr X (...)``: the effective lr config.yaml states, else the largest logged lr."""
+    from smartformer.train.schedules import EFFECTIVE_LR_NOTE, read_effective_lr
+
+    config = run_dir / "config.yaml"
+    stated = read_effective_lr(config.read_text()) if config.is_file() else None
+    if stated is not None:
+        return f"; {EFFECTIVE_LR_NOTE} {stated:.4g} (optim.lr per sample x global batch)"
+    logged = [r["lr"] for r in rows if isinstance(r.get("lr"), (int, float))]
+    return f"; largest logged lr {max(logged):.4g}" if logged else ""
+
+
 def run(args: argparse.Namespace) -> int:
     run_dir: Path = args.run_dir
     if not run_dir.is_dir():
         raise InputError(run_dir, "is not a folder")
+    for folder in args.results:
+        if not folder.is_dir():
+            raise InputError(folder, "is not a folder (--results)")
+    roots = [run_dir, *args.results]
     metrics = run_dir / "metrics.jsonl"
     snapshots = sorted((run_dir / "snapshots").glob("*.png")) if (run_dir / "snapshots").is_dir() else []
-    localizations = sorted(p for p in run_dir.rglob("summary.json") if '"methods"' in p.read_text())
-    clusterings = sorted(run_dir.rglob("*_clustering.json"))
-    attention_pngs = sorted(p for p in run_dir.rglob("*.png")
-                            if p.with_name(p.stem + "_mean.nii.gz").is_file())
+    localizations = _found(roots, "summary.json", lambda p: '"methods"' in p.read_text())
+    clusterings = _found(roots, "*_clustering.json")
+    attention_pngs = _found(roots, "*.png", lambda p: p.with_name(p.stem + "_mean.nii.gz").is_file())
     if not (metrics.is_file() or snapshots or localizations or clusterings or attention_pngs):
         raise InputError(run_dir, "holds no metrics.jsonl, snapshots, attention, localization or clustering results")
     out: Path = args.out or run_dir / "report.html"
@@ -139,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
             png = _curves_png(rows, out.parent / (out.stem + "_files") / "curves.png")
             last = rows[-1]
             parts.append("<h2>Training</h2>")
-            parts.append(f"<p>{len(rows)} logged steps, last step {last.get('step', '?')}</p>")
+            parts.append(f"<p>{len(rows)} logged steps, last step {last.get('step', '?')}{_peak_lr(run_dir, rows)}</p>")
             parts.append(_table(["scalar", "last value"],
                                 [[k, v] for k, v in last.items() if k != "step" and isinstance(v, (int, float))]))
             parts.append(_image(png, "loss terms and schedules"))
@@ -151,11 +184,11 @@ def run(args: argparse.Namespace) -> int:
         parts.extend(_image(p, p.stem, width=700) for p in _pick_snapshots(snapshots))
     if attention_pngs:
         parts.append("<h2>Attention maps</h2>")
-        parts.extend(_image(p, str(p.relative_to(run_dir))) for p in attention_pngs)
+        parts.extend(_image(p, _name(p, roots)) for p in attention_pngs)
     if localizations or clusterings:
         parts.append("<h2>Interpretation</h2>")
-        parts.extend(_localization_section(p, run_dir) for p in localizations)
-        parts.extend(_clustering_section(p, run_dir) for p in clusterings)
+        parts.extend(_localization_section(p, roots) for p in localizations)
+        parts.extend(_clustering_section(p, roots) for p in clusterings)
 
     style = ("body{font-family:sans-serif;max-width:1000px;margin:auto;padding:1em}"
              "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;"
