@@ -3,7 +3,9 @@
 :func:`atomic_write` is the one way smartformer writes a file that must never be seen half
 written (checkpoints, cache entries, exported weights): the bytes go to a temporary file in the
 same folder, are flushed and fsynced, and only then renamed over the target (``os.replace``,
-atomic on POSIX). On any failure the temporary file is removed and the target is untouched.
+atomic on POSIX). On any failure the temporary file is removed and the target is untouched. The
+file gets the permissions the umask gives any other file (not the temporary file's 0600), so
+colleagues on a shared server can read weights as they read the rest.
 Operating-system errors (a full disk, a path under a regular file, a read-only folder) become
 :class:`~smartformer.errors.OutputError`, one line naming the path.
 """
@@ -21,7 +23,8 @@ from typing import Any, BinaryIO
 
 from smartformer.errors import OutputError
 
-__all__ = ["atomic_write", "atomic_write_bytes", "torch_bytes", "output_error", "make_dir", "output_errors"]
+__all__ = ["atomic_write", "atomic_write_bytes", "torch_bytes", "output_error", "make_dir", "output_errors",
+           "current_umask"]
 
 _REASONS = {
     errno.ENOSPC: "no space left on the device (disk full)",
@@ -77,6 +80,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
     make_dir(path.parent)
     with output_errors(path):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600: give it the mode open() would
     try:
         with output_errors(path):
             with os.fdopen(fd, "wb", buffering=0) as fh:
@@ -88,6 +92,13 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> Path:

@@ -440,19 +440,21 @@ class TrainResult:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    from smartformer.io_utils import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _save_model(net: "torch.nn.Module", config: SegmentationConfig, out_dir: Path) -> None:
-    """``best.safetensors`` then ``segmentation.json``, each written to a temporary name and renamed."""
-    from safetensors.torch import save_file
+    """``best.safetensors`` then ``segmentation.json``, each written atomically with the umask's
+    permissions (safetensors' own ``save_file`` makes 0600 files a colleague cannot read)."""
+    from safetensors.torch import save
 
-    tmp = out_dir / f".{WEIGHTS_FILE}.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp),
-              metadata={"format": "pt", "smartformer_segmentation": str(FORMAT_VERSION)})
-    tmp.replace(out_dir / WEIGHTS_FILE)
+    from smartformer.io_utils import atomic_write_bytes
+
+    atomic_write_bytes(out_dir / WEIGHTS_FILE,
+                       save({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
+                            metadata={"format": "pt", "smartformer_segmentation": str(FORMAT_VERSION)}))
     _atomic_write_text(out_dir / CONFIG_FILE, json.dumps(asdict(config), indent=2) + "\n")
 
 
