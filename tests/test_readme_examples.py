@@ -69,3 +69,28 @@ def test_lesions_then_probe_on_the_real_sts_data(tmp_path, monkeypatch):
     assert main([*lesions, "--no-progress"]) == 0
     probe = readme_command("smartformer probe --data data/sts_lesions/lesions.csv")
     assert main([*probe, *FAST_PROBE]) == 0
+
+
+def readme_python() -> str:
+    """The README's first Python example."""
+    text = README.read_text()
+    start = text.index("```python\n") + len("```python\n")
+    return text[start:text.index("```", start)]
+
+
+def test_python_example_runs_as_written(tmp_path, monkeypatch):
+    """The README's library example on a CT of any size (it once called attention_maps on a raw volume)."""
+    import torch
+
+    from smartformer.models.smartformer import SMARTFormer
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    SMARTFormer.from_preset("tiny").save_pretrained(tmp_path / "runs" / "ct1" / "teacher")
+    (case,) = write_phantoms(tmp_path / "ph", 1, seed=1, shape=(50, 44, 36), spacing=(3.0, 3.0, 3.0), n_lesions=1,
+                             progress=False)
+    (case / "ct.nii.gz").rename(tmp_path / "ct.nii.gz")
+    exec(readme_python(), {})  # noqa: S102 - the README's code, as a user would paste it
+    mean = nib.load(str(tmp_path / "maps" / "ct_mean.nii.gz"))
+    assert mean.shape == nib.load(str(tmp_path / "ct.nii.gz")).shape
+    assert (tmp_path / "maps" / "ct.png").is_file()
