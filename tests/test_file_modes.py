@@ -38,9 +38,6 @@ def test_segmentation_weights_follow_the_umask(tmp_path: Path, umask: int) -> No
     assert _mode(tmp_path / WEIGHTS_FILE) == 0o666 & ~umask == _mode(tmp_path / CONFIG_FILE)
 
 
-@pytest.mark.xfail(strict=True, reason="SMARTFormer.save_pretrained (models/, not this change's file) still "
-                                       "writes with safetensors.save_file, which makes 0600 files; switching it "
-                                       "to io_utils.atomic_write_bytes(safetensors.torch.save(...)) fixes it")
 def test_save_pretrained_weights_follow_the_umask(tmp_path: Path, umask: int) -> None:
     from smartformer.models.smartformer import WEIGHTS_NAME, SMARTFormer
 

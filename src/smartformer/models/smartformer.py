@@ -223,7 +223,9 @@ class SMARTFormer(nn.Module):
     # ------------------------------------------------------------------ weights in and out
     def save_pretrained(self, directory: str | Path, include_heads: bool = False) -> Path:
         """Write ``model.safetensors`` + ``config.json``; heads and decoder only with ``include_heads``."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from smartformer.io_utils import atomic_write_bytes
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -239,9 +241,9 @@ class SMARTFormer(nn.Module):
             key = v.data_ptr()
             tensors[k] = v.detach().clone().contiguous() if key in seen else v.detach().contiguous()
             seen.add(key)
-        tmp = directory / (WEIGHTS_NAME + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt", "smartformer_format": str(FORMAT_VERSION)})
-        tmp.replace(directory / WEIGHTS_NAME)
+        # atomic, and with the umask's mode like every other file (save_file would make it 0600)
+        atomic_write_bytes(directory / WEIGHTS_NAME,
+                           save(tensors, metadata={"format": "pt", "smartformer_format": str(FORMAT_VERSION)}))
         (directory / CONFIG_NAME).write_text(
             json.dumps({"format_version": FORMAT_VERSION, "model": config}, indent=2) + "\n"
         )
