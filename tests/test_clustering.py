@@ -142,3 +142,32 @@ def test_cluster_command_takes_a_pooled_token_model(phantom, tmp_path):
                "--roi", "32", "--no-progress"])
     assert rc == 0
     assert 0 <= json.loads((tmp_path / "out" / "ct_clustering.json").read_text())["nmi"] <= 1
+
+
+def test_legend_styles_stay_distinct():
+    """29 organs (the TotalSegmentator example) once shared colours (spleen and kidney_right the same blue)."""
+    styles = [C.distinct_style(n) for n in range(100)]
+    assert len(set(styles)) == 100
+    assert len({colour for colour, _ in styles[:10]}) == 10
+
+
+def test_cluster_finds_names_a_folder_up_and_warns_without_any(phantom, tmp_path):
+    import shutil
+
+    torch.manual_seed(0)
+    SMARTFormer.from_preset("tiny").save_pretrained(tmp_path / "model")
+    case = tmp_path / "organs" / "case_a"
+    case.mkdir(parents=True)
+    for name in ("ct.nii.gz", "labels.nii.gz"):
+        shutil.copy(phantom / name, case / name)
+
+    def cluster(out: str) -> dict:
+        assert main(["cluster", "--checkpoint", str(tmp_path / "model"), "--image", str(case / "ct.nii.gz"),
+                     "--labels", str(case / "labels.nii.gz"), "--out", str(tmp_path / out), "--spacing", "5",
+                     "--roi", "32", "--no-progress", "--tsne-points", "50"]) == 0
+        return json.loads((tmp_path / out / "ct_clustering.json").read_text())
+
+    with pytest.warns(UserWarning, match="no labels.json"):
+        assert all(name.startswith("label ") for name in cluster("bare")["tokens_per_label"])
+    shutil.copy(phantom / "labels.json", tmp_path / "organs" / "labels.json")  # the data set's shared names
+    assert set(cluster("named")["tokens_per_label"]) <= set(LABELS.values())

@@ -238,9 +238,25 @@ def load_label_names(path: str | Path | None, ids: Sequence[int]) -> dict[int, s
     return {int(i): names.get(int(i), f"label {int(i)}") for i in ids}
 
 
+#: Markers cycled once every colour of the palette is used, so each (colour, marker) pair is unique.
+MARKERS: tuple[str, ...] = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
+def distinct_style(n: int) -> tuple[tuple[float, ...], str]:
+    """Colour and marker of the ``n``-th legend entry: matplotlib's ``tab10`` colours (ten clearly
+    different hues), with a new marker for each further ten entries; unique for 100 entries, after
+    which markers repeat with a shifted colour."""
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10"].colors
+    marker = MARKERS[(n // len(palette)) % len(MARKERS)]
+    return tuple(palette[(n + n // (len(palette) * len(MARKERS))) % len(palette)]), marker
+
+
 def save_tsne_png(features: np.ndarray, labels: np.ndarray, names: dict[int, str], path: str | Path,
                   max_points: int = 1500, seed: int = 0, title: str = "") -> Path:
-    """t-SNE scatter of ``features`` (N, C) coloured by label name (a random subset of ``max_points``)."""
+    """t-SNE scatter of ``features`` (N, C) by label name (a random subset of ``max_points``); each label
+    gets its own colour and marker pair (:func:`distinct_style`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -260,10 +276,10 @@ def save_tsne_png(features: np.ndarray, labels: np.ndarray, names: dict[int, str
         xy = np.column_stack([np.arange(len(x), dtype=float), np.zeros(len(x))])
     fig, ax = plt.subplots(figsize=(8, 6.5))
     ids = sorted(set(y.tolist()))
-    cmap = plt.get_cmap("tab20", max(len(ids), 1))
     for n, i in enumerate(ids):
         sel = y == i
-        ax.scatter(xy[sel, 0], xy[sel, 1], s=8, color=cmap(n), label=names.get(i, f"label {i}"))
+        colour, marker = distinct_style(n)
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=10, color=colour, marker=marker, label=names.get(i, f"label {i}"))
     ax.set_xticks([])
     ax.set_yticks([])
     if title:

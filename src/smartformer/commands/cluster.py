@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", required=True, type=Path, help="the CT: NIfTI, NRRD, MetaImage or a DICOM folder")
     p.add_argument("--labels", required=True, type=Path, help="label map (any grid; resampled to the CT's)")
     p.add_argument("--names", type=Path, default=None,
-                   help='JSON {"id": "name"} (or {"labels": {...}}); default: labels.json next to --labels if any')
+                   help='JSON {"id": "name"} (or {"labels": {...}}); default: labels.json next to --labels or in '
+                        'the folder above it; without one the legend shows label ids, with a warning')
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("-k", "--clusters", type=int, default=None, help="number of clusters (default: labels present)")
     p.add_argument("--spacing", type=float, nargs="+", default=[2.0], metavar="MM",
@@ -42,8 +43,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def find_label_names(labels: Path) -> Path | None:
+    """``labels.json`` beside a label map, or in the folder above it (a data set's shared names file,
+    as ``organs/labels.json`` for ``organs/CASE/organs.nii.gz``); None when neither exists."""
+    for folder in (labels.parent, labels.parent.parent):
+        if (folder / "labels.json").is_file():
+            return folder / "labels.json"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     import json
+    import warnings
 
     import numpy as np
 
@@ -67,9 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tsne_points < 2 or (args.clusters is not None and args.clusters < 2):
         raise SmartformerError("--tsne-points and -k/--clusters must be at least 2")
     parse_window(args.window)
-    names_path = args.names
-    if names_path is None and (args.labels.parent / "labels.json").is_file():
-        names_path = args.labels.parent / "labels.json"
+    names_path = args.names if args.names is not None else find_label_names(args.labels)
     if names_path is not None and not names_path.is_file():
         raise InputError(names_path, "does not exist")
     model = load_model(args.checkpoint, need_attention=False)  # tokens only: pooled-token models too
@@ -88,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
         raise SmartformerError(f"-k {k} is more than the {labels.size} labelled tokens")
     features = tokens.features[kept]
     clusters = kmeans_clusters(features, k, seed=args.seed)
+    if names_path is None:
+        warnings.warn(f"{args.labels}: no labels.json beside it or in the folder above, and no --names; "
+                      "the legend shows label ids (label 1, label 2, ...)", stacklevel=1)
     names = load_label_names(names_path, present.tolist())
     scores = clustering_scores(labels, clusters)
     separation = centroid_separation(features, labels)
