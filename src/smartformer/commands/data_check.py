@@ -11,7 +11,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from smartformer.data.sources import DEFAULT_EXCLUDE, list_volumes
+from smartformer.data.sources import DEFAULT_EXCLUDE, list_volumes, skipped_label_maps
 from smartformer.errors import InputError
 
 DESCRIPTION = """\
@@ -39,6 +39,7 @@ class VolumeReport:
     orientation: str | None = None
     hu_min: float | None = None
     hu_max: float | None = None
+    warning: str | None = None  # usable, but pretraining would learn nothing from it (constant)
 
     @property
     def ok(self) -> bool:
@@ -76,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize(reports)
     for line in format_summary(summary, skip_bad=args.skip_bad):
         print(line)
+    skipped = skipped_label_maps(args.source, exclude)
+    if skipped:
+        print(skipped_line(skipped, exclude))
     if args.json is not None:
         _write_json(args.json, args.source, reports, summary)
     if summary["n_ok"] == 0:
@@ -85,12 +89,15 @@ def run(args: argparse.Namespace) -> int:
 
 def check_volume(path: str) -> VolumeReport:
     """Read one volume fully; a reading problem becomes the report's status, not an exception."""
-    try:
-        from smartformer.data.io import read_ct  # torch/MONAI only when checking
+    from smartformer.data.dataset import content_problem  # torch/MONAI only when checking
+    from smartformer.data.io import read_ct
 
+    try:
         image = read_ct(path)
     except InputError as exc:
         return VolumeReport(path=path, status=" ".join(exc.reason.split()))
+    except Exception as exc:  # a reader failure we did not foresee must not stop the other files
+        return VolumeReport(path=path, status=f"cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
     return VolumeReport(
         path=path,
         status="ok",
@@ -99,6 +106,7 @@ def check_volume(path: str) -> VolumeReport:
         orientation=image.meta["orientation"],
         hu_min=float(image.min()),
         hu_max=float(image.max()),
+        warning=content_problem(image, image.meta["spacing"]),
     )
 
 
@@ -110,7 +118,7 @@ def format_row(report: VolumeReport, width: int) -> str:
     spacing = "x".join(f"{s:.2f}" for s in report.spacing)
     hu = f"{report.hu_min:.0f}..{report.hu_max:.0f}"
     return f"{report.path:<{width}}  {shape:>13}  {spacing:>16} mm  {report.orientation}  " \
-           f"HU {hu:>13}  ok"
+           f"HU {hu:>13}  ok" + (f" (warning: {report.warning})" if report.warning else "")
 
 
 def summarize(reports: list[VolumeReport]) -> dict[str, Any]:
@@ -144,6 +152,15 @@ def format_summary(summary: dict[str, Any], skip_bad: bool) -> list[str]:
                      + (" and would be skipped (--skip-bad)" if skip_bad else
                         "; fix or remove them, or pass --skip-bad"))
     return lines
+
+
+def skipped_line(skipped: list[str], patterns: list[str], shown: int = 5) -> str:
+    """The summary line naming the files left out as label maps (the first ``shown`` of them)."""
+    from smartformer.wording import plural
+
+    names = ", ".join(skipped[:shown]) + (f" and {len(skipped) - shown} more" if len(skipped) > shown else "")
+    return (f"skipped {plural(len(skipped), 'file')} as label maps (names matching {','.join(patterns)}; "
+            f"--exclude '' checks them too): {names}")
 
 
 def _write_json(path: Path, source: str, reports: list[VolumeReport],

@@ -14,12 +14,14 @@ import numpy as np
 import torch
 from monai.data import PersistentDataset
 from monai.data.utils import set_rnd
-from monai.transforms import Compose
+from monai.transforms import Compose, MapTransform
+from monai.utils import convert_to_tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from smartformer.data.io import validate_volume
 from smartformer.data.transforms import (
     BODY_HU_THRESHOLD,
+    LoadCTd,
     as_triple,
     body_level,
     parse_window,
@@ -27,6 +29,10 @@ from smartformer.data.transforms import (
     view_transforms,
 )
 from smartformer.errors import InputError, SmartformerError
+from smartformer.io_utils import atomic_write_bytes, torch_bytes
+
+#: A volume whose field of view fills less than this fraction of the ROI trains mostly on padding.
+MIN_ROI_COVERAGE = 0.25
 
 #: Bumped whenever :func:`~smartformer.data.transforms.preprocess_transforms` changes what it
 #: produces, so that caches written by older code are not reused.
@@ -112,6 +118,29 @@ class PretrainDataset(PersistentDataset):
                 warnings.warn(f"skipping unreadable volume {error}", stacklevel=2)
         raise SmartformerError(f"none of the {len(self.data)} volumes could be read")
 
+    def _cachecheck(self, item_transformed: dict[str, Any]) -> Any:
+        """MONAI's cache lookup, made safe against partial files.
+
+        An entry that does not load (a full disk or a kill while it was written by older code)
+        is a miss: it is rebuilt with a warning naming the volume. New entries are written
+        atomically in the cache folder itself, so a reader never sees half a file.
+
+        Raises:
+            OutputError: the cache folder cannot be written (e.g. the disk is full), naming it.
+        """
+        hashfile = Path(self.cache_dir) / f"{self.hash_func(item_transformed).decode()}{self.transform_hash}.pt"
+        if hashfile.is_file():
+            try:
+                return torch.load(hashfile, weights_only=self.weights_only)
+            except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError... for damage
+                reason = " ".join(str(exc).split())[:160]
+                warnings.warn(f"{item_transformed['image']}: its cache entry {hashfile} is unreadable ({reason}); "
+                              "rebuilding it", stacklevel=2)
+        result = self._pre_transform(dict(item_transformed))
+        data = torch_bytes(convert_to_tensor(result, convert_numeric=False, track_meta=self.track_meta))
+        atomic_write_bytes(hashfile, data)
+        return result
+
 
 def build_pretrain_dataset(
     items: Sequence[dict[str, Any] | str | Path],
@@ -156,13 +185,18 @@ def build_pretrain_dataset(
     if not paths:
         raise InputError(cache_dir, "no volumes given to build the pretraining dataset from")
     if skip_bad:
-        paths = _drop_unreadable(paths)
+        paths = check_volumes(paths, skip_bad=True)
     settings = preprocess_settings(spacing, window, roi)
     subdir = cache_subdir(cache_dir, settings)
     subdir.mkdir(parents=True, exist_ok=True)
     (subdir / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    preprocess = preprocess_transforms(spacing=spacing, window=window, roi=roi).transforms
+    roi_mm = [r * s for r, s in zip(as_triple(roi, "roi"), as_triple(spacing, "spacing"))]
+    after_read = next(i for i, t in enumerate(preprocess) if isinstance(t, LoadCTd)) + 1
     transform = Compose([
-        *preprocess_transforms(spacing=spacing, window=window, roi=roi).transforms,
+        *preprocess[:after_read],
+        CheckContentd(roi_mm, refuse=skip_bad),
+        *preprocess[after_read:],
         view_transforms(roi=roi, num_views=num_views, intensity_scale=intensity_scale,
                         intensity_shift=intensity_shift, flip_prob=flip_prob,
                         max_scale=max_scale, min_body_fraction=min_body_fraction,
@@ -171,14 +205,29 @@ def build_pretrain_dataset(
     return PretrainDataset([{"image": p} for p in paths], transform, subdir, skip_bad=skip_bad)
 
 
-def _drop_unreadable(paths: list[str]) -> list[str]:
-    good, bad = [], []
+def check_volumes(paths: Sequence[str], skip_bad: bool = False) -> list[str]:
+    """Check every volume from its header (exists, readable, 3D, plausible size): the usable paths.
+
+    Cheap (no voxels are decoded), so a run finds a missing or broken file before its first step
+    rather than when the file is first sampled.
+
+    Raises:
+        InputError: without ``skip_bad``, for the first unusable volume, with the count of others.
+        SmartformerError: with ``skip_bad``, when no volume is usable (the others are dropped
+            with one warning listing them).
+    """
+    good, bad, first = [], [], None
     for path in paths:
         try:
             validate_volume(path)
             good.append(path)
         except InputError as exc:
             bad.append(str(exc))
+            first = first or exc
+    if bad and not skip_bad:
+        assert first is not None
+        more = f"; {len(bad) - 1} more of the {len(paths)} volumes cannot be used either" if len(bad) > 1 else ""
+        raise InputError(first.path, f"{first.reason}{more} (pass --skip-bad to leave such files out)")
     if bad:
         warnings.warn(f"skipping {len(bad)} unreadable volume(s):\n  " + "\n  ".join(bad),
                       stacklevel=3)
@@ -186,6 +235,50 @@ def _drop_unreadable(paths: list[str]) -> list[str]:
         raise SmartformerError(f"none of the {len(paths)} volumes is readable: {bad[0]}"
                                + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
     return good
+
+
+def content_problem(image: torch.Tensor, spacing: Sequence[float],
+                    roi_mm: Sequence[float] | None = None) -> str | None:
+    """Why a readable volume would teach pretraining nothing, or None.
+
+    A constant volume (every voxel the same value), or one whose field of view fills less than
+    :data:`MIN_ROI_COVERAGE` of an ROI of ``roi_mm`` (its views would be mostly padding).
+    """
+    lo, hi = float(image.min()), float(image.max())
+    if lo == hi:
+        return f"is a constant volume (every voxel {lo:g}): nothing to learn from"
+    if roi_mm is not None:
+        extent = [n * s for n, s in zip(image.shape[-3:], spacing)]
+        coverage = float(np.prod([min(1.0, e / r) for e, r in zip(extent, roi_mm)]))
+        if coverage < MIN_ROI_COVERAGE:
+            size = "x".join(f"{e:.0f}" for e in extent)
+            roi = "x".join(f"{r:.0f}" for r in roi_mm)
+            return (f"covers {size} mm, {coverage:.0%} of the {roi} mm ROI: its views would be mostly "
+                    "padding")
+    return None
+
+
+class CheckContentd(MapTransform):
+    """After reading: warn about a volume that :func:`content_problem` finds useless, or refuse it
+    (:class:`InputError`, so that ``skip_bad`` drops it) when ``refuse``. Runs once per volume,
+    before the cache."""
+
+    def __init__(self, roi_mm: Sequence[float], refuse: bool = False, keys: Sequence[str] = ("image",)) -> None:
+        super().__init__(keys)
+        self.roi_mm = list(roi_mm)
+        self.refuse = refuse
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        for key in self.key_iterator(data):
+            image = data[key]
+            problem = content_problem(image, image.meta["spacing"], self.roi_mm)
+            if problem is None:
+                continue
+            path = image.meta["filename_or_obj"]
+            if self.refuse:
+                raise InputError(path, problem)
+            warnings.warn(f"{path}: {problem} (pass --skip-bad to leave such volumes out)", stacklevel=2)
+        return data
 
 
 def seed_worker(worker_id: int) -> None:

@@ -27,6 +27,9 @@ from smartformer.data.suffixes import IMAGE_SUFFIXES, ITK_SUFFIXES, NIFTI_SUFFIX
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _DICOM_MAGIC_OFFSET = 128
+#: No deflate stream expands more than about 1032:1, so a compressed file of N bytes never holds
+#: more than this many times N bytes of voxels; a header that claims more is refused unread.
+_MAX_EXPANSION = 1100
 
 
 def is_volume_path(path: str | Path) -> bool:
@@ -100,13 +103,17 @@ def validate_volume(path: str | Path, series_uid: str | None = None) -> tuple[in
             components = reader.GetNumberOfComponents()
             size = reader.GetSize()
         shape: tuple[int, ...] = (size[0], size[1], len(files))
+        _check_grid(path, shape, components)
     elif path.name.lower().endswith(NIFTI_SUFFIXES):
         image = _load_nifti(path)
         shape, components = _nifti_shape_and_components(path, image)
+        _check_grid(path, shape, components)
+        _check_nifti_header(path, image)
     else:
         reader = _itk_header(path)
         shape, components = tuple(reader.GetSize()), reader.GetNumberOfComponents()
-    _check_grid(path, shape, components)
+        _check_grid(path, shape, components)
+        _check_itk_header(path, reader)
     return _spatial_shape(shape)
 
 
@@ -216,6 +223,51 @@ def _load_nifti(path: Path) -> nib.Nifti1Image:
         raise InputError(path, f"not a readable NIfTI file ({_one_line(exc)})") from None
 
 
+def _check_nifti_header(path: Path, image: nib.Nifti1Image) -> None:
+    """Refuse a NIfTI header whose geometry or voxel size cannot be right, naming the field.
+
+    The raw header is read again without nibabel's silent repairs (which turn a zero pixdim
+    into 1 and a negative one positive), so that such a file is refused instead of moved.
+    """
+    with nib.openers.ImageOpener(str(path)) as fh:
+        raw = type(image.header).from_fileobj(fh, check=False)
+    if int(raw["sform_code"]) != 0:
+        field = "sform (srow_x/y/z)"
+    else:
+        field = "qform (pixdim, quatern)" if int(raw["qform_code"]) != 0 else "pixdim"
+        pixdim = [float(v) for v in raw["pixdim"][1:4]]
+        if not all(np.isfinite(pixdim)) or min(pixdim) <= 0:
+            raise InputError(path, f"header field pixdim[1:4] = {pixdim}: voxel sizes must be positive")
+    _check_affine(path, np.asarray(image.affine, dtype=np.float64), field)
+    itemsize = image.get_data_dtype().itemsize
+    needed = int(raw["vox_offset"]) + int(np.prod(image.shape, dtype=np.int64)) * itemsize
+    _check_data_size(path, needed, compressed=path.name.lower().endswith(".gz"))
+
+
+def _check_data_size(path: Path, needed: int, compressed: bool) -> None:
+    """Refuse a header that declares more voxel bytes than the file can hold (before allocating them)."""
+    size = path.stat().st_size
+    limit = size * _MAX_EXPANSION if compressed else size
+    if needed > limit:
+        raise InputError(path, f"header declares {needed / 1e6:.1f} MB of voxel data but the "
+                               f"{size}-byte file {'cannot hold' if compressed else 'holds less'}: "
+                               "corrupt header or truncated file")
+
+
+def _check_affine(path: Path, affine: np.ndarray, field: str) -> None:
+    """Refuse a voxel-to-world matrix that is not finite or maps an axis to nothing (zero column)."""
+    matrix = affine[:3, :3]
+    if not np.isfinite(affine).all():
+        raise InputError(path, f"header field {field}: the affine holds non-finite values")
+    norms = np.linalg.norm(matrix, axis=0)
+    if (norms <= 0).any():
+        axis = int(np.argmin(norms))
+        raise InputError(path, f"header field {field}: the affine's column for axis {axis} is zero "
+                               "(voxel size 0 mm)")
+    if abs(np.linalg.det(matrix / norms)) < 1e-6:
+        raise InputError(path, f"header field {field}: the affine is singular (two axes point the same way)")
+
+
 def _nifti_shape_and_components(path: Path, image: nib.Nifti1Image) -> tuple[tuple[int, ...], int]:
     dtype = image.get_data_dtype()
     components = len(dtype.fields) if dtype.fields else 1
@@ -229,6 +281,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     image = _load_nifti(path)
     shape, components = _nifti_shape_and_components(path, image)
     _check_grid(path, shape, components)
+    _check_nifti_header(path, image)
     try:
         array = np.asarray(image.dataobj, dtype=np.float32)
     except Exception as exc:  # truncated gzip streams and short files surface here
@@ -292,9 +345,38 @@ def _itk_header(path: Path) -> sitk.ImageFileReader:
     return reader
 
 
+def _check_itk_header(path: Path, reader: sitk.ImageFileReader) -> None:
+    """Geometry (spacing, direction) and declared data size of a NRRD / MetaImage header."""
+    dim = reader.GetDimension()
+    direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(dim, dim)[:3, :3]
+    spacing = np.asarray(reader.GetSpacing(), dtype=np.float64)[:3]
+    if not np.isfinite(spacing).all() or (spacing <= 0).any():
+        raise InputError(path, f"header field spacing = {spacing.tolist()}: voxel sizes must be positive")
+    affine = np.eye(4)
+    affine[:3, :3] = direction * spacing
+    _check_affine(path, affine, "direction")
+    if _voxels_in_header_file(path):
+        with _quiet_itk():
+            itemsize = sitk.GetArrayViewFromImage(sitk.Image([1] * dim, reader.GetPixelID())).itemsize
+        _check_data_size(path, int(np.prod(reader.GetSize(), dtype=np.int64)) * itemsize, compressed=True)
+
+
+def _voxels_in_header_file(path: Path) -> bool:
+    """True for a .mha / .nrrd whose voxels follow the header in the same file (not detached)."""
+    suffix = path.suffix.lower()
+    if suffix not in (".mha", ".nrrd"):
+        return False
+    with path.open("rb") as fh:
+        head = fh.read(1 << 16).lower()
+    if suffix == ".mha":
+        return b"elementdatafile = local" in b" = ".join(part.strip() for part in head.split(b"="))
+    return b"data file:" not in head and b"datafile:" not in head
+
+
 def _read_itk_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     reader = _itk_header(path)
     _check_grid(path, tuple(reader.GetSize()), reader.GetNumberOfComponents())
+    _check_itk_header(path, reader)
     with _quiet_itk(), _itk_errors(path, "voxel data cannot be read, file truncated or corrupt"):
         image = reader.Execute()
     return _itk_to_array_and_affine(image)
@@ -371,6 +453,11 @@ def _spatial_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
 
 
 def _to_metatensor(path: Path, array: np.ndarray, affine: np.ndarray) -> MetaTensor:
+    _check_affine(path, affine, "geometry (spacing, orientation)")
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise InputError(path, f"has {int(array.size - finite.sum())} non-finite voxels (NaN or infinity) "
+                               f"of {array.size}: corrupt or not a CT in HU")
     spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
     meta: dict[str, Any] = {
         "filename_or_obj": str(path),
