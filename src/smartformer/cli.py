@@ -2,7 +2,8 @@
 
 Each command lives in :mod:`smartformer.commands` as a module with ``register(subparsers)``;
 the parser it adds sets ``func(args) -> int``. A :class:`~smartformer.errors.SmartformerError`
-reaching this level becomes one line on stderr and exit code 2.
+(or an ``OSError``: a full disk, a missing folder) reaching this level becomes one line on
+stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -67,6 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except SmartformerError as exc:
         print(f"smartformer: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an input or output location the commands did not name themselves
+        from smartformer.io_utils import output_error
+
+        print(f"smartformer: error: {output_error(exc.filename or '?', exc, 'cannot access')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("smartformer: interrupted", file=sys.stderr)

@@ -31,7 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default="tiny",
                    help=f"preset ({', '.join(available_presets())}) or a YAML file (default: tiny)")
     p.add_argument("--max-steps", type=int, help="total optimisation steps (overrides train.max_steps)")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from RUN_DIR/checkpoints/last.pt (or the newest good step_N.pt if last.pt is "
+                        "damaged); refused if RUN_DIR holds no run")
+    p.add_argument("--resume-or-start", action="store_true",
+                   help="like --resume, but start a new run when RUN_DIR holds none")
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable volumes out (listed) instead of stopping")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
@@ -46,7 +50,12 @@ def run(args: argparse.Namespace) -> int:
     from smartformer.train.engine import pretrain
 
     overrides = list(args.overrides)
-    if args.resume and (args.out / "config.yaml").is_file():
+    has_run = (args.out / "config.yaml").is_file()
+    if args.resume and not has_run and not args.resume_or_start:
+        raise SmartformerError(f"{args.out}: no run to resume there (no config.yaml); drop --resume to start one, "
+                               "or pass --resume-or-start")
+    args.resume = args.resume or args.resume_or_start
+    if args.resume and has_run:
         # Continue with the run's own resolved config; only the step and time budgets may change.
         if any(not o.startswith(RESUME_OVERRIDES) for o in overrides):
             raise SmartformerError("--resume continues with RUN_DIR/config.yaml; overrides are not allowed "

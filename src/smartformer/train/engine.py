@@ -29,18 +29,21 @@ from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
 from smartformer.config import PretrainConfig
-from smartformer.data.dataset import build_pretrain_dataset, seed_worker
+from smartformer.data.dataset import build_pretrain_dataset, check_volumes, seed_worker
 from smartformer.data.sampler import ResumableSampler, SeededViews
 from smartformer.data.sources import list_volumes
 from smartformer.errors import ConfigError, SmartformerError
 from smartformer.train.checkpoint import (
     RunLock,
+    check_state_fits,
     last_checkpoint,
-    load_checkpoint,
+    resume_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    step_checkpoints,
 )
+from smartformer.io_utils import make_dir, output_errors
 from smartformer.train.monitor import MetricsWriter, attention_snapshot, collapse_message
 from smartformer.train.schedules import (
     Schedules,
@@ -166,6 +169,8 @@ def _default_cache_dir(out: Path) -> Path:
 def _build_loader(config: PretrainConfig, data: str | Path, out: Path, ctx: DistContext, start_step: int):
     d = config.data
     items = list_volumes(data)
+    if not d.skip_bad:  # every file exists and has a usable header before step 1 (skip_bad checks its own)
+        check_volumes([str(item["image"]) for item in items])
     dataset = build_pretrain_dataset(
         items,
         cache_dir=d.cache_dir or _default_cache_dir(out),
@@ -253,11 +258,14 @@ def pretrain(
 
 def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, ctx: DistContext,
          device: torch.device) -> dict[str, Any]:
-    ckpt_path = last_checkpoint(out)
-    if ckpt_path is not None and not resume:
-        raise SmartformerError(f"{out}: holds a run already (checkpoints/last.pt); pass --resume to continue it "
-                               "or choose another --out")
-    state = load_checkpoint(ckpt_path) if (resume and ckpt_path is not None) else None
+    existing = last_checkpoint(out) or next(iter(step_checkpoints(out)), None)
+    if existing is not None and not resume:
+        raise SmartformerError(f"{out}: holds a run already (checkpoints/{existing.name}); pass --resume to "
+                               "continue it or choose another --out")
+    found = resume_checkpoint(out) if resume else None  # verified; falls back to the newest good step_N.pt
+    ckpt_path, state = found if found is not None else (None, None)
+    if resume and state is None and ctx.is_main:
+        warnings.warn(f"{out}: no checkpoint to resume from yet; starting at step 0", stacklevel=1)
     if config.train.threads > 0:
         torch.set_num_threads(config.train.threads)
     precision = resolve_precision(config.train.precision, device)
@@ -272,6 +280,9 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
     start_step = 0
     seconds_before = 0.0  # training time of earlier invocations (resume), for train.max_minutes
     if state is not None:
+        model_config = f"the model of this config (preset {config.preset!r}, model overrides {dict(config.model) or 'none'})"
+        for net in ("student", "teacher"):
+            check_state_fits(getattr(meta, net).state_dict(), state[net], model_config, f"{ckpt_path} ({net})")
         meta.student.load_state_dict(state["student"])
         meta.teacher.load_state_dict(state["teacher"])
         meta.dino_loss.center.copy_(state["centers"]["cls"])
@@ -291,8 +302,9 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
         )
 
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(annotate_effective_lr(config.to_yaml(), config, ctx.world_size))
+        make_dir(out)
+        with output_errors(out / "config.yaml"):
+            (out / "config.yaml").write_text(annotate_effective_lr(config.to_yaml(), config, ctx.world_size))
         for message in schedule_warnings(config, schedules, ctx.world_size, start_step,
                                          state["schedules"] if state is not None else None):
             warnings.warn(message, stacklevel=1)
@@ -302,7 +314,8 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
         dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
         enabled=precision in ("bf16", "fp16"),
     )
-    metrics = MetricsWriter(out, resume_step=start_step if state is not None else None) if ctx.is_main else None
+    # A fresh start (step 0) drops the rows of an earlier attempt; a resume keeps those up to its step.
+    metrics = MetricsWriter(out, resume_step=start_step) if ctx.is_main else None
     snapshot_volume = None
     max_steps = config.train.max_steps
     tc = config.train
@@ -414,7 +427,8 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
                         state = _checkpoint_state(meta, optimizer, scaler, step, config, schedules, generator,
                                                   train_seconds())
                         save_checkpoint(state, out, step, keep=tc.keep_checkpoints and step % tc.checkpoint_every == 0)
-                        meta.teacher.save_pretrained(out / "teacher")
+                        with output_errors(out / "teacher"):
+                            meta.teacher.save_pretrained(out / "teacher")
                     if ctx.enabled:
                         dist.barrier()
                 if must_stop:
