@@ -8,6 +8,8 @@ with the dotted key in the message.
 
 from __future__ import annotations
 
+import math
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -30,6 +32,8 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "load_config",
+    "config_from_dict",
+    "validate_ranges",
     "available_presets",
     "build_model_config",
 ]
@@ -262,6 +266,11 @@ def _resolve(source: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     else:
         raise ConfigError(f"{source}: not a preset ({', '.join(available_presets())}) nor a YAML file")
     parent = data.pop("base", None)
+    if parent is None and not (source in available_presets() and not path.is_file()):
+        # A user file without base: starts from the preset it names (default tiny), so that an
+        # empty file, or one that sets a few keys, means that preset plus those keys.
+        named = data.get("preset", PretrainConfig.preset)
+        parent = named if isinstance(named, str) and named in available_presets() else None
     if parent is not None:
         if parent in seen:
             raise ConfigError(f"{source}: circular base: {parent}")
@@ -292,7 +301,82 @@ def load_config(source: str = "tiny", overrides: Sequence[str] = ()) -> Pretrain
                 raise ConfigError(f"override {item!r}: {part} is not a section")
         node[path[-1]] = value
     config = _build(PretrainConfig, data, "")
+    validate_ranges(config)
     build_model_config(config)  # validates the model section now, not at the first step
+    return config
+
+
+#: Range checks of values, by dotted key: (test, what the value must be). Keys not listed are
+#: checked for type only (and floats for being finite).
+_RANGES: dict[str, tuple[Any, str]] = {
+    "data.spacing": (lambda v: all(x > 0 for x in v), "positive (mm)"),
+    "data.roi": (lambda v: all(x >= 32 and x % 32 == 0 for x in v),
+                 "multiples of 32 (the Swin encoder downsamples by 32), e.g. [64,64,64]"),
+    "data.batch_size": (lambda v: v >= 1, "at least 1"),
+    "data.num_workers": (lambda v: v >= 0, "0 or more"),
+    "data.intensity_scale": (lambda v: v >= 0, "0 or more"),
+    "data.intensity_shift": (lambda v: v >= 0, "0 or more"),
+    "data.flip_prob": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "data.min_body_fraction": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "data.min_view_overlap": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "teacher.momentum": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "teacher.noise_ratio": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
+    "teacher.noise_sigma": (lambda v: v >= 0, "0 or more"),
+    "masking.ratio": (lambda v: 0 < v < 1, "above 0 and below 1"),
+    "masking.hint_ratio": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "masking.warmup_steps": (lambda v: v >= 0, "0 or more"),
+    "loss.recon_weight": (lambda v: v >= 0, "0 or more"),
+    "loss.patch_weight": (lambda v: v >= 0, "0 or more"),
+    "loss.cls_weight": (lambda v: v >= 0, "0 or more"),
+    "loss.koleo_weight": (lambda v: v >= 0, "0 or more"),
+    "loss.student_temp": (lambda v: v > 0, "positive"),
+    "loss.teacher_temp": (lambda v: v > 0, "positive"),
+    "loss.warmup_teacher_temp": (lambda v: v > 0, "positive"),
+    "loss.warmup_teacher_temp_steps": (lambda v: v >= 0, "0 or more"),
+    "loss.center_momentum": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "loss.cls_queue": (lambda v: v >= 0, "0 or more"),
+    "optim.lr": (lambda v: v > 0, "positive"),
+    "optim.min_lr": (lambda v: v >= 0, "0 or more"),
+    "optim.warmup_steps": (lambda v: v >= 0, "0 or more"),
+    "optim.weight_decay": (lambda v: v >= 0, "0 or more"),
+    "optim.weight_decay_end": (lambda v: v >= 0, "0 or more"),
+    "optim.clip_grad": (lambda v: v > 0, "positive"),
+    "optim.freeze_last_layer_steps": (lambda v: v >= 0, "0 or more"),
+    "train.max_steps": (lambda v: v >= 1, "at least 1"),
+    "train.log_every": (lambda v: v >= 1, "at least 1"),
+    "train.checkpoint_every": (lambda v: v >= 1, "at least 1"),
+    "train.snapshot_every": (lambda v: v >= 1, "at least 1"),
+    "train.threads": (lambda v: v >= 0, "0 or more (0: torch's default)"),
+    "train.max_minutes": (lambda v: v >= 0, "0 or more (0: no limit)"),
+    "train.device": (lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None, "auto, cpu, cuda or cuda:N"),
+}
+
+
+def validate_ranges(config: PretrainConfig) -> None:
+    """Check every value of ``config`` against its allowed range (types are checked when built).
+
+    Raises:
+        ConfigError: one line naming the first value out of range and what it must be.
+    """
+    for section in fields(config):
+        node = getattr(config, section.name)
+        if not is_dataclass(node):
+            continue
+        for f in fields(node):
+            key, value = f"{section.name}.{f.name}", getattr(node, f.name)
+            numbers = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(x, float) and not math.isfinite(x) for x in numbers):
+                raise ConfigError(f"{key}: {value!r} must be a finite number")
+            check = _RANGES.get(key)
+            if check is not None and value is not None and not check[0](value):
+                shown = list(value) if isinstance(value, tuple) else value
+                raise ConfigError(f"{key}: {shown!r} is out of range; it must be {check[1]}")
+
+
+def config_from_dict(data: dict[str, Any]) -> PretrainConfig:
+    """A :class:`PretrainConfig` from its ``to_dict()`` form (e.g. a checkpoint's ``config``), validated."""
+    config = _build(PretrainConfig, data, "")
+    validate_ranges(config)
     return config
 
 
