@@ -109,15 +109,55 @@ def resolve_checkpoint(path: Path) -> Path:
                            "nor a training run directory with teacher/")
 
 
+def load_pretrained(path: Path) -> "SMARTFormer":
+    """``SMARTFormer.from_pretrained`` of a checkpoint argument (see :func:`resolve_checkpoint`).
+
+    Raises:
+        InputError: ``path`` names no checkpoint.
+        SmartformerError: weights that do not fit the checkpoint's ``config.json``, in one line
+            naming both files and the first tensor that disagrees.
+    """
+    from smartformer.models.smartformer import SMARTFormer
+
+    directory = resolve_checkpoint(path)
+    try:
+        return SMARTFormer.from_pretrained(directory)
+    except RuntimeError:  # torch's size-mismatch report: one line per tensor
+        _explain_misfit(directory)
+        raise
+
+
+def _explain_misfit(directory: Path) -> None:
+    """Raise the one-line reason why ``directory``'s weights do not load into its config's network."""
+    import json
+
+    from safetensors import safe_open
+
+    from smartformer.models.smartformer import CONFIG_NAME, WEIGHTS_NAME, SMARTConfig, SMARTFormer
+    from smartformer.train.checkpoint import check_state_fits
+
+    config = SMARTConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text())["model"])
+    expected = SMARTFormer(config).state_dict()
+    with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as fh:
+        shapes = {k: _Shape(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    check_state_fits(expected, {k: v for k, v in shapes.items() if k in expected},
+                     str(directory / CONFIG_NAME), str(directory / WEIGHTS_NAME))
+
+
+class _Shape:
+    """A tensor's shape without its data, for :func:`check_state_fits`."""
+
+    def __init__(self, shape: list[int]) -> None:
+        self.shape = tuple(shape)
+
+
 def load_model(path: Path, need_attention: bool = True) -> "SMARTFormer":
     """Load the network of a checkpoint argument (see :func:`resolve_checkpoint`), in eval mode.
 
     ``need_attention`` refuses, in one line, a model without the semantic attention module (the
     pooled-token ablation), which has no attention maps; token features need no such module.
     """
-    from smartformer.models.smartformer import SMARTFormer
-
-    model = SMARTFormer.from_pretrained(resolve_checkpoint(path)).eval()
+    model = load_pretrained(path).eval()
     if need_attention and model.semantic is None:
         raise InputError(path, "this model has no semantic attention module (built with semantic_attention=False)")
     return model

@@ -59,7 +59,7 @@ def load_encoder(spec: str, seed: int = 0) -> "SMARTFormer":
     """
     import torch
 
-    from smartformer.commands.attention import resolve_checkpoint
+    from smartformer.commands.attention import load_pretrained
     from smartformer.models.smartformer import SMARTFormer
 
     if spec.startswith(RANDOM_PREFIX):
@@ -67,7 +67,7 @@ def load_encoder(spec: str, seed: int = 0) -> "SMARTFormer":
             torch.manual_seed(seed)
             model = SMARTFormer.from_preset(spec[len(RANDOM_PREFIX):], heads=False, decoder=False)
     else:
-        model = SMARTFormer.from_pretrained(resolve_checkpoint(Path(spec)))
+        model = load_pretrained(Path(spec))
         model.cls_head = model.patch_head = model.decoder = None  # never used downstream
     return model.eval()
 
