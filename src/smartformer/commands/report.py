@@ -11,8 +11,15 @@ from typing import Any
 from smartformer.errors import InputError
 
 #: Scalars drawn in the loss panel and the schedule panel of the curves figure, when logged.
-LOSS_KEYS: tuple[str, ...] = ("loss", "loss_recon", "loss_patch", "loss_cls")
+LOSS_KEYS: tuple[str, ...] = ("loss", "loss_recon", "loss_patch", "loss_cls", "loss_koleo")
 SCHEDULE_KEYS: tuple[str, ...] = ("lr", "momentum", "teacher_temp", "mask_ratio")
+#: The collapse monitors (third row, when logged): target entropies as fractions of ln K, the
+#: cosine between the teacher [CLS] of different volumes, the attention's share on air (dashed:
+#: the share of air cells, what a uniform map would give).
+MONITOR_KEYS: tuple[str, ...] = ("teacher_cls_entropy", "teacher_cls_batch_entropy", "teacher_patch_entropy",
+                                 "teacher_cls_cosine", "attn_air_share")
+#: A reference curve drawn dashed in a monitor's panel.
+REFERENCE_KEYS: dict[str, str] = {"attn_air_share": "air_cell_share"}
 #: At most this many attention snapshots are shown (evenly spaced over the run, the last one included).
 MAX_SNAPSHOTS = 8
 
@@ -46,8 +53,9 @@ def _image(path: Path, caption: str, width: int = 900) -> str:
 
 
 def _curves_png(rows: list[dict[str, Any]], path: Path) -> Path:
-    """One panel per logged loss term (top row) and per schedule (bottom row) against the step, each
-    on its own scale: terms that differ by orders of magnitude do not hide one another."""
+    """One panel per logged loss term (top row), per schedule (middle) and per collapse monitor (bottom,
+    when logged) against the step, each on its own scale: terms that differ by orders of magnitude
+    do not hide one another."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,14 +67,20 @@ def _curves_png(rows: list[dict[str, Any]], path: Path) -> Path:
         return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
 
     groups = [[k for k in keys if series(k)] or keys[:1] for keys in (LOSS_KEYS, SCHEDULE_KEYS)]
+    monitors = [k for k in MONITOR_KEYS if series(k)]
+    if monitors:
+        groups.append(monitors)
     cols = max(len(g) for g in groups)
-    fig, axes = plt.subplots(2, cols, figsize=(3.2 * cols, 5.6), squeeze=False)
+    fig, axes = plt.subplots(len(groups), cols, figsize=(3.2 * cols, 2.8 * len(groups)), squeeze=False)
     for row, keys in zip(axes, groups):
         for ax, key in zip(row, keys):
-            points = series(key)
-            if points:
-                steps, values = zip(*points)
-                ax.plot(steps, values, marker="." if len(points) < 30 else None)
+            for name, style in ((key, "-"), (REFERENCE_KEYS.get(key), "--")):
+                points = series(name) if name else []
+                if points:
+                    steps, values = zip(*points)
+                    ax.plot(steps, values, style, marker="." if len(points) < 30 else None, label=name)
+            if key in REFERENCE_KEYS and series(REFERENCE_KEYS[key]):
+                ax.legend(fontsize=6)
             ax.set_title(key, fontsize=9)
             ax.set_xlabel("step", fontsize=8)
             ax.tick_params(labelsize=7)
