@@ -175,4 +175,4 @@ def test_rare_far_voxels_are_all_found_and_a_short_case_is_reported(tmp_path):
     assert np.allclose(world_to_voxel(affine, _centre(negatives[0])), 2)
     assert float(negatives[0]["distance_mm"]) == pytest.approx(np.sqrt(3) * 16)
     from smartformer.data.builders.lesions import summarize
-    assert "1 case(s) with fewer than 3 normal-tissue voxels" in "\n".join(summarize(results, 3))
+    assert "1 case with fewer than 3 normal-tissue voxels" in "\n".join(summarize(results, 3))

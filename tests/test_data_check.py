@@ -107,3 +107,12 @@ def test_module_entry_point_in_a_subprocess(source):
     assert run.returncode == 1
     assert "FAILED" in run.stdout and "2 ok, 1 failed" in run.stdout
     assert "Traceback" not in run.stderr + run.stdout
+
+
+def test_summary_names_the_label_maps_it_skipped(source, capsys):
+    main(["data", "check", str(source)])
+    out = capsys.readouterr().out
+    (line,) = [line for line in out.splitlines() if line.startswith("skipped")]
+    assert line.startswith("skipped 1 file as label maps") and line.endswith(str(source / "a" / "labels.nii.gz"))
+    main(["data", "check", str(source), "--exclude", ""])
+    assert "skipped" not in capsys.readouterr().out

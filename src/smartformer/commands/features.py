@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from smartformer.errors import InputError, SmartformerError
+from smartformer.wording import plural
 
 if TYPE_CHECKING:
     from smartformer.downstream.cases import CropOptions
@@ -117,5 +118,6 @@ def run(args: argparse.Namespace) -> int:
         frame.to_csv(args.out, index=False)
     else:
         frame.to_parquet(args.out, index=False)
-    print(f"{len(frame)} cases x {values.shape[1]} features of {name} ({args.features}) -> {args.out}")
+    print(f"{plural(len(frame), 'case')} x {plural(values.shape[1], 'feature')} of {name} ({args.features}) "
+          f"-> {args.out}")
     return 0

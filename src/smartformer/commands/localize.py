@@ -21,6 +21,7 @@ from smartformer.commands.attention import (
     resolve_checkpoint,
 )
 from smartformer.errors import InputError, SmartformerError
+from smartformer.wording import plural
 
 if TYPE_CHECKING:
     import numpy as np
@@ -41,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="zero-shot tumour localization of attention maps vs tumour masks",
         description=(
             "Score the mean semantic attention of one or more checkpoints against tumour masks "
-            "(voxel AUROC, pointing game, Dice/IoU at Otsu and top-k %%, bounding-box IoU, "
+            "(voxel AUROC, pointing game, Dice/IoU at Otsu and at the top-k percent, bounding-box IoU, "
             "enrichment, energy pointing), all inside the body (HU > -500 plus the lesion), next to "
             "a centre prior, an intensity prior and the network with random weights. --data is a CSV "
             "with image and mask columns (mask paths relative to the CSV's folder) or a folder of case "
@@ -50,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--checkpoint", required=True, type=Path, nargs="+",
-                   help="save_pretrained directories or training run directories (their teacher/)")
+                   help="save_pretrained directories, training run directories (their teacher/), or "
+                        "smart-tiny-ct, the pretrained model shipped with smartformer")
     p.add_argument("--data", required=True, type=Path, help="CSV (image,mask) or a folder of case folders")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     add_inference_arguments(p)
@@ -308,5 +310,5 @@ def run(args: argparse.Namespace) -> int:
     _comparison(summary, args.out)
     _montage(panels, methods, args.out / "montage.png")
     print((args.out / "comparison.md").read_text(), end="")
-    print(f"{len(rows) // len(methods)} cases scored, {len(skipped)} skipped; results in {args.out}")
+    print(f"{plural(len(rows) // len(methods), 'case')} scored, {len(skipped)} skipped; results in {args.out}")
     return 0

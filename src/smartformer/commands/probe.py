@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from smartformer.commands.features import CHECKPOINT_HELP, CSV_HELP, add_crop_arguments
 from smartformer.errors import SmartformerError
+from smartformer.wording import plural
 
 if TYPE_CHECKING:
     import numpy as np
@@ -150,7 +151,8 @@ def evaluate(args: argparse.Namespace, task: str, run_checkpoint: CheckpointRunn
     write_roc(predictions, args.out / "roc.png", task)
     markdown = write_comparison(results, args.out)
     print(markdown, end="")
-    print(f"{task}: {len(table.cases)} cases, {args.folds} folds, {len(names)} checkpoint(s); results in {args.out}")
+    print(f"{task}: {plural(len(table.cases), 'case')}, {plural(args.folds, 'fold')}, "
+          f"{plural(len(names), 'checkpoint')}; results in {args.out}")
     return 0
 
 

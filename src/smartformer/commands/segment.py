@@ -13,6 +13,7 @@ from pathlib import Path
 
 from smartformer.commands.attention import add_inference_arguments
 from smartformer.errors import InputError, SmartformerError
+from smartformer.wording import plural
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -149,7 +150,7 @@ def run_train(args: argparse.Namespace) -> int:
     steps = args.max_steps if args.max_steps is not None else (
         args.epochs * math.ceil(len(train) / args.batch_size) if args.epochs is not None else 1000)
     settings = SegmentationSettings(**base, max_steps=steps)
-    print(f"{len(cases)} cases: {len(train)} training, {len(val)} validation; {steps} steps")
+    print(f"{plural(len(cases), 'case')}: {len(train)} training, {len(val)} validation; {plural(steps, 'step')}")
     result = train_segmentation(args.checkpoint, train, val, args.out, settings, device=args.device,
                                 progress=not args.no_progress)
     dice = ", ".join(f"{k}: {v:.3f}" for k, v in result.best_dice.items())

@@ -85,18 +85,39 @@ def _nothing_found(is_dir: bool, patterns: tuple[str, ...]) -> str:
 
 
 def _scan_folder(root: Path, patterns: tuple[str, ...]) -> list[dict[str, Any]]:
-    items = []
+    return _walk_folder(root, patterns)[0]
+
+
+def skipped_label_maps(src: str | Path, exclude: Sequence[str] | None = None) -> list[str]:
+    """The files and DICOM folders :func:`list_volumes` leaves out of a folder source as label maps
+    (their names match ``exclude``, default :data:`DEFAULT_EXCLUDE`); empty for other sources."""
+    src = Path(src)
+    if not src.is_dir():
+        return []
+    return _walk_folder(src, DEFAULT_EXCLUDE if exclude is None else tuple(exclude))[1]
+
+
+def _walk_folder(root: Path, patterns: tuple[str, ...]) -> tuple[list[dict[str, Any]], list[str]]:
+    """(the volumes of a folder, the label maps left out), both in walking order."""
+    items: list[dict[str, Any]] = []
+    skipped: list[str] = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         here = Path(folder)
         files = sorted(f for f in files if not f.startswith("."))
         images = [f for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
         others = [here / f for f in files if f not in images]
-        if not _excluded(here.name, patterns) and any(_is_dicom_file(p) for p in others):
-            items.append({"image": str(here)})
-        items.extend({"image": str(here / f)} for f in images
-                     if not _excluded(_strip_image_suffix(f), patterns))
-    return items
+        if any(_is_dicom_file(p) for p in others):
+            if _excluded(here.name, patterns):
+                skipped.append(str(here))
+            else:
+                items.append({"image": str(here)})
+        for f in images:
+            if _excluded(_strip_image_suffix(f), patterns):
+                skipped.append(str(here / f))
+            else:
+                items.append({"image": str(here / f)})
+    return items, skipped
 
 
 def _strip_image_suffix(name: str) -> str:

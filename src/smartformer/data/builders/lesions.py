@@ -39,6 +39,7 @@ from smartformer.data.builders import (
 )
 from smartformer.data.suffixes import IMAGE_SUFFIXES
 from smartformer.errors import InputError, SmartformerError
+from smartformer.wording import plural
 
 COLUMNS: tuple[str, ...] = ("image", "label", "patient", *CENTER_COLUMNS, "kind", "mask",
                             "component", "lesion_voxels", "distance_mm", "hu")
@@ -342,14 +343,14 @@ def summarize(results: Sequence[CaseResult], negatives_per_case: int) -> list[st
     """Closing lines: counts of cases, positives and negatives, and cases that fell short."""
     n_pos = sum(r.n_positive for r in results)
     n_neg = sum(r.n_negative for r in results)
-    lines = [f"{len(results)} cases: {n_pos} lesion samples (label 1), {n_neg} normal-tissue "
-             f"samples (label 0)"]
+    lines = [f"{plural(len(results), 'case')}: {plural(n_pos, 'lesion sample')} (label 1), "
+             f"{plural(n_neg, 'normal-tissue sample')} (label 0)"]
     no_lesion = [r.case.patient for r in results if r.n_components == 0]
     if no_lesion:
-        lines.append(f"{len(no_lesion)} case(s) without a lesion component: {_ids(no_lesion)}")
+        lines.append(f"{plural(len(no_lesion), 'case')} without a lesion component: {_ids(no_lesion)}")
     short = [r.case.patient for r in results if r.n_negative < negatives_per_case]
     if short:
-        lines.append(f"{len(short)} case(s) with fewer than {negatives_per_case} normal-tissue "
+        lines.append(f"{plural(len(short), 'case')} with fewer than {negatives_per_case} normal-tissue "
                      f"voxels far enough from the lesion: {_ids(short)}")
     return lines
 
