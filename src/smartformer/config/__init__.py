@@ -371,6 +371,12 @@ def validate_ranges(config: PretrainConfig) -> None:
             if check is not None and value is not None and not check[0](value):
                 shown = list(value) if isinstance(value, tuple) else value
                 raise ConfigError(f"{key}: {shown!r} is out of range; it must be {check[1]}")
+    from smartformer.data.transforms import parse_window  # the window names and syntax live there
+
+    try:
+        parse_window(config.data.window)
+    except ConfigError as exc:
+        raise ConfigError(f"data.{exc}") from None
 
 
 def config_from_dict(data: dict[str, Any]) -> PretrainConfig:

@@ -32,7 +32,7 @@ from smartformer.config import PretrainConfig
 from smartformer.data.dataset import build_pretrain_dataset, check_volumes, seed_worker
 from smartformer.data.sampler import ResumableSampler, SeededViews
 from smartformer.data.sources import list_volumes
-from smartformer.errors import ConfigError, SmartformerError
+from smartformer.errors import ConfigError, InputError, SmartformerError
 from smartformer.train.checkpoint import (
     RunLock,
     check_state_fits,
@@ -148,7 +148,7 @@ class _StopFlag:
 def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     for item in batch:
         if "error" in item:
-            return {"error": item["error"]}
+            return {"error": item["error"], "bad_file": item["bad_file"]}
     return default_collate(batch)
 
 
@@ -159,7 +159,7 @@ class _ErrorsAsData(SeededViews):
         try:
             return super().__getitem__(key)
         except SmartformerError as exc:
-            return {"error": str(exc)}
+            return {"error": str(exc), "bad_file": isinstance(exc, InputError)}  # not a full cache disk
 
 
 def _default_cache_dir(out: Path) -> Path:
@@ -352,7 +352,8 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
                 batch = next(it)
                 t1 = time.perf_counter()
                 if "error" in batch:
-                    raise SmartformerError(batch["error"] + " (pass --skip-bad to leave such files out)")
+                    hint = " (pass --skip-bad to leave such files out)" if batch["bad_file"] else ""
+                    raise SmartformerError(batch["error"] + hint)
                 views = batch["views"].to(device, non_blocking=True)
                 if snapshot_volume is None and ctx.is_main:
                     snapshot_volume = keyed[0]["views"][:1].to(device)
