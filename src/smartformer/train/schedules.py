@@ -155,8 +155,9 @@ def read_effective_lr(text: str) -> float | None:
 def schedule_warnings(config: Any, schedules: Schedules, world_size: int = 1, start_step: int = 0,
                       previous: dict[str, Any] | None = None) -> list[str]:
     """One line for each way the run's schedules will surprise: a warm-up that fills the whole
-    run (the lr only rises; the teacher temperature never arrives; attention-guided masking never
-    starts) and, when resuming, schedules re-stretched to a changed ``train.max_steps``.
+    run (the lr only rises; attention-guided masking never starts) and, when resuming, schedules
+    re-stretched to a changed ``train.max_steps``. (The teacher temperature's warm-up is shortened
+    to the run, so it always arrives.)
 
     Args:
         config: the run's :class:`~smartformer.config.PretrainConfig`.
@@ -165,16 +166,12 @@ def schedule_warnings(config: Any, schedules: Schedules, world_size: int = 1, st
         start_step: the step the run starts (or resumes) at.
         previous: the schedules stored in the checkpoint being resumed (name -> per-step values).
     """
-    steps, o, lc, m = config.train.max_steps, config.optim, config.loss, config.masking
+    steps, o, m = config.train.max_steps, config.optim, config.masking
     out: list[str] = []
     if o.warmup_steps >= steps - 1:
         out.append(f"optim.warmup_steps={o.warmup_steps} spans the whole run of train.max_steps={steps}: the lr only "
                    f"rises and ends at its peak, {_lr_note(config, world_size)}; give more steps or a shorter "
                    "warm-up for a cosine decay")
-    if lc.warmup_teacher_temp_steps > steps:
-        out.append(f"loss.warmup_teacher_temp_steps={lc.warmup_teacher_temp_steps} > train.max_steps={steps}: the "
-                   f"teacher temperature ends at {schedules.teacher_temp[-1]:.4g}, short of loss.teacher_temp="
-                   f"{lc.teacher_temp:g}")
     if m.strategy.startswith("attention") and m.warmup_steps >= steps:
         out.append(f"masking.strategy={m.strategy} starts after masking.warmup_steps={m.warmup_steps}, but the run "
                    f"has train.max_steps={steps}: it masks at random throughout (attention-guided masking never "
