@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from smartformer.errors import InputError, SmartformerError
+from smartformer.wording import plural
 
 if TYPE_CHECKING:
     import numpy as np
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SegCase", "SegmentationSettings", "SegmentationConfig", "TrainResult", "LabelPrediction",
-    "build_segmenter", "segmenter_from_encoder", "new_swinunetr", "swinunetr_kwargs", "find_cases",
+    "build_segmenter", "segmenter_from_encoder", "new_swinunetr", "swinunetr_kwargs", "swinunetr_recipe", "find_cases",
     "split_cases", "load_case", "train_segmentation", "load_segmenter", "predict_labels", "write_labels",
     "CONFIG_FILE", "WEIGHTS_FILE", "METRICS_FILE",
 ]
@@ -97,6 +98,31 @@ def swinunetr_kwargs(encoder: "Swin3DConfig", num_classes: int,
     if "img_size" in params:
         kwargs["img_size"] = tuple(int(r) for r in roi)
     return kwargs
+
+
+def swinunetr_recipe(encoder: "Swin3DConfig", weights: Path) -> tuple[dict[str, Any], str]:
+    """How to use exported ``swinViT`` weights: the ``SwinUNETR`` arguments they need, as a JSON-ready
+    dict and as the Python lines to type (a default ``SwinUNETR`` has window 7 and refuses them).
+
+    ``out_channels`` is left to the user (the task's classes + background); every other argument is
+    what this MONAI's ``SwinUNETR`` takes for ``encoder`` (:func:`swinunetr_kwargs`).
+    """
+    import monai
+
+    kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in swinunetr_kwargs(encoder, 1).items()
+              if k != "out_channels"}
+    loader = ("safetensors.torch.load_file(WEIGHTS)" if weights.suffix == ".safetensors"
+              else "torch.load(WEIGHTS, weights_only=True)")
+    load = (f"net.load_state_dict({loader.replace('WEIGHTS', repr(str(weights)))}, strict=False)  "
+            "# every swinViT key loads; the decoder stays random")
+    arguments = ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v!r}" for k, v in kwargs.items())
+    imports = "import safetensors.torch" if weights.suffix == ".safetensors" else "import torch"
+    text = (f"{imports}\nfrom monai.networks.nets import SwinUNETR\n"
+            f"net = SwinUNETR({arguments}, out_channels=N_CLASSES + 1)\n{load}")
+    recipe = {"class": "monai.networks.nets.SwinUNETR", "kwargs": kwargs,
+              "out_channels": "your classes + 1 (background)", "weights": weights.name,
+              "load": load, "monai_version": monai.__version__}
+    return recipe, text
 
 
 def new_swinunetr(encoder: "Swin3DConfig", num_classes: int, roi: Sequence[int] = (64, 64, 64)) -> "SwinUNETR":
@@ -584,7 +610,7 @@ def train_segmentation(checkpoint: str | Path, train_cases: Sequence[SegCase], v
     net = segmenter_from_encoder(encoder_model, len(label_ids), s.roi, seed=s.seed, source=str(checkpoint))
     log(f"encoder: {checkpoint} -> SwinUNETR.swinViT, {len(net.swinViT.state_dict())} tensors loaded strictly "
         f"(feature size {encoder.embed_dim}, depths {list(encoder.depths)}, heads {list(encoder.num_heads)}, "
-        f"window {list(encoder.window_size)}); {len(label_ids)} classes: label ids {label_ids}")
+        f"window {list(encoder.window_size)}); {plural(len(label_ids), 'class', 'classes')}: label ids {label_ids}")
     net = net.to(device).train()
     config = SegmentationConfig(label_ids=label_ids, encoder=encoder.to_dict(), spacing=list(s.spacing),
                                 window=s.window if isinstance(s.window, str) else list(s.window),
