@@ -64,10 +64,15 @@ def slice_centre(image: np.ndarray, mask: np.ndarray | None = None,
     """The voxel the three slices pass through: the mask's centroid when the mask has voxels,
     else the body's (:func:`body_mask`); moved to the nearest voxel of that region when the
     centroid falls outside it."""
+    from scipy import ndimage
+
     from smartformer.data.builders.lesions import inside_centroid
 
-    region = mask if mask is not None and mask.any() else body_mask(image)
-    return inside_centroid(np.asarray(region, dtype=bool), np.asarray(spacing, dtype=np.float64))
+    region = np.asarray(mask if mask is not None and mask.any() else body_mask(image), dtype=bool)
+    voxel = tuple(int(round(c)) for c in ndimage.center_of_mass(region))  # no N x 3 index array for a whole body
+    if region[voxel]:
+        return voxel  # type: ignore[return-value]
+    return inside_centroid(region, np.asarray(spacing, dtype=np.float64))
 
 
 def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]]:
