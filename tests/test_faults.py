@@ -202,6 +202,18 @@ def test_malformed_geometry_is_one_line_per_file_naming_the_field(phantoms: Path
         assert pretrain(data, tmp_path / "run", "--skip-bad", steps=1) == 0
 
 
+def test_a_volume_monai_cannot_preprocess_is_named_or_skipped(phantoms: Path, tmp_path: Path) -> None:
+    # 10 m voxels: resampling to 2 mm would need petabytes; MONAI's error named no file
+    absurd = write_nifti(tmp_path / "absurd.nii.gz", ct_like(), np.diag([1e4, 1e4, 1e4, 1.0]))
+    with pytest.raises(InputError, match="cannot be preprocessed") as caught:
+        build_pretrain_dataset([absurd], tmp_path / "c1", spacing=2.0, roi=32)[0]
+    assert str(caught.value).startswith(str(absurd)) and "\n" not in str(caught.value)
+    with pytest.warns(UserWarning, match=r"skipping unreadable volume .*absurd\.nii\.gz"):
+        dataset = build_pretrain_dataset([absurd, good_cts(phantoms)[0]], tmp_path / "c2", spacing=4.0, roi=32,
+                                         skip_bad=True)
+        assert dataset[0]["views"].shape == (2, 1, 32, 32, 32)
+
+
 def test_tiny_file_with_huge_header_is_refused_before_reading(tmp_path: Path) -> None:
     header = nib.Nifti1Header()
     header.set_data_shape((512, 512, 512))

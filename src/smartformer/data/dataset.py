@@ -86,6 +86,21 @@ def _input_error_in(exc: BaseException) -> InputError | None:
     return None
 
 
+def _preprocessing_error(path: str, exc: BaseException) -> InputError | None:
+    """A failure inside MONAI's preprocessing of one volume (e.g. absurd voxel sizes that would
+    resample to petabytes), as an InputError naming the volume and the root cause; None for our
+    own errors (a full cache disk), which are not the volume's fault."""
+    root: BaseException = exc
+    while root.__cause__ or root.__context__:
+        if isinstance(root, SmartformerError):
+            return None
+        root = root.__cause__ or root.__context__  # type: ignore[assignment]
+    if isinstance(root, SmartformerError):
+        return None
+    reason = " ".join(str(root).split())[:200]
+    return InputError(path, f"cannot be preprocessed ({type(root).__name__}: {reason})")
+
+
 class PretrainDataset(PersistentDataset):
     """A PersistentDataset that reports unreadable volumes as :class:`InputError`.
 
@@ -109,7 +124,7 @@ class PretrainDataset(PersistentDataset):
             try:
                 return super()._transform(candidate)
             except Exception as exc:
-                error = _input_error_in(exc)
+                error = _input_error_in(exc) or _preprocessing_error(self.data[candidate]["image"], exc)
                 if error is None:
                     raise
                 if not self.skip_bad:
