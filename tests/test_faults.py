@@ -407,6 +407,8 @@ def test_a_missing_listed_file_stops_the_run_before_step_1(phantoms: Path, tmp_p
     line = one_error_line(capsys)
     assert "gone.nii.gz: does not exist" in line and "--skip-bad" in line
     assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "checkpoints").exists()
+    assert main(["pretrain", "--data", str(tmp_path / "cts.csv"), "--out", str(tmp_path / "run"), "--resume"]) == 2
+    assert "no run to resume" in one_error_line(capsys)  # the failed start left no run behind
 
 
 # --- 14. output locations -----------------------------------------------------------------------------

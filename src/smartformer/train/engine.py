@@ -301,6 +301,9 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
             meta.student, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
         )
 
+    # The data first (every file checked): a run that cannot start leaves no config.yaml, so it
+    # is no run that --resume would take up.
+    keyed, loader, n_volumes = _build_loader(config, data, out, ctx, start_step)
     if ctx.is_main:
         make_dir(out)
         with output_errors(out / "config.yaml"):
@@ -308,7 +311,6 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
         for message in schedule_warnings(config, schedules, ctx.world_size, start_step,
                                          state["schedules"] if state is not None else None):
             warnings.warn(message, stacklevel=1)
-    keyed, loader, n_volumes = _build_loader(config, data, out, ctx, start_step)
     autocast = torch.autocast(
         device.type,
         dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
