@@ -170,7 +170,8 @@ def resume_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
         try:
             state = load_checkpoint(path)
         except SmartformerError as exc:
-            problems.append(str(exc))
+            text = " ".join(str(exc).split())
+            problems.append(text if len(text) <= 200 else text[:197] + "...")  # torch's reasons run long
             continue
         if problems:
             warnings.warn(f"{problems[0]}; resuming from {path.name} (step {int(state['step'])}), the newest "
