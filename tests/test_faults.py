@@ -421,6 +421,14 @@ def test_output_under_a_file_is_one_line(phantoms: Path, tmp_path: Path, capsys)
     one_error_line(capsys)
 
 
+def test_an_output_file_that_is_a_folder_is_one_line(phantoms: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    (run / "metrics.jsonl").mkdir(parents=True)  # written by code that names no path itself
+    assert pretrain(phantoms, run, steps=1) == 2
+    line = one_error_line(capsys)
+    assert "metrics.jsonl" in line and "is a folder" in line
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_read_only_output_folder_is_one_line(phantoms: Path, tmp_path: Path, capsys) -> None:
     folder = tmp_path / "ro"

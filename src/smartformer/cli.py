@@ -70,9 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"smartformer: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # an input or output location the commands did not name themselves
-        from smartformer.io_utils import output_error
+        from smartformer.io_utils import os_reason, output_error
 
-        print(f"smartformer: error: {output_error(exc.filename or '?', exc, 'cannot access')}", file=sys.stderr)
+        message = output_error(exc.filename, exc, "cannot access") if exc.filename else os_reason(exc)
+        print(f"smartformer: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("smartformer: interrupted", file=sys.stderr)

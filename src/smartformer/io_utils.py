@@ -23,8 +23,8 @@ from typing import Any, BinaryIO
 
 from smartformer.errors import OutputError
 
-__all__ = ["atomic_write", "atomic_write_bytes", "torch_bytes", "output_error", "make_dir", "output_errors",
-           "current_umask"]
+__all__ = ["atomic_write", "atomic_write_bytes", "torch_bytes", "output_error", "os_reason", "make_dir",
+           "output_errors", "current_umask"]
 
 _REASONS = {
     errno.ENOSPC: "no space left on the device (disk full)",
@@ -38,9 +38,14 @@ _REASONS = {
 }
 
 
+def os_reason(exc: OSError) -> str:
+    """What an ``OSError`` means, in words (e.g. "no space left on the device (disk full)")."""
+    return _REASONS.get(exc.errno or 0, exc.strerror or str(exc))
+
+
 def output_error(path: str | Path, exc: OSError, doing: str = "cannot write") -> OutputError:
     """A one-line :class:`OutputError` for ``exc`` raised while writing ``path``."""
-    reason = _REASONS.get(exc.errno or 0, exc.strerror or str(exc))
+    reason = os_reason(exc)
     where = exc.filename if exc.errno == errno.ENOTDIR and exc.filename else path
     return OutputError(where, f"{doing}: {reason}")
 
