@@ -226,6 +226,17 @@ def test_tiny_file_with_huge_header_is_refused_before_reading(tmp_path: Path) ->
         for reader in (validate_volume, read_ct):
             with pytest.raises(InputError, match="header declares 536.9 MB"):
                 reader(path)
+    headers = {  # the same claim in the ITK formats whose voxels follow the header
+        "huge.mha": "ObjectType = Image\nNDims = 3\nDimSize = 512 512 512\nElementType = MET_FLOAT\n"
+                    "ElementSpacing = 1 1 1\nElementDataFile = LOCAL\n",
+        "huge.nrrd": "NRRD0004\ntype: float\ndimension: 3\nsizes: 512 512 512\nspacings: 1 1 1\n"
+                     "encoding: raw\nendian: little\n\n",
+    }
+    for name, text in headers.items():
+        (tmp_path / name).write_bytes(text.encode() + b"\0" * 1024)
+        for reader in (validate_volume, read_ct):
+            with pytest.raises(InputError, match="header declares 536.9 MB"):
+                reader(tmp_path / name)
 
 
 # --- 4, 5. export ----------------------------------------------------------------------------------
