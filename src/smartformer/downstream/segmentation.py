@@ -47,6 +47,7 @@ __all__ = [
     "SegCase", "SegmentationSettings", "SegmentationConfig", "TrainResult", "LabelPrediction",
     "build_segmenter", "segmenter_from_encoder", "new_swinunetr", "swinunetr_kwargs", "swinunetr_recipe", "find_cases",
     "split_cases", "load_case", "train_segmentation", "load_segmenter", "predict_labels", "write_labels",
+    "dice_per_case", "validate",
     "CONFIG_FILE", "WEIGHTS_FILE", "METRICS_FILE",
 ]
 
@@ -528,19 +529,20 @@ def _sliding_logits(net: "torch.nn.Module", image: "torch.Tensor", roi: Sequence
                                     mode="gaussian", progress=False)
 
 
-def validate(net: "torch.nn.Module", cases: Sequence[dict[str, Any]], label_ids: Sequence[int],
-             roi: Sequence[int], overlap: float = 0.25, device: "torch.device | str" = "cpu") -> dict[str, float]:
-    """Mean Dice per class over ``cases`` (preprocessed, remapped), keyed by original label id.
+def dice_per_case(net: "torch.nn.Module", cases: Sequence[dict[str, Any]], label_ids: Sequence[int],
+                  roi: Sequence[int], overlap: float = 0.25, device: "torch.device | str" = "cpu") -> list[dict[str, float]]:
+    """Dice per class of each case (preprocessed, remapped), keyed by original label id.
 
-    MONAI ``DiceMetric`` (background left out) on the preprocessed grid; a class absent from a case's
-    label map does not count for that case, and is NaN when absent from every case.
+    MONAI ``DiceMetric`` (background left out) on the preprocessed grid, one dict per case; a class
+    absent from a case's label map is NaN for that case. Per-case scores are what a paired comparison
+    of two models over patients needs (:func:`~smartformer.downstream.metrics.paired_mean_difference`).
     """
     import torch
     from monai.metrics import DiceMetric
     from monai.networks.utils import one_hot
 
     device = torch.device(device)
-    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
     k = len(label_ids) + 1
     was_training = net.training
     net.eval()
@@ -550,8 +552,23 @@ def validate(net: "torch.nn.Module", cases: Sequence[dict[str, Any]], label_ids:
             pred = one_hot(logits.argmax(1, keepdim=True).cpu(), k)
             metric(y_pred=pred, y=one_hot(case["label"][None].long(), k))
     net.train(was_training)
-    values = metric.aggregate().tolist()
-    return {str(i): float(v) for i, v in zip(label_ids, values)}
+    rows = metric.aggregate().reshape(len(cases), len(label_ids)).tolist()
+    return [{str(i): float(v) for i, v in zip(label_ids, row)} for row in rows]
+
+
+def validate(net: "torch.nn.Module", cases: Sequence[dict[str, Any]], label_ids: Sequence[int],
+             roi: Sequence[int], overlap: float = 0.25, device: "torch.device | str" = "cpu") -> dict[str, float]:
+    """Mean Dice per class over ``cases`` (:func:`dice_per_case`), keyed by original label id.
+
+    A class absent from a case's label map does not count for that case, and is NaN when absent
+    from every case.
+    """
+    per_case = dice_per_case(net, cases, label_ids, roi, overlap, device)
+    means = {}
+    for i in label_ids:
+        finite = [row[str(i)] for row in per_case if math.isfinite(row[str(i)])]
+        means[str(i)] = sum(finite) / len(finite) if finite else float("nan")
+    return means
 
 
 def _mean(dice: dict[str, float]) -> float:
