@@ -11,6 +11,7 @@ import errno
 import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -307,8 +308,6 @@ def test_wrong_shape_weights_are_one_line_naming_config_and_weights(tmp_path: Pa
 
 
 def test_resume_with_an_edited_config_is_one_line(finished_run: Path, tmp_path: Path, capsys) -> None:
-    import shutil
-
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     text = (run / "config.yaml").read_text()
@@ -450,8 +449,6 @@ def test_read_only_output_folder_is_one_line(phantoms: Path, tmp_path: Path, cap
 
 def test_full_disk_while_checkpointing_keeps_the_last_good_one(finished_run: Path, tmp_path: Path, phantoms: Path,
                                                               capsys, disk_full) -> None:
-    import shutil
-
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     before = (run / "checkpoints" / "last.pt").read_bytes()
