@@ -153,6 +153,10 @@ def test_constant_and_tiny_volumes_warn_or_are_skipped(phantoms: Path, tmp_path:
     with pytest.warns(UserWarning, match="skipping unreadable volume.*constant"):
         dataset = build_pretrain_dataset([constant, good], tmp_path / "c2", spacing=4.0, roi=32, skip_bad=True)
         assert dataset[0]["views"].shape == (2, 1, 32, 32, 32)  # the next good volume instead
+    # The finding is kept with the cache entry: a later --skip-bad run over the same cache skips too.
+    with pytest.warns(UserWarning, match="skipping unreadable volume.*covers"):
+        dataset = build_pretrain_dataset([tiny, good], tmp_path / "c1", spacing=2.0, roi=32, skip_bad=True)
+        assert dataset[0]["views"].shape == (2, 1, 32, 32, 32)
 
 
 # --- 3. malformed headers ---------------------------------------------------------------------------

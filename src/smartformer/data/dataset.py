@@ -33,6 +33,8 @@ from smartformer.io_utils import atomic_write_bytes, torch_bytes
 
 #: A volume whose field of view fills less than this fraction of the ROI trains mostly on padding.
 MIN_ROI_COVERAGE = 0.25
+#: Where :class:`CheckContentd` leaves its finding in a preprocessed (cached) item.
+CONTENT_KEY = "content_problem"
 
 #: Bumped whenever :func:`~smartformer.data.transforms.preprocess_transforms` changes what it
 #: produces, so that caches written by older code are not reused.
@@ -144,17 +146,30 @@ class PretrainDataset(PersistentDataset):
             OutputError: the cache folder cannot be written (e.g. the disk is full), naming it.
         """
         hashfile = Path(self.cache_dir) / f"{self.hash_func(item_transformed).decode()}{self.transform_hash}.pt"
+        path = item_transformed["image"]
         if hashfile.is_file():
             try:
-                return torch.load(hashfile, weights_only=self.weights_only)
+                return self._judge_content(torch.load(hashfile, weights_only=self.weights_only), path)
+            except InputError:
+                raise
             except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError... for damage
                 reason = " ".join(str(exc).split())[:160]
-                warnings.warn(f"{item_transformed['image']}: its cache entry {hashfile} is unreadable ({reason}); "
-                              "rebuilding it", stacklevel=2)
+                warnings.warn(f"{path}: its cache entry {hashfile} is unreadable ({reason}); rebuilding it",
+                              stacklevel=2)
         result = self._pre_transform(dict(item_transformed))
         data = torch_bytes(convert_to_tensor(result, convert_numeric=False, track_meta=self.track_meta))
         atomic_write_bytes(hashfile, data)
-        return result
+        return self._judge_content(result, path)
+
+    def _judge_content(self, item: Any, path: str) -> Any:
+        """Act on what :class:`CheckContentd` recorded (kept in the cache, so a cached volume is
+        judged as a new one is): refuse it with ``skip_bad``, else warn (once per volume)."""
+        problem = item.pop(CONTENT_KEY, "") if isinstance(item, dict) else ""
+        if problem and self.skip_bad:
+            raise InputError(path, problem)
+        if problem:
+            warnings.warn(f"{path}: {problem} (pass --skip-bad to leave such volumes out)", stacklevel=3)
+        return item
 
 
 def build_pretrain_dataset(
@@ -210,7 +225,7 @@ def build_pretrain_dataset(
     after_read = next(i for i, t in enumerate(preprocess) if isinstance(t, LoadCTd)) + 1
     transform = Compose([
         *preprocess[:after_read],
-        CheckContentd(roi_mm, refuse=skip_bad),
+        CheckContentd(roi_mm),
         *preprocess[after_read:],
         view_transforms(roi=roi, num_views=num_views, intensity_scale=intensity_scale,
                         intensity_shift=intensity_shift, flip_prob=flip_prob,
@@ -274,25 +289,19 @@ def content_problem(image: torch.Tensor, spacing: Sequence[float],
 
 
 class CheckContentd(MapTransform):
-    """After reading: warn about a volume that :func:`content_problem` finds useless, or refuse it
-    (:class:`InputError`, so that ``skip_bad`` drops it) when ``refuse``. Runs once per volume,
-    before the cache."""
+    """After reading: record under ``"content_problem"`` what :func:`content_problem` finds wrong
+    with the volume ("" when nothing). Part of the cached preprocessing, so the finding travels
+    with the cache entry; :class:`PretrainDataset` warns about it or skips the volume."""
 
-    def __init__(self, roi_mm: Sequence[float], refuse: bool = False, keys: Sequence[str] = ("image",)) -> None:
+    def __init__(self, roi_mm: Sequence[float], keys: Sequence[str] = ("image",)) -> None:
         super().__init__(keys)
         self.roi_mm = list(roi_mm)
-        self.refuse = refuse
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
-        for key in self.key_iterator(data):
-            image = data[key]
-            problem = content_problem(image, image.meta["spacing"], self.roi_mm)
-            if problem is None:
-                continue
-            path = image.meta["filename_or_obj"]
-            if self.refuse:
-                raise InputError(path, problem)
-            warnings.warn(f"{path}: {problem} (pass --skip-bad to leave such volumes out)", stacklevel=2)
+        data = dict(data)
+        problems = [content_problem(data[key], data[key].meta["spacing"], self.roi_mm)
+                    for key in self.key_iterator(data)]
+        data[CONTENT_KEY] = "; ".join(p for p in problems if p)
         return data
 
 
