@@ -149,7 +149,7 @@ def test_png_is_drawn_in_ras_whatever_the_storage_order(tmp_path):
     mask = heat > 0.9
     ras = np.diag([1.0, 2.0, 3.0, 1.0])
     reference = mpimg.imread(save_overlay_png(image, heat, tmp_path / "ras.png", title="t", mask=mask,
-                                              spacing=(1.0, 2.0, 3.0)))
+                                              spacing=(1.0, 2.0, 3.0), orientation=True))
     lps = np.diag([-1.0, -2.0, 3.0, 1.0])
     swapped = np.array([[0, 1.0, 0, 0], [2.0, 0, 0, 0], [0, 0, 3.0, 0], [0, 0, 0, 1]])  # stored (y, x, z)
     for name, affine, store in (("lps", lps, lambda a: a[::-1, ::-1]),

@@ -62,3 +62,17 @@ def test_uniform_normalisation_means_one_per_window():
     assert result.mean.mean() == pytest.approx(1.0, rel=0.05)
     stretched = attention_volume(model, volume, spacing=2.0, roi=32, normalize="max")
     assert stretched.mean.max() == pytest.approx(1.0, rel=0.05)
+
+
+def test_orientation_letters_only_where_the_orientation_is_known(tmp_path):
+    """Letters with an affine (or when asked); none for arrays of unknown orientation (flipped training views)."""
+    image, heat, mask = _ct_with_hot_air()
+    plain = mpimg.imread(save_overlay_png(image, heat, tmp_path / "plain.png"))
+    lettered = mpimg.imread(save_overlay_png(image, heat, tmp_path / "ras.png", affine=np.eye(4)))
+    asked = mpimg.imread(save_overlay_png(image, heat, tmp_path / "asked.png", orientation=True))
+    np.testing.assert_array_equal(lettered, asked)
+
+    def yellow(rgb):
+        return int(((rgb[..., 0] > 0.8) & (rgb[..., 1] > 0.8) & (rgb[..., 2] < 0.3)).sum())
+
+    assert yellow(lettered) > 50 and yellow(plain) < yellow(lettered) / 5

@@ -98,6 +98,7 @@ def save_overlay_png(
     affine: np.ndarray | None = None,
     heat_label: str = "attention",
     mask_label: str = "mask",
+    orientation: bool | None = None,
 ) -> Path:
     """Write three orthogonal slices of ``image`` with ``heat`` on top (and ``mask`` as a contour).
 
@@ -112,6 +113,9 @@ def save_overlay_png(
             the panels are true to their names and orientation letters. Without it the arrays
             must already be in RAS order.
         heat_label: the colourbar's label. ``mask_label``: the contour's legend entry.
+        orientation: draw the patient's orientation letters (R/L, A/P, S/I) on the panel edges;
+            default: when ``affine`` is given (arrays of unknown orientation, such as randomly
+            flipped training views, get none).
 
     The ``+`` on each panel marks the highest value of ``heat`` inside the body on that slice.
     """
@@ -123,6 +127,7 @@ def save_overlay_png(
 
     if image.shape != heat.shape or (mask is not None and mask.shape != image.shape):
         raise ValueError(f"image {image.shape}, heat {heat.shape} and mask must share a grid")
+    show_letters = affine is not None if orientation is None else orientation
     if affine is not None:
         image, spacing = to_ras(image, affine)
         heat = to_ras(heat, affine)[0]
@@ -155,7 +160,8 @@ def save_overlay_png(
         if flip:
             ax.invert_xaxis()
         for (x, y, ha, va), letter in zip(((0.01, 0.5, "left", "center"), (0.99, 0.5, "right", "center"),
-                                           (0.5, 0.01, "center", "bottom"), (0.5, 0.99, "center", "top")), letters):
+                                           (0.5, 0.01, "center", "bottom"), (0.5, 0.99, "center", "top")),
+                                          letters if show_letters else ()):
             ax.text(x, y, letter, transform=ax.transAxes, ha=ha, va=va, color="yellow", fontsize=11,
                     fontweight="bold")
         index = {"axial": f"z={centre[2]}", "coronal": f"y={centre[1]}", "sagittal": f"x={centre[0]}"}[name]
