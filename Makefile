@@ -1,4 +1,5 @@
-# Everything a newcomer needs: `make demo` (main job) and `make test` (the test suite).
+# Everything a newcomer needs: `make demo` (main job) and `make test` (the test suite); `make test-fast`
+# leaves out the tests marked slow or realdata, for the edit-test loop (CI runs the full `make test`).
 # torch is installed first and pinned to the CPU build that this project is developed on;
 # installing the package afterwards finds it already satisfied.
 PYTHON ?= python3
@@ -7,7 +8,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 OUT    ?= runs/demo
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-fast clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not realdata"
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -94,3 +94,17 @@ def test_python_example_runs_as_written(tmp_path, monkeypatch):
     mean = nib.load(str(tmp_path / "maps" / "ct_mean.nii.gz"))
     assert mean.shape == nib.load(str(tmp_path / "ct.nii.gz")).shape
     assert (tmp_path / "maps" / "ct.png").is_file()
+
+
+def test_make_test_fast_leaves_out_slow_and_realdata_tests():
+    """``make test-fast`` (the edit-test loop) deselects what ``make test`` (CI) keeps."""
+    import subprocess
+    import sys
+
+    dry = subprocess.run(["make", "-n", "test-fast"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    command = shlex.split(dry.strip().splitlines()[-1])
+    assert command[1:4] == ["-m", "pytest", "-q"] and command[-2:] == ["-m", "not slow and not realdata"]
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *command[-2:],
+                                str(Path(__file__))], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "test_lesions_then_probe_as_in_the_readme" in collected
+    assert "test_lesions_then_probe_on_the_real_sts_data" not in collected
