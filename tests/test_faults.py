@@ -390,6 +390,8 @@ def test_resume_of_a_run_that_does_not_exist_is_refused(phantoms: Path, tmp_path
     ("data.roi=[50,50,50]", "data.roi"), ("optim.lr=-1", "optim.lr"), ("train.max_steps=0", "train.max_steps"),
     ("data.flip_prob=2", "data.flip_prob"), ("loss.teacher_temp=0", "loss.teacher_temp"),
     ("optim.lr=.nan", "optim.lr"), ("train.device=gpu", "train.device"), ("data.window=soft", "data.window"),
+    ("model.backbone.embed_dim=-24", "model.backbone.embed_dim"),
+    ("model.backbone.num_heads=[0,6,12,24]", "model.backbone.num_heads"),
 ])
 def test_out_of_range_config_values_are_one_line(tmp_path: Path, capsys, override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key):

@@ -379,6 +379,35 @@ def validate_ranges(config: PretrainConfig) -> None:
         raise ConfigError(f"data.{exc}") from None
 
 
+def _each(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+#: Range checks of the model section, by key under ``model.`` (sizes must be at least 1).
+_MODEL_RANGES: dict[str, tuple[Any, str]] = {
+    **{key: (lambda v: all(x >= 1 for x in _each(v)), "at least 1") for key in (
+        "backbone.embed_dim", "backbone.depths", "backbone.num_heads", "backbone.window_size",
+        "semantic_depth", "semantic_heads", "head_out_dim", "head_hidden_dim", "head_bottleneck_dim",
+        "head_nlayers", "patch_out_dim")},
+    "backbone.mlp_ratio": (lambda v: v > 0, "positive"),
+    "backbone.drop_path_rate": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
+    "semantic_layer_scale": (lambda v: v > 0, "positive"),
+}
+
+
+def _check_model_ranges(values: dict[str, Any]) -> None:
+    """Range checks of the merged model section (``backbone.*`` keys flattened); values of the
+    wrong type are left to the type checks, which name them."""
+    for key, (test, what) in _MODEL_RANGES.items():
+        value = values.get(key)
+        try:
+            ok = value is None or test(value)
+        except TypeError:
+            continue
+        if not ok:
+            raise ConfigError(f"model.{key}: {value!r} is out of range; it must be {what}")
+
+
 def config_from_dict(data: dict[str, Any]) -> PretrainConfig:
     """A :class:`PretrainConfig` from its ``to_dict()`` form (e.g. a checkpoint's ``config``), validated."""
     config = _build(PretrainConfig, data, "")
@@ -403,6 +432,7 @@ def build_model_config(config: PretrainConfig) -> SMARTConfig:
             raise ConfigError(f"unknown config key model.{key}")
         if key != "backbone":
             merged[key] = _coerce(value, hints[key], f"model.{key}")
+    _check_model_ranges({**merged, **{f"backbone.{k}": v for k, v in backbone.items()}})
     try:
         bb = _build(Swin3DConfig, backbone, "model.backbone.")
         bb.grad_checkpointing = bb.grad_checkpointing or config.train.grad_checkpointing
