@@ -46,6 +46,7 @@ TRIALS: dict[str, list[str]] = {
     "baseline": [],
     "koleo": ["loss.koleo_weight=0.1"],  # DINOv2's KoLeo on the student [CLS]
     "teacher_temp_0.04": ["loss.teacher_temp=0.04"],  # DINO's advice when the loss does not fall
+    "koleo_temp_0.04": ["loss.koleo_weight=0.1", "loss.teacher_temp=0.04"],  # the two together
     "body_views": ["data.min_body_fraction=0.5", "data.min_view_overlap=0.5"],  # views that hold anatomy
     "prototypes_256": ["model.head_out_dim=256"],  # fewer prototypes for small data and batch
     "sinkhorn_queue": ["loss.centering=sinkhorn", "loss.cls_queue=2048"],  # SwAV's small-batch remedy

@@ -9,7 +9,14 @@ both chest CTs, both organ CTs) for the same compute budget, then is evaluated t
   separation;
 * the STS lesion-vs-normal-tissue probe (``smartformer data lesions`` + ``smartformer probe``,
   patient-level 5-fold): AUC;
-* attention-head diversity of the teacher on fixed corpus crops (mean pairwise cosine distance).
+* attention-head diversity of the teacher on fixed corpus crops (mean pairwise cosine distance);
+* few-label STS tumour segmentation: SwinUNETR from the run's encoder trained on 5 and on 10
+  patients (3 seeded patient splits, the same for every run, validated on its own training
+  cases, so the test patients choose nothing), Dice on each of 16 fixed held-out patients,
+  compared with random weights by a paired bootstrap over patients;
+* frozen-token probes: organ identity from the stride-16 tokens of both organ CTs (logistic
+  regression, folds in slabs along S/I), and the position of random crops in their body (ridge
+  regression, leave-one-CT-out R^2).
 
 The budget. Wall-clock minutes measured while other jobs share the 2 cores would favour
 whichever variant ran on a quiet machine, so the budget is fixed in *steps*: each variant's
@@ -27,6 +34,7 @@ Usage::
     python benchmarks/quality.py                         # everything still missing, then the report
     python benchmarks/quality.py --only smart_full:0     # one run
     python benchmarks/quality.py --report                # the report from what is finished
+    python benchmarks/quality.py --evaluations probes    # leave the (slow) segmentation out
 """
 
 from __future__ import annotations
@@ -67,6 +75,20 @@ SAME_COST = {"smart_layerscale_1e-4": "smart_full"}
 #: init costs only its evaluation, and tells how much the maps of untrained weights vary).
 ORDER = ["random_init:0", "smart_full:0", "smit_like:0", "smart_no_noise:0", "smart_no_semantic:0",
          "smart_random_mask:0", "smart_layerscale_1e-4:0", "smart_full:1", "smit_like:1", "random_init:1"]
+#: Few-label segmentation: seeded patient splits, training-set sizes, and the fine-tuning schedule.
+SEG_SPLITS = (0, 1, 2)
+SEG_TRAIN_SIZES = (5, 10)
+SEG_TEST_PATIENTS = 16
+SEG_STEPS = 300
+#: CTs whose random crops the position probe reads (big enough for crops to differ in place).
+POSITION_CTS = ("chest/elastix_00.nii.gz", "chest/pancreas_ct_cb_001.nii.gz", "chest/crlm_ct_1004.nii.gz",
+                "chest/crlm_ct_1006.nii.gz", "chest/lidc_idri_0314.nii.gz", "organs/ts_example/ct.nii.gz")
+POSITION_CROPS = 12
+#: Which evaluations ``evaluate`` runs: all of them, or without the costly segmentation.
+EVALUATIONS = {"all": ("localize", "cluster", "probe", "diversity", "tokens", "segmentation"),
+               "probes": ("localize", "cluster", "probe", "diversity", "tokens")}
+#: Evaluations added after the first runs, by the key they write: an eval.json without it is completed.
+NEWER_KEYS = {"tokens": "organ_probe", "segmentation": "fewlabel"}
 COMMON = ["data.roi=[64,64,64]", "data.num_workers=1", "train.checkpoint_every=50", "train.snapshot_every=100",
           "train.log_every=10"]
 
@@ -197,8 +219,8 @@ def localization_cases(work: Path) -> Path:
     return path
 
 
-def evaluate(work: Path, name: str, seed: int) -> dict[str, Any]:
-    """All evaluations of one run; each one cached in the run's eval/ folder."""
+def evaluate(work: Path, name: str, seed: int, which: tuple[str, ...] = EVALUATIONS["all"]) -> dict[str, Any]:
+    """The evaluations ``which`` of one run; each one cached in the run's eval/ folder."""
     ckpt = checkpoint_of(work, name, seed)
     ev = work / "runs" / f"{name}-s{seed}" / "eval"
     log = ev / "eval.log"
@@ -232,6 +254,123 @@ def evaluate(work: Path, name: str, seed: int) -> dict[str, Any]:
                     str(ev / "probe"), "--folds", "5", "--seed", "0", "--no-progress", log=log)
     result["probe"] = json.loads((ev / "probe" / "metrics.json").read_text())
     result["head_diversity"] = head_diversity(work, ckpt) if semantic else None
+    if "tokens" in which:
+        result["organ_probe"] = cached(ev / "organ_probe.json", lambda: organ_probes(ckpt))
+        result["position_probe"] = cached(ev / "position_probe.json", lambda: position_probe_of(ckpt))
+    if "segmentation" in which:
+        result["fewlabel"] = fewlabel_segmentation(ckpt, ev / "fewlabel")
+    return result
+
+
+def cached(path: Path, compute: Any) -> Any:
+    """``compute()``'s JSON result, kept in ``path`` (computed once)."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(compute(), indent=2) + "\n")
+    return json.loads(path.read_text())
+
+
+def organ_probes(ckpt: Path) -> dict[str, Any]:
+    """Organ identity from frozen tokens of both organ CTs (spatially blocked folds)."""
+    from smartformer.analysis.clustering import token_features
+    from smartformer.downstream.token_probes import organ_probe
+    from smartformer.models.smartformer import SMARTFormer
+
+    model = SMARTFormer.from_pretrained(ckpt).eval()
+    out = {}
+    for organ in ("ts_example", "ts_dicom_example"):
+        folder = DATA / "organs" / organ
+        tokens = token_features(model, folder / "ct.nii.gz", folder / "organs.nii.gz", progress=False)
+        # the 20-slice DICOM CT is 1-2 tokens high: its folds are slabs along A/P instead of S/I
+        out[organ] = organ_probe(tokens, n_blocks=4, axis=2 if organ == "ts_example" else 1)
+    return out
+
+
+def position_crops(size: int = 64, seed: int = 0) -> tuple[Any, Any, Any]:
+    """(N, 1, size^3) random crops of :data:`POSITION_CTS`, their centres' relative positions, their CT."""
+    import numpy as np
+
+    from smartformer.data.transforms import preprocess_transforms
+
+    prep = preprocess_transforms(spacing=2.0, roi=size)
+    rng = np.random.default_rng(seed)
+    crops, positions, groups = [], [], []
+    for g, rel in enumerate(POSITION_CTS):
+        volume = prep({"image": str(DATA / rel)})["image"].as_tensor().numpy()
+        shape = np.asarray(volume.shape[1:])
+        for _ in range(POSITION_CROPS):
+            start = np.array([rng.integers(0, n - size + 1) for n in shape])
+            x, y, z = start
+            crops.append(volume[:, x:x + size, y:y + size, z:z + size])
+            positions.append((start + size / 2) / shape)
+            groups.append(g)
+    return np.stack(crops), np.stack(positions), np.asarray(groups)
+
+
+def position_probe_of(ckpt: Path) -> dict[str, Any]:
+    """Leave-one-CT-out R^2 of the crop position from the frozen [CLS] + mean token."""
+    from smartformer.downstream.features import extract_features
+    from smartformer.downstream.token_probes import position_probe
+    from smartformer.models.smartformer import SMARTFormer
+
+    crops, positions, groups = position_crops()
+    features = extract_features(SMARTFormer.from_pretrained(ckpt), crops, kind="both", device="cpu", progress=False)
+    return position_probe(features, positions, groups)
+
+
+def sts_cases() -> list[Any]:
+    from smartformer.downstream.segmentation import SegCase
+
+    return [SegCase(d.name, d / "ct.nii.gz", d / "tumor.nii.gz", d.name) for d in sorted(DATA.glob("sts/STS_*"))]
+
+
+def fewlabel_splits() -> tuple[dict[str, list[Any]], list[Any]]:
+    """``"n5/split0"`` -> training cases, and the fixed test cases every split is scored on.
+
+    :data:`SEG_TEST_PATIENTS` patients (seeded) are held out once for all; each split draws its
+    training patients from the others, and the n=5 patients are the first of the n=10 ones.
+    """
+    import numpy as np
+
+    cases = sts_cases()
+    order = np.random.default_rng(12345).permutation(len(cases))
+    test, pool = [cases[i] for i in order[:SEG_TEST_PATIENTS]], [cases[i] for i in order[SEG_TEST_PATIENTS:]]
+    train = {}
+    for split in SEG_SPLITS:
+        picked = np.random.default_rng(split).permutation(len(pool))
+        for n in SEG_TRAIN_SIZES:
+            train[f"n{n}/split{split}"] = [pool[i] for i in picked[:n]]
+    return train, test
+
+
+def fewlabel_segmentation(ckpt: Path, folder: Path) -> dict[str, dict[str, float]]:
+    """Tumour Dice per held-out patient after fine-tuning SwinUNETR on few patients, per split (cached)."""
+    from smartformer.downstream.segmentation import (
+        SegmentationSettings,
+        dice_per_case,
+        load_case,
+        load_segmenter,
+        train_segmentation,
+    )
+
+    settings = SegmentationSettings(label_ids=(1,), max_steps=SEG_STEPS, val_every=SEG_STEPS,
+                                    warmup_steps=SEG_STEPS // 10, seed=0, log_every=50)
+    splits, test = fewlabel_splits()
+    loaded: list[dict[str, Any]] = []  # the test cases, read once for every split
+    result = {}
+    for key, train in splits.items():
+        def run(train=train, key=key) -> dict[str, float]:
+            out = folder / key
+            # validated on its own training cases: the held-out patients choose nothing
+            train_segmentation(ckpt, train, train, out, settings, device="cpu", progress=False, log=lambda _: None)
+            net, _ = load_segmenter(out)
+            if not loaded:
+                loaded.extend(load_case(c, settings.spacing, settings.window, settings.roi, label_ids=(1,))
+                              for c in test)
+            rows = dice_per_case(net, loaded, (1,), settings.roi, settings.overlap)
+            return {c.case: row["1"] for c, row in zip(test, rows)}
+
+        result[key] = cached(folder / f"{key.replace('/', '-')}.json", run)
     return result
 
 
@@ -278,7 +417,38 @@ METRICS = {
     "clustering purity": lambda r: statistics.mean(c["purity"] for c in r["clustering"].values()),
     "lesion probe AUC": lambda r: probe_auc(r["probe"]),
     "head diversity": lambda r: r["head_diversity"],
+    # weighted by labelled tokens: the thin DICOM CT has ~20 against ~200 of the other
+    "organ probe bal. acc.": lambda r: sum(p["balanced_accuracy"] * p["tokens"] for p in r["organ_probe"].values())
+    / sum(p["tokens"] for p in r["organ_probe"].values()) if r.get("organ_probe") else None,
+    "position probe R2": lambda r: r["position_probe"]["r2"] if r.get("position_probe") else None,
+    **{f"tumour Dice, {n} patients": (lambda r, n=n: fewlabel_mean(r, n)) for n in SEG_TRAIN_SIZES},
 }
+
+
+def fewlabel_mean(evaluation: dict[str, Any], n: int) -> float | None:
+    """Mean tumour Dice over the held-out patients of every split with ``n`` training patients."""
+    import math
+
+    values = [v for key, per_case in (evaluation.get("fewlabel") or {}).items() if key.startswith(f"n{n}/")
+              for v in per_case.values() if math.isfinite(v)]
+    return statistics.mean(values) if values else None
+
+
+def fewlabel_vs(evaluation: dict[str, Any], reference: dict[str, Any], n: int) -> dict[str, float] | None:
+    """Paired Dice difference (run - reference) over the same held-out patients of every n-patient split."""
+    from smartformer.downstream.metrics import paired_mean_difference
+
+    a, b, groups = [], [], []
+    for key, per_case in (evaluation.get("fewlabel") or {}).items():
+        ref = (reference.get("fewlabel") or {}).get(key)
+        if not key.startswith(f"n{n}/") or ref is None:
+            continue
+        for case, value in per_case.items():
+            if case in ref:
+                a.append(value)
+                b.append(ref[case])
+                groups.append(case)  # a patient held out in several splits is resampled as one
+    return paired_mean_difference(a, b, groups=groups) if a else None
 
 
 def probe_auc(metrics: dict[str, Any]) -> float:
@@ -317,6 +487,13 @@ def report(work: Path, step_seconds: dict[str, float], budget: float) -> dict[st
         # Collapse monitor at the end of training (1.0 = uniform [CLS] targets; not logged by runs
         # trained before the monitor existed).
         row["final_cls_entropy"] = [r["pretrain"].get("final", {}).get("teacher_cls_entropy") for r in row["runs"]]
+    reference = {r["seed"]: r["eval"] for r in rows.get("random_init", {}).get("runs", [])}
+    for name, row in rows.items():
+        if name == "random_init" or not reference:
+            continue
+        for r in row["runs"]:  # paired with the random init of the same seed (else seed 0's)
+            ref = reference.get(r["seed"], reference.get(0, next(iter(reference.values()))))
+            r["fewlabel_vs_random"] = {str(n): fewlabel_vs(r["eval"], ref, n) for n in SEG_TRAIN_SIZES}
     result = {"budget_minutes_idle": budget, "step_seconds_idle": step_seconds, "variants": rows,
               "complete": {f"{n}:{r['seed']}" for n, v in rows.items() for r in v["runs"]} == set(ORDER)}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -341,6 +518,13 @@ def markdown(result: dict[str, Any]) -> str:
         entropy = "/".join("n/a" if e is None else f"{e:.3f}" for e in row.get("final_cls_entropy", []))
         lines.append(f"| {name} | {len(row['runs'])} | {'/'.join(map(str, row['steps']))} | " + " | ".join(cells)
                      + f" | {entropy or 'n/a'} |")
+    paired = [(name, r["seed"], n, d) for name, row in result["variants"].items() for r in row["runs"]
+              for n, d in (r.get("fewlabel_vs_random") or {}).items() if d]
+    if paired:
+        lines += ["", "| variant | seed | training patients | tumour Dice minus random weights | 95% paired interval "
+                  "| held-out cases |", "|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {seed} | {n} | {d['value']:+.3f} | [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] "
+                  f"| {d['cases']} |" for name, seed, n, d in paired]
     return "\n".join(lines)
 
 
@@ -388,6 +572,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, metavar="VARIANT:SEED")
     parser.add_argument("--report", action="store_true", help="only write the report from finished runs")
     parser.add_argument("--pretrain-only", action="store_true", help="pretrain the runs, evaluate none")
+    parser.add_argument("--evaluations", choices=list(EVALUATIONS), default="all",
+                        help="all, or 'probes' without the few-label segmentation (the slow part)")
     args = parser.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"{DATA}: not found; this benchmark needs ../shared/data")
@@ -400,9 +586,13 @@ def main() -> None:
                 int(args.budget_minutes * 60 / step_seconds[SAME_COST.get(name, name)])
             pretrain(args.work, name, int(seed), steps)
             done = args.work / "runs" / f"{name}-s{seed}" / "eval.json"
-            if not done.is_file() and not args.pretrain_only:
+            which = EVALUATIONS[args.evaluations]
+            needed = [key for evaluation, key in NEWER_KEYS.items() if evaluation in which]
+            missing = not done.is_file() or any(k not in json.loads(done.read_text()) for k in needed)
+            if missing and not args.pretrain_only:  # each evaluation is cached: only the missing ones run
                 print(f"[{name}:{seed}] evaluating", flush=True)
-                done.write_text(json.dumps(evaluate(args.work, name, int(seed)), indent=2) + "\n")
+                result = evaluate(args.work, name, int(seed), which)
+                done.write_text(json.dumps(result, indent=2) + "\n")
     report(args.work, step_seconds, args.budget_minutes)
 
 
