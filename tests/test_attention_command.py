@@ -165,3 +165,16 @@ def test_progress_bar_over_windows_unless_disabled(phantom, checkpoint, tmp_path
     assert _attention(checkpoint, phantom / "ct.nii.gz", tmp_path / "b", "--no-progress") == 0
     err = capsys.readouterr().err
     assert "it/s" not in err and "s/it" not in err
+
+
+def test_normalize_option_reaches_the_maps_and_the_json(phantom, checkpoint, tmp_path):
+    """--normalize max reproduces maps measured before issue 17 (each window scaled to its peak)."""
+    import json
+
+    for mode in ("uniform", "max"):
+        assert _attention(checkpoint, phantom / "ct.nii.gz", tmp_path / mode, "--normalize", mode,
+                          "--no-progress") == 0
+        assert json.loads((tmp_path / mode / "ct.json").read_text())["normalize"] == mode
+    peak = np.asarray(nib.load(str(tmp_path / "max" / "ct_mean.nii.gz")).dataobj)
+    uniform = np.asarray(nib.load(str(tmp_path / "uniform" / "ct_mean.nii.gz")).dataobj)
+    assert peak.max() <= 1.0 + 1e-3 < uniform.max()

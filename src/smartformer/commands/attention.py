@@ -57,7 +57,7 @@ def add_checkpoint_argument(p: argparse.ArgumentParser) -> None:
 
 
 def add_inference_arguments(p: argparse.ArgumentParser) -> None:
-    """``--spacing``, ``--window``, ``--roi``, ``--overlap``: how a CT is fed to the network."""
+    """``--spacing``, ``--window``, ``--roi``, ``--overlap``, ``--normalize``: how a CT is fed to the network."""
     p.add_argument("--spacing", type=float, nargs="+", default=[2.0], metavar="MM",
                    help="voxel size the network sees, 1 or 3 values in mm (default: 2)")
     p.add_argument("--window", default="wide",
@@ -67,6 +67,9 @@ def add_inference_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", type=float, default=0.25,
                    help="overlap of neighbouring windows, in [0, 1) (default: 0.25, as MONAI; 0.5 blends "
                         "more smoothly for about 3x the time)")
+    p.add_argument("--normalize", choices=["uniform", "max"], default="uniform",
+                   help="how windows are made comparable before blending: relative to a uniform map "
+                        "(default), or to each window's peak (before issue 17; shows the windows as blocks)")
 
 
 def check_inference_arguments(args: argparse.Namespace) -> None:
@@ -89,6 +92,7 @@ def inference_kwargs(args: argparse.Namespace) -> dict:
         "window": args.window,
         "roi": args.roi[0] if len(args.roi) == 1 else tuple(args.roi),
         "overlap": args.overlap,
+        "normalize": args.normalize,
     }
 
 
