@@ -20,7 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Export the Swin encoder of a checkpoint to the keys MONAI's SwinUNETR uses for its "
             "swinViT part. Every swinViT key is present, so it loads strictly: "
             "net.load_state_dict(torch.load(FILE, weights_only=True), strict=False) reports no missing "
-            "swinViT key, and net.swinViT.load_state_dict(<keys without 'swinViT.'>, strict=True) succeeds."
+            "swinViT key, and net.swinViT.load_state_dict(<keys without 'swinViT.'>, strict=True) succeeds. "
+            "The SwinUNETR must be built with the encoder's architecture (window, width, depths, heads): "
+            "export prints the exact SwinUNETR(...) call and writes its arguments to NAME.swinunetr.json "
+            "beside --out."
         ),
     )
     p.add_argument("--checkpoint", required=True, type=Path,
@@ -106,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         atomic_write_bytes(args.out, torch_bytes(monai_state))
     print(f"wrote {len(monai_state)} swinViT tensors to {args.out}")
+    print_swinunetr_recipe(encoder, args.out)
     return 0
 
 
@@ -135,3 +139,21 @@ def infer_encoder(backbone: dict) -> "Swin3DConfig":
     except (KeyError, ValueError, IndexError) as exc:
         raise SmartformerError(f"cannot tell the encoder architecture from the weights (missing {exc})") from None
 
+
+def print_swinunetr_recipe(encoder: "Swin3DConfig", weights: Path) -> Path:
+    """Print the ``SwinUNETR(...)`` that takes ``weights`` and write its arguments to
+    ``<stem>.swinunetr.json`` beside them (a default ``SwinUNETR`` refuses them: window 7, not the
+    encoder's); return the JSON's path."""
+    import json
+    import textwrap
+
+    from smartformer.downstream.segmentation import swinunetr_recipe
+    from smartformer.io_utils import atomic_write_bytes
+
+    recipe, text = swinunetr_recipe(encoder, weights)
+    path = weights.with_name(f"{weights.name.split('.')[0]}.swinunetr.json")
+    atomic_write_bytes(path, (json.dumps(recipe, indent=2) + "\n").encode())
+    print("load it into a MONAI SwinUNETR built with these arguments (a default SwinUNETR refuses it):")
+    print(textwrap.indent(text, "  "))
+    print(f"the arguments are also in {path}")
+    return path
