@@ -47,6 +47,8 @@ TRIALS: dict[str, list[str]] = {
     "koleo": ["loss.koleo_weight=0.1"],  # DINOv2's KoLeo on the student [CLS]
     "teacher_temp_0.04": ["loss.teacher_temp=0.04"],  # DINO's advice when the loss does not fall
     "koleo_temp_0.04": ["loss.koleo_weight=0.1", "loss.teacher_temp=0.04"],  # the two together
+    # a 3D DINOv2 port that trains at batch 2 per GPU uses 0.01-0.03
+    "teacher_temp_0.02": ["loss.teacher_temp=0.02", "loss.warmup_teacher_temp=0.02"],
     "body_views": ["data.min_body_fraction=0.5", "data.min_view_overlap=0.5"],  # views that hold anatomy
     "prototypes_256": ["model.head_out_dim=256"],  # fewer prototypes for small data and batch
     "sinkhorn_queue": ["loss.centering=sinkhorn", "loss.cls_queue=2048"],  # SwAV's small-batch remedy
@@ -148,7 +150,12 @@ def probe_measures(run: Path | None, crops: Any, seed: int = 0) -> dict[str, flo
         targets = meta.dino_loss.targets(out["cls_logits"], temp)
         monitors = collapse_monitors(crops, 1, out["cls"], out["tokens"], out["attn"], meta.body_level,
                                      meta.student.config.semantic_stride)
+    # How far the logits of different CTs differ, per prototype, against the temperature that
+    # sharpens them: a spread well below the temperature leaves every CT the same (uniform) target.
+    spread = float(out["cls_logits"].float().std(0).mean())
     return {
+        "cls_logit_spread_5ct": spread,
+        "cls_logit_spread_over_temp": spread / temp,
         "cls_cosine_5ct": mean_pairwise_cosine(out["cls"]),
         "pooled_cosine_5ct": mean_pairwise_cosine(out["tokens"].mean(1)),
         "cls_entropy_5ct": meta.dino_loss.entropy_fraction(targets),
@@ -183,17 +190,19 @@ def markdown(result: dict[str, Any]) -> str:
         return f"{v:.3f}" if isinstance(v, float) else "n/a"
 
     head = ("| trial | [CLS] entropy (log) | batch-mean entropy (log) | patch entropy (log) | [CLS] cosine, 2 volumes (log) "
-            "| attention on air (log) / air cells | [CLS] cosine, 5 CTs | [CLS] entropy, 5 CTs | attention on air, 5 CTs |")
-    lines = [head, "|" + "---|" * 9]
+            "| attention on air (log) / air cells | [CLS] cosine, 5 CTs | [CLS] entropy, 5 CTs "
+            "| logit spread across the 5 CTs / temperature | attention on air, 5 CTs |")
+    lines = [head, "|" + "---|" * 10]
     r = result["random_init"]
     lines.append(f"| random weights | | | | | | {f(r['cls_cosine_5ct'])} | {f(r['cls_entropy_5ct'])} "
-                 f"| {f(r['attn_air_share_5ct'])} / {f(r['air_cell_share_5ct'])} |")
+                 f"| {f(r['cls_logit_spread_over_temp'])} | {f(r['attn_air_share_5ct'])} / {f(r['air_cell_share_5ct'])} |")
     for name, t in result["trials"].items():
         lg, pr = t["log"], t["probe"]
         lines.append(f"| {name} | {f(lg.get('teacher_cls_entropy'))} | {f(lg.get('teacher_cls_batch_entropy'))} "
                      f"| {f(lg.get('teacher_patch_entropy'))} | {f(lg.get('teacher_cls_cosine'))} "
                      f"| {f(lg.get('attn_air_share'))} / {f(lg.get('air_cell_share'))} | {f(pr['cls_cosine_5ct'])} "
-                     f"| {f(pr['cls_entropy_5ct'])} | {f(pr['attn_air_share_5ct'])} / {f(pr['air_cell_share_5ct'])} |")
+                     f"| {f(pr['cls_entropy_5ct'])} | {f(pr.get('cls_logit_spread_over_temp'))} "
+                     f"| {f(pr['attn_air_share_5ct'])} / {f(pr['air_cell_share_5ct'])} |")
     return "\n".join(lines)
 
 
