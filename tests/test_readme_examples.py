@@ -108,3 +108,41 @@ def test_make_test_fast_leaves_out_slow_and_realdata_tests():
                                 str(Path(__file__))], cwd=ROOT, capture_output=True, text=True).stdout
     assert "test_lesions_then_probe_as_in_the_readme" in collected
     assert "test_lesions_then_probe_on_the_real_sts_data" not in collected
+
+
+def readme_command_lines() -> list[str]:
+    """Every ``smartformer ...`` command of the README's code blocks (continuations joined, comments dropped)."""
+    lines, inside, pending = [], False, ""
+    for raw in README.read_text().splitlines():
+        if raw.startswith("```"):
+            inside = not inside
+            continue
+        if not inside:
+            continue
+        line = pending + raw.split(" #")[0].strip()
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        pending = ""
+        if line.startswith("smartformer "):
+            lines.append(line)
+        elif " -m smartformer " in line:  # torchrun ... -m smartformer pretrain ...
+            lines.append("smartformer " + line.split(" -m smartformer ", 1)[1])
+    return lines
+
+
+def test_every_readme_command_parses():
+    """Each README command line has options the CLI knows (the argument parser accepts it as written)."""
+    from smartformer.cli import build_parser
+
+    lines = readme_command_lines()
+    assert len(lines) > 20
+    parser = build_parser()
+    for line in lines:
+        if "..." in shlex.split(line):  # an elided line ("the same with ...")
+            continue
+        argv = shlex.split(line)[1:]
+        try:
+            parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"README command does not parse: {line}")
