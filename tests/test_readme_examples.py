@@ -146,3 +146,45 @@ def test_every_readme_command_parses():
             parser.parse_args(argv)
         except SystemExit:
             pytest.fail(f"README command does not parse: {line}")
+
+
+#: What the README's "Use it on your CTs" lines get appended in the test: small, fast settings.
+FAST_RUN = {
+    "pretrain": ["--max-steps", "2", "--no-progress", "data.roi=[32,32,32]", "data.spacing=[5.0,5.0,5.0]",
+                 "data.num_workers=0", "train.snapshot_every=1000", "train.log_every=1"],
+    "attention": ["--spacing", "5", "--roi", "32", "--no-progress"],
+    "localize": ["--spacing", "5", "--roi", "32", "--no-progress"],
+    "cluster": ["--spacing", "5", "--roi", "32", "--no-progress", "--tsne-points", "60"],
+}
+
+
+@pytest.mark.slow
+def test_use_it_on_your_cts_as_written(tmp_path, monkeypatch):
+    """The README's "Use it on your CTs" sequence, in order, on phantoms put where its paths point
+    (``/data/my_cts`` becomes a local folder; ablation, torchrun, probe and segment lines are left out)."""
+    monkeypatch.chdir(tmp_path)
+    cases = write_phantoms(tmp_path / "my_cts", 2, seed=4, shape=(48, 48, 40), spacing=(5.0, 5.0, 5.0),
+                           n_lesions=1, progress=False)
+    ct, labels = cases[0] / "ct.nii.gz", cases[0] / "labels.nii.gz"
+    (tmp_path / "ct.nii.gz").write_bytes(ct.read_bytes())
+    (tmp_path / "organs.nii.gz").write_bytes(labels.read_bytes())
+    (tmp_path / "labels.json").write_text((cases[0] / "labels.json").read_text())
+    image = nib.load(str(labels))
+    tumour = (np.asarray(image.dataobj) == LESION_ID).astype(np.uint8)
+    nib.save(nib.Nifti1Image(tumour, image.affine), str(tmp_path / "tumor.nii.gz"))
+    (tmp_path / "cases.csv").write_text("image,mask\nct.nii.gz,tumor.nii.gz\n")
+
+    text = README.read_text()
+    block = text[text.index("## Use it on your CTs"):]
+    block = block[block.index("```bash\n") + 8:block.index("```", block.index("```bash\n") + 8)]
+    wanted = [line for line in readme_command_lines() if line in {ln.split(" #")[0].strip() for ln in block.splitlines()}
+              and not any(skip in line for skip in ("cts.csv", "--config base", " probe ", " segment "))]
+    assert [line.split()[1] for line in wanted] == ["data", "pretrain", "pretrain", "export", "attention",
+                                                    "attention", "localize", "cluster", "report"]
+    for line in wanted:
+        argv = shlex.split(line.replace("/data/my_cts", "my_cts"))[1:]
+        extra = ["--max-steps", "3", "--no-progress"] if "--resume" in argv else FAST_RUN.get(argv[0], [])
+        assert main([*argv, *extra]) == 0, line  # (a resumed run takes its settings from config.yaml)
+    assert (tmp_path / "swinvit.swinunetr.json").is_file() and (tmp_path / "maps" / "ct.png").is_file()
+    page = (tmp_path / "runs" / "ct1" / "report.html").read_text()
+    assert "Localization" in page and "Clustering" in page
