@@ -11,7 +11,7 @@ from typing import Any
 from smartformer.errors import InputError
 
 #: Scalars drawn in the loss panel and the schedule panel of the curves figure, when logged.
-LOSS_KEYS: tuple[str, ...] = ("loss", "loss_recon", "loss_patch", "loss_cls", "loss_koleo")
+LOSS_KEYS: tuple[str, ...] = ("loss", "loss_recon", "loss_patch", "loss_cls", "loss_global", "loss_koleo")
 SCHEDULE_KEYS: tuple[str, ...] = ("lr", "momentum", "teacher_temp", "mask_ratio")
 #: The collapse monitors (third row, when logged): target entropies as fractions of ln K, the
 #: cosine between the teacher [CLS] of different volumes, the attention's share on air (dashed:

@@ -82,6 +82,9 @@ class LossConfig:
     recon_weight: float = 1.0
     patch_weight: float = 0.1
     cls_weight: float = 0.1
+    # GITD (the published paper's fourth loss, 0.1 there): cross-view distillation of the
+    # average-pooled stage-4 tokens through a projection head and center of their own.
+    global_weight: float = 0.0
     student_temp: float = 0.1
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
@@ -101,10 +104,17 @@ class OptimConfig:
     lr: float = 1e-4  # per sample of global batch (lr = lr * global batch)
     min_lr: float = 1e-6
     warmup_steps: int = 100
+    # > 0: the lr warm-up is this fraction of train.max_steps instead of optim.warmup_steps
+    # (the paper: 80 of 800 epochs, 0.1).
+    warmup_fraction: float = 0.0
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     clip_grad: float = 3.0
     freeze_last_layer_steps: int = 100  # DINO freezes the prototypes for the first epoch
+
+    def warmup_for(self, max_steps: int) -> int:
+        """The lr warm-up in steps: ``warmup_fraction`` of ``max_steps`` when set, else ``warmup_steps``."""
+        return round(self.warmup_fraction * max_steps) if self.warmup_fraction > 0 else self.warmup_steps
 
 
 @dataclass
@@ -328,6 +338,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "loss.recon_weight": (lambda v: v >= 0, "0 or more"),
     "loss.patch_weight": (lambda v: v >= 0, "0 or more"),
     "loss.cls_weight": (lambda v: v >= 0, "0 or more"),
+    "loss.global_weight": (lambda v: v >= 0, "0 or more"),
     "loss.koleo_weight": (lambda v: v >= 0, "0 or more"),
     "loss.student_temp": (lambda v: v > 0, "positive"),
     "loss.teacher_temp": (lambda v: v > 0, "positive"),
@@ -338,6 +349,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "optim.lr": (lambda v: v > 0, "positive"),
     "optim.min_lr": (lambda v: v >= 0, "0 or more"),
     "optim.warmup_steps": (lambda v: v >= 0, "0 or more"),
+    "optim.warmup_fraction": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
     "optim.weight_decay": (lambda v: v >= 0, "0 or more"),
     "optim.weight_decay_end": (lambda v: v >= 0, "0 or more"),
     "optim.clip_grad": (lambda v: v > 0, "positive"),
@@ -392,6 +404,7 @@ _MODEL_RANGES: dict[str, tuple[Any, str]] = {
     "backbone.mlp_ratio": (lambda v: v > 0, "positive"),
     "backbone.drop_path_rate": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
     "semantic_layer_scale": (lambda v: v > 0, "positive"),
+    "semantic_stage": (lambda v: v in (1, 2, 3, 4), "1, 2, 3 or 4"),
 }
 
 
@@ -425,7 +438,10 @@ def build_model_config(config: PretrainConfig) -> SMARTConfig:
     base = MODEL_PRESETS[config.preset].to_dict()
     overrides = dict(config.model)
     backbone = _merge(base.pop("backbone"), overrides.pop("backbone", {}) or {})
-    merged = {**base, **overrides}
+    try:
+        merged = SMARTConfig.upgrade({**base, **overrides})
+    except ValueError as exc:
+        raise ConfigError(f"model.{exc}") from None
     hints = typing.get_type_hints(SMARTConfig)
     for key, value in merged.items():
         if key not in hints:

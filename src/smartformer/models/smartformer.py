@@ -14,14 +14,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from smartformer.errors import SmartformerError
 from smartformer.models.heads import DINOHead, ReconstructionDecoder
-from smartformer.models.semantic_attention import SemanticAttention
+from smartformer.models.semantic_attention import SemanticAttention, ViTSemanticAttention
 from smartformer.models.swin3d import PRESETS as BACKBONE_PRESETS
 from smartformer.models.swin3d import Swin3D, Swin3DConfig
 
@@ -51,12 +51,28 @@ class SMARTConfig:
 
     backbone: Swin3DConfig = field(default_factory=lambda: Swin3DConfig(**BACKBONE_PRESETS["tiny"].to_dict()))
     semantic_attention: bool = True  # False: the SMIT way, a global-average-pooled token instead of [CLS]
-    semantic_stride: int = 16
+    # class_attention: CaiT blocks, only the [CLS] queries (patch tokens unchanged); vit: the
+    # published form, ViT blocks over [CLS] + patch tokens (all N+1 attend to each other).
+    semantic_form: Literal["class_attention", "vit"] = "class_attention"
+    # Where the semantic attention reads the Swin tokens: stage 1-4 (the paper's Fig. 6 ablation).
+    # False: the output of the stage's own blocks, at stride 2**stage (the paper's "in stage 3":
+    # the blocks are part of that stage, at its resolution); True: after the stage's patch
+    # merging, at twice that stride. The stride sets the mask unit and the map's grid.
+    semantic_stage: int = 4
+    semantic_merged: bool = False
+    # vit only: the SA-updated patch tokens replace the stage's tokens and continue into the rest
+    # of the Swin. Default False: the Swin stays exactly MONAI's SwinTransformer, so the encoder
+    # that `export` hands to SwinUNETR computes what pretraining computed (with True it would
+    # drop two blocks that the later stages were trained to follow). The paper does not say.
+    semantic_continue: bool = False
     semantic_depth: int = 2
     semantic_heads: int = 6
     # LayerScale start of the class-attention blocks; see ClassAttentionBlock for why not CaiT's 1e-4.
     semantic_layer_scale: float = 1.0
     heads: bool = True  # DINO projection heads ([CLS] and patch)
+    # GITD (the paper's fourth loss): a projection head of its own on the average-pooled stage-4
+    # tokens (stride 16, the blocks' output).
+    global_head: bool = False
     head_out_dim: int = 1024
     head_hidden_dim: int = 512
     head_bottleneck_dim: int = 128
@@ -64,25 +80,59 @@ class SMARTConfig:
     patch_out_dim: int | None = None  # None: same as head_out_dim
     shared_head: bool = False
     decoder: bool = True
-    # The decoder reads the last stage's blocks (stride 16; the stride-32 output is only their
-    # linear merge). It matches the mask unit and costs 16^3 instead of 32^3 output channels.
+    # The decoder -- one linear layer per token (a 1x1x1 convolution) and a pixel shuffle, the
+    # paper's "1-layer linear prediction head" -- reads the last stage's blocks (stride 16, the
+    # paper's end of stage 4; the stride-32 output is only their linear merge). It matches the
+    # mask unit of the default semantic stage and costs 16^3 instead of 32^3 output channels.
     decoder_stride: int = 16
+
+    @property
+    def semantic_stride(self) -> int:
+        """Stride in voxels of the tokens the semantic attention reads (the mask unit)."""
+        return 2 ** (self.semantic_stage + int(self.semantic_merged))
 
     def __post_init__(self) -> None:
         if isinstance(self.backbone, dict):
             self.backbone = Swin3DConfig(**self.backbone)
-        if self.semantic_stride not in (4, 8, 16, 32):
-            raise ValueError(f"semantic_stride must be 4, 8, 16 or 32, got {self.semantic_stride}")
+        if self.semantic_form not in ("class_attention", "vit"):
+            raise ValueError(f"semantic_form must be class_attention or vit, got {self.semantic_form!r}")
+        if self.semantic_stage not in (1, 2, 3, 4):
+            raise ValueError(f"semantic_stage must be 1, 2, 3 or 4, got {self.semantic_stage}")
+        if self.semantic_continue and self.semantic_form != "vit":
+            raise ValueError("semantic_continue needs semantic_form=vit (class attention leaves the patch tokens unchanged)")
+        if self.semantic_continue and self.semantic_stride == 32:
+            raise ValueError("semantic_continue: nothing follows stage 4's patch merging")
+        width = self.backbone.embed_dim * self.semantic_stride // 2
+        if self.semantic_attention and width % self.semantic_heads:
+            raise ValueError(f"semantic_heads {self.semantic_heads} does not divide the width {width} at stride "
+                             f"{self.semantic_stride}")
         if self.decoder_stride not in (4, 8, 16, 32):
             raise ValueError(f"decoder_stride must be 4, 8, 16 or 32, got {self.decoder_stride}")
         if self.shared_head and self.patch_out_dim not in (None, self.head_out_dim):
             raise ValueError("shared_head needs patch_out_dim equal to head_out_dim")
+
+    @staticmethod
+    def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+        """Config dicts written before ``semantic_stage``: ``semantic_stride`` s becomes the stage
+        whose blocks run at s (32: stage 4 after its merging), which is what it meant."""
+        data = dict(data)
+        stride = data.pop("semantic_stride", None)
+        if stride is not None:
+            if stride not in (2, 4, 8, 16, 32):
+                raise ValueError(f"semantic_stride must be 2, 4, 8, 16 or 32, got {stride}")
+            stage = {2: 1, 4: 2, 8: 3, 16: 4, 32: 4}[stride]
+            data.update(semantic_stage=stage, semantic_merged=stride == 32)
+        return data
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SMARTConfig":
+        try:
+            data = cls.upgrade(data)
+        except ValueError as exc:
+            raise SmartformerError(str(exc)) from None
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -106,7 +156,23 @@ MODEL_PRESETS: dict[str, SMARTConfig] = {
         head_hidden_dim=2048,
         head_bottleneck_dim=256,
     ),
+    # As published (DAGMaN, MIDL 2025): 2 ViT semantic-attention blocks on stage 3's own tokens
+    # (stride 8, 192 channels, stage 3's 8 heads), student drop-path 0.1 (the teacher runs in eval).
+    "paper": SMARTConfig(
+        backbone=Swin3DConfig(**{**BACKBONE_PRESETS["paper"].to_dict(), "drop_path_rate": 0.1}),
+        semantic_form="vit",
+        semantic_stage=3,
+        semantic_heads=8,
+        head_out_dim=8192,
+        head_hidden_dim=2048,
+        head_bottleneck_dim=256,
+    ),
 }
+
+#: The visiting order of the token maps in a forward pass: (stride, merged); merged=False is the
+#: output of the blocks that run at that stride, True the output of the patch merging into it.
+_TAPS: tuple[tuple[int, bool], ...] = ((2, False), (4, True), (4, False), (8, True), (8, False),
+                                        (16, True), (16, False), (32, True))
 
 
 class SMARTFormer(nn.Module):
@@ -118,9 +184,12 @@ class SMARTFormer(nn.Module):
         self.backbone = Swin3D(config.backbone)
         dim = self.backbone.width(config.semantic_stride)
         self.embed_dim = dim
-        self.semantic: SemanticAttention | None = None
+        self.semantic: SemanticAttention | ViTSemanticAttention | None = None
         self.pool_norm: nn.LayerNorm | None = None
-        if config.semantic_attention:
+        if config.semantic_attention and config.semantic_form == "vit":
+            self.semantic = ViTSemanticAttention(dim, config.semantic_heads, depth=config.semantic_depth,
+                                                 fused_attn=config.backbone.fused_attn)
+        elif config.semantic_attention:
             self.semantic = SemanticAttention(dim, config.semantic_heads, depth=config.semantic_depth,
                                               init_values=config.semantic_layer_scale,
                                               fused_attn=config.backbone.fused_attn)
@@ -128,6 +197,8 @@ class SMARTFormer(nn.Module):
             self.pool_norm = nn.LayerNorm(dim)
         self.cls_head: DINOHead | None = None
         self.patch_head: DINOHead | None = None
+        self.global_norm: nn.LayerNorm | None = None
+        self.global_head: DINOHead | None = None
         if config.heads:
             head_kw = dict(hidden_dim=config.head_hidden_dim, bottleneck_dim=config.head_bottleneck_dim,
                            nlayers=config.head_nlayers)
@@ -137,6 +208,9 @@ class SMARTFormer(nn.Module):
                 if config.shared_head
                 else DINOHead(dim, config.patch_out_dim or config.head_out_dim, **head_kw)
             )
+            if config.global_head:
+                self.global_norm = nn.LayerNorm(self.backbone.width(16))
+                self.global_head = DINOHead(self.backbone.width(16), config.head_out_dim, **head_kw)
         self.decoder = (
             ReconstructionDecoder(self.backbone.width(config.decoder_stride), config.decoder_stride)
             if config.decoder
@@ -160,37 +234,87 @@ class SMARTFormer(nn.Module):
         Args:
             x: (B, 1, D, H, W) volume, sides multiples of 32.
             mask: optional boolean cell mask (B, d, h, w), True = replaced by the mask token.
-            return_attention: also return the last class-attention block's maps.
+            return_attention: also return the last semantic-attention block's maps.
 
         Returns:
-            ``cls`` (B, C); ``tokens`` (B, N, C) of the semantic stage, N = d*h*w in C order;
-            ``grid`` (d, h, w); ``attn`` (B, heads, d, h, w) or None; ``final`` channels-last
-            features at ``decoder_stride`` (or None without a decoder).
+            ``cls`` (B, C); ``tokens`` (B, N, C) of the semantic stage, N = d*h*w in C order (with
+            the ``vit`` form, the patch tokens of its last block); ``grid`` (d, h, w); ``attn``
+            (B, heads, d, h, w) or None; ``final`` channels-last features at ``decoder_stride``
+            (or None without a decoder); with a global head, ``pooled`` (B, C4), the normed
+            stage-4 tokens averaged over the grid.
         """
-        strides = {self.config.semantic_stride}
+        cfg = self.config
+        bb = self.backbone
+        bb.check_input(x)
+        sa_tap = (cfg.semantic_stride, cfg.semantic_merged)
+        wanted = {sa_tap}
         if self.decoder is not None:
-            strides.add(self.config.decoder_stride)
-        feats = self.backbone.forward_features(x, mask, strides=sorted(strides))
-        tokens = feats[self.config.semantic_stride]
-        attn = None
-        if self.semantic is not None:
-            cls, attn = self.semantic(tokens, return_attn=return_attention)
-        else:
-            assert self.pool_norm is not None
-            cls = self.pool_norm(tokens).mean(dim=(1, 2, 3))
-        return {
-            "cls": cls,
+            wanted.add((cfg.decoder_stride, cfg.decoder_stride == 32))
+        if self.global_head is not None:
+            wanted.add((16, False))
+        last = max(_TAPS.index(t) for t in wanted)
+        feats: dict[tuple[int, bool], Tensor] = {}
+        sem: dict[str, Any] = {"attn": None}
+
+        def visit(tap: tuple[int, bool], tokens: Tensor) -> Tensor:
+            if tap == sa_tap:
+                tokens = self._semantic(tokens, return_attention, sem)
+            if tap in wanted and tap != sa_tap:
+                feats[tap] = tokens
+            return tokens
+
+        x = bb.embed(x, mask)
+        stride = 2
+        for stage in bb.stages:
+            x = visit((stride, False), stage.forward_blocks(x, bb.grad_checkpointing))
+            if _TAPS.index((stride, False)) >= last:
+                break
+            stride *= 2
+            x = visit((stride, True), stage.downsample(x))
+            if _TAPS.index((stride, True)) >= last:
+                break
+        tokens = sem["tokens"]
+        out = {
+            "cls": sem["cls"],
             "tokens": tokens.flatten(1, 3),
             "grid": tuple(tokens.shape[1:4]),
-            "attn": attn,
-            "final": feats.get(self.config.decoder_stride) if self.decoder is not None else None,
+            "attn": sem["attn"],
+            "final": None,
         }
+        if self.decoder is not None:
+            tap = (cfg.decoder_stride, cfg.decoder_stride == 32)
+            out["final"] = sem["raw"] if tap == sa_tap else feats[tap]
+        if self.global_norm is not None:
+            stage4 = sem["raw"] if sa_tap == (16, False) else feats[(16, False)]
+            out["pooled"] = self.global_norm(stage4).mean(dim=(1, 2, 3))
+        return out
+
+    def _semantic(self, tokens: Tensor, return_attention: bool, sem: dict[str, Any]) -> Tensor:
+        """Run the semantic attention on the tokens of its stage; fills ``sem`` (``cls``, ``attn``,
+        ``tokens`` for the patch loss, ``raw`` the stage's own tokens) and returns what continues."""
+        sem["raw"] = tokens
+        if isinstance(self.semantic, ViTSemanticAttention):
+            out = self.semantic(tokens, return_attn=return_attention)
+            # As in a ViT, the patch loss reads the last block's normed patch tokens.
+            sem.update(cls=out.cls, attn=out.attn, tokens=out.tokens)
+            return out.stream if self.config.semantic_continue else tokens
+        sem["tokens"] = tokens
+        if self.semantic is not None:
+            sem["cls"], sem["attn"] = self.semantic(tokens, return_attn=return_attention)
+        else:
+            assert self.pool_norm is not None
+            sem["cls"] = self.pool_norm(tokens).mean(dim=(1, 2, 3))
+        return tokens
 
     def forward_head(self, features: dict[str, Any]) -> dict[str, Tensor]:
-        """DINO logits for the [CLS] (B, K) and the patch tokens (B, N, K')."""
+        """DINO logits for the [CLS] (B, K), the patch tokens (B, N, K') and, with a global head, the
+        pooled stage-4 tokens (B, K)."""
         if self.cls_head is None or self.patch_head is None:
             raise SmartformerError("this model was built or saved without projection heads")
-        return {"cls_logits": self.cls_head(features["cls"]), "patch_logits": self.patch_head(features["tokens"])}
+        out = {"cls_logits": self.cls_head(features["cls"]), "patch_logits": self.patch_head(features["tokens"])}
+        if self.global_head is not None:
+            out["global_logits"] = self.global_head(features["pooled"])
+        return out
 
     def reconstruct(self, features: dict[str, Any]) -> Tensor:
         """Voxel reconstruction (B, 1, D, H, W) from the final-stage features."""
@@ -232,8 +356,9 @@ class SMARTFormer(nn.Module):
         config = self.config.to_dict()
         state = self.state_dict()
         if not include_heads:
-            config.update(heads=False, decoder=False)
-            state = {k: v for k, v in state.items() if not k.startswith(("cls_head.", "patch_head.", "decoder."))}
+            config.update(heads=False, decoder=False, global_head=False)
+            state = {k: v for k, v in state.items()
+                     if not k.startswith(("cls_head.", "patch_head.", "decoder.", "global_head.", "global_norm."))}
         # safetensors refuses shared storage (a shared head appears twice) and non-contiguous tensors.
         seen: set[int] = set()
         tensors: dict[str, Tensor] = {}

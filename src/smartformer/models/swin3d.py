@@ -87,6 +87,8 @@ PRESETS: dict[str, Swin3DConfig] = {
     "base": Swin3DConfig(embed_dim=48, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), window_size=(7, 7, 7)),
     # SMIT (Jiang et al., MICCAI 2022).
     "smit": Swin3DConfig(embed_dim=48, depths=(2, 2, 4, 2), num_heads=(4, 4, 4, 4), window_size=(4, 4, 4)),
+    # The published SMART/DAGMaN Swin (MIDL 2025): 384 channels at stage 4.
+    "paper": Swin3DConfig(embed_dim=48, depths=(2, 2, 8, 2), num_heads=(4, 4, 8, 16), window_size=(4, 4, 4)),
     # Small enough to pretrain on a 2-core CPU.
     "tiny": Swin3DConfig(embed_dim=24, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), window_size=(4, 4, 4)),
 }

@@ -108,7 +108,7 @@ def build_schedules(config: PretrainConfig, world_size: int) -> Schedules:
     steps, o, lc = config.train.max_steps, config.optim, config.loss
     global_batch = config.data.batch_size * world_size
     return Schedules(
-        lr=cosine_schedule(o.lr * global_batch, o.min_lr, steps, warmup_steps=min(o.warmup_steps, steps - 1)),
+        lr=cosine_schedule(o.lr * global_batch, o.min_lr, steps, warmup_steps=min(o.warmup_for(steps), steps - 1)),
         wd=cosine_schedule(o.weight_decay, o.weight_decay_end, steps),
         momentum=momentum_schedule(steps, base=config.teacher.momentum),
         teacher_temp=linear_warmup_then_constant(
@@ -209,7 +209,8 @@ def _checkpoint_state(meta: SMARTMetaArch, optimizer, scaler, step: int, config:
         "student": meta.student.state_dict(),
         "teacher": meta.teacher.state_dict(),
         "centers": {"cls": meta.dino_loss.center.clone(), "patch": meta.ibot_loss.center.clone()},
-        "losses": {"cls": meta.dino_loss.state_dict(), "patch": meta.ibot_loss.state_dict()},  # + Sinkhorn queue
+        "losses": {"cls": meta.dino_loss.state_dict(), "patch": meta.ibot_loss.state_dict(),  # + Sinkhorn queue
+                   **({"global": meta.gitd_loss.state_dict()} if meta.gitd_loss is not None else {})},
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "schedules": {k: torch.from_numpy(getattr(schedules, k).copy()) for k in ("lr", "wd", "momentum", "teacher_temp")},
@@ -290,6 +291,8 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
         if "losses" in state:  # checkpoints since the Sinkhorn queue; older ones hold the centers only
             meta.dino_loss.load_state_dict(state["losses"]["cls"])
             meta.ibot_loss.load_state_dict(state["losses"]["patch"])
+            if meta.gitd_loss is not None:
+                meta.gitd_loss.load_state_dict(state["losses"]["global"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"], generator)

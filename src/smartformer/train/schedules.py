@@ -168,7 +168,7 @@ def schedule_warnings(config: Any, schedules: Schedules, world_size: int = 1, st
     """
     steps, o, m = config.train.max_steps, config.optim, config.masking
     out: list[str] = []
-    if o.warmup_steps >= steps - 1:
+    if o.warmup_fraction == 0 and o.warmup_steps >= steps - 1:
         out.append(f"optim.warmup_steps={o.warmup_steps} spans the whole run of train.max_steps={steps}: the lr only "
                    f"rises and ends at its peak, {_lr_note(config, world_size)}; give more steps or a shorter "
                    "warm-up for a cosine decay")

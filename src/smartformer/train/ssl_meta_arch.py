@@ -8,7 +8,8 @@ One :meth:`SMARTMetaArch.forward` call computes every loss term for a batch of v
    during the warm-up) -- no extra forward pass;
 3. the student sees the masked views and is trained on masked-voxel reconstruction, masked
    patch-token distillation (iBOT), cross-view [CLS] distillation (DINO) and, optionally, the
-   KoLeo spreading term on its [CLS] (DINOv2).
+   cross-view distillation of the pooled stage-4 tokens (the paper's GITD) and the KoLeo
+   spreading term on its [CLS] (DINOv2).
 
 Besides the loss terms, every step reports the collapse monitors (see :func:`collapse_monitors`).
 
@@ -17,7 +18,7 @@ The EMA update and the loss centers are applied by :meth:`after_step` once the o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -85,6 +86,7 @@ class StepOutput:
     teacher_attn: Tensor | None  # (V*B, heads, d, h, w)
     teacher_cls_logits: list[Tensor]  # per view, for the center update
     teacher_patch_logits: Tensor | None
+    teacher_global_logits: list[Tensor] = field(default_factory=list)  # per view, GITD's center update
 
 
 class SMARTMetaArch(nn.Module):
@@ -100,8 +102,9 @@ class SMARTMetaArch(nn.Module):
                 f"masking.strategy={config.masking.strategy} needs the semantic attention module; "
                 "with model.semantic_attention=false use random or block masking"
             )
-        self.use_heads = loss.cls_weight > 0 or loss.patch_weight > 0
+        self.use_heads = loss.cls_weight > 0 or loss.patch_weight > 0 or loss.global_weight > 0
         model_cfg.heads = self.use_heads
+        model_cfg.global_head = loss.global_weight > 0
         model_cfg.decoder = loss.recon_weight > 0
         if not (self.use_heads or model_cfg.decoder):
             raise ConfigError("every loss term is switched off (loss.*_weight are all 0)")
@@ -120,6 +123,11 @@ class SMARTMetaArch(nn.Module):
                                   centering=loss.centering, queue_size=loss.cls_queue)
         self.ibot_loss = iBOTPatchLoss(model_cfg.patch_out_dim or model_cfg.head_out_dim, loss.student_temp,
                                        loss.center_momentum, centering=loss.centering)
+        # GITD: the same centering and sharpening as the [CLS] loss, with a center of its own.
+        # Built only when used, so that the other runs' state dicts are unchanged.
+        self.gitd_loss = (DINOLoss(model_cfg.head_out_dim, loss.student_temp, loss.center_momentum,
+                                   centering=loss.centering, queue_size=loss.cls_queue)
+                          if loss.global_weight > 0 else None)
         self.koleo_loss = KoLeoLoss()
         self.body_level = body_level(config.data.window)
 
@@ -163,6 +171,7 @@ class SMARTMetaArch(nn.Module):
             terms["recon"] = masked_l1_loss(s_out["recon"], x, mask)
         t_cls: list[Tensor] = []
         t_patch = None
+        t_global: list[Tensor] = []
         entropies: dict[str, float] = {}  # collapse monitors: 1.0 = uniform targets
         if self.use_heads:
             t_cls = list(t_out["cls_logits"].float().chunk(v))
@@ -178,10 +187,13 @@ class SMARTMetaArch(nn.Module):
                                               targets=cls_targets)
                 entropies["teacher_cls_entropy"] = self.dino_loss.entropy_fraction(cls_targets)
                 entropies["teacher_cls_batch_entropy"] = self.dino_loss.batch_entropy(cls_targets)
+            if self.gitd_loss is not None:
+                t_global = list(t_out["global_logits"].float().chunk(v))
+                terms["global"] = self.gitd_loss(list(s_out["global_logits"].chunk(v)), t_global, teacher_temp)
         if cfg.koleo_weight > 0:
             terms["koleo"] = torch.stack([self.koleo_loss(c) for c in s_out["cls"].chunk(v)]).mean()
         weights = {"recon": cfg.recon_weight, "patch": cfg.patch_weight, "cls": cfg.cls_weight,
-                   "koleo": cfg.koleo_weight}
+                   "global": cfg.global_weight, "koleo": cfg.koleo_weight}
         total = sum(weights[k] * t for k, t in terms.items())
         values = {f"loss_{k}": float(t.detach()) for k, t in terms.items()}
         values["loss"] = float(total.detach())
@@ -190,7 +202,7 @@ class SMARTMetaArch(nn.Module):
         values.update(collapse_monitors(x, v, t_out["cls"], t_out["tokens"], attn, self.body_level, stride))
         if attn is not None:
             values["head_diversity"] = float(head_diversity(attn))
-        return StepOutput(total, values, attn, t_cls, t_patch)
+        return StepOutput(total, values, attn, t_cls, t_patch, t_global)
 
     @torch.no_grad()
     def after_step(self, out: StepOutput, momentum: float) -> None:
@@ -200,6 +212,8 @@ class SMARTMetaArch(nn.Module):
             self.dino_loss.update_center(out.teacher_cls_logits)
         if out.teacher_patch_logits is not None and self.config.loss.patch_weight > 0:
             self.ibot_loss.update_center(out.teacher_patch_logits)
+        if out.teacher_global_logits and self.gitd_loss is not None:
+            self.gitd_loss.update_center(out.teacher_global_logits)
 
     def param_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: weight decay on weight matrices only (not biases, norms, tokens, bias tables)."""
