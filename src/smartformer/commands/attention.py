@@ -162,7 +162,7 @@ def load_model(path: Path, need_attention: bool = True) -> "SMARTFormer":
     pooled-token ablation), which has no attention maps; token features need no such module.
     """
     model = load_pretrained(path).eval()
-    if need_attention and model.semantic is None:
+    if need_attention and not model.has_attention:
         raise InputError(path, "this model has no semantic attention module (built with semantic_attention=False)")
     return model
 

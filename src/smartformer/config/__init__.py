@@ -432,12 +432,17 @@ def build_model_config(config: PretrainConfig) -> SMARTConfig:
     """The :class:`SMARTConfig` named by ``preset`` with the ``model`` section applied."""
     from smartformer.models.smartformer import MODEL_PRESETS, SMARTConfig
     from smartformer.models.swin3d import Swin3DConfig
+    from smartformer.models.vit3d import ViT3DConfig
 
     if config.preset not in MODEL_PRESETS:
         raise ConfigError(f"preset: unknown model preset {config.preset!r}; choose one of {sorted(MODEL_PRESETS)}")
     base = MODEL_PRESETS[config.preset].to_dict()
     overrides = dict(config.model)
     backbone = _merge(base.pop("backbone"), overrides.pop("backbone", {}) or {})
+    vit = base.pop("vit")
+    if "vit" in overrides:  # a mapping merges into the preset's ViT (or starts one); null drops it
+        extra = overrides.pop("vit")
+        vit = _merge(vit or {}, extra) if isinstance(extra, dict) else extra
     try:
         merged = SMARTConfig.upgrade({**base, **overrides})
     except ValueError as exc:
@@ -452,7 +457,11 @@ def build_model_config(config: PretrainConfig) -> SMARTConfig:
     try:
         bb = _build(Swin3DConfig, backbone, "model.backbone.")
         bb.grad_checkpointing = bb.grad_checkpointing or config.train.grad_checkpointing
-        return SMARTConfig(**{**merged, "backbone": bb})
+        vit_cfg = None if vit is None else _build(ViT3DConfig, vit, "model.vit.")
+        if vit_cfg is not None and config.data.roi != vit_cfg.img_size:
+            raise ConfigError(f"data.roi {list(config.data.roi)} must equal model.vit.img_size "
+                              f"{list(vit_cfg.img_size)} (the ViT's position embeddings are learnt for it)")
+        return SMARTConfig(**{**merged, "backbone": bb, "vit": vit_cfg})
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
 

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from smartformer.models.swin3d import Mlp
+
 __all__ = ["ClassAttention", "ClassAttentionBlock", "SemanticAttention", "SemanticOutput", "SelfAttention",
            "ViTBlock", "ViTSemanticAttention"]
 
@@ -157,13 +159,14 @@ class SemanticOutput(NamedTuple):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over a sequence whose first token is the [CLS] (timm's ``Attention``)."""
+    """Multi-head self-attention over a sequence whose first token is the [CLS] (timm's ``Attention``;
+    parameter names of MONAI's ``SABlock``: ``qkv``, ``out_proj``)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, fused_attn: bool = True) -> None:
         super().__init__()
         self.num_heads, self.scale, self.fused_attn = num_heads, _head_scale(dim, num_heads), fused_attn
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, return_cls_attn: bool = False) -> tuple[Tensor, Tensor | None]:
         """x: (B, 1 + N, C) -> ((B, 1 + N, C), the [CLS] query's softmax row (B, heads, 1 + N) or None)."""
@@ -179,19 +182,22 @@ class SelfAttention(nn.Module):
             weights = ((q * self.scale) @ k.transpose(-2, -1)).softmax(-1)
             out = weights @ v
             cls_attn = weights[:, :, 0] if return_cls_attn else None
-        return self.proj(out.transpose(1, 2).reshape(b, n, c)), cls_attn
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, c)), cls_attn
 
 
 class ViTBlock(nn.Module):
-    """Pre-norm ViT block: ``x + MSA(norm1(x))`` then ``x + MLP(norm2(x))`` (no LayerScale, as ViT)."""
+    """Pre-norm ViT block: ``x + MSA(norm1(x))`` then ``x + MLP(norm2(x))`` (no LayerScale, as ViT).
+
+    Parameter names are those of MONAI's ``TransformerBlock`` (less its unused ``norm_cross_attn``).
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  fused_attn: bool = True) -> None:
         super().__init__()
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SelfAttention(dim, num_heads, qkv_bias=qkv_bias, fused_attn=fused_attn)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = _mlp(dim, mlp_ratio)
 
     def forward(self, x: Tensor, return_cls_attn: bool = False) -> tuple[Tensor, Tensor | None]:
         update, attn = self.attn(self.norm1(x), return_cls_attn)

@@ -24,6 +24,7 @@ from smartformer.models.heads import DINOHead, ReconstructionDecoder
 from smartformer.models.semantic_attention import SemanticAttention, ViTSemanticAttention
 from smartformer.models.swin3d import PRESETS as BACKBONE_PRESETS
 from smartformer.models.swin3d import Swin3D, Swin3DConfig
+from smartformer.models.vit3d import VIT_PRESETS, ViT3D, ViT3DConfig
 
 __all__ = ["SMARTConfig", "SMARTFormer", "MODEL_PRESETS", "CONFIG_NAME", "WEIGHTS_NAME", "PRETRAINED",
            "pretrained_path"]
@@ -85,15 +86,24 @@ class SMARTConfig:
     # paper's end of stage 4; the stride-32 output is only their linear merge). It matches the
     # mask unit of the default semantic stage and costs 16^3 instead of 32^3 output channels.
     decoder_stride: int = 16
+    # A 3D ViT instead of the Swin (``backbone`` is then unused): its own [CLS] is the semantic
+    # attention (AttMask-style), the mask unit and the decoder's stride are its patch.
+    vit: ViT3DConfig | None = None
 
     @property
     def semantic_stride(self) -> int:
         """Stride in voxels of the tokens the semantic attention reads (the mask unit)."""
+        if self.vit is not None:
+            return self.vit.patch_size
         return 2 ** (self.semantic_stage + int(self.semantic_merged))
 
     def __post_init__(self) -> None:
         if isinstance(self.backbone, dict):
             self.backbone = Swin3DConfig(**self.backbone)
+        if isinstance(self.vit, dict):
+            self.vit = ViT3DConfig(**self.vit)
+        if self.vit is not None and not self.semantic_attention:
+            raise ValueError("a ViT backbone keeps its [CLS] (semantic_attention cannot be false with vit)")
         if self.semantic_form not in ("class_attention", "vit"):
             raise ValueError(f"semantic_form must be class_attention or vit, got {self.semantic_form!r}")
         if self.semantic_stage not in (1, 2, 3, 4):
@@ -103,7 +113,7 @@ class SMARTConfig:
         if self.semantic_continue and self.semantic_stride == 32:
             raise ValueError("semantic_continue: nothing follows stage 4's patch merging")
         width = self.backbone.embed_dim * self.semantic_stride // 2
-        if self.semantic_attention and width % self.semantic_heads:
+        if self.semantic_attention and self.vit is None and width % self.semantic_heads:
             raise ValueError(f"semantic_heads {self.semantic_heads} does not divide the width {width} at stride "
                              f"{self.semantic_stride}")
         if self.decoder_stride not in (4, 8, 16, 32):
@@ -167,6 +177,11 @@ MODEL_PRESETS: dict[str, SMARTConfig] = {
         head_hidden_dim=2048,
         head_bottleneck_dim=256,
     ),
+    # The ViT variant the paper reports (their Table 2): 12 blocks, 768, 8 heads, at 128^3.
+    "paper_vit": SMARTConfig(vit=VIT_PRESETS["paper"], head_out_dim=8192, head_hidden_dim=2048,
+                             head_bottleneck_dim=256),
+    # A ViT for a 2-core CPU (64^3 views).
+    "vit_tiny": SMARTConfig(vit=VIT_PRESETS["tiny"]),
 }
 
 #: The visiting order of the token maps in a forward pass: (stride, merged); merged=False is the
@@ -181,12 +196,21 @@ class SMARTFormer(nn.Module):
     def __init__(self, config: SMARTConfig) -> None:
         super().__init__()
         self.config = config
-        self.backbone = Swin3D(config.backbone)
-        dim = self.backbone.width(config.semantic_stride)
+        self.backbone: Swin3D | ViT3D
+        if config.vit is not None:
+            self.backbone = ViT3D(config.vit)
+            dim = width4 = decoder_width = config.vit.hidden_size
+            decoder_stride = config.vit.patch_size
+        else:
+            self.backbone = Swin3D(config.backbone)
+            dim, width4 = self.backbone.width(config.semantic_stride), self.backbone.width(16)
+            decoder_width, decoder_stride = self.backbone.width(config.decoder_stride), config.decoder_stride
         self.embed_dim = dim
         self.semantic: SemanticAttention | ViTSemanticAttention | None = None
         self.pool_norm: nn.LayerNorm | None = None
-        if config.semantic_attention and config.semantic_form == "vit":
+        if config.vit is not None:
+            pass  # the ViT's own [CLS] is the semantic attention
+        elif config.semantic_attention and config.semantic_form == "vit":
             self.semantic = ViTSemanticAttention(dim, config.semantic_heads, depth=config.semantic_depth,
                                                  fused_attn=config.backbone.fused_attn)
         elif config.semantic_attention:
@@ -209,13 +233,14 @@ class SMARTFormer(nn.Module):
                 else DINOHead(dim, config.patch_out_dim or config.head_out_dim, **head_kw)
             )
             if config.global_head:
-                self.global_norm = nn.LayerNorm(self.backbone.width(16))
-                self.global_head = DINOHead(self.backbone.width(16), config.head_out_dim, **head_kw)
-        self.decoder = (
-            ReconstructionDecoder(self.backbone.width(config.decoder_stride), config.decoder_stride)
-            if config.decoder
-            else None
-        )
+                self.global_norm = nn.LayerNorm(width4)
+                self.global_head = DINOHead(width4, config.head_out_dim, **head_kw)
+        self.decoder = ReconstructionDecoder(decoder_width, decoder_stride) if config.decoder else None
+
+    @property
+    def has_attention(self) -> bool:
+        """Whether the model gives semantic attention maps (a [CLS] of its own or the SA module)."""
+        return self.semantic is not None or isinstance(self.backbone, ViT3D)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -243,6 +268,8 @@ class SMARTFormer(nn.Module):
             (or None without a decoder); with a global head, ``pooled`` (B, C4), the normed
             stage-4 tokens averaged over the grid.
         """
+        if isinstance(self.backbone, ViT3D):
+            return self._forward_vit(x, mask, return_attention)
         cfg = self.config
         bb = self.backbone
         bb.check_input(x)
@@ -287,6 +314,18 @@ class SMARTFormer(nn.Module):
         if self.global_norm is not None:
             stage4 = sem["raw"] if sa_tap == (16, False) else feats[(16, False)]
             out["pooled"] = self.global_norm(stage4).mean(dim=(1, 2, 3))
+        return out
+
+    def _forward_vit(self, x: Tensor, mask: Tensor | None, return_attention: bool) -> dict[str, Any]:
+        """:meth:`forward_features` on a ViT: its [CLS], patch tokens and [CLS] attention; GITD pools the
+        patch tokens and the decoder reads them."""
+        assert isinstance(self.backbone, ViT3D)
+        f = self.backbone.forward_features(x, mask, return_attention=return_attention)
+        tokens = f["tokens"]
+        out = {"cls": f["cls"], "tokens": tokens.flatten(1, 3), "grid": tuple(tokens.shape[1:4]), "attn": f["attn"],
+               "final": tokens if self.decoder is not None else None}
+        if self.global_norm is not None:
+            out["pooled"] = self.global_norm(tokens).mean(dim=(1, 2, 3))
         return out
 
     def _semantic(self, tokens: Tensor, return_attention: bool, sem: dict[str, Any]) -> Tensor:
@@ -337,7 +376,7 @@ class SMARTFormer(nn.Module):
     @torch.no_grad()
     def attention_maps(self, volume: Tensor) -> Tensor:
         """Per-head semantic attention (B, heads, d, h, w) for (B, 1, D, H, W); each map sums to 1."""
-        if self.semantic is None:
+        if not self.has_attention:
             raise SmartformerError(
                 "attention maps need the semantic attention module; this model was built with "
                 "semantic_attention=False (pooled token, the SMIT way)"

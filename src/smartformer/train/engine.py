@@ -418,7 +418,7 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
                     data_wait = compute = 0.0
                     window_steps = 0
                 if ctx.is_main and snapshot_volume is not None and (step % tc.snapshot_every == 0 or step == max_steps) \
-                        and meta.teacher.semantic is not None:
+                        and meta.teacher.has_attention:
                     attention_snapshot(meta.teacher, snapshot_volume, out / "snapshots" / f"attention_step{step:07d}.png",
                                        title=f"teacher attention, step {step}")
                 must_stop = bool(stop_now or time_up)

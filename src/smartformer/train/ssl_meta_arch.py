@@ -158,7 +158,7 @@ class SMARTMetaArch(nn.Module):
         # and for the head-diversity log.
         with torch.no_grad(), ctx:
             x_teacher, drop = self.noise(x, grid, generator=generator)
-            t_out = self.teacher(x_teacher, mask=drop, return_attention=self.teacher.semantic is not None,
+            t_out = self.teacher(x_teacher, mask=drop, return_attention=self.teacher.has_attention,
                                  reconstruct=False)
         attn = t_out["attn"]
         mask = self.masker(step, grid, v * b, attention=attn, generator=generator, device=x.device)
@@ -221,7 +221,8 @@ class SMARTMetaArch(nn.Module):
         for name, p in self.student.named_parameters():
             if not p.requires_grad:
                 continue
-            skip = p.ndim <= 1 or name.endswith(("mask_token", "cls_token", "relative_position_bias_table"))
+            skip = p.ndim <= 1 or name.endswith(("mask_token", "cls_token", "relative_position_bias_table",
+                                                  "position_embeddings"))
             (no_decay if skip else decay).append(p)
         return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
 
