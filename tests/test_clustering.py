@@ -54,6 +54,20 @@ def test_centroid_separation_known_geometry():
     assert sep["labels"] == [1, 2]
     assert sep["mean_ratio"] == pytest.approx(10.0)
     assert sep["spread"] == pytest.approx([1.0, 1.0])
+    # the paper's measures: every item 1 from its centroid; one pair of centroids, 10 apart
+    assert sep["intra_distance"] == pytest.approx({"mean": 1.0, "sd": 0.0})
+    assert sep["inter_distance"] == pytest.approx({"mean": 10.0, "sd": 0.0})
+
+
+def test_intra_and_inter_cluster_distances_mean_and_sd():
+    # label 0: distances 1 and 3 to the centroid (0, 0); label 1 centroid (3, 4); label 2 centroid (0, 8)
+    feats = np.array([[1.0, 0], [-1.0, 0], [0, 3.0], [0, -3.0], [3.0, 4], [3.0, 4], [0, 8.0], [0, 8.0]])
+    labels = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    sep = C.centroid_separation(feats, labels)
+    intra = np.array([1, 1, 3, 3, 0, 0, 0, 0], dtype=float)
+    inter = np.array([5.0, 8.0, 5.0])  # |(0,0)-(3,4)|, |(0,0)-(0,8)|, |(3,4)-(0,8)|
+    assert sep["intra_distance"] == pytest.approx({"mean": intra.mean(), "sd": intra.std()})
+    assert sep["inter_distance"] == pytest.approx({"mean": inter.mean(), "sd": inter.std()})
 
 
 def test_kmeans_finds_separated_groups():

@@ -73,17 +73,24 @@ def centroid_separation(features: np.ndarray, labels: np.ndarray, min_count: int
     ``|c_a - c_b| / ((s_a + s_b) / 2)`` with ``s`` the root-mean-square distance of a label's items
     to its centroid. Ratios above 1 mean the labels stand apart in feature space.
 
+    Also the published SMART paper's measures (DAGMaN, MIDL 2025, organ clustering): the
+    intra-cluster distance, each item's Euclidean distance to its label's centroid, and the
+    inter-cluster distance, between the centroids of every pair of labels, each as mean and
+    standard deviation (over items, over pairs; the paper does not say which sd it gives).
+
     Returns:
         ``mean_ratio`` over all pairs, ``labels`` (those used), ``ratio`` (the symmetric matrix as
-        nested lists, 0 on the diagonal), ``centroid_distance`` and ``spread`` per label.
+        nested lists, 0 on the diagonal), ``centroid_distance`` and ``spread`` per label, and
+        ``intra_distance`` / ``inter_distance``, each ``{"mean", "sd"}``.
     """
     features = np.asarray(features, dtype=np.float64)
     labels = np.asarray(labels)
     ids, counts = np.unique(labels, return_counts=True)
     ids = ids[counts >= min_count]
     if ids.size < 2:
+        nan = {"mean": float("nan"), "sd": float("nan")}
         return {"mean_ratio": float("nan"), "labels": ids.tolist(), "ratio": [], "centroid_distance": [],
-                "spread": []}
+                "spread": [], "intra_distance": nan, "inter_distance": nan}
     centroids = np.stack([features[labels == i].mean(0) for i in ids])
     spread = np.array([np.sqrt(((features[labels == i] - c) ** 2).sum(1).mean()) for i, c in zip(ids, centroids)])
     distance = np.linalg.norm(centroids[:, None] - centroids[None], axis=-1)
@@ -91,12 +98,16 @@ def centroid_separation(features: np.ndarray, labels: np.ndarray, min_count: int
     ratio = np.divide(distance, scale, out=np.full_like(distance, np.nan), where=scale > 0)
     np.fill_diagonal(ratio, 0.0)
     upper = ratio[np.triu_indices(ids.size, k=1)]
+    intra = np.concatenate([np.linalg.norm(features[labels == i] - c, axis=1) for i, c in zip(ids, centroids)])
+    inter = distance[np.triu_indices(ids.size, k=1)]
     return {
         "mean_ratio": float(np.nanmean(upper)) if np.isfinite(upper).any() else float("nan"),
         "labels": ids.tolist(),
         "ratio": ratio.tolist(),
         "centroid_distance": distance.tolist(),
         "spread": spread.tolist(),
+        "intra_distance": {"mean": float(intra.mean()), "sd": float(intra.std())},
+        "inter_distance": {"mean": float(inter.mean()), "sd": float(inter.std())},
     }
 
 

@@ -122,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
         "tokens_per_label": counts,
         **scores,
         "centroid_separation": separation["mean_ratio"],
+        "intra_distance": separation["intra_distance"],
+        "inter_distance": separation["inter_distance"],
         "separation": {**separation, "names": [names[int(i)] for i in separation["labels"]]},
         "clusters_nifti": str(cluster_path),
         "tsne_png": str(tsne),
@@ -130,5 +132,8 @@ def run(args: argparse.Namespace) -> int:
     (args.out / f"{stem}_clustering.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"{labels.size} tokens, {present.size} labels, k={k}: NMI {scores['nmi']:.3f}  ARI {scores['ari']:.3f}  "
           f"purity {scores['purity']:.3f}  centroid separation {separation['mean_ratio']:.2f}")
+    intra, inter = separation["intra_distance"], separation["inter_distance"]
+    print(f"  distances (as the SMART paper): intra-cluster {intra['mean']:.2f} +- {intra['sd']:.2f}, "
+          f"inter-cluster {inter['mean']:.2f} +- {inter['sd']:.2f}")
     print(f"  clusters {cluster_path}\n  t-SNE    {tsne}\n  metrics  {args.out / f'{stem}_clustering.json'}")
     return 0

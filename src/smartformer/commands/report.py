@@ -132,10 +132,16 @@ def _localization_section(summary_path: Path, roots: list[Path]) -> str:
 
 def _clustering_section(result_path: Path, roots: list[Path]) -> str:
     data = json.loads(result_path.read_text())
+    def mean_sd(key: str) -> str:  # the paper's intra/inter-cluster distances, in results since issue 13
+        value = data.get(key)
+        return f"{value['mean']:.2f} ± {value['sd']:.2f}" if isinstance(value, dict) else ""
+
     rows = [[data.get("image", ""), data.get("k", ""), data.get("tokens", ""), data.get("nmi", ""),
-             data.get("ari", ""), data.get("purity", ""), data.get("centroid_separation", "")]]
+             data.get("ari", ""), data.get("purity", ""), data.get("centroid_separation", ""),
+             mean_sd("intra_distance"), mean_sd("inter_distance")]]
     parts = [f"<h3>Clustering: {html.escape(_name(result_path, roots))}</h3>",
-             _table(["image", "k", "tokens", "NMI", "ARI", "purity", "centroid separation"], rows)]
+             _table(["image", "k", "tokens", "NMI", "ARI", "purity", "centroid separation",
+                     "intra-cluster distance", "inter-cluster distance"], rows)]
     tsne = result_path.parent / Path(str(data.get("tsne_png", ""))).name  # beside the JSON, wherever it moved
     if data.get("tsne_png") and tsne.is_file():
         parts.append(_image(tsne, "t-SNE of the token features, coloured by label", width=700))
