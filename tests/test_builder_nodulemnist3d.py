@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from smartformer.cli import main
-from smartformer.data.builders.nodulemnist3d import build_nodulemnist3d, load_npz
+from smartformer.data.builders.nodulemnist3d import ORGAN_CLASSES, build_nodulemnist3d, load_npz
 from smartformer.errors import InputError
 
 COUNTS = {"train": 5, "val": 2, "test": 3}
@@ -97,3 +98,18 @@ def test_inconsistent_arrays_are_refused(tmp_path, override, fragment):
     npz = _write_npz(tmp_path / "n.npz", **override)
     with pytest.raises(InputError, match=re.escape(fragment)):
         load_npz(npz)
+
+
+def test_organmnist3d_keeps_eleven_labels_and_names_them(tmp_path, capsys):
+    labels = {split: (np.arange(n) * 3 % 11).astype(np.uint8).reshape(n, 1) for split, n in COUNTS.items()}
+    npz = _write_npz(tmp_path / "organmnist3d.npz", **{f"{s}_labels": v for s, v in labels.items()})
+    assert main(["data", "organmnist3d", "--npz", str(npz), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "train: 5 crops (liver 1, kidney-right 1, kidney-left 0, femur-right 1," in printed  # labels 0 3 6 9 1
+    rows = _rows(tmp_path / "o" / "organmnist3d.csv")
+    assert [int(r["label"]) for r in rows] == [int(v) for s in COUNTS for v in labels[s].ravel()]
+    names = json.loads((tmp_path / "o" / "labels.json").read_text())
+    assert names["0"] == "liver" and names["10"] == "pancreas" and len(names) == 11
+    bad = _write_npz(tmp_path / "bad.npz", train_labels=np.full((5, 1), 11, np.uint8))
+    with pytest.raises(InputError, match=re.escape("must be 0-10 integers")):
+        load_npz(bad, ORGAN_CLASSES)

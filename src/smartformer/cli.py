@@ -33,7 +33,7 @@ COMMANDS: list[str] = [
 ]
 DATA_COMMANDS: list[str] = ["smartformer.commands.data_check", "smartformer.commands.data_phantom",
                             "smartformer.commands.data_lidc", "smartformer.commands.data_nodulemnist3d",
-                            "smartformer.commands.data_lesions"]
+                            "smartformer.commands.data_organmnist3d", "smartformer.commands.data_lesions"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from smartformer.commands._data_builder import add_builder_parser
 
@@ -31,14 +32,19 @@ examples:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``nodulemnist3d`` to the ``smartformer data`` subcommands."""
-    parser = add_builder_parser(subparsers, "nodulemnist3d",
-                                "MedMNIST NoduleMNIST3D .npz to NIfTI crops + labels CSV",
-                                _DESCRIPTION, _EPILOG, "images/ and nodulemnist3d.csv")
+    register_medmnist(subparsers, "nodulemnist3d", "MedMNIST NoduleMNIST3D .npz to NIfTI crops + labels CSV",
+                      _DESCRIPTION, _EPILOG, "images/ and nodulemnist3d.csv", run)
+
+
+def register_medmnist(subparsers: argparse._SubParsersAction, name: str, summary: str, description: str,
+                      epilog: str, writes: str, func: Any) -> None:
+    """A ``data <name>`` builder of a MedMNIST 3D ``.npz`` (``--npz``, ``--hu-range``)."""
+    parser = add_builder_parser(subparsers, name, summary, description, epilog, writes)
     parser.add_argument("--npz", required=True, type=Path, metavar="FILE",
-                        help="the local nodulemnist3d*.npz file")
+                        help=f"the local {name}*.npz file")
     parser.add_argument("--hu-range", type=float, nargs=2, default=[-1000.0, 400.0],
                         metavar=("LOW", "HIGH"), help="HU that 0 and 255 map to (default: %(default)s)")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=func)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,5 +1,10 @@
 """MedMNIST NoduleMNIST3D (``nodulemnist3d.npz``, ``nodulemnist3d_64.npz``) to NIfTI + CSV.
 
+OrganMNIST3D (``organmnist3d*.npz``; 11 abdominal organs from LiTS CTs, the set of the SMART
+paper's organ clustering) is the same format with labels 0-10 (:data:`ORGAN_CLASSES`):
+:func:`build_medmnist3d` with ``classes=ORGAN_CLASSES`` and ``name="organmnist3d"`` builds it, and
+writes ``labels.json`` (id -> organ) beside the CSV.
+
 The ``.npz`` file holds ``{train,val,test}_images`` (uint8, ``(N, S, S, S)``, S = 28 or 64: LIDC
 nodule crops resampled to 1 mm voxels) and ``{train,val,test}_labels`` (``(N, 1)``, 0 benign,
 1 malignant). Each volume becomes ``images/<split>_<index>.nii.gz`` (int16) and one row of
@@ -33,10 +38,15 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 COLUMNS: tuple[str, ...] = ("image", "label", "patient", "split", "index")
 DEFAULT_HU_RANGE: tuple[float, float] = (-1000.0, 400.0)
 SPACING_MM = 1.0
+NODULE_CLASSES: tuple[str, ...] = ("benign", "malignant")
+#: OrganMNIST3D's label ids, in MedMNIST's order.
+ORGAN_CLASSES: tuple[str, ...] = ("liver", "kidney-right", "kidney-left", "femur-right", "femur-left", "bladder",
+                                  "heart", "lung-right", "lung-left", "spleen", "pancreas")
 
 
-def load_npz(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{split: (images (N, S, S, S) uint8, labels (N,) int64)}``, every array read and checked.
+def load_npz(path: str | Path, classes: Sequence[str] = NODULE_CLASSES) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{split: (images (N, S, S, S) uint8, labels (N,) int64)}``, every array read and checked;
+    labels must lie in ``0 .. len(classes) - 1``.
 
     Raises:
         InputError: the file is missing, not an npz, truncated, lacks a key, or holds arrays of
@@ -63,7 +73,7 @@ def load_npz(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         size = None
         for split in SPLITS:
             images, labels = (_read(archive, path, f"{split}_{kind}") for kind in ("images", "labels"))
-            size = _check_split(path, split, images, labels, size)
+            size = _check_split(path, split, images, labels, size, classes)
             data[split] = (images, labels.reshape(-1).astype(np.int64))
     return data
 
@@ -77,7 +87,7 @@ def _read(archive: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
 
 
 def _check_split(path: Path, split: str, images: np.ndarray, labels: np.ndarray,
-                 size: int | None) -> int:
+                 size: int | None, classes: Sequence[str]) -> int:
     if images.dtype != np.uint8 or images.ndim != 4 or len(set(images.shape[1:])) != 1:
         raise InputError(path, f"{split}_images must be uint8 (N, S, S, S), got {images.dtype} "
                                f"{images.shape}")
@@ -86,8 +96,10 @@ def _check_split(path: Path, split: str, images: np.ndarray, labels: np.ndarray,
     if labels.shape not in ((len(images), 1), (len(images),)):
         raise InputError(path, f"{split}_labels has shape {labels.shape}, expected "
                                f"({len(images)}, 1) for {len(images)} images")
-    if labels.size and (not np.issubdtype(labels.dtype, np.integer) or not np.isin(labels, (0, 1)).all()):
-        raise InputError(path, f"{split}_labels must be 0/1 integers (benign/malignant), got "
+    allowed = np.arange(len(classes))
+    if labels.size and (not np.issubdtype(labels.dtype, np.integer) or not np.isin(labels, allowed).all()):
+        what = "0/1" if len(classes) == 2 else f"0-{len(classes) - 1}"
+        raise InputError(path, f"{split}_labels must be {what} integers ({'/'.join(classes)}), got "
                                f"{labels.dtype} values {np.unique(labels)[:5].tolist()}")
     return int(images.shape[1])
 
@@ -112,7 +124,16 @@ def centred_affine(size: int, spacing: float = SPACING_MM) -> np.ndarray:
 def build_nodulemnist3d(npz: str | Path, out: str | Path,
                         hu_range: Sequence[float] = DEFAULT_HU_RANGE,
                         progress: bool = True) -> tuple[Path, dict[str, np.ndarray]]:
-    """Write every volume of ``npz`` under ``out/images`` and the table ``out/nodulemnist3d.csv``.
+    """Write every volume of ``npz`` under ``out/images`` and the table ``out/nodulemnist3d.csv``
+    (:func:`build_medmnist3d` for NoduleMNIST3D)."""
+    return build_medmnist3d(npz, out, hu_range, progress)
+
+
+def build_medmnist3d(npz: str | Path, out: str | Path, hu_range: Sequence[float] = DEFAULT_HU_RANGE,
+                     progress: bool = True, name: str = "nodulemnist3d",
+                     classes: Sequence[str] = NODULE_CLASSES) -> tuple[Path, dict[str, np.ndarray]]:
+    """Write every volume of ``npz`` under ``out/images`` and the table ``out/<name>.csv`` (with
+    more than two classes also ``out/labels.json``, id -> class name).
 
     Returns the CSV path and the labels per split. The file is read and checked in full before
     anything is written.
@@ -123,13 +144,13 @@ def build_nodulemnist3d(npz: str | Path, out: str | Path,
     low, high = (float(v) for v in hu_range)
     if not np.isfinite([low, high]).all() or high <= low:
         raise SmartformerError(f"--hu-range needs LOW < HIGH, got {low:g} {high:g}")
-    data = load_npz(npz)
+    data = load_npz(npz, classes)
     from smartformer.data.io import write_nifti  # torch/MONAI only when writing
 
     out = prepare_out_dir(out)
     rows: list[dict[str, Any]] = []
     total = sum(len(images) for images, _ in data.values())
-    with tqdm(total=total, desc="nodulemnist3d", unit="vol", file=sys.stderr,
+    with tqdm(total=total, desc=name, unit="vol", file=sys.stderr,
               disable=not progress, dynamic_ncols=True) as bar:
         for split, (images, labels) in data.items():
             affine = centred_affine(images.shape[1])
@@ -139,5 +160,9 @@ def build_nodulemnist3d(npz: str | Path, out: str | Path,
                 rows.append({"image": f"images/{sample}.nii.gz", "label": int(label),
                              "patient": sample, "split": split, "index": index})
                 bar.update()
-    path = write_csv_atomic(out / "nodulemnist3d.csv", rows, COLUMNS)
+    if len(classes) > 2:
+        import json
+
+        (out / "labels.json").write_text(json.dumps({str(i): c for i, c in enumerate(classes)}, indent=2) + "\n")
+    path = write_csv_atomic(out / f"{name}.csv", rows, COLUMNS)
     return path, {split: labels for split, (_, labels) in data.items()}
