@@ -54,6 +54,9 @@ DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results" / "quality.json"
 PLOT = ROOT / "docs" / "quality.png"
 
+#: The published paper's method on the tiny backbone (see docs/PAPER.md).
+PAPER = ["model.semantic_form=vit", "model.semantic_stage=3", "loss.global_weight=0.1", "teacher.noise_ratio=0.7",
+         "masking.ratio=0.7", "masking.hint_ratio=0.1"]
 #: Config overrides of each variant (``None``: no pretraining, the random-init baseline).
 VARIANTS: dict[str, list[str] | None] = {
     "random_init": None,
@@ -67,7 +70,32 @@ VARIANTS: dict[str, list[str] | None] = {
     # uniform targets at once -- SMART with a dead [CLS] branch and a fixed random query (the
     # default before the fix; kept as the ablation it turned out to be).
     "smart_layerscale_1e-4": ["model.semantic_layer_scale=0.0001"],
+    # -- the published paper's ablations (issue 13; `--suite paper`), on the tiny backbone: its
+    # method is ViT semantic attention in stage 3 (stride 8), GITD, noise 0.7, mask 0.7 / hint 0.1.
+    **{f"paper_{name}": [*PAPER, *extra] for name, extra in {
+        "all_four": [],
+        # the loss table (their Table 3): AMIP alone; +AMPD; +AMPD+AITD; without AMPD; without AMIP
+        "amip_only": ["loss.patch_weight=0", "loss.cls_weight=0", "loss.global_weight=0"],
+        "amip_ampd": ["loss.cls_weight=0", "loss.global_weight=0"],
+        "amip_ampd_aitd": ["loss.global_weight=0"],
+        "no_ampd": ["loss.patch_weight=0"],
+        "no_amip": ["loss.recon_weight=0"],
+        # SA placement (their Fig. 6): stages 2 and 4 (stage 3 is all_four)
+        "sa_stage2": ["model.semantic_stage=2"],
+        "sa_stage4": ["model.semantic_stage=4"],
+        # SA form: today's CaiT class attention in place of the ViT blocks
+        "sa_class_attention": ["model.semantic_form=class_attention"],
+        # the teacher's patch-drop ratio: 0.7 as stated, or 0.1 (it may echo the mask ratio)
+        "noise_0.1": ["teacher.noise_ratio=0.1"],
+        # masking: random (SMIT), block (iBOT), high (AttMask without hint), low (MST)
+        "mask_random": ["masking.strategy=random"],
+        "mask_block": ["masking.strategy=block"],
+        "mask_high": ["masking.strategy=attention_high"],
+        "mask_low": ["masking.strategy=attention_low"],
+    }.items()},
 }
+#: Runs of ``--suite paper``: one seed each of the paper's ablations.
+PAPER_ORDER = [f"{name}:0" for name in VARIANTS if name.startswith("paper_")]
 #: Variants whose step costs the same as another's (only an initial value differs): they share
 #: its calibrated step time, so the cached calibration stays valid when one is added.
 SAME_COST = {"smart_layerscale_1e-4": "smart_full"}
@@ -113,20 +141,47 @@ def smartformer(*args: str, log: Path | None = None) -> None:
 
 # ---------------------------------------------------------------------------- budget
 def calibrate(work: Path, repeats: int = 4) -> dict[str, float]:
-    """Seconds per training step of each pretrained variant, interleaved in one process (cached)."""
+    """Seconds per training step of each pretrained variant, interleaved in one process (cached).
+
+    Variants added after the cache was written are measured interleaved with ``smart_full`` and
+    scaled by its cached time, so the earlier runs' budgets stay as they were.
+    """
     path = work / "calibration.json"
-    if path.is_file():
-        return json.loads(path.read_text())["step_seconds"]
+    wanted = [n for n, o in VARIANTS.items() if o is not None and n not in SAME_COST]
+    cached = json.loads(path.read_text()) if path.is_file() else None
+    if cached is not None:
+        missing = [n for n in wanted if n not in cached["step_seconds"]]
+        if not missing:
+            return cached["step_seconds"]
+        now = _measure(["smart_full", *missing], repeats)
+        scale = cached["step_seconds"]["smart_full"] / now["smart_full"]
+        step_seconds = {**cached["step_seconds"], **{n: now[n] * scale for n in missing}}
+        path.write_text(json.dumps({**cached, "step_seconds": step_seconds,
+                                    "added": {**cached.get("added", {}),
+                                              **{n: time.strftime("%Y-%m-%d %H:%M") for n in missing}}}, indent=2) + "\n")
+        return step_seconds
+    step_seconds = _measure(wanted, repeats)
+    path.write_text(json.dumps({"step_seconds": step_seconds, "threads": _threads(),
+                                "repeats": repeats, "date": time.strftime("%Y-%m-%d %H:%M")}, indent=2) + "\n")
+    return step_seconds
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _measure(names: list[str], repeats: int) -> dict[str, float]:
+    """Median seconds of a training step of each variant in ``names``, interleaved in this process."""
     import torch
 
     from smartformer.config import load_config
     from smartformer.train.ssl_meta_arch import SMARTMetaArch
 
     metas = {}
-    for name, overrides in VARIANTS.items():
-        if overrides is None or name in SAME_COST:
-            continue
-        cfg = load_config("tiny", [*COMMON, *overrides, "masking.warmup_steps=0"])
+    for name in names:
+        cfg = load_config("tiny", [*COMMON, *VARIANTS[name], "masking.warmup_steps=0"])
         torch.manual_seed(0)
         meta = SMARTMetaArch(cfg).train()
         metas[name] = (meta, torch.optim.AdamW(meta.param_groups(), lr=1e-4))
@@ -143,10 +198,7 @@ def calibrate(work: Path, repeats: int = 4) -> dict[str, float]:
             meta.after_step(out, 0.996)
             if r:
                 times[name].append(time.perf_counter() - t)
-    step_seconds = {name: statistics.median(t) for name, t in times.items()}
-    path.write_text(json.dumps({"step_seconds": step_seconds, "threads": torch.get_num_threads(),
-                                "repeats": repeats, "date": time.strftime("%Y-%m-%d %H:%M")}, indent=2) + "\n")
-    return step_seconds
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 # ---------------------------------------------------------------------------- runs
@@ -466,7 +518,7 @@ def slim(evaluation: dict[str, Any]) -> dict[str, Any]:
 
 def report(work: Path, step_seconds: dict[str, float], budget: float) -> dict[str, Any]:
     rows: dict[str, Any] = {}
-    for key in ORDER:
+    for key in ORDER + PAPER_ORDER:
         name, seed = key.split(":")
         run = work / "runs" / f"{name}-s{seed}"
         if not (run / "eval.json").is_file():
@@ -495,7 +547,8 @@ def report(work: Path, step_seconds: dict[str, float], budget: float) -> dict[st
             ref = reference.get(r["seed"], reference.get(0, next(iter(reference.values()))))
             r["fewlabel_vs_random"] = {str(n): fewlabel_vs(r["eval"], ref, n) for n in SEG_TRAIN_SIZES}
     result = {"budget_minutes_idle": budget, "step_seconds_idle": step_seconds, "variants": rows,
-              "complete": {f"{n}:{r['seed']}" for n, v in rows.items() for r in v["runs"]} == set(ORDER)}
+              "complete": set(ORDER) <= {f"{n}:{r['seed']}" for n, v in rows.items() for r in v["runs"]},
+              "complete_paper": set(PAPER_ORDER) <= {f"{n}:{r['seed']}" for n, v in rows.items() for r in v["runs"]}}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
@@ -570,6 +623,8 @@ def main() -> None:
     parser.add_argument("--budget-minutes", type=float, default=20.0,
                         help="compute budget per variant in idle-machine minutes (default: 20)")
     parser.add_argument("--only", nargs="*", default=None, metavar="VARIANT:SEED")
+    parser.add_argument("--suite", choices=("issue7", "paper"), default="issue7",
+                        help="the runs to do: issue 7's ablations (default) or the published paper's (issue 13)")
     parser.add_argument("--report", action="store_true", help="only write the report from finished runs")
     parser.add_argument("--pretrain-only", action="store_true", help="pretrain the runs, evaluate none")
     parser.add_argument("--evaluations", choices=list(EVALUATIONS), default="all",
@@ -580,7 +635,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     step_seconds = calibrate(args.work)
     if not args.report:
-        for key in args.only or ORDER:
+        for key in args.only or (PAPER_ORDER if args.suite == "paper" else ORDER):
             name, seed = key.split(":")
             steps = 0 if VARIANTS[name] is None else \
                 int(args.budget_minutes * 60 / step_seconds[SAME_COST.get(name, name)])
