@@ -18,6 +18,9 @@ SCHEDULE_KEYS: tuple[str, ...] = ("lr", "momentum", "teacher_temp", "mask_ratio"
 #: the share of air cells, what a uniform map would give).
 MONITOR_KEYS: tuple[str, ...] = ("teacher_cls_entropy", "teacher_cls_batch_entropy", "teacher_patch_entropy",
                                  "teacher_cls_cosine", "attn_air_share")
+#: The SMART paper's head diversity (fourth row, when logged: train.head_distance_every): the
+#: entropy of the teacher heads' attention distances per Swin stage, mean over heads.
+HEAD_DISTANCE_KEYS: tuple[str, ...] = tuple(f"head_distance_entropy_s{k}" for k in range(1, 5))
 #: A reference curve drawn dashed in a monitor's panel.
 REFERENCE_KEYS: dict[str, str] = {"attn_air_share": "air_cell_share"}
 #: At most this many attention snapshots are shown (evenly spaced over the run, the last one included).
@@ -70,6 +73,9 @@ def _curves_png(rows: list[dict[str, Any]], path: Path) -> Path:
     monitors = [k for k in MONITOR_KEYS if series(k)]
     if monitors:
         groups.append(monitors)
+    diversity = [k for k in HEAD_DISTANCE_KEYS if series(k)]
+    if diversity:
+        groups.append(diversity)
     cols = max(len(g) for g in groups)
     fig, axes = plt.subplots(len(groups), cols, figsize=(3.2 * cols, 2.8 * len(groups)), squeeze=False)
     for row, keys in zip(axes, groups):

@@ -128,6 +128,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: bool = True  # keep step_N checkpoints besides `last`
     snapshot_every: int = 100  # attention PNG of a fixed volume
+    # Every N steps, the SMART paper's head diversity of the teacher's Swin on that volume: the
+    # entropy of each head's attention distances per stage (analysis/head_distance.py); 0 = off.
+    head_distance_every: int = 0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     # Wall-clock budget of the training loop in minutes, summed over resumed invocations (0 = none):
     # the run saves and stops at the first step past it, before max_steps. The schedules still
@@ -358,6 +361,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "train.log_every": (lambda v: v >= 1, "at least 1"),
     "train.checkpoint_every": (lambda v: v >= 1, "at least 1"),
     "train.snapshot_every": (lambda v: v >= 1, "at least 1"),
+    "train.head_distance_every": (lambda v: v >= 0, "0 or more (0: off)"),
     "train.threads": (lambda v: v >= 0, "0 or more (0: torch's default)"),
     "train.max_minutes": (lambda v: v >= 0, "0 or more (0: no limit)"),
     "train.device": (lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None, "auto, cpu, cuda or cuda:N"),

@@ -174,13 +174,23 @@ class WindowAttention(nn.Module):
             out = window_attention_qkv(qkv, self.relative_position_bias(n).contiguous(), mask, self.scale)
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            bias = self.relative_position_bias(n).to(q.dtype)
-            attn = (q * self.scale) @ k.transpose(-2, -1) + bias.unsqueeze(0)
-            if mask is not None:
-                nw = mask.shape[0]
-                attn = (attn.view(bw // nw, nw, h, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(bw, h, n, n)
-            out = attn.softmax(-1) @ v
+            out = self._softmax(q, k, mask) @ v
         return self.proj(out.transpose(1, 2).reshape(bw, n, c))
+
+    def _softmax(self, q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
+        bw, h, n, _ = q.shape
+        bias = self.relative_position_bias(n).to(q.dtype)
+        attn = (q * self.scale) @ k.transpose(-2, -1) + bias.unsqueeze(0)
+        if mask is not None:
+            nw = mask.shape[0]
+            attn = (attn.view(bw // nw, nw, h, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(bw, h, n, n)
+        return attn.softmax(-1)
+
+    def attention_weights(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The explicit softmax weights (B * nW, heads, n, n) of :meth:`forward`'s input, for analysis."""
+        bw, n, c = x.shape
+        q, k, _ = self.qkv(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        return self._softmax(q, k, mask)
 
 
 class Mlp(nn.Module):

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
+from smartformer.analysis.head_distance import head_distance_entropy
 from smartformer.config import PretrainConfig
 from smartformer.data.dataset import build_pretrain_dataset, check_volumes, seed_worker
 from smartformer.data.sampler import ResumableSampler, SeededViews
@@ -44,6 +45,7 @@ from smartformer.train.checkpoint import (
     step_checkpoints,
 )
 from smartformer.io_utils import make_dir, output_errors
+from smartformer.models.swin3d import Swin3D
 from smartformer.train.monitor import MetricsWriter, attention_snapshot, collapse_message
 from smartformer.train.schedules import (
     Schedules,
@@ -417,6 +419,10 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
                             collapse_warned = True
                     data_wait = compute = 0.0
                     window_steps = 0
+                if ctx.is_main and snapshot_volume is not None and tc.head_distance_every \
+                        and step % tc.head_distance_every == 0 and isinstance(meta.teacher.backbone, Swin3D):
+                    assert metrics is not None
+                    metrics.write(step, head_distance_entropy(meta.teacher.backbone, snapshot_volume))
                 if ctx.is_main and snapshot_volume is not None and (step % tc.snapshot_every == 0 or step == max_steps) \
                         and meta.teacher.has_attention:
                     attention_snapshot(meta.teacher, snapshot_volume, out / "snapshots" / f"attention_step{step:07d}.png",
