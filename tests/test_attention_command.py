@@ -148,9 +148,9 @@ def test_png_is_drawn_in_ras_whatever_the_storage_order(tmp_path):
     image, heat = rng.random((12, 10, 8)), rng.random((12, 10, 8))
     mask = heat > 0.9
     ras = np.diag([1.0, 2.0, 3.0, 1.0])
-    reference = mpimg.imread(save_overlay_png(image, heat, tmp_path / "ras.png", title="t", mask=mask,
-                                              spacing=(1.0, 2.0, 3.0), orientation=True))
+    reference = mpimg.imread(save_overlay_png(image, heat, tmp_path / "ras.png", title="t", mask=mask, affine=ras))
     lps = np.diag([-1.0, -2.0, 3.0, 1.0])
+    lps[:3, 3] = (11.0, 18.0, 0.0)  # the same world as the RAS copy (titles give world mm)
     swapped = np.array([[0, 1.0, 0, 0], [2.0, 0, 0, 0], [0, 0, 3.0, 0], [0, 0, 0, 1]])  # stored (y, x, z)
     for name, affine, store in (("lps", lps, lambda a: a[::-1, ::-1]),
                                 ("swapped", swapped, lambda a: a.transpose(1, 0, 2))):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["save_overlay_png", "save_figure", "body_mask", "slice_centre", "to_ras"]
+__all__ = ["save_overlay_png", "save_figure", "body_mask", "slice_centre", "slice_titles", "to_ras", "ras_affine"]
 
 #: Orientation letters (left, right, bottom, top) of each panel of a RAS array drawn with
 #: ``origin="lower"`` and the horizontal axis inverted in the axial and coronal panels.
@@ -87,6 +87,29 @@ def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple[flo
     return ras, tuple(float(s) for s in spacing)  # type: ignore[return-value]
 
 
+def ras_affine(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The voxel-to-world affine of an array of ``shape`` (stored as ``affine`` says) after :func:`to_ras`."""
+    import nibabel as nib
+
+    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                                nib.orientations.axcodes2ornt("RAS"))
+    return np.asarray(affine) @ nib.orientations.inv_ornt_aff(transform, shape)
+
+
+def slice_titles(centre: tuple[int, int, int], world: np.ndarray | None = None) -> list[str]:
+    """Titles of the axial, coronal and sagittal panels through ``centre`` (RAS voxel order): the
+    slice's world position in mm, as a viewer such as 3D Slicer shows it, when ``world`` (the RAS
+    arrays' affine) is known; else the voxel index."""
+    titles = []
+    for name, axis in (("axial", 2), ("coronal", 1), ("sagittal", 0)):
+        if world is not None:
+            where = f"{'RAS'[axis]} {float((world @ np.array([*centre, 1.0]))[axis]):.1f} mm"
+        else:
+            where = f"{'xyz'[axis]}={centre[axis]}"
+        titles.append(f"{name} ({where})")
+    return titles
+
+
 def save_overlay_png(
     image: np.ndarray,
     heat: np.ndarray,
@@ -128,6 +151,7 @@ def save_overlay_png(
     if image.shape != heat.shape or (mask is not None and mask.shape != image.shape):
         raise ValueError(f"image {image.shape}, heat {heat.shape} and mask must share a grid")
     show_letters = affine is not None if orientation is None else orientation
+    world = ras_affine(affine, image.shape) if affine is not None else None
     if affine is not None:
         image, spacing = to_ras(image, affine)
         heat = to_ras(heat, affine)[0]
@@ -164,8 +188,7 @@ def save_overlay_png(
                                           letters if show_letters else ()):
             ax.text(x, y, letter, transform=ax.transAxes, ha=ha, va=va, color="yellow", fontsize=11,
                     fontweight="bold")
-        index = {"axial": f"z={centre[2]}", "coronal": f"y={centre[1]}", "sagittal": f"x={centre[0]}"}[name]
-        ax.set_title(f"{name} ({index})")
+        ax.set_title(slice_titles(centre, world)[k])
         ax.axis("off")
     fig.colorbar(shown, cax=fig.add_subplot(grid[0, 3]), label=heat_label, extend="both")
     handles = [Line2D([], [], marker="+", color="black", linestyle="none", markersize=10, markeredgewidth=2,
