@@ -84,3 +84,14 @@ def test_finetune_changes_the_encoder(case_csv, tiny_checkpoint):
         assert len(history) == result.best_epoch + settings.patience
     best = min(h["val_loss"] for h in history)
     assert history[result.best_epoch - 1]["val_loss"] == best
+
+
+def test_holdout_cases_are_predicted_by_every_fold_model(case_csv, tmp_path):
+    rc = main(["finetune", "--data", str(case_csv), "--checkpoint", "random:tiny", "--out", str(tmp_path),
+               "--folds", "2", "--holdout", "0.34", "--epochs", "1", "--patience", "1", "--bootstrap", "0", *FAST])
+    assert rc == 0
+    folds = pd.read_csv(tmp_path / "folds.csv")
+    test = pd.read_csv(tmp_path / "predictions.csv").query("set == 'holdout'")
+    assert sorted(test["case"]) == sorted(list(folds.loc[folds["fold"] == -1, "case"]) * 2)
+    assert json.loads((tmp_path / "metrics.json").read_text())["results"]["random_tiny"]["1"]["holdout"]["n"] == \
+        (folds["fold"] == -1).sum()

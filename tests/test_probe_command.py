@@ -118,3 +118,31 @@ def test_scan_level_labels_use_whole_scans(case_csv, tmp_path):
     assert report["classes"] == {"progressor": 0, "responder": 1}
     predictions = pd.read_csv(tmp_path / "out" / "predictions.csv")
     assert list(predictions["case"]) != [] and predictions["case"].str.endswith("/ct").all()
+
+
+def test_holdout_test_set_beside_the_cv(case_csv, tmp_path, capsys):
+    # the SMART paper's LIDC protocol: 3-fold CV on the rest, every fold's model predicts a held-out set
+    rc = main(["probe", "--data", str(case_csv), "--checkpoint", "random:tiny", "--out", str(tmp_path), "--folds", "2",
+               "--holdout", "0.34", "--fraction", "0.5", "1.0", "--bootstrap", "0", *FAST])
+    assert rc == 0
+    folds = pd.read_csv(tmp_path / "folds.csv")
+    held = folds[folds["fold"] == -1]
+    assert held["patient"].nunique() == 2 and set(held["label"]) == {0, 1}  # round(0.34 * 6) patients
+    assert not set(held["patient"]) & set(folds.loc[folds["fold"] >= 0, "patient"])
+    predictions = pd.read_csv(tmp_path / "predictions.csv")
+    cv, test = predictions[predictions["set"] == "cv"], predictions[predictions["set"] == "holdout"]
+    assert not set(cv["case"]) & set(held["case"])
+    # each fold's model at each fraction predicts every held-out case once
+    assert len(test) == len(held) * 2 * 2 and set(test["case"]) == set(held["case"])
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    entry = report["results"]["random_tiny"]["1"]
+    assert report["holdout_cases"] == len(held) and entry["n"] == len(folds) - len(held)
+    assert entry["holdout"]["n"] == len(held) and len(entry["holdout"]["per_fold"]) == 2
+    mean = test[test["fraction"] == 1.0].groupby("case")["probability"].mean()
+    from smartformer.downstream.metrics import binary_metrics
+
+    labels = held.set_index("case").loc[mean.index, "label"].to_numpy()
+    assert entry["holdout"]["overall"]["auc"]["value"] == pytest.approx(binary_metrics(labels, mean.to_numpy())["auc"])
+    assert "held-out test set, random_tiny @ 1:" in capsys.readouterr().out
+    assert main(["probe", "--data", str(case_csv), "--checkpoint", "random:tiny", "--out", str(tmp_path / "x"),
+                 "--holdout", "1.5", *FAST]) == 2

@@ -58,7 +58,7 @@ def finetune_checkpoint(study: "Study", spec: str, name: str) -> tuple[list[dict
     """A fresh copy of the checkpoint fine-tuned per fold and fraction, then scored on the test fold."""
     import numpy as np
 
-    from smartformer.commands.probe import training_indices
+    from smartformer.commands.probe import test_indices, training_indices
     from smartformer.downstream.features import load_encoder, pick_device
     from smartformer.downstream.finetune import finetune, predict_probabilities
     from smartformer.downstream.splits import validation_split
@@ -67,7 +67,7 @@ def finetune_checkpoint(study: "Study", spec: str, name: str) -> tuple[list[dict
     settings, device = settings_from(args), pick_device(args.device)
     rows, details = [], []
     for fold in range(args.folds):
-        test = np.flatnonzero(study.folds == fold)
+        test = test_indices(study, fold)
         for fraction, subset in training_indices(study, fold).items():
             train, val = (validation_split(subset, table.labels, table.patients, args.val_fraction, args.seed, fold)
                           if args.val_fraction > 0 else (subset, subset[:0]))

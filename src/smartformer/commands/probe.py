@@ -29,6 +29,10 @@ TREATMENT_RESPONSE_HELP = (
 )
 
 
+#: The fold of the held-out test set's cases (``--holdout``) in ``Study.folds`` and folds.csv.
+HOLDOUT = -1
+
+
 @dataclass
 class Study:
     """What one evaluation works on: the cases, their crops and the paired splits."""
@@ -80,6 +84,10 @@ def add_evaluation_arguments(p: argparse.ArgumentParser, batch_size: int = 8) ->
     p.add_argument("--fraction", type=float, nargs="+", default=[1.0], metavar="F",
                    help="label fractions of each training fold, e.g. 0.1 0.25 0.5 1.0 (patient-level, "
                         "stratified, nested, seeded; the test fold is never subsampled; default: 1.0)")
+    p.add_argument("--holdout", type=float, default=0.0, metavar="F",
+                   help="patients (this fraction, stratified, seeded) held out as a test set beside the CV, as "
+                        "the SMART paper's LIDC protocol: every fold's model predicts it and metrics.json gives "
+                        "'holdout', the metrics of the fold-averaged probabilities (default: 0, none)")
     p.add_argument("--bootstrap", type=int, default=1000,
                    help="bootstrap resamples (patients, or cases without patient ids) for 95%% CIs (default: 1000)")
     add_crop_arguments(p, batch_size)
@@ -93,12 +101,13 @@ def evaluate(args: argparse.Namespace, task: str, run_checkpoint: CheckpointRunn
     """
     import json
 
+    import numpy as np
     import pandas as pd
 
     from smartformer.commands.features import crop_options
     from smartformer.downstream.cases import build_crops, read_cases
     from smartformer.downstream.features import RANDOM_PREFIX, checkpoint_names
-    from smartformer.downstream.splits import assign_folds, check_fractions
+    from smartformer.downstream.splits import assign_folds, check_fractions, holdout_cases
 
     if args.bootstrap < 0:
         raise SmartformerError("--bootstrap must be 0 or more")
@@ -108,7 +117,9 @@ def evaluate(args: argparse.Namespace, task: str, run_checkpoint: CheckpointRunn
     fractions = check_fractions(args.fraction)
     names = checkpoint_names(list(args.checkpoint))
     table = read_cases(args.csv)
-    folds = assign_folds(table.labels, table.patients, args.folds, args.seed)
+    held = holdout_cases(table.labels, table.patients, args.holdout, args.seed)
+    folds = np.full(len(table.labels), HOLDOUT, dtype=np.int64)  # the CV folds of the rest
+    folds[~held] = assign_folds(table.labels[~held], table.patients[~held], args.folds, args.seed)
     crops = build_crops(table, options, progress=not args.no_progress)
     study = Study(table=table, crops=crops, folds=folds, fractions=fractions, args=args)
     rows: list[dict[str, Any]] = []
@@ -118,14 +129,18 @@ def evaluate(args: argparse.Namespace, task: str, run_checkpoint: CheckpointRunn
         for row in predicted:
             case = table.cases[row["index"]]
             rows.append({"case": case.case, "patient": case.patient, "fold": row["fold"], "fraction": row["fraction"],
-                         "checkpoint": name, "label": case.label, "probability": row["probability"]})
-    predictions = pd.DataFrame(rows, columns=["case", "patient", "fold", "fraction", "checkpoint", "label",
-                                              "probability"])
+                         "checkpoint": name, "label": case.label, "probability": row["probability"],
+                         "set": "holdout" if held[row["index"]] else "cv"})
+    every = pd.DataFrame(rows, columns=["case", "patient", "fold", "fraction", "checkpoint", "label",
+                                        "probability", "set"])
+    predictions = every[every["set"] == "cv"]
     args.out.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"case": table.ids, "patient": table.patients, "label": table.labels,
                   "fold": folds}).to_csv(args.out / "folds.csv", index=False)
-    predictions.to_csv(args.out / "predictions.csv", index=False)
+    (every if held.any() else predictions.drop(columns="set")).to_csv(args.out / "predictions.csv", index=False)
     results = summarize(predictions, details, args.bootstrap, args.seed)
+    if held.any():
+        summarize_holdout(every[every["set"] == "holdout"], results, args.bootstrap, args.seed)
     baseline = next((n for n, spec in zip(names, args.checkpoint) if spec.startswith(RANDOM_PREFIX)), None)
     if baseline is not None and len(names) > 1:
         compare_to_baseline(predictions, results, baseline, args.bootstrap, args.seed)
@@ -137,6 +152,7 @@ def evaluate(args: argparse.Namespace, task: str, run_checkpoint: CheckpointRunn
         "patients": len(set(table.patients.tolist())),
         "located_cases": sum(c.located for c in table.cases),
         "folds": args.folds,
+        "holdout_cases": int(held.sum()),
         "fractions": fractions,
         "seed": args.seed,
         "bootstrap": args.bootstrap,
@@ -151,6 +167,11 @@ def evaluate(args: argparse.Namespace, task: str, run_checkpoint: CheckpointRunn
     write_roc(predictions, args.out / "roc.png", task)
     markdown = write_comparison(results, args.out)
     print(markdown, end="")
+    for name, by_fraction in results.items():
+        for fraction, entry in by_fraction.items():
+            if "holdout" in entry:
+                print(f"held-out test set, {name} @ {fraction}: AUC {entry['holdout']['overall']['auc']['value']:.3f} "
+                      f"({plural(entry['holdout']['n'], 'case')}, probabilities averaged over the folds' models)")
     print(f"{task}: {plural(len(table.cases), 'case')}, {plural(args.folds, 'fold')}, "
           f"{plural(len(names), 'checkpoint')}; results in {args.out}")
     return 0
@@ -175,6 +196,22 @@ def summarize(predictions: Any, details: dict[str, list[dict[str, Any]]], n_boot
             "per_fold": per_fold,
         }
     return results
+
+
+def summarize_holdout(held: Any, results: dict[str, dict[str, Any]], n_boot: int, seed: int) -> None:
+    """Add ``holdout`` to each checkpoint and fraction of ``results``: the metrics of the held-out cases'
+    probabilities averaged over the folds' models, and each fold model's own."""
+    from smartformer.downstream.metrics import binary_metrics, metrics_with_ci
+
+    for (name, fraction), group in held.groupby(["checkpoint", "fraction"], sort=False):
+        mean = group.groupby(["case", "patient", "label"], sort=False)["probability"].mean().reset_index()
+        results[name][f"{fraction:g}"]["holdout"] = {
+            "n": len(mean),
+            "overall": metrics_with_ci(mean["label"].to_numpy(), mean["probability"].to_numpy(),
+                                       mean["patient"].to_numpy(), n=n_boot, seed=seed),
+            "per_fold": [{"fold": int(fold), **binary_metrics(part["label"].to_numpy(), part["probability"].to_numpy())}
+                         for fold, part in group.groupby("fold")],
+        }
 
 
 def compare_to_baseline(predictions: Any, results: dict[str, dict[str, Any]], baseline: str, n_boot: int,
@@ -237,13 +274,20 @@ def write_comparison(results: dict[str, dict[str, Any]], out: Path) -> str:
     return text
 
 
+def test_indices(study: Study, fold: int) -> "np.ndarray":
+    """The cases a fold's model predicts: its test fold, and the held-out test set (``--holdout``)."""
+    import numpy as np
+
+    return np.flatnonzero((study.folds == fold) | (study.folds == HOLDOUT))
+
+
 def training_indices(study: Study, fold: int) -> dict[float, "np.ndarray"]:
     """Training cases of a fold at each label fraction (nested, patient-level, stratified)."""
     import numpy as np
 
     from smartformer.downstream.splits import subsample
 
-    train = np.flatnonzero(study.folds != fold)
+    train = np.flatnonzero((study.folds != fold) & (study.folds != HOLDOUT))
     return {f: subsample(train, study.table.labels, study.table.patients, f, study.args.seed, fold)
             for f in study.fractions}
 
@@ -260,7 +304,7 @@ def probe_checkpoint(study: Study, spec: str, name: str) -> tuple[list[dict[str,
                                 pick_device(args.device), progress=not args.no_progress, desc=f"features {name}")
     rows, details = [], []
     for fold in range(args.folds):
-        test = np.flatnonzero(study.folds == fold)
+        test = test_indices(study, fold)
         for fraction, train in training_indices(study, fold).items():
             probs, C = probe_probabilities(features[train], table.labels[train], table.patients[train],
                                            features[test], C=args.C, seed=args.seed)

@@ -58,6 +58,31 @@ def assign_folds(labels: "np.ndarray", patients: "np.ndarray", n_folds: int = 5,
     return folds
 
 
+def holdout_cases(labels: "np.ndarray", patients: "np.ndarray", fraction: float, seed: int = 0) -> "np.ndarray":
+    """A held-out test set, as the SMART paper's LIDC protocol keeps one beside its 3-fold CV: a bool
+    mask of the cases of ``round(fraction * n)`` patients per class stratum (at least one, at most
+    ``n - 1``), drawn from ``seed``. All False for ``fraction`` 0.
+
+    Raises:
+        SmartformerError: ``fraction`` outside [0, 1), or a held-out set or remainder without both classes.
+    """
+    import numpy as np
+
+    if not 0 <= fraction < 1:
+        raise SmartformerError(f"--holdout must be at least 0 and below 1, got {fraction}")
+    if fraction == 0:
+        return np.zeros(len(labels), dtype=bool)
+    order = _patient_order(labels, patients, np.random.default_rng([seed, 3]))
+    held = {p for members in order.values()
+            for p in members[:min(len(members) - 1, max(1, round(fraction * len(members))))]}
+    mask = np.asarray([p in held for p in patients.tolist()], dtype=bool)
+    for part, name in ((mask, "held-out test set"), (~mask, "rest")):
+        if len(np.unique(labels[part])) < 2:
+            raise SmartformerError(f"--holdout {fraction:g} leaves the {name} with one class only; "
+                                   "change the fraction")
+    return mask
+
+
 def _patient_order(labels: "np.ndarray", patients: "np.ndarray", rng: "np.random.Generator") -> dict[int, list[object]]:
     """Per class, the patients among the given cases in one seeded random order."""
     strata = patient_labels(labels, patients)
