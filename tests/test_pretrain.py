@@ -63,7 +63,12 @@ def test_run_writes_everything_and_exports_teacher(phantoms: Path, tmp_path: Pat
         assert key in rows[-1], key
     assert 0.0 < rows[-1]["teacher_cls_entropy"] < 1.0 and 0.0 < rows[-1]["teacher_patch_entropy"] < 1.0
     assert rows[0]["momentum"] == pytest.approx(0.996) and rows[-1]["momentum"] == pytest.approx(1.0)
-    assert list((run / "tensorboard").iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert "train/teacher_cls_cosine" in events.Tags()["scalars"]
+    (snapshot,) = events.Images("attention/teacher")  # the step-3 snapshot, as an image
+    assert snapshot.step == 3 and snapshot.width > 100
     assert (run / "snapshots" / "attention_step0000003.png").stat().st_size > 1000
     assert (run / "checkpoints" / "step_0000002.pt").is_file()
     state = load_checkpoint(run / "checkpoints" / "last.pt")

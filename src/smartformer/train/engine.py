@@ -425,8 +425,11 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
                     metrics.write(step, head_distance_entropy(meta.teacher.backbone, snapshot_volume))
                 if ctx.is_main and snapshot_volume is not None and (step % tc.snapshot_every == 0 or step == max_steps) \
                         and meta.teacher.has_attention:
-                    attention_snapshot(meta.teacher, snapshot_volume, out / "snapshots" / f"attention_step{step:07d}.png",
-                                       title=f"teacher attention, step {step}")
+                    png = attention_snapshot(meta.teacher, snapshot_volume,
+                                             out / "snapshots" / f"attention_step{step:07d}.png",
+                                             title=f"teacher attention, step {step}")
+                    assert metrics is not None
+                    metrics.image("attention/teacher", png, step)
                 must_stop = bool(stop_now or time_up)
                 if step % tc.checkpoint_every == 0 or step == max_steps or must_stop:
                     divergence = replica_divergence(meta, ctx)  # student and teacher

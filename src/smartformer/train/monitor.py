@@ -51,6 +51,15 @@ class MetricsWriter:
                 group = "loss" if key.startswith("loss") else "train"
                 self._tb.add_scalar(f"{group}/{key}", value, step)
 
+    def image(self, tag: str, png: Path, step: int) -> None:
+        """Mirror a PNG (e.g. an attention snapshot) to TensorBoard's Images tab."""
+        if self._tb is None:
+            return
+        import matplotlib.image
+
+        pixels = matplotlib.image.imread(str(png))[..., :3]  # (H, W, 3) floats in [0, 1], alpha dropped
+        self._tb.add_image(tag, pixels, step, dataformats="HWC")
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
