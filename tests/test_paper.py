@@ -191,3 +191,34 @@ def test_decoder_is_one_linear_layer_per_token() -> None:
     voxels = dec(feats)
     assert torch.allclose(voxels[0, 0, 16:32, 0:16, 16:32].reshape(-1),
                           lin[0, 1, 0, 1].view(16, 16, 16).reshape(-1), atol=1e-5)
+
+
+def test_gitd_center_is_saved_and_resumed(tmp_path) -> None:
+    # GITD's center is training state like the [CLS] one: a resume that lost it would log another
+    # loss at step 3 than the uninterrupted run. The paper's SA (vit, stage 3) rides along.
+    import json
+    import shutil
+
+    from smartformer.cli import main
+    from smartformer.data.phantom import write_phantoms
+    from smartformer.train.checkpoint import load_checkpoint
+
+    data = tmp_path / "ph"
+    write_phantoms(data, n=2, seed=0, shape=(48, 48, 40), spacing=(5.0, 5.0, 5.0), progress=False)
+    run = tmp_path / "run"
+    args = ["pretrain", "--data", str(data), "--out", str(run), "--no-progress"]
+    fast = ["data.roi=[32,32,32]", "data.spacing=[4.0,4.0,4.0]", "data.num_workers=0", "train.log_every=1",
+            "train.snapshot_every=1000", "train.checkpoint_every=2", "masking.warmup_steps=1", "optim.warmup_steps=1",
+            "loss.global_weight=0.1", "model.semantic_form=vit", "model.semantic_stage=3", "model.semantic_heads=3"]
+
+    def losses() -> dict[int, float]:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {f"{r['step']}/{key}": r[key] for r in rows if "loss" in r for key in ("loss", "loss_global")}
+
+    assert main([*args, "--max-steps", "3", *fast]) == 0
+    first = losses()
+    center = load_checkpoint(run / "checkpoints" / "step_0000002.pt")["losses"]["global"]["center"]
+    assert center.abs().sum() > 0
+    shutil.copyfile(run / "checkpoints" / "step_0000002.pt", run / "checkpoints" / "last.pt")
+    assert main([*args, "--resume"]) == 0
+    assert losses() == pytest.approx(first, rel=1e-6, abs=1e-7)
