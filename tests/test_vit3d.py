@@ -99,3 +99,16 @@ def test_vit_tiny_preset_trains_with_attention_guided_masking(tmp_path) -> None:
     assert torch.allclose(again.eval().attention_maps(x), meta.student.eval().attention_maps(x))
     with pytest.raises(ConfigError, match="must equal model.vit.img_size"):
         load_config("vit_tiny", ["data.roi=[96,96,96]"])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    torch.manual_seed(0)
+    vit = ViT3D(CFG)
+    x = torch.rand(1, 1, *CFG.img_size)
+    grads = []
+    for enable in (False, True):
+        vit.zero_grad()
+        vit.set_grad_checkpointing(enable)
+        vit.forward_features(x)["cls"].square().sum().backward()
+        grads.append(vit.blocks[0].attn.qkv.weight.grad.clone())
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)

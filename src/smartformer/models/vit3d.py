@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from smartformer.models.semantic_attention import ViTBlock
 from smartformer.models.swin3d import upsample_cell_mask
@@ -101,6 +102,11 @@ class ViT3D(nn.Module):
             for _ in range(cfg.num_layers)
         )
         self.norm = nn.LayerNorm(cfg.hidden_size)
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of keeping its activations."""
+        self.grad_checkpointing = enable
 
     def embed(self, x: Tensor, mask: Tensor | None = None, cls: bool = True) -> Tensor:
         """(B, [1 +] N, C) tokens: patches (mask token where ``mask``), position embeddings, [CLS] first."""
@@ -133,7 +139,11 @@ class ViT3D(nn.Module):
         t = self.embed(x, mask, cls)
         hidden, attn = [], None
         for i, blk in enumerate(self.blocks):
-            t, a = blk(t, return_attention and cls and i == len(self.blocks) - 1)
+            want = return_attention and cls and i == len(self.blocks) - 1
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                t, a = checkpoint(blk, t, want, use_reentrant=False)
+            else:
+                t, a = blk(t, want)
             hidden.append(t)
             if a is not None:
                 patches = a[:, :, 1:].float()
