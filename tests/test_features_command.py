@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -136,3 +137,27 @@ def test_bad_output_name(case_csv, tmp_path, capsys):
     assert main(["features", "--data", str(case_csv), "--checkpoint", "random:tiny", "--out",
                  str(tmp_path / "f.txt")]) == 2
     assert ".csv or .parquet" in capsys.readouterr().err
+
+
+def test_distances_score_the_features_by_label(case_csv, tmp_path, capsys):
+    # the SMART paper's organ-clustering measures, on crop features (here lesion vs air)
+    from smartformer.analysis.clustering import centroid_separation
+
+    out = tmp_path / "f.csv"
+    assert main(["features", "--data", str(case_csv), "--checkpoint", "random:tiny", "--out", str(out),
+                 "--distances", *FAST]) == 0
+    assert "intra-cluster" in capsys.readouterr().out
+    result = json.loads((tmp_path / "f.distances.json").read_text())
+    table = pd.read_csv(out)
+    for kind in ("cls", "pooled"):
+        sep = centroid_separation(table.filter(like=f"{kind}_").to_numpy(), table["label"].to_numpy())
+        assert result[kind]["labels"] == ["air", "lesion"]
+        for key in ("intra_distance", "inter_distance"):
+            assert result[kind][key] == pytest.approx(sep[key], rel=1e-5)
+    unlabelled = tmp_path / "nolabel.csv"
+    cases = pd.read_csv(case_csv).drop(columns=["label"])
+    cases["image"] = [str(case_csv.parent / image) for image in cases["image"]]
+    cases.to_csv(unlabelled, index=False)
+    assert main(["features", "--data", str(unlabelled), "--checkpoint", "random:tiny", "--out",
+                 str(tmp_path / "g.csv"), "--distances", *FAST]) == 2
+    assert "no label column" in capsys.readouterr().err and not (tmp_path / "g.csv").exists()

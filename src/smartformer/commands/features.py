@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from smartformer.errors import InputError, SmartformerError
 from smartformer.wording import plural
 
 if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
     from smartformer.downstream.cases import CropOptions
 
 CSV_HELP = (
@@ -42,6 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output table, .csv or .parquet")
     p.add_argument("--features", choices=("cls", "pooled", "both"), default="both",
                    help="which features to write (default: both)")
+    p.add_argument("--distances", action="store_true",
+                   help="also score the features by their labels as the SMART paper scores OrganMNIST3D: intra- "
+                        "and inter-cluster Euclidean distances (mean +- sd) and the centroid separation, printed "
+                        "and written to OUT with the suffix .distances.json (needs a label column)")
     add_crop_arguments(p)
     p.set_defaults(func=run)
 
@@ -104,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     (name,) = checkpoint_names([args.checkpoint])
     table = read_cases(args.csv, require_labels=False)
+    if args.distances and "label" not in table.columns:
+        raise InputError(args.csv, "has no label column, which --distances needs")
     model = load_encoder(args.checkpoint, seed=args.seed)
     crops = build_crops(table, options, progress=not args.no_progress)
     features = extract_features(model, crops, args.features, args.batch_size, device, progress=not args.no_progress)
@@ -120,4 +129,29 @@ def run(args: argparse.Namespace) -> int:
         frame.to_parquet(args.out, index=False)
     print(f"{plural(len(frame), 'case')} x {plural(values.shape[1], 'feature')} of {name} ({args.features}) "
           f"-> {args.out}")
+    if args.distances:
+        write_distances(values, frame["label"].astype(str).to_numpy(), args.out.with_suffix(".distances.json"))
     return 0
+
+
+def write_distances(values: "pd.DataFrame", labels: "np.ndarray", path: Path) -> dict[str, Any]:
+    """Intra/inter-cluster distances and centroid separation of each feature kind (``cls_*``,
+    ``pooled_*`` columns of ``values``) by ``labels``; printed, and written to ``path`` as JSON."""
+    import json
+
+    from smartformer.analysis.clustering import centroid_separation
+
+    result: dict[str, Any] = {}
+    for kind in ("cls", "pooled"):
+        columns = [c for c in values.columns if c.startswith(f"{kind}_")]
+        if not columns:
+            continue
+        sep = centroid_separation(values[columns].to_numpy(), labels)
+        result[kind] = {"intra_distance": sep["intra_distance"], "inter_distance": sep["inter_distance"],
+                        "centroid_separation": sep["mean_ratio"], "labels": [str(x) for x in sep["labels"]]}
+        intra, inter = sep["intra_distance"], sep["inter_distance"]
+        print(f"  {kind}: intra-cluster {intra['mean']:.2f} +- {intra['sd']:.2f}, inter-cluster {inter['mean']:.2f} "
+              f"+- {inter['sd']:.2f}, centroid separation {sep['mean_ratio']:.2f} ({len(sep['labels'])} labels)")
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"  distances -> {path}")
+    return result
