@@ -99,6 +99,10 @@ def test_vit_tiny_preset_trains_with_attention_guided_masking(tmp_path) -> None:
     assert torch.allclose(again.eval().attention_maps(x), meta.student.eval().attention_maps(x))
     with pytest.raises(ConfigError, match="must equal model.vit.img_size"):
         load_config("vit_tiny", ["data.roi=[96,96,96]"])
+    with pytest.raises(ConfigError, match="model.vit.num_layers: 0 is out of range"):
+        load_config("vit_tiny", ["model.vit.num_layers=0"])
+    with pytest.raises(ConfigError, match="unknown config key model.vit.depth"):
+        load_config("vit_tiny", ["model.vit.depth=2"])
 
 
 def test_gradient_checkpointing_gives_the_same_gradients() -> None:

@@ -404,7 +404,8 @@ _MODEL_RANGES: dict[str, tuple[Any, str]] = {
     **{key: (lambda v: all(x >= 1 for x in _each(v)), "at least 1") for key in (
         "backbone.embed_dim", "backbone.depths", "backbone.num_heads", "backbone.window_size",
         "semantic_depth", "semantic_heads", "head_out_dim", "head_hidden_dim", "head_bottleneck_dim",
-        "head_nlayers", "patch_out_dim")},
+        "head_nlayers", "patch_out_dim", "vit.patch_size", "vit.hidden_size", "vit.mlp_dim", "vit.num_layers",
+        "vit.num_heads")},
     "backbone.mlp_ratio": (lambda v: v > 0, "positive"),
     "backbone.drop_path_rate": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
     "semantic_layer_scale": (lambda v: v > 0, "positive"),
@@ -457,7 +458,8 @@ def build_model_config(config: PretrainConfig) -> SMARTConfig:
             raise ConfigError(f"unknown config key model.{key}")
         if key != "backbone":
             merged[key] = _coerce(value, hints[key], f"model.{key}")
-    _check_model_ranges({**merged, **{f"backbone.{k}": v for k, v in backbone.items()}})
+    _check_model_ranges({**merged, **{f"backbone.{k}": v for k, v in backbone.items()},
+                         **{f"vit.{k}": v for k, v in (vit if isinstance(vit, dict) else {}).items()}})
     try:
         bb = _build(Swin3DConfig, backbone, "model.backbone.")
         bb.grad_checkpointing = bb.grad_checkpointing or config.train.grad_checkpointing

@@ -245,7 +245,8 @@ class SMARTFormer(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "SMARTFormer":
-        """Build from a preset (``tiny``, ``base``, ``smit``); keyword overrides replace fields."""
+        """Build from a preset (``tiny``, ``base``, ``smit``, ``paper``, ``paper_vit``, ``vit_tiny``); keyword
+        overrides replace fields."""
         if name not in MODEL_PRESETS:
             raise SmartformerError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
         data = MODEL_PRESETS[name].to_dict()
