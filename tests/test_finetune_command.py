@@ -64,6 +64,19 @@ def test_layer_wise_lr_groups():
     assert ids == sorted(ids) and set(ids) == set(range(top + 1))
 
 
+def test_layer_wise_lr_groups_of_a_vit():
+    model = Classifier(load_encoder("random:vit_tiny"), "both")
+    groups = param_groups_lrd(model, 1e-3, weight_decay=0.05, layer_decay=0.5)
+    by_name = {n: g for g in groups for n in g["names"]}
+    assert sorted(by_name) == sorted(dict(model.named_parameters()))  # every parameter exactly once
+    top = 4 + 2  # 4 blocks + final norm + head
+    assert [by_name[n]["layer_id"] for n in ("encoder.backbone.patch_embedding.patch_embeddings.weight",
+                                             "encoder.backbone.cls_token", "encoder.backbone.blocks.0.attn.qkv.weight",
+                                             "encoder.backbone.blocks.3.mlp.linear2.weight",
+                                             "encoder.backbone.norm.weight", "head.1.weight")] == [0, 0, 1, 4, 5, top]
+    assert by_name["encoder.backbone.patch_embedding.position_embeddings"]["weight_decay"] == 0.0
+
+
 def test_finetune_changes_the_encoder(case_csv, tiny_checkpoint):
     table = read_cases(case_csv)
     keep = np.arange(0, 24, 2)  # 12 cases: one lesion and one air crop per patient

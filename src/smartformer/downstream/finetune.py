@@ -9,6 +9,9 @@ blocks in all (``L = sum(depths)``, 8 for ``tiny``):
 * ``L + 1``: the semantic attention module (or the pooling norm of a model without it),
 * ``L + 2``: the classification head.
 
+On a ViT backbone (``model.vit``) ``L`` is its number of blocks: ``0`` is the patch embedding with
+the position embeddings, the [CLS] and the mask token, ``1 .. L`` its blocks, ``L + 1`` its final norm.
+
 A parameter of layer ``i`` learns at ``lr * layer_decay ** (L + 2 - i)``: the head at ``lr``, the
 semantic attention at ``lr * decay``, the patch embedding at ``lr * decay ** (L + 2)``. Biases, norms,
 tokens and relative-position tables get no weight decay.
@@ -54,7 +57,8 @@ class Classifier(nn.Module):
 
 def num_layers(model: Classifier) -> int:
     """The head's layer number, ``L + 2`` (see the module docstring)."""
-    return sum(model.encoder.config.backbone.depths) + 2
+    vit = model.encoder.config.vit
+    return (vit.num_layers if vit is not None else sum(model.encoder.config.backbone.depths)) + 2
 
 
 def layer_id(name: str, model: Classifier) -> int:
@@ -67,6 +71,13 @@ def layer_id(name: str, model: Classifier) -> int:
         return top - 1
     if name.startswith(("encoder.backbone.patch_embed.", "encoder.backbone.mask_token")):
         return 0
+    if model.encoder.config.vit is not None:  # ViT: patch_embedding, cls_token, blocks.{i}, norm
+        if name.startswith("encoder.backbone.blocks."):
+            return int(name.split(".")[3]) + 1
+        if name.startswith("encoder.backbone.norm."):
+            return top - 1
+        if name.startswith(("encoder.backbone.patch_embedding.", "encoder.backbone.cls_token")):
+            return 0
     if name.startswith("encoder.backbone.layers"):
         parts = name.split(".")  # encoder.backbone.layers{stage}.0.blocks.{block}... or .downsample...
         stage = int(parts[2][len("layers"):]) - 1
@@ -78,7 +89,8 @@ def layer_id(name: str, model: Classifier) -> int:
 
 
 def _no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    return param.ndim <= 1 or name.endswith(("mask_token", "cls_token", "relative_position_bias_table"))
+    return param.ndim <= 1 or name.endswith(("mask_token", "cls_token", "relative_position_bias_table",
+                                             "position_embeddings"))
 
 
 def param_groups_lrd(model: Classifier, lr: float, weight_decay: float = 0.05,
