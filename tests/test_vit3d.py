@@ -116,3 +116,15 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         vit.forward_features(x)["cls"].square().sum().backward()
         grads.append(vit.blocks[0].attn.qkv.weight.grad.clone())
     assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_monai_weights_load_back() -> None:
+    torch.manual_seed(0)
+    monai = monai_vit(CFG)
+    ours = ViT3D(CFG).eval()
+    ours.load_monai_state_dict(monai.state_dict())
+    x = torch.rand(1, 1, *CFG.img_size)
+    with torch.no_grad():
+        assert torch.allclose(ours(x)[0], monai(x)[0], atol=1e-5)
+    with pytest.raises(ValueError, match="missing"):
+        ours.load_monai_state_dict({k: v for k, v in monai.state_dict().items() if k != "norm.weight"})

@@ -166,3 +166,18 @@ class ViT3D(nn.Module):
             state[f"blocks.{i}.norm_cross_attn.weight"] = torch.ones(dim)
             state[f"blocks.{i}.norm_cross_attn.bias"] = torch.zeros(dim)
         return state
+
+    def load_monai_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load the weights of a MONAI ``ViT(classification=False or True)``; strict on every key of ours
+        except the ones MONAI lacks (``mask_token``; ``cls_token`` without classification), which keep
+        their values. Its ``norm_cross_attn`` and ``classification_head`` are left out.
+
+        Raises:
+            ValueError: a missing or unexpected weight, named.
+        """
+        keep = {k: v for k, v in state.items()
+                if ".norm_cross_attn." not in k and not k.startswith("classification_head.")}
+        missing, unexpected = self.load_state_dict(keep, strict=False)
+        missing = [k for k in missing if k not in ("mask_token", "cls_token")]
+        if missing or unexpected:
+            raise ValueError(f"not the weights of this ViT: missing {missing[:3]}, unexpected {unexpected[:3]}")
