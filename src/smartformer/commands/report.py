@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>smartformer report</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page)
+    out.write_text(page, encoding="utf-8")  # the page says utf-8; the locale may be ASCII
     print(f"wrote {out} ({len(snapshots)} snapshots, {len(localizations)} localization and "
           f"{len(clusterings)} clustering results)")
     return 0
