@@ -128,3 +128,14 @@ def test_monai_weights_load_back() -> None:
         assert torch.allclose(ours(x)[0], monai(x)[0], atol=1e-5)
     with pytest.raises(ValueError, match="missing"):
         ours.load_monai_state_dict({k: v for k, v in monai.state_dict().items() if k != "norm.weight"})
+
+
+def test_export_to_monai_refuses_a_vit_in_one_line(tmp_path, capsys) -> None:
+    from smartformer.cli import main
+    from smartformer.models.smartformer import SMARTFormer
+
+    SMARTFormer.from_preset("vit_tiny").save_pretrained(tmp_path / "vit")
+    assert main(["export", "--checkpoint", str(tmp_path / "vit"), "--out", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ViT encoder" in err[0] and "monai_state_dict" in err[0]
+    assert not (tmp_path / "x.pt").exists()

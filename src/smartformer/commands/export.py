@@ -38,6 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+_VIT_REFUSAL = ("holds a ViT encoder; export --to monai writes the Swin encoder of SwinUNETR. A ViT's weights "
+                "load strictly into MONAI's ViT (UNETR's encoder) through ViT3D.monai_state_dict()")
+
+
 def _read_state(path: Path, which: str) -> tuple[dict, "Swin3DConfig | None"]:
     """The weights to export and, where the source records it, the encoder architecture."""
     import json
@@ -55,11 +59,16 @@ def _read_state(path: Path, which: str) -> tuple[dict, "Swin3DConfig | None"]:
             config = SMARTConfig.from_dict(json.loads((path / CONFIG_NAME).read_text())["model"])
         except (ValueError, KeyError, TypeError) as exc:
             raise SmartformerError(f"{path / CONFIG_NAME}: not a valid smartformer config ({exc})") from None
+        if config.vit is not None:
+            raise SmartformerError(f"{path}: {_VIT_REFUSAL}")
         return load_weights(path / WEIGHTS_NAME), config.backbone
     state = load_weights(path)
     if isinstance(state, dict) and isinstance(state.get(which), dict):
         config = config_from_dict(state["config"]) if isinstance(state.get("config"), dict) else None
-        return state[which], build_model_config(config).backbone if config is not None else None
+        model = build_model_config(config) if config is not None else None
+        if model is not None and model.vit is not None:
+            raise SmartformerError(f"{path}: {_VIT_REFUSAL}")
+        return state[which], model.backbone if model is not None else None
     return state, None
 
 
