@@ -89,7 +89,8 @@ def _finished_step(run: Path) -> int:
 
 # ---------------------------------------------------------------------------- measurements
 def log_medians(run: Path, keys: tuple[str, ...] = ("teacher_cls_entropy", "teacher_cls_batch_entropy",
-                                                     "teacher_patch_entropy", "teacher_cls_cosine",
+                                                     "teacher_patch_entropy", "teacher_patch_batch_entropy",
+                                                     "teacher_cls_cosine",
                                                      "attn_air_share", "air_cell_share", "loss_cls",
                                                      "head_diversity")) -> dict[str, float]:
     """Median of each monitor over the last fifth of the logged steps."""

@@ -20,7 +20,9 @@ def test_collapse_message_names_the_one_hot_collapse() -> None:
     from smartformer.train.monitor import ONE_HOT_ENTROPY
 
     message = collapse_message({"teacher_cls_entropy": 0.001, "teacher_cls_batch_entropy": ONE_HOT_ENTROPY / 2})
-    assert message is not None and "one-hot" in message
+    assert message is not None and "one-hot cls target" in message
+    patch = collapse_message({"teacher_patch_entropy": 0.01, "teacher_patch_batch_entropy": ONE_HOT_ENTROPY / 2})
+    assert patch is not None and "one-hot patch target" in patch
     assert collapse_message({"teacher_cls_entropy": 0.3, "teacher_cls_batch_entropy": 0.5}) is None
 
 

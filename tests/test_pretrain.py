@@ -58,7 +58,7 @@ def test_run_writes_everything_and_exports_teacher(phantoms: Path, tmp_path: Pat
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("loss", "loss_recon", "loss_patch", "loss_cls", "lr", "wd", "momentum", "teacher_temp",
                 "mask_ratio", "head_diversity", "steps_per_s", "volumes_per_s", "data_wait_s",
-                "teacher_cls_entropy", "teacher_patch_entropy", "teacher_cls_batch_entropy", "teacher_cls_cosine",
+                "teacher_cls_entropy", "teacher_patch_entropy", "teacher_cls_batch_entropy", "teacher_patch_batch_entropy", "teacher_cls_cosine",
                 "teacher_pooled_cosine", "attn_air_share", "air_cell_share"):
         assert key in rows[-1], key
     assert 0.0 < rows[-1]["teacher_cls_entropy"] < 1.0 and 0.0 < rows[-1]["teacher_patch_entropy"] < 1.0

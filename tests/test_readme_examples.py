@@ -186,5 +186,5 @@ def test_use_it_on_your_cts_as_written(tmp_path, monkeypatch):
         extra = ["--max-steps", "3", "--no-progress"] if "--resume" in argv else FAST_RUN.get(argv[0], [])
         assert main([*argv, *extra]) == 0, line  # (a resumed run takes its settings from config.yaml)
     assert (tmp_path / "swinvit.swinunetr.json").is_file() and (tmp_path / "maps" / "ct.png").is_file()
-    page = (tmp_path / "runs" / "ct1" / "report.html").read_text()
+    page = (tmp_path / "runs" / "ct1" / "report.html").read_text(encoding="utf-8")
     assert "Localization" in page and "Clustering" in page

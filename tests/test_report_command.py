@@ -54,7 +54,7 @@ def test_report_gathers_everything(tmp_path):
                  str(case / "labels.nii.gz"), "--out", str(run_dir / "cluster"), "--no-progress", *fast]) == 0
 
     assert main(["report", str(run_dir)]) == 0
-    page = (run_dir / "report.html").read_text()
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
     assert "20 logged steps, last step 20" in page  # the half-written line is skipped
     assert "preset: tiny" in page
     assert page.count("attention_step") == 8  # evenly spaced subset of the 10 snapshots
@@ -90,9 +90,9 @@ def test_report_takes_results_from_elsewhere_and_states_the_effective_lr(tmp_pat
                  "--no-random-baseline", "--no-progress", "--spacing", "5", "--roi", "32"]) == 0
 
     assert main(["report", str(run_dir)]) == 0
-    assert "Localization" not in (run_dir / "report.html").read_text()
+    assert "Localization" not in (run_dir / "report.html").read_text(encoding="utf-8")
     assert main(["report", str(run_dir), "--results", str(tmp_path / "loc")]) == 0
-    page = (run_dir / "report.html").read_text()
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
     assert "<h3>Localization: " in page and "centre_prior" in page
     assert "<td>lr</td><td>0.0005</td>" in page
     assert "effective peak lr 0.0005" in page

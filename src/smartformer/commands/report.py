@@ -17,7 +17,7 @@ SCHEDULE_KEYS: tuple[str, ...] = ("lr", "momentum", "teacher_temp", "mask_ratio"
 #: cosine between the teacher [CLS] of different volumes, the attention's share on air (dashed:
 #: the share of air cells, what a uniform map would give).
 MONITOR_KEYS: tuple[str, ...] = ("teacher_cls_entropy", "teacher_cls_batch_entropy", "teacher_patch_entropy",
-                                 "teacher_cls_cosine", "attn_air_share")
+                                 "teacher_patch_batch_entropy", "teacher_cls_cosine", "attn_air_share")
 #: The SMART paper's head diversity (fourth row, when logged: train.head_distance_every): the
 #: entropy of the teacher heads' attention distances per Swin stage, mean over heads.
 HEAD_DISTANCE_KEYS: tuple[str, ...] = tuple(f"head_distance_entropy_s{k}" for k in range(1, 5))

@@ -72,8 +72,9 @@ def collapse_message(values: dict[str, float]) -> str | None:
 
     * uniform: ``teacher_cls_entropy`` / ``teacher_patch_entropy`` (fractions of ``ln K``) above
       :data:`UNIFORM_ENTROPY`: centering won, the loss sits at ``ln K`` and teaches nothing;
-    * one-hot: ``teacher_cls_batch_entropy``, the entropy of the batch-mean target, below
-      :data:`ONE_HOT_ENTROPY`: every input of the step gets the same sharp target.
+    * one-hot: ``teacher_cls_batch_entropy`` / ``teacher_patch_batch_entropy``, the entropy of the
+      batch-mean target, below :data:`ONE_HOT_ENTROPY`: every input (token) of the step gets the
+      same sharp target.
     """
     uniform = [k.removeprefix("teacher_").removesuffix("_entropy") for k in ("teacher_cls_entropy", "teacher_patch_entropy")
                if values.get(k, 0.0) > UNIFORM_ENTROPY]
@@ -81,10 +82,11 @@ def collapse_message(values: dict[str, float]) -> str | None:
         return (f"the teacher's {' and '.join(uniform)} targets are uniform (entropy > {UNIFORM_ENTROPY} ln K): "
                 "that distillation branch has collapsed and teaches nothing; try a lower loss.teacher_temp, "
                 "loss.koleo_weight=0.1 or a larger batch")
-    if values.get("teacher_cls_batch_entropy", 1.0) < ONE_HOT_ENTROPY:
-        return (f"every input gets the same one-hot [CLS] target (batch-mean entropy < {ONE_HOT_ENTROPY} ln K): "
-                "the [CLS] branch has collapsed; try a higher loss.teacher_temp, loss.centering=sinkhorn "
-                "or loss.koleo_weight=0.1")
+    one_hot = [branch for branch in ("cls", "patch") if values.get(f"teacher_{branch}_batch_entropy", 1.0) < ONE_HOT_ENTROPY]
+    if one_hot:
+        return (f"every input gets the same one-hot {' and '.join(one_hot)} target (batch-mean entropy < "
+                f"{ONE_HOT_ENTROPY} ln K): that branch has collapsed; try a higher loss.teacher_temp, "
+                "loss.centering=sinkhorn or loss.koleo_weight=0.1")
     return None
 
 

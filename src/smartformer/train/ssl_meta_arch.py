@@ -181,6 +181,7 @@ class SMARTMetaArch(nn.Module):
                 terms["patch"] = self.ibot_loss(s_out["patch_logits"], t_patch, mask, teacher_temp,
                                                 targets=patch_targets)
                 entropies["teacher_patch_entropy"] = self.ibot_loss.entropy_fraction(patch_targets)
+                entropies["teacher_patch_batch_entropy"] = self.ibot_loss.batch_entropy(patch_targets)
             if cfg.cls_weight > 0:
                 cls_targets = self.dino_loss.view_targets(t_cls, teacher_temp)
                 terms["cls"] = self.dino_loss(list(s_out["cls_logits"].chunk(v)), t_cls, teacher_temp,
