@@ -49,6 +49,9 @@ TRIALS: dict[str, list[str]] = {
     "koleo_temp_0.04": ["loss.koleo_weight=0.1", "loss.teacher_temp=0.04"],  # the two together
     # a 3D DINOv2 port that trains at batch 2 per GPU uses 0.01-0.03
     "teacher_temp_0.02": ["loss.teacher_temp=0.02", "loss.warmup_teacher_temp=0.02"],
+    # 0.02 kept the [CLS] branch alive but drove the patch targets one-hot: keep the patch branch warm
+    "cls_temp_0.02_patch_0.07": ["loss.teacher_temp=0.02", "loss.warmup_teacher_temp=0.02",
+                                 "loss.patch_teacher_temp=0.07"],
     "body_views": ["data.min_body_fraction=0.5", "data.min_view_overlap=0.5"],  # views that hold anatomy
     "prototypes_256": ["model.head_out_dim=256"],  # fewer prototypes for small data and batch
     "sinkhorn_queue": ["loss.centering=sinkhorn", "loss.cls_queue=2048"],  # SwAV's small-batch remedy

@@ -360,3 +360,25 @@ def test_koleo_closed_form_and_it_pushes_a_pair_apart() -> None:
     assert cos(moved) < cos(close)
     with pytest.raises(ValueError, match="B >= 2"):
         koleo(torch.ones(1, 4))
+
+
+def test_patch_branch_can_keep_its_own_teacher_temperature() -> None:
+    # A [CLS] temperature of 0.02 keeps the [CLS] targets informative at batch 2 but makes the
+    # patch targets one-hot; loss.patch_teacher_temp keeps the patch branch warmer.
+    from smartformer.config import load_config
+    from smartformer.train.ssl_meta_arch import SMARTMetaArch
+
+    views = torch.rand(2, 2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def terms(overrides: list[str], temp: float) -> dict[str, float]:
+        torch.manual_seed(0)
+        meta = SMARTMetaArch(load_config("tiny", ["data.roi=[32,32,32]", "masking.warmup_steps=0", *overrides]))
+        return meta(views, 10, temp, generator=torch.Generator().manual_seed(1)).terms
+
+    split = terms(["loss.teacher_temp=0.02", "loss.patch_teacher_temp=0.07"], 0.02)
+    warm = terms(["loss.teacher_temp=0.07"], 0.07)
+    cold = terms(["loss.teacher_temp=0.02"], 0.02)
+    assert split["loss_patch"] == pytest.approx(warm["loss_patch"], rel=1e-6)
+    assert split["teacher_patch_entropy"] == pytest.approx(warm["teacher_patch_entropy"], rel=1e-6)
+    assert split["loss_cls"] == pytest.approx(cold["loss_cls"], rel=1e-6)
+    assert split["teacher_patch_entropy"] > cold["teacher_patch_entropy"] + 0.01

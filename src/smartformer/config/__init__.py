@@ -89,6 +89,10 @@ class LossConfig:
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_steps: int = 300
+    # The patch branch's teacher temperature after the warm-up (None: teacher_temp). Its schedule
+    # is the [CLS] one scaled by patch_teacher_temp / teacher_temp. A [CLS] temperature low enough
+    # to keep the [CLS] targets informative at batch 2 (0.02) makes the patch targets one-hot.
+    patch_teacher_temp: float | None = None
     center_momentum: float = 0.9
     # ema: DINO's centering; sinkhorn: Sinkhorn-Knopp targets (SwAV, DINOv2), for both heads.
     centering: Literal["ema", "sinkhorn"] = "ema"
@@ -347,6 +351,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "loss.teacher_temp": (lambda v: v > 0, "positive"),
     "loss.warmup_teacher_temp": (lambda v: v > 0, "positive"),
     "loss.warmup_teacher_temp_steps": (lambda v: v >= 0, "0 or more"),
+    "loss.patch_teacher_temp": (lambda v: v > 0, "positive (or null: the same as loss.teacher_temp)"),
     "loss.center_momentum": (lambda v: 0 <= v <= 1, "between 0 and 1"),
     "loss.cls_queue": (lambda v: v >= 0, "0 or more"),
     "optim.lr": (lambda v: v > 0, "positive"),

@@ -129,6 +129,9 @@ class SMARTMetaArch(nn.Module):
                                    centering=loss.centering, queue_size=loss.cls_queue)
                           if loss.global_weight > 0 else None)
         self.koleo_loss = KoLeoLoss()
+        # the patch branch follows the [CLS] temperature schedule, scaled (loss.patch_teacher_temp)
+        self.patch_temp_scale = (loss.patch_teacher_temp / loss.teacher_temp
+                                 if loss.patch_teacher_temp is not None else 1.0)
         self.body_level = body_level(config.data.window)
 
     def train(self, mode: bool = True) -> "SMARTMetaArch":
@@ -177,8 +180,9 @@ class SMARTMetaArch(nn.Module):
             t_cls = list(t_out["cls_logits"].float().chunk(v))
             t_patch = t_out["patch_logits"].float()
             if cfg.patch_weight > 0:
-                patch_targets = self.ibot_loss.targets(t_patch, teacher_temp)
-                terms["patch"] = self.ibot_loss(s_out["patch_logits"], t_patch, mask, teacher_temp,
+                patch_temp = teacher_temp * self.patch_temp_scale
+                patch_targets = self.ibot_loss.targets(t_patch, patch_temp)
+                terms["patch"] = self.ibot_loss(s_out["patch_logits"], t_patch, mask, patch_temp,
                                                 targets=patch_targets)
                 entropies["teacher_patch_entropy"] = self.ibot_loss.entropy_fraction(patch_targets)
                 entropies["teacher_patch_batch_entropy"] = self.ibot_loss.batch_entropy(patch_targets)
