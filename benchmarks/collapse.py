@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from quality import corpus  # the same corpus as the quality benchmark (this folder is on sys.path)
+from quality import central_crop, corpus  # the same corpus as the quality benchmark (this folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -114,9 +114,7 @@ def probe_crops(size: int = 64) -> Any:
     pre = preprocess_transforms(spacing=(2.0, 2.0, 2.0), window="wide", roi=(size, size, size))
     crops = []
     for rel in PROBE_CTS:
-        image = pre({"image": str(DATA / rel)})["image"].as_tensor()
-        starts = [(n - size) // 2 for n in image.shape[1:]]
-        crops.append(image[:, starts[0]:starts[0] + size, starts[1]:starts[1] + size, starts[2]:starts[2] + size])
+        crops.append(central_crop(pre({"image": str(DATA / rel)})["image"].as_tensor(), size))
     return torch.stack(crops).float()
 
 

@@ -439,6 +439,12 @@ def localization_summary(folder: Path) -> dict[str, Any]:
             "priors": {p: means(methods[p]) for p in priors}}
 
 
+def central_crop(volume: Any, size: int) -> Any:
+    """The central ``size``^3 crop of a (1, X, Y, Z) volume at least that large."""
+    x, y, z = ((n - size) // 2 for n in volume.shape[1:])
+    return volume[:, x:x + size, y:y + size, z:z + size]
+
+
 def head_diversity(work: Path, ckpt: Path, crops: int = 8) -> float:
     """Mean pairwise cosine distance between the teacher's head maps on fixed 64^3 corpus crops."""
     import torch
@@ -453,9 +459,7 @@ def head_diversity(work: Path, ckpt: Path, crops: int = 8) -> float:
     values = []
     with torch.inference_mode():
         for path in images:
-            volume = prep({"image": str(path)})["image"].as_tensor()
-            starts = [(s - 64) // 2 for s in volume.shape[1:]]
-            crop = volume[:, starts[0]:starts[0] + 64, starts[1]:starts[1] + 64, starts[2]:starts[2] + 64]
+            crop = central_crop(prep({"image": str(path)})["image"].as_tensor(), 64)
             values.append(float(diversity(model.attention_maps(crop[None]))))
     return statistics.mean(values)
 
