@@ -3,6 +3,7 @@ real data where ``../shared/data`` exists)."""
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
@@ -101,7 +102,11 @@ def test_make_test_fast_leaves_out_slow_and_realdata_tests():
     import subprocess
     import sys
 
-    dry = subprocess.run(["make", "-n", "test-fast"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    # Under CI this test itself runs inside `make test`: the inherited MAKEFLAGS/MAKELEVEL would make the
+    # inner make print "Entering/Leaving directory" lines around the recipe, so they are dropped here.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    dry = subprocess.run(["make", "--no-print-directory", "-n", "test-fast"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True).stdout
     command = shlex.split(dry.strip().splitlines()[-1])
     assert command[1:4] == ["-m", "pytest", "-q"] and command[-2:] == ["-m", "not slow and not realdata"]
     collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *command[-2:],
