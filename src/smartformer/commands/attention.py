@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from smartformer.data.naming import volume_stem
 from smartformer.errors import InputError, SmartformerError
 
 if TYPE_CHECKING:
@@ -195,17 +196,6 @@ def read_mask_on(path: Path, reference: "MetaTensor", value: int | None = None,
         what = f"label {value}" if value is not None else "voxel > 0"
         raise InputError(path, f"the mask is empty on the CT's grid (no {what} inside the CT's field of view)")
     return array
-
-
-def volume_stem(path: Path) -> str:
-    """Output file stem for an image path: the file name without its image suffix, or the folder name."""
-    from smartformer.data.suffixes import IMAGE_SUFFIXES
-
-    name = path.name
-    for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def save_ras_png(image: "np.ndarray", heat: "np.ndarray", affine: "np.ndarray", path: Path, title: str,

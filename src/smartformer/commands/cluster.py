@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from smartformer.commands.attention import add_checkpoint_argument, resolve_checkpoint, volume_stem
+from smartformer.commands.attention import add_checkpoint_argument, resolve_checkpoint
+from smartformer.data.naming import volume_stem
 from smartformer.errors import InputError, SmartformerError
 
 

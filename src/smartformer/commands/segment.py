@@ -162,7 +162,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _output_names(images: list[Path]) -> list[str]:
     """``NAME`` of each image (``case_000/ct.nii.gz`` -> ``ct``), with the folder added where names repeat."""
-    from smartformer.commands.attention import volume_stem
+    from smartformer.data.naming import volume_stem
 
     stems = [volume_stem(p) for p in images]
     names = [s if stems.count(s) == 1 else f"{p.resolve().parent.name}_{s}" for p, s in zip(images, stems)]

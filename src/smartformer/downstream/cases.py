@@ -227,7 +227,7 @@ def _centre(csv: Path, row: int, record: dict[str, str]) -> tuple[float, float, 
 
 def _case_ids(csv: Path, table: "pd.DataFrame", images: list[Path]) -> list[str]:
     """The ``case`` column, or ids from the image names (see the module docstring); refuses duplicates."""
-    from smartformer.commands.attention import volume_stem
+    from smartformer.data.naming import volume_stem
 
     if "case" in table.columns:
         ids = [v for _, v in _rows(table["case"])]
