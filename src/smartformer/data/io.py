@@ -22,6 +22,7 @@ import torch
 from monai.data import MetaTensor
 
 from smartformer.errors import InputError
+from smartformer.io_utils import atomic_write
 
 from smartformer.data.suffixes import IMAGE_SUFFIXES, ITK_SUFFIXES, NIFTI_SUFFIXES
 
@@ -164,11 +165,7 @@ def write_nifti(array: np.ndarray | torch.Tensor, affine: np.ndarray | torch.Ten
     if path.name.lower().endswith(".gz"):
         write_gzip(path, blocks)
     else:
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            for block in blocks:
-                f.write(block)
-        tmp.replace(path)
+        atomic_write(path, lambda fh: fh.writelines(blocks))
     return path
 
 
@@ -190,14 +187,14 @@ def write_gzip(path: str | Path, blocks: list[bytes | memoryview], level: int = 
 
     pieces = [memoryview(b).cast("B") for b in blocks]
     chunks = [p[i:i + chunk] for p in pieces for i in range(0, len(p), chunk)]
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     workers = min(len(chunks), torch.get_num_threads(), os.cpu_count() or 1) or 1
-    with open(tmp, "wb") as f, ThreadPoolExecutor(max_workers=workers) as pool:
-        for compressed in pool.map(member, chunks):
-            f.write(compressed)
-    tmp.replace(path)
-    return path
+
+    def write(fh: Any) -> None:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for compressed in pool.map(member, chunks):
+                fh.write(compressed)
+
+    return atomic_write(path, write)
 
 
 def _read_array_and_affine(path: Path, series_uid: str | None) -> tuple[np.ndarray, np.ndarray]:

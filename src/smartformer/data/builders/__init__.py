@@ -20,6 +20,7 @@ Extra columns (``split``, ``kind``, ...) say more about each row and are ignored
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from smartformer.errors import InputError
+from smartformer.io_utils import atomic_write_bytes
 
 CENTER_COLUMNS: tuple[str, str, str] = ("center_x", "center_y", "center_z")
 
@@ -64,19 +66,12 @@ def write_csv_atomic(path: str | Path, rows: Iterable[Mapping[str, Any]],
     A reader never sees a half-written table: the file either keeps its old content or has the
     new one in full. Floats are written with 4 decimals (0.1 µm for millimetres).
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with tmp.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({key: _cell(value) for key, value in row.items()})
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise InputError(path, f"cannot write the table ({exc.strerror})") from None
-    return path
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: _cell(value) for key, value in row.items()})
+    return atomic_write_bytes(path, table.getvalue().encode("utf-8"))
 
 
 def _cell(value: Any) -> Any:
