@@ -194,3 +194,17 @@ def test_swin3d_fused_equals_explicit():
     assert grads_f.keys() == grads_e.keys() and len(grads_e) > 50
     for name in grads_e:
         torch.testing.assert_close(grads_f[name], grads_e[name], atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_explicit_path_runs_a_bfloat16_model():
+    """fused_attn=False on a model cast to bf16: the shift mask is added in the model's dtype, as
+    in window_attention_reference (it used to promote the weights to fp32, which `@ v` refused)."""
+    torch.manual_seed(0)
+    model = Swin3D.from_preset("tiny", fused_attn=False).eval()
+    x = torch.randn(1, 1, 32, 64, 32)
+    with torch.no_grad():
+        ref = model.forward_stages(x)
+        got = model.to(torch.bfloat16).forward_stages(x.bfloat16())
+    for a, b in zip(got, ref):
+        assert a.dtype == torch.bfloat16
+        assert ((a.float() - b).norm() / b.norm()).item() < 0.05

@@ -31,7 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["window_attention", "window_attention_qkv", "window_attention_reference", "flash_cpu_available"]
+__all__ = [
+    "window_attention",
+    "window_attention_qkv",
+    "window_attention_reference",
+    "window_attention_weights",
+    "flash_cpu_available",
+]
 
 try:
     _FLASH_FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -54,14 +60,22 @@ def flash_cpu_available() -> bool:
     return _FLASH_FWD is not None and _FLASH_BWD is not None
 
 
-def window_attention_reference(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None, scale: float) -> Tensor:
-    """Explicit softmax attention, the definition that :func:`window_attention` computes."""
+def window_attention_weights(q: Tensor, k: Tensor, bias: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """The explicit attention weights ``softmax(scale * q @ k^T + bias + mask)``, (B * nW, heads, n, n).
+
+    Shapes as in :func:`window_attention`; bias and mask are added in ``q``'s dtype.
+    """
     bw, h, n, _ = q.shape
     attn = (q * scale) @ k.transpose(-2, -1) + bias.to(q.dtype).unsqueeze(0)
     if mask is not None:
         nw = mask.shape[0]
         attn = (attn.view(bw // nw, nw, h, n, n) + mask.to(q.dtype).unsqueeze(1).unsqueeze(0)).view(bw, h, n, n)
-    return attn.softmax(-1) @ v
+    return attn.softmax(-1)
+
+
+def window_attention_reference(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """Explicit softmax attention, the definition that :func:`window_attention` computes."""
+    return window_attention_weights(q, k, bias, mask, scale) @ v
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:

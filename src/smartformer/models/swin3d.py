@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import window_attention_qkv
+from .attention import window_attention_qkv, window_attention_reference, window_attention_weights
 
 __all__ = [
     "PRESETS",
@@ -172,25 +172,16 @@ class WindowAttention(nn.Module):
             # gradient written in qkv's layout (see models/attention.py); SDPA on CUDA. The bias
             # stays in the table's dtype.
             out = window_attention_qkv(qkv, self.relative_position_bias(n).contiguous(), mask, self.scale)
-        else:
+        else:  # the explicit-softmax definition of the fused path
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            out = self._softmax(q, k, mask) @ v
+            out = window_attention_reference(q, k, v, self.relative_position_bias(n), mask, self.scale)
         return self.proj(out.transpose(1, 2).reshape(bw, n, c))
-
-    def _softmax(self, q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
-        bw, h, n, _ = q.shape
-        bias = self.relative_position_bias(n).to(q.dtype)
-        attn = (q * self.scale) @ k.transpose(-2, -1) + bias.unsqueeze(0)
-        if mask is not None:
-            nw = mask.shape[0]
-            attn = (attn.view(bw // nw, nw, h, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(bw, h, n, n)
-        return attn.softmax(-1)
 
     def attention_weights(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """The explicit softmax weights (B * nW, heads, n, n) of :meth:`forward`'s input, for analysis."""
         bw, n, c = x.shape
         q, k, _ = self.qkv(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        return self._softmax(q, k, mask)
+        return window_attention_weights(q, k, self.relative_position_bias(n), mask, self.scale)
 
 
 class Mlp(nn.Module):
