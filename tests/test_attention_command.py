@@ -93,7 +93,7 @@ def test_dicom_series(write_dicom_series, phantom, checkpoint, tmp_path):
 
 def test_mask_on_another_grid_is_resampled(phantom):
     """--mask on a coarser grid lands on the CT's voxels of the same structure (here the body)."""
-    from smartformer.commands.attention import read_mask_on
+    from smartformer.data.masks import read_mask_on
 
     ct = read_ct(phantom / "ct.nii.gz")
     labels = nib.load(str(phantom / "labels.nii.gz"))
@@ -142,7 +142,6 @@ def test_png_is_drawn_in_ras_whatever_the_storage_order(tmp_path):
     import matplotlib.image as mpimg
 
     from smartformer.analysis.overlay import save_overlay_png
-    from smartformer.commands.attention import save_ras_png
 
     rng = np.random.default_rng(0)
     image, heat = rng.random((12, 10, 8)), rng.random((12, 10, 8))
@@ -154,7 +153,8 @@ def test_png_is_drawn_in_ras_whatever_the_storage_order(tmp_path):
     swapped = np.array([[0, 1.0, 0, 0], [2.0, 0, 0, 0], [0, 0, 3.0, 0], [0, 0, 0, 1]])  # stored (y, x, z)
     for name, affine, store in (("lps", lps, lambda a: a[::-1, ::-1]),
                                 ("swapped", swapped, lambda a: a.transpose(1, 0, 2))):
-        png = save_ras_png(store(image), store(heat), affine, tmp_path / f"{name}.png", "t", store(mask))
+        png = save_overlay_png(store(image), store(heat), tmp_path / f"{name}.png", title="t", mask=store(mask),
+                               affine=affine)
         np.testing.assert_array_equal(mpimg.imread(png), reference)
 
 

@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from smartformer.commands.demo import attention_with_baselines, localization_lines
-from smartformer.commands.localize import CENTRE, RANDOM
+from smartformer.commands.localize import CENTRE
 from smartformer.config import load_config
 from smartformer.data.phantom import write_phantoms
 from smartformer.models.smartformer import SMARTFormer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+#: The same network with random weights, named as ``random:tiny`` is in every command.
+RANDOM = "random_tiny"
 
 
 def test_models_are_scored_next_to_both_baselines(tmp_path: Path) -> None:
@@ -28,7 +30,7 @@ def test_models_are_scored_next_to_both_baselines(tmp_path: Path) -> None:
         assert 0.0 <= entry["auroc"] <= 1.0 and entry["tumour_enrichment"] > 0 and entry["body_mean"] > 0
     assert Path(entries["trained"]["png"]).is_file() and "png" not in entries[RANDOM]
     table = "\n".join(localization_lines(entries))
-    assert "chance: AUROC 0.5, enrichment 1.0" in table
+    assert "chance: AUROC 0.5, enrichment 1.0" in table and "(random_tiny, centre_prior)" in table
     for name in ("trained", RANDOM, CENTRE):
         row = next(line for line in table.splitlines() if line.strip().startswith(name))
         assert f"{entries[name]['tumour_enrichment']:.3f}" in row and f"{entries[name]['auroc']:.3f}" in row

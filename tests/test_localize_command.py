@@ -10,13 +10,15 @@ import pytest
 import torch
 
 from smartformer.cli import main
-from smartformer.commands.localize import CENTRE, INTENSITY, RANDOM, find_cases
+from smartformer.commands.localize import CENTRE, INTENSITY, find_cases
 from smartformer.data.phantom import LESION_ID, write_phantoms
 from smartformer.models.smartformer import SMARTFormer
 
 FAST = ["--spacing", "5", "--roi", "32", "--overlap", "0.25", "--no-progress"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+#: The random-weights baseline: the first checkpoint's architecture, named as random:tiny is in every command.
+RANDOM = "random_tiny"
 
 
 @pytest.fixture(scope="module")

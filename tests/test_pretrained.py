@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from smartformer.cli import main
-from smartformer.commands.attention import resolve_checkpoint
+from smartformer.models.hub import resolve_checkpoint
 from smartformer.models.smartformer import PRETRAINED, WEIGHTS_NAME, SMARTFormer, pretrained_path
 
 
@@ -34,9 +34,9 @@ def test_shipped_model_loads_by_short_name_and_is_small() -> None:
 def test_path_wins_over_name_and_unknown_names_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     (name,) = PRETRAINED
-    assert resolve_checkpoint(Path(name)) == pretrained_path(name)
+    assert resolve_checkpoint(Path(name)).path == pretrained_path(name)
     SMARTFormer.from_preset("tiny").save_pretrained(tmp_path / name)  # a local folder of that name
-    assert resolve_checkpoint(Path(name)) == Path(name)
+    assert resolve_checkpoint(Path(name)).path == Path(name)
     assert pretrained_path("smart-huge-ct") is None
     assert main(["attention", "--checkpoint", "smart-huge-ct", "--image", "x.nii.gz", "--out", "o"]) == 2
 

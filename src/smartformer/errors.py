@@ -18,6 +18,11 @@ class InputError(SmartformerError):
         super().__init__(f"{self.path}: {reason}")
 
 
+class CheckpointError(InputError):
+    """A checkpoint argument that names no usable network, with the reason: a path that does not
+    exist, a folder without weights, an unknown ``random:`` preset, weights that do not fit their config."""
+
+
 class ConfigError(SmartformerError):
     """An invalid configuration value, key or file."""
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from smartformer.commands.attention import add_checkpoint_argument, resolve_checkpoint
+from smartformer.commands._options import (
+    add_checkpoint_argument,
+    add_roi,
+    add_spacing_window,
+    check_sizes,
+    check_spacing_window,
+)
 from smartformer.data.naming import volume_stem
 from smartformer.errors import InputError, SmartformerError
 
@@ -31,12 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         'the folder above it; without one the legend shows label ids, with a warning')
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("-k", "--clusters", type=int, default=None, help="number of clusters (default: labels present)")
-    p.add_argument("--spacing", type=float, nargs="+", default=[2.0], metavar="MM",
-                   help="voxel size the network sees, 1 or 3 values in mm (default: 2)")
-    p.add_argument("--window", default="wide",
-                   help="HU window: a preset (wide, lung, abdomen) or --window=LOW,HIGH in HU (default: wide)")
-    p.add_argument("--roi", type=int, nargs="+", default=[64], metavar="VOXELS",
-                   help="window size, 1 or 3 values, multiples of 32 (default: 64)")
+    add_spacing_window(p)
+    add_roi(p, "window size")
     p.add_argument("--tsne-points", type=int, default=1500, help="tokens drawn in the t-SNE (default: 1500)")
     p.add_argument("--seed", type=int, default=0, help="seed of k-means and t-SNE (default: 0)")
     p.add_argument("--name", default=None, help="file name stem of the outputs (default: from --image)")
@@ -68,21 +70,17 @@ def run(args: argparse.Namespace) -> int:
         save_tsne_png,
         token_features,
     )
-    from smartformer.commands.attention import load_model
     from smartformer.data.io import write_nifti
-    from smartformer.data.transforms import parse_window
+    from smartformer.models.hub import load_encoder, resolve_checkpoint
 
-    if len(args.spacing) not in (1, 3) or any(s <= 0 for s in args.spacing):
-        raise SmartformerError("--spacing takes 1 or 3 positive values (mm)")
-    if len(args.roi) not in (1, 3) or any(r < 32 or r % 32 for r in args.roi):
-        raise SmartformerError("--roi takes 1 or 3 values, each a positive multiple of 32")
+    check_spacing_window(args)
+    check_sizes(args.roi, "roi")
     if args.tsne_points < 2 or (args.clusters is not None and args.clusters < 2):
         raise SmartformerError("--tsne-points and -k/--clusters must be at least 2")
-    parse_window(args.window)
     names_path = args.names if args.names is not None else find_label_names(args.labels)
     if names_path is not None and not names_path.is_file():
         raise InputError(names_path, "does not exist")
-    model = load_model(args.checkpoint, need_attention=False)  # tokens only: pooled-token models too
+    model = load_encoder(args.checkpoint)  # tokens only: pooled-token models too
     tokens = token_features(model, args.image, args.labels,
                             spacing=args.spacing[0] if len(args.spacing) == 1 else tuple(args.spacing),
                             window=args.window, roi=args.roi[0] if len(args.roi) == 1 else tuple(args.roi),
@@ -115,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
                          seed=args.seed, title=f"{stem}: tokens by label (NMI {scores['nmi']:.2f}, k={k})")
     counts = {names[int(i)]: int((labels == i).sum()) for i in present}
     report = {
-        "checkpoint": str(resolve_checkpoint(args.checkpoint)),
+        "checkpoint": resolve_checkpoint(args.checkpoint).source,
         "image": str(args.image),
         "labels": str(args.labels),
         "k": k,

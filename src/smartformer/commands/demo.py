@@ -105,28 +105,28 @@ def attention_with_baselines(case: Path, models: dict[str, tuple["SMARTFormer", 
     """Attention maps (NIfTI + PNG) of each model for the phantom ``case``, and how well each map and
     two baselines (as ``smartformer localize`` has them) point at its tumour.
 
-    ``models`` maps a name to (network, description). Returns, per method (each model, then
-    :data:`~smartformer.commands.localize.CENTRE` and :data:`~smartformer.commands.localize.RANDOM`,
-    the first model's architecture with random weights): ``auroc`` and ``tumour_enrichment`` (mean
+    ``models`` maps a name to (network, description). Returns, per method (each model, then the first
+    model's architecture with random weights, ``random_PRESET`` as :func:`~smartformer.models.hub.random_baseline`
+    names it, then :data:`~smartformer.commands.localize.CENTRE`): ``auroc`` and ``tumour_enrichment`` (mean
     attention in the tumour / in the body, 1.0 is chance), and ``body_mean`` / ``air_mean``; the models
     also get their ``png``, ``mean`` and ``heads`` files.
     """
     import nibabel as nib
     import numpy as np
-    import torch
 
     from smartformer.analysis.attention import attention_volume, write_attention
     from smartformer.analysis.localization import centre_prior, localization_metrics
-    from smartformer.commands.localize import CENTRE, RANDOM
+    from smartformer.commands.localize import CENTRE
     from smartformer.data.phantom import LESION_ID
     from smartformer.data.transforms import BODY_HU_THRESHOLD
+    from smartformer.models.hub import random_baseline
     from smartformer.models.smartformer import SMARTFormer
 
     lesion = np.asarray(nib.load(str(case / "labels.nii.gz")).dataobj) == LESION_ID
-    torch.manual_seed(seed)
-    first = next(iter(models.values()))[0]
+    first_name, (first, _) = next(iter(models.items()))
+    random_name, random_model = random_baseline(first, seed, like=first_name)
     methods: dict[str, tuple[SMARTFormer | None, str]] = {
-        **models, RANDOM: (SMARTFormer(first.config).eval(), "random weights"), CENTRE: (None, "centre prior")}
+        **models, random_name: (random_model, "random weights"), CENTRE: (None, "centre prior")}
     entries: dict[str, dict[str, Any]] = {}
     image_hu = spacing = None
     for name, (model, what) in methods.items():
@@ -162,5 +162,6 @@ def localization_lines(entries: dict[str, dict[str, Any]]) -> list[str]:
             return f"{value:>{width}.3f}" if isinstance(value, float) else f"{'-':>{width}}"
         lines.append(f"  {name:<16} {number('auroc', 6)} {number('tumour_enrichment', 11)} "
                      f"{number('body_mean', 13)} {number('air_mean', 12)}  {e['what']}")
-    lines.append("  a map localizes the tumour only where it beats both baselines (centre_prior, random_init)")
+    baselines = ", ".join(name for name, e in entries.items() if e["what"] in ("centre prior", "random weights"))
+    lines.append(f"  a map localizes the tumour only where it beats both baselines ({baselines})")
     return lines

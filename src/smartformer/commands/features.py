@@ -1,8 +1,4 @@
-"""``smartformer features``: frozen [CLS] and pooled features of every case of a CSV, to CSV or Parquet.
-
-Also home of the options and steps that ``probe`` and ``finetune`` share with it: the case CSV, the crop
-options (:func:`add_crop_arguments`, :func:`crop_options`) and the checkpoint list.
-"""
+"""``smartformer features``: frozen [CLS] and pooled features of every case of a CSV, to CSV or Parquet."""
 
 from __future__ import annotations
 
@@ -10,23 +6,13 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from smartformer.commands._options import CSV_HELP, add_checkpoint_argument, add_crop_arguments, crop_options
 from smartformer.errors import InputError, SmartformerError
 from smartformer.wording import plural
 
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
-
-    from smartformer.downstream.cases import CropOptions
-
-CSV_HELP = (
-    "CSV with one row per case: image (CT file or DICOM folder, relative to the CSV's folder), label, "
-    "optionally center_x,center_y,center_z (lesion centre, world RAS mm as read_ct's affine gives) or "
-    "mask (a file whose voxels > 0 locate the lesion), patient (default: one per row) and case (id); "
-    "other columns are ignored"
-)
-CHECKPOINT_HELP = ("save_pretrained directories, training run directories (their teacher/), or random:tiny / "
-                   "random:base (that preset with random weights, seeded: the baseline)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--data", "--csv", dest="csv", required=True, type=Path, help=CSV_HELP.replace(", label,", ", label (optional),"))
-    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP.replace("directories", "directory"))
+    add_checkpoint_argument(p)
     p.add_argument("--out", required=True, type=Path, help="output table, .csv or .parquet")
     p.add_argument("--features", choices=("cls", "pooled", "both"), default="both",
                    help="which features to write (default: both)")
@@ -53,49 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def add_crop_arguments(p: argparse.ArgumentParser, batch_size: int = 8) -> None:
-    """``--crop``, ``--spacing``, ``--window``, ``--batch-size``, ``--device``, ``--seed``, ``--no-progress``."""
-    p.add_argument("--crop", type=int, nargs="+", default=[64], metavar="VOXELS",
-                   help="crop size around the lesion, 1 or 3 values, multiples of 32 (default: 64)")
-    p.add_argument("--spacing", type=float, nargs="+", default=[2.0], metavar="MM",
-                   help="voxel size of the crop, 1 or 3 values in mm (default: 2)")
-    p.add_argument("--window", default="wide",
-                   help="HU window: a preset (wide, lung, abdomen) or --window=LOW,HIGH (default: wide)")
-    p.add_argument("--batch-size", type=int, default=batch_size,
-                   help=f"crops per forward pass or training step (default: {batch_size})")
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of folds, label fractions, random:* weights, training and bootstrap (default: 0)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def crop_options(args: argparse.Namespace) -> "CropOptions":
-    """The crop options of the command line; one-line errors for bad values."""
-    from smartformer.data.transforms import parse_window
-    from smartformer.downstream.cases import CropOptions
-
-    if len(args.crop) not in (1, 3) or any(c < 32 or c % 32 for c in args.crop):
-        raise SmartformerError("--crop takes 1 or 3 values, each a positive multiple of 32")
-    if len(args.spacing) not in (1, 3) or any(s <= 0 for s in args.spacing):
-        raise SmartformerError("--spacing takes 1 or 3 positive values (mm)")
-    if args.batch_size < 1:
-        raise SmartformerError("--batch-size must be at least 1")
-    size = tuple(args.crop) * 3 if len(args.crop) == 1 else tuple(args.crop)
-    spacing = tuple(args.spacing) * 3 if len(args.spacing) == 1 else tuple(args.spacing)
-    return CropOptions(size=size, spacing=spacing, window=parse_window(args.window))  # type: ignore[arg-type]
-
-
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from smartformer.downstream.cases import PASSTHROUGH_COLUMNS, build_crops, read_cases
-    from smartformer.downstream.features import (
-        checkpoint_names,
-        extract_features,
-        feature_columns,
-        load_encoder,
-        pick_device,
-    )
+    from smartformer.downstream.features import extract_features, feature_columns, load_encoder, pick_device
+    from smartformer.models.hub import checkpoint_names
 
     suffix = args.out.suffix.lower()
     if suffix not in (".csv", ".parquet"):

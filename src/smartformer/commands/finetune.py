@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from smartformer.commands.probe import TREATMENT_RESPONSE_HELP, add_evaluation_arguments, evaluate
+from smartformer.commands._options import TREATMENT_RESPONSE_HELP, add_evaluation_arguments, evaluation_settings
 
 if TYPE_CHECKING:
-    from smartformer.commands.probe import Study
     from smartformer.downstream.finetune import FinetuneSettings
 
 
@@ -54,35 +53,16 @@ def settings_from(args: argparse.Namespace) -> "FinetuneSettings":
                             features=args.features, flip_prob=args.flip_prob, seed=args.seed)
 
 
-def finetune_checkpoint(study: "Study", spec: str, name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """A fresh copy of the checkpoint fine-tuned per fold and fraction, then scored on the test fold."""
-    import numpy as np
-
-    from smartformer.commands.probe import test_indices, training_indices
-    from smartformer.downstream.features import load_encoder, pick_device
-    from smartformer.downstream.finetune import finetune, predict_probabilities
-    from smartformer.downstream.splits import validation_split
-
-    args, table = study.args, study.table
-    settings, device = settings_from(args), pick_device(args.device)
-    rows, details = [], []
-    for fold in range(args.folds):
-        test = test_indices(study, fold)
-        for fraction, subset in training_indices(study, fold).items():
-            train, val = (validation_split(subset, table.labels, table.patients, args.val_fraction, args.seed, fold)
-                          if args.val_fraction > 0 else (subset, subset[:0]))
-            result = finetune(load_encoder(spec, args.seed), study.crops, table.labels, train, val, settings,
-                              device, fold=fold, progress=not args.no_progress)
-            probs = predict_probabilities(result.model, study.crops, test, args.batch_size, device)
-            rows += [{"index": int(i), "fold": fold, "fraction": fraction, "probability": float(p)}
-                     for i, p in zip(test, probs)]
-            details.append({"fold": fold, "fraction": fraction, "n_train": len(train), "n_val": len(val),
-                            "best_epoch": result.best_epoch, "epochs_run": len(result.history),
-                            "history": result.history})
-    return rows, details
-
-
 def run(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from smartformer.commands.probe import print_evaluation
+    from smartformer.downstream.evaluation import evaluate
+    from smartformer.downstream.finetune import finetune_checkpoint
+
     settings = settings_from(args)  # refuse bad values before any work
-    return evaluate(args, "finetune", finetune_checkpoint,
-                    {**vars(settings), "val_fraction": args.val_fraction})
+    evaluation = evaluate(evaluation_settings(args), "finetune",
+                          partial(finetune_checkpoint, settings=settings, val_fraction=args.val_fraction),
+                          {**vars(settings), "val_fraction": args.val_fraction})
+    print_evaluation(evaluation, args.out)
+    return 0

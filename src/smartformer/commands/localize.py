@@ -3,7 +3,8 @@
 For every (CT, mask) pair and every checkpoint, the mean semantic attention on the CT's grid is
 scored with :func:`smartformer.analysis.localization.localization_metrics` (inside the body),
 side by side with three baselines: a centre prior, an intensity prior and the same network with
-random weights. Writes ``cases.csv`` (one row per case and method), ``summary.json`` (mean, std
+random weights (named ``random_PRESET``, as ``--checkpoint random:PRESET`` is; given such a checkpoint,
+it is the random baseline). Writes ``cases.csv`` (one row per case and method), ``summary.json`` (mean, std
 and median per method and metric), ``comparison.csv`` / ``comparison.md`` (methods x mean
 metrics) and ``montage.png``.
 """
@@ -14,11 +15,11 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from smartformer.commands.attention import (
+from smartformer.commands._options import (
+    add_checkpoint_argument,
     add_inference_arguments,
     check_inference_arguments,
     inference_kwargs,
-    resolve_checkpoint,
 )
 from smartformer.errors import InputError, SmartformerError
 from smartformer.wording import plural
@@ -31,7 +32,7 @@ MASK_STEMS: tuple[str, ...] = ("tumor", "tumour", "lesion", "mask", "gtv")
 #: File name stems of a label map (the lesion is one label value) inside a case folder.
 LABEL_STEMS: tuple[str, ...] = ("labels", "label", "seg", "segmentation")
 CT_STEMS: tuple[str, ...] = ("ct", "image", "img")
-CENTRE, INTENSITY, RANDOM = "centre_prior", "intensity_prior", "random_init"
+CENTRE, INTENSITY = "centre_prior", "intensity_prior"
 #: Cases shown in montage.png.
 MONTAGE_ROWS = 8
 
@@ -50,9 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "(the lesion is --lesion-label, default 11 as in the built-in phantoms)."
         ),
     )
-    p.add_argument("--checkpoint", required=True, type=Path, nargs="+",
-                   help="save_pretrained directories, training run directories (their teacher/), or "
-                        "smart-tiny-ct, the pretrained model shipped with smartformer")
+    add_checkpoint_argument(p, many=True)
     p.add_argument("--data", required=True, type=Path, help="CSV (image,mask) or a folder of case folders")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     add_inference_arguments(p)
@@ -67,7 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "lesion-centred crops such as STS (default: 0, the whole CT)")
     p.add_argument("--window-mm", type=float, default=100.0, help="side of those windows in mm (default: 100)")
     p.add_argument("--max-cases", type=int, default=None, help="only the first N cases")
-    p.add_argument("--no-random-baseline", action="store_true", help="skip the random-weights network")
+    p.add_argument("--no-random-baseline", action="store_true",
+                   help="skip the random-weights network (random_PRESET: the first checkpoint's architecture; "
+                        "a random:PRESET checkpoint replaces it)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and windows (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -123,19 +124,6 @@ def find_cases(data: Path, lesion_label: int | None) -> list[dict[str, Any]]:
     if not cases:
         raise InputError(data, f"holds no case: no CSV rows, and no folder with {'/'.join(CT_STEMS)}.* + a mask")
     return cases
-
-
-def checkpoint_names(paths: list[Path]) -> list[str]:
-    """Short unique method names for checkpoint directories (a run's teacher/ is named after the run)."""
-    names: list[str] = []
-    for path in paths:
-        resolved = resolve_checkpoint(path)
-        base = resolved.parent.name if resolved.name == "teacher" else resolved.name
-        name, k = base, 2
-        while name in names or name in (CENTRE, INTENSITY, RANDOM):
-            name, k = f"{base}_{k}", k + 1
-        names.append(name)
-    return names
 
 
 def _score_case(maps: dict[str, "np.ndarray"], lesion: "np.ndarray", image_hu: "np.ndarray",
@@ -250,27 +238,29 @@ def run(args: argparse.Namespace) -> int:
 
     import numpy as np
     import pandas as pd
-    import torch
     from tqdm.auto import tqdm
 
     from smartformer.analysis.attention import attention_volume
     from smartformer.analysis.localization import METRICS, centre_prior, intensity_prior
-    from smartformer.commands.attention import load_model, read_mask_on
     from smartformer.data.io import read_ct
-    from smartformer.models.smartformer import SMARTFormer
+    from smartformer.data.masks import read_mask_on
+    from smartformer.models.hub import checkpoint_names, load_encoder, random_baseline, resolve_checkpoint
 
     check_inference_arguments(args)
     if args.tolerance_mm < 0 or not 0 < args.top_k <= 100:
         raise SmartformerError("--tolerance-mm must be >= 0 and --top-k in (0, 100]")
     if args.windows < 0 or args.window_mm <= 0 or (args.max_cases is not None and args.max_cases < 1):
         raise SmartformerError("--windows must be >= 0, --window-mm > 0 and --max-cases >= 1")
-    names = checkpoint_names(args.checkpoint)
-    models = {name: load_model(path) for name, path in zip(names, args.checkpoint)}
+    names = checkpoint_names(args.checkpoint, reserved=(CENTRE, INTENSITY))
+    models = {name: load_encoder(spec, seed=args.seed, need_attention=True)
+              for name, spec in zip(names, args.checkpoint)}
     cases = find_cases(args.data, args.lesion_label)[: args.max_cases]
-    if not args.no_random_baseline:
-        torch.manual_seed(args.seed)
-        models[RANDOM] = SMARTFormer(next(iter(models.values())).config).eval()
-    methods = [*names, CENTRE, INTENSITY] + ([] if args.no_random_baseline else [RANDOM])
+    given = any(resolve_checkpoint(spec).kind == "random" for spec in args.checkpoint)
+    baseline: list[str] = []
+    if not args.no_random_baseline and not given:
+        name, model = random_baseline(models[names[0]], args.seed, like=names[0])
+        baseline, models[name] = [name], model
+    methods = [*names, CENTRE, INTENSITY, *baseline]
     kwargs = inference_kwargs(args)
     rng = np.random.default_rng(args.seed)
     rows: list[dict[str, Any]] = []
@@ -298,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
     pd.DataFrame(rows, columns=["case", "method", *METRICS]).to_csv(args.out / "cases.csv", index=False)
     summary = summarize(rows, methods)
     report = {
-        "checkpoints": {name: str(resolve_checkpoint(p)) for name, p in zip(names, args.checkpoint)},
+        "checkpoints": {name: resolve_checkpoint(spec).source for name, spec in zip(names, args.checkpoint)},
         "data": str(args.data),
         "settings": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()},
                      "tolerance_mm": args.tolerance_mm, "top_k_percent": args.top_k, "windows": args.windows,

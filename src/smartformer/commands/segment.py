@@ -11,7 +11,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from smartformer.commands.attention import add_inference_arguments
+from smartformer.commands._options import (
+    add_checkpoint_argument,
+    add_device_argument,
+    add_inference_arguments,
+    one_or_three,
+)
 from smartformer.errors import InputError, SmartformerError
 from smartformer.wording import plural
 
@@ -47,9 +52,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             "mean validation Dice so far; what 'segment predict' reads), metrics.jsonl and settings.json."
         ),
     )
-    p.add_argument("--checkpoint", required=True,
-                   help="a save_pretrained directory, a pretraining run directory (its teacher/), or "
-                        "random:PRESET (e.g. random:tiny) for the same architecture with random weights")
+    add_checkpoint_argument(p)
     p.add_argument("--data", required=True, type=Path,
                    help="a CSV with image and label columns (optional case, patient; relative paths "
                         "resolve against the CSV's folder) or a folder of CASE/ct.nii.gz + CASE/labels.nii.gz")
@@ -82,7 +85,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--flip-prob", type=float, default=0.1, help="probability of each flip (default: 0.1)")
     p.add_argument("--seed", type=int, default=0, help="split, crops, decoder initialisation (default: 0)")
     p.add_argument("--log-every", type=int, default=10, help="loss line in metrics.jsonl every N steps")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_device_argument(p)
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_train)
@@ -105,14 +108,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--overlap", type=float, default=None,
                    help="sliding-window overlap in [0, 1) (default: the run's)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_device_argument(p)
     p.set_defaults(func=run_predict)
-
-
-def _one_or_three(values: list, name: str) -> tuple:
-    if len(values) not in (1, 3):
-        raise SmartformerError(f"--{name} takes 1 or 3 values")
-    return tuple(values) * 3 if len(values) == 1 else tuple(values)
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -137,8 +134,8 @@ def run_train(args: argparse.Namespace) -> int:
         raise SmartformerError(f"--epochs must be at least 1, got {args.epochs}")
     label_ids = args.labels if args.labels is not None else (
         list(range(1, args.num_classes + 1)) if args.num_classes is not None else None)
-    base = dict(label_ids=label_ids, spacing=_one_or_three(args.spacing, "spacing"), window=args.window,
-                roi=_one_or_three(args.roi, "roi"), val_every=args.val_every, val_fraction=args.val_fraction,
+    base = dict(label_ids=label_ids, spacing=one_or_three(args.spacing, "spacing"), window=args.window,
+                roi=one_or_three(args.roi, "roi"), val_every=args.val_every, val_fraction=args.val_fraction,
                 batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                 warmup_steps=args.warmup_steps, freeze_encoder_steps=args.freeze_encoder_steps,
                 flip_axes=tuple(args.flip_axes), flip_prob=args.flip_prob, overlap=args.overlap,

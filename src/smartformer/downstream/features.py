@@ -1,16 +1,16 @@
 """Frozen encoder features of downstream crops: [CLS] and pooled tokens, batched, in inference mode.
 
-A checkpoint argument is a save_pretrained directory, a pretraining run directory (its ``teacher/``),
-or ``random:PRESET`` (``random:tiny``, ``random:base``): that preset with random weights from the
-run's seed, the baseline every pretrained encoder should beat.
+The encoders come from :func:`~smartformer.models.hub.load_encoder` (re-exported here), which reads
+every checkpoint form; ``random:PRESET`` (``random:tiny``, ``random:base``) is that preset with
+random weights from the run's seed, the baseline every pretrained encoder should beat.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from smartformer.errors import SmartformerError
+from smartformer.models.hub import load_encoder
 
 if TYPE_CHECKING:
     import numpy as np
@@ -18,58 +18,10 @@ if TYPE_CHECKING:
 
     from smartformer.models.smartformer import SMARTFormer
 
-RANDOM_PREFIX = "random:"
+__all__ = ["FEATURE_KINDS", "load_encoder", "pick_device", "encode", "extract_features", "feature_columns"]
+
 #: Which features a classifier reads: the semantic [CLS], the mean of the tokens, or both concatenated.
 FEATURE_KINDS: tuple[str, ...] = ("cls", "pooled", "both")
-
-
-def checkpoint_names(specs: list[str]) -> list[str]:
-    """Short unique names for checkpoint arguments (``random:tiny`` -> ``random_tiny``; see localize's rule for paths).
-
-    Raises:
-        InputError: a path that is neither a save_pretrained nor a run directory.
-        SmartformerError: an unknown ``random:`` preset.
-    """
-    from smartformer.commands.localize import checkpoint_names as path_names
-    from smartformer.models.smartformer import MODEL_PRESETS
-
-    paths = [Path(s) for s in specs if not s.startswith(RANDOM_PREFIX)]
-    from_paths = iter(path_names(paths))
-    names: list[str] = []
-    for spec in specs:
-        if spec.startswith(RANDOM_PREFIX):
-            preset = spec[len(RANDOM_PREFIX):]
-            if preset not in MODEL_PRESETS:
-                raise SmartformerError(f"--checkpoint {spec}: unknown preset; choose random:"
-                                       + " or random:".join(sorted(MODEL_PRESETS)))
-            base = f"random_{preset}"
-        else:
-            base = next(from_paths)
-        name, k = base, 2
-        while name in names:
-            name, k = f"{base}_{k}", k + 1
-        names.append(name)
-    return names
-
-
-def load_encoder(spec: str, seed: int = 0) -> "SMARTFormer":
-    """The network of a checkpoint argument, without projection heads or decoder, in eval mode.
-
-    ``random:PRESET`` is seeded with ``seed``, so the baseline is the same network in every run.
-    """
-    import torch
-
-    from smartformer.commands.attention import load_pretrained
-    from smartformer.models.smartformer import SMARTFormer
-
-    if spec.startswith(RANDOM_PREFIX):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = SMARTFormer.from_preset(spec[len(RANDOM_PREFIX):], heads=False, decoder=False)
-    else:
-        model = load_pretrained(Path(spec))
-        model.cls_head = model.patch_head = model.decoder = None  # never used downstream
-    return model.eval()
 
 
 def pick_device(name: str | None) -> "torch.device":
@@ -80,7 +32,7 @@ def pick_device(name: str | None) -> "torch.device":
         try:
             return torch.device(name)
         except RuntimeError as exc:
-            raise SmartformerError(f"--device {name}: {exc}") from None
+            raise SmartformerError(f"device {name}: {exc}") from None
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

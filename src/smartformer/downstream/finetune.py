@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from smartformer.downstream.features import encode
+from smartformer.downstream.evaluation import Study, test_indices, training_indices
+from smartformer.downstream.features import encode, load_encoder, pick_device
+from smartformer.downstream.splits import validation_split
 from smartformer.errors import SmartformerError
 
 if TYPE_CHECKING:
@@ -132,9 +134,11 @@ class FinetuneSettings:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
-            raise SmartformerError("--epochs, --batch-size and --patience must be at least 1")
+            raise SmartformerError(f"epochs, batch size and patience must be at least 1, got {self.epochs}, "
+                                   f"{self.batch_size} and {self.patience}")
         if self.lr <= 0 or not 0 < self.layer_decay <= 1 or self.weight_decay < 0:
-            raise SmartformerError("--lr must be > 0, --layer-decay in (0, 1], --weight-decay >= 0")
+            raise SmartformerError(f"the learning rate must be > 0 (got {self.lr:g}), the layer decay in (0, 1] "
+                                   f"(got {self.layer_decay:g}) and the weight decay >= 0 (got {self.weight_decay:g})")
 
 
 @dataclass
@@ -238,3 +242,27 @@ def finetune(encoder: "SMARTFormer", crops: "np.ndarray", labels: "np.ndarray", 
     else:
         best_epoch = len(history)
     return FinetuneResult(model=model, best_epoch=best_epoch, history=history)
+
+
+def finetune_checkpoint(study: Study, spec: str, name: str, settings: FinetuneSettings,
+                        val_fraction: float = 0.2) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Fine-tuning as a :data:`~smartformer.downstream.evaluation.CheckpointRunner`: a fresh copy of the
+    checkpoint ``spec`` fine-tuned per fold and fraction (early stopping on ``val_fraction`` of the
+    training fold's patients; 0: none), then scored on the test fold."""
+    s, table = study.settings, study.table
+    device = pick_device(s.device)
+    rows, details = [], []
+    for fold in range(s.folds):
+        test = test_indices(study, fold)
+        for fraction, subset in training_indices(study, fold).items():
+            train, val = (validation_split(subset, table.labels, table.patients, val_fraction, s.seed, fold)
+                          if val_fraction > 0 else (subset, subset[:0]))
+            result = finetune(load_encoder(spec, s.seed), study.crops, table.labels, train, val, settings,
+                              device, fold=fold, progress=s.progress)
+            probs = predict_probabilities(result.model, study.crops, test, s.batch_size, device)
+            rows += [{"index": int(i), "fold": fold, "fraction": fraction, "probability": float(p)}
+                     for i, p in zip(test, probs)]
+            details.append({"fold": fold, "fraction": fraction, "n_train": len(train), "n_val": len(val),
+                            "best_epoch": result.best_epoch, "epochs_run": len(result.history),
+                            "history": result.history})
+    return rows, details

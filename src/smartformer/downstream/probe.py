@@ -8,7 +8,10 @@ only (log-loss); the test fold never takes part in that choice.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from smartformer.downstream.evaluation import Study, test_indices, training_indices
+from smartformer.downstream.features import extract_features, load_encoder, pick_device
 
 if TYPE_CHECKING:
     import numpy as np
@@ -60,3 +63,22 @@ def probe_probabilities(train_x: "np.ndarray", train_y: "np.ndarray", train_pati
     """Fit on the training cases and return P(class 1) for the test cases, and the C used."""
     model, used = fit_probe(train_x, train_y, train_patients, C=C, seed=seed)
     return model.predict_proba(test_x)[:, 1], used
+
+
+def probe_checkpoint(study: Study, spec: str, name: str,
+                     C: float | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The probe as a :data:`~smartformer.downstream.evaluation.CheckpointRunner`: frozen features of the
+    checkpoint ``spec`` once, then a logistic regression per fold and fraction (``C``: see :func:`fit_probe`)."""
+    s, table = study.settings, study.table
+    features = extract_features(load_encoder(spec, s.seed), study.crops, s.features, s.batch_size,
+                                pick_device(s.device), progress=s.progress, desc=f"features {name}")
+    rows, details = [], []
+    for fold in range(s.folds):
+        test = test_indices(study, fold)
+        for fraction, train in training_indices(study, fold).items():
+            probs, used = probe_probabilities(features[train], table.labels[train], table.patients[train],
+                                              features[test], C=C, seed=s.seed)
+            rows += [{"index": int(i), "fold": fold, "fraction": fraction, "probability": float(p)}
+                     for i, p in zip(test, probs)]
+            details.append({"fold": fold, "fraction": fraction, "n_train": len(train), "C": used})
+    return rows, details

@@ -18,7 +18,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from smartformer.errors import SmartformerError
+from smartformer.errors import InputError, SmartformerError
 
 __all__ = ["load_weights", "checkpoint_filter_fn", "to_monai_state_dict", "MONAI_PREFIX"]
 
@@ -37,24 +37,24 @@ def load_weights(path: str | Path) -> dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise SmartformerError(f"{path}: no such file")
+        raise InputError(path, "no such file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path))
         except Exception as exc:
-            raise SmartformerError(f"{path}: unreadable safetensors file ({exc})") from None
+            raise InputError(path, f"unreadable safetensors file ({exc})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported object"
-        raise SmartformerError(
-            f"{path}: refusing to load: the file holds pickled Python objects, not just tensors "
+        raise InputError(
+            path, "refusing to load: the file holds pickled Python objects, not just tensors "
             f"({first}). Re-save it as a plain state dict or safetensors."
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise SmartformerError(f"{path}: not a readable PyTorch weights file ({exc})") from None
+        raise InputError(path, f"not a readable PyTorch weights file ({exc})") from None
 
 
 def _unwrap(state: Mapping) -> Mapping:

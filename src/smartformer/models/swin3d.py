@@ -30,10 +30,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from smartformer.errors import SmartformerError
+
 from .attention import window_attention_qkv, window_attention_reference, window_attention_weights
 
 __all__ = [
     "PRESETS",
+    "SIZE_MULTIPLE",
+    "is_input_size",
+    "check_input_size",
     "Swin3D",
     "Swin3DConfig",
     "WindowAttention",
@@ -45,8 +50,26 @@ __all__ = [
     "upsample_cell_mask",
 ]
 
-# Divisor that every spatial side of the input must satisfy (patch 2 x four mergings).
+#: Divisor that every spatial side of the input must satisfy (patch 2 x four mergings): ROIs, crops
+#: and windows fed to the network are multiples of it. The one place this rule is written.
 SIZE_MULTIPLE = 32
+
+
+def is_input_size(size: Sequence[int]) -> bool:
+    """Whether every side of ``size`` is a positive multiple of :data:`SIZE_MULTIPLE`."""
+    return all(int(s) >= SIZE_MULTIPLE and int(s) % SIZE_MULTIPLE == 0 for s in size)
+
+
+def check_input_size(size: Sequence[int], what: str = "input size") -> tuple[int, ...]:
+    """``size`` as ints if every side is a positive multiple of :data:`SIZE_MULTIPLE`.
+
+    Raises:
+        SmartformerError: naming ``what`` and its value.
+    """
+    if not is_input_size(size):
+        raise SmartformerError(f"{what} {[int(s) for s in size]}: every side must be a positive multiple of "
+                               f"{SIZE_MULTIPLE} (the Swin encoder downsamples {SIZE_MULTIPLE}x)")
+    return tuple(int(s) for s in size)
 
 
 @dataclass
