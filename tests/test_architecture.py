@@ -1,0 +1,77 @@
+"""The package's layering, read from the source: the library never imports the command line.
+
+``commands/`` only parses arguments and prints; everything it drives lives in the library, so a
+change to a command cannot break ``downstream/``, ``analysis/`` or a user's script (issue 16).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "smartformer"
+#: Modules allowed to import the command line: the commands themselves and the entry points.
+CLI = ("commands/", "cli.py", "__main__.py")
+
+
+def imported_modules(source: str, package: str) -> set[str]:
+    """Every module that ``source`` (a module of ``package``) imports, at the top or inside a function,
+    as absolute names: ``from a.b import c`` gives ``a.b`` and ``a.b.c``."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: against the package, one level up per extra dot
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def imports_of(path: Path) -> set[str]:
+    package = ".".join(("smartformer", *path.relative_to(PACKAGE).parent.parts))
+    return imported_modules(path.read_text(encoding="utf-8"), package)
+
+
+def command_line_imports(modules: set[str]) -> list[str]:
+    return sorted(m for m in modules if m == "smartformer.commands" or m.startswith("smartformer.commands."))
+
+
+def library_modules() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py") if not p.relative_to(PACKAGE).as_posix().startswith(CLI))
+
+
+@pytest.mark.parametrize("source", [
+    "from smartformer.commands.attention import x",
+    "import smartformer.commands.probe",
+    "def f():\n    from smartformer.commands import localize\n",
+    "from ..commands import export",
+    "from ..commands.features import y",
+])
+def test_every_way_of_importing_the_command_line_is_seen(source: str) -> None:
+    assert command_line_imports(imported_modules(source, "smartformer.downstream"))
+
+
+def test_the_library_is_read() -> None:
+    assert len(library_modules()) > 40
+    assert "smartformer.commands._options" in imports_of(PACKAGE / "commands" / "attention.py")
+
+
+@pytest.mark.parametrize("path", library_modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_library_modules_do_not_import_the_command_line(path: Path) -> None:
+    wrong = command_line_imports(imports_of(path))
+    assert not wrong, f"{path.relative_to(ROOT)} imports {wrong}: move what it needs out of commands/"
+
+
+@pytest.mark.parametrize("folder", ["benchmarks", "tools"])
+def test_benchmarks_and_tools_do_not_import_the_command_line(folder: str) -> None:
+    """They drive commands as a user does (``python -m smartformer ...``) or call the library."""
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        wrong = command_line_imports(imported_modules(path.read_text(encoding="utf-8"), ""))
+        assert not wrong, f"{path.relative_to(ROOT)} imports {wrong}"
