@@ -1,6 +1,7 @@
 """Downstream cases: a CSV of CT scans with labels and lesion locations, and the crops fed to the encoder.
 
-The CSV has one row per case (a lesion, or a whole scan):
+The CSV has one row per case (a lesion, or a whole scan), in the convention of every case list
+(:mod:`smartformer.data.cases`: paths, ``case``, ``patient``, ``mask``), with a class and a location:
 
 * ``image`` (required): a CT file or DICOM folder; relative paths resolve against the CSV's folder.
 * ``label``: the class, two distinct values (0/1 or any strings). The sorted unique values are mapped
@@ -25,11 +26,12 @@ the requested spacing, window the HU to [0, 1], then a box of ``crop`` voxels ce
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from smartformer.data.cases import Case, cases_from_table, read_table, require_columns
 from smartformer.errors import InputError, SmartformerError
 
 if TYPE_CHECKING:
@@ -43,25 +45,16 @@ PASSTHROUGH_COLUMNS: tuple[str, ...] = ("label", "patient")
 
 
 @dataclass(frozen=True)
-class Case:
-    """One row of a downstream CSV, checked and resolved."""
+class LabelledCase(Case):
+    """One row of a downstream CSV, checked and resolved: a :class:`~smartformer.data.cases.Case`
+    (whose ``mask``, voxels > 0, locates the lesion where the row has no centre) with a class and a centre."""
 
-    case: str
-    """Unique case id."""
-    image: Path
-    """The CT (absolute, or relative to the working directory)."""
-    patient: str
-    """Patient id: all rows of one patient land in the same fold."""
-    row: int
-    """Line number in the CSV (the header is line 1), for messages."""
     label: int | None = None
     """0 or 1 after mapping (see :attr:`CaseTable.classes`); None where the CSV has no labels."""
     raw_label: str | None = None
     """The label as written in the CSV."""
     center_mm: tuple[float, float, float] | None = None
     """Lesion centre in world RAS mm, from the CSV's centre columns."""
-    mask: Path | None = None
-    """Mask whose voxels > 0 locate the lesion (used when there is no centre)."""
 
     @property
     def located(self) -> bool:
@@ -74,7 +67,7 @@ class CaseTable:
     """The cases of a CSV and the label mapping (``classes[i]`` is the CSV value mapped to ``i``)."""
 
     path: Path
-    cases: list[Case]
+    cases: list[LabelledCase]
     classes: list[str] = field(default_factory=list)
     columns: list[str] = field(default_factory=list)
     """The CSV's column names."""
@@ -124,24 +117,11 @@ class CropOptions:
         return {"crop": list(self.size), "spacing": list(self.spacing), "window": list(self.window)}
 
 
-def read_table(path: Path) -> "pd.DataFrame":
-    """Read a CSV as strings (no NaN conversion) or raise a one-line :class:`InputError`."""
-    import pandas as pd
-
-    if not path.is_file():
-        raise InputError(path, "does not exist" if not path.exists() else "is not a file")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except Exception as exc:  # pandas raises several parser error types
-        raise InputError(path, f"not a readable CSV ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    table.columns = [str(c).strip() for c in table.columns]
-    if table.empty:
-        raise InputError(path, "has no rows")
-    return table
-
-
 def read_cases(path: str | Path, require_labels: bool = True) -> CaseTable:
     """Read and check a downstream CSV (see the module docstring for its columns).
+
+    The CSV is read as every case list is (:mod:`smartformer.data.cases`: image and mask paths, case
+    ids, patients); the classes and lesion centres are checked here.
 
     Args:
         path: the CSV file.
@@ -154,42 +134,30 @@ def read_cases(path: str | Path, require_labels: bool = True) -> CaseTable:
     """
     path = Path(path)
     table = read_table(path)
-    columns = set(table.columns)
-    needed = ["image"] + (["label"] if require_labels else [])
-    missing = [c for c in needed if c not in columns]
-    if missing:
-        raise InputError(path, f"missing column(s) {', '.join(missing)}; found {', '.join(table.columns)}")
+    columns = list(table.columns)
+    require_columns(path, table, ["image"] + (["label"] if require_labels else []))
     present_centre = [c for c in CENTER_COLUMNS if c in columns]
     if present_centre and len(present_centre) != 3:
         raise InputError(path, f"has {', '.join(present_centre)} but needs all of {', '.join(CENTER_COLUMNS)}")
     has_labels = "label" in columns
     classes = _classes(path, table["label"]) if has_labels else []
     if require_labels and len(classes) != 2:
-        found = ", ".join(repr(c) for c in classes)
-        raise InputError(path, f"label needs exactly two classes, found {len(classes)} ({found})")
-    images = [resolve_csv_path(path, row, "image", value) for row, value in _rows(table["image"])]
-    ids = _case_ids(path, table, images)
-    cases: list[Case] = []
-    for i, (row, record) in enumerate(zip(range(2, len(table) + 2), table.to_dict("records"))):
-        centre = _centre(path, row, record) if present_centre else None
-        mask_value = str(record.get("mask", "")).strip()
-        mask = resolve_csv_path(path, row, "mask", mask_value) if mask_value and centre is None else None
-        raw = str(record["label"]).strip() if has_labels else None
-        patient = str(record.get("patient", "")).strip() or ids[i]
-        cases.append(Case(case=ids[i], image=images[i], patient=patient, row=row,
-                          label=classes.index(raw) if raw is not None else None, raw_label=raw,
-                          center_mm=centre, mask=mask))
-    return CaseTable(path=path, cases=cases, classes=classes, columns=list(table.columns))
+        shown = ", ".join(repr(c) for c in classes)
+        raise InputError(path, f"label needs exactly two classes, found {len(classes)} ({shown})")
+    cases: list[LabelledCase] = []
+    for case in cases_from_table(path, table, need_mask=False):
+        centre = _centre(path, case.row, case.fields) if present_centre else None  # type: ignore[arg-type]
+        raw = case.fields["label"] if has_labels else None
+        cases.append(LabelledCase(case=case.case, image=case.image, patient=case.patient, row=case.row,
+                                  label=classes.index(raw) if raw is not None else None, raw_label=raw,
+                                  center_mm=centre, mask=case.mask if centre is None else None,
+                                  kind=case.kind if centre is None else None, fields=case.fields))
+    return CaseTable(path=path, cases=cases, classes=classes, columns=columns)
 
 
-def _rows(column: "pd.Series") -> list[tuple[int, str]]:
-    """(CSV line number, stripped value) pairs; the header is line 1."""
-    return [(i + 2, str(v).strip()) for i, v in enumerate(column)]
-
-
-def _classes(path: Path, column: "pd.Series") -> list[str]:
+def _classes(path: Path, column: pd.Series) -> list[str]:
     """The sorted distinct labels (as numbers when all are numbers); refuses empty cells."""
-    values = _rows(column)
+    values = [(row, str(v).strip()) for row, v in enumerate(column, start=2)]
     empty = [row for row, v in values if not v]
     if empty:
         raise InputError(path, f"row {empty[0]}: empty label")
@@ -200,18 +168,7 @@ def _classes(path: Path, column: "pd.Series") -> list[str]:
         return distinct
 
 
-def resolve_csv_path(csv: Path, row: int, column: str, value: str) -> Path:
-    """A path cell of ``csv`` (line ``row``) resolved against the CSV's folder; refuses empty cells and missing files."""
-    if not value:
-        raise InputError(csv, f"row {row}: empty {column}")
-    path = Path(value).expanduser()
-    path = path if path.is_absolute() else csv.parent / path
-    if not path.exists():
-        raise InputError(csv, f"row {row}: {column} {value} does not exist (looked for {path})")
-    return path
-
-
-def _centre(csv: Path, row: int, record: dict[str, str]) -> tuple[float, float, float] | None:
+def _centre(csv: Path, row: int, record: Mapping[str, str]) -> tuple[float, float, float] | None:
     """The row's centre in mm, None when all three cells are empty; refuses partial or non-numeric ones."""
     cells = [str(record[c]).strip() for c in CENTER_COLUMNS]
     if not any(cells):
@@ -223,28 +180,6 @@ def _centre(csv: Path, row: int, record: dict[str, str]) -> tuple[float, float, 
     if not all(math.isfinite(v) for v in values):
         raise InputError(csv, f"row {row}: center_x/y/z must be finite, got {cells}")
     return values  # type: ignore[return-value]
-
-
-def _case_ids(csv: Path, table: "pd.DataFrame", images: list[Path]) -> list[str]:
-    """The ``case`` column, or ids from the image names (see the module docstring); refuses duplicates."""
-    from smartformer.data.naming import volume_stem
-
-    if "case" in table.columns:
-        ids = [v for _, v in _rows(table["case"])]
-        empty = [row for row, v in _rows(table["case"]) if not v]
-        if empty:
-            raise InputError(csv, f"row {empty[0]}: empty case")
-    else:
-        stems = [volume_stem(p) for p in images]
-        if len(set(stems)) < len(set(images)):  # two different images share a name: add the folder
-            stems = [f"{p.parent.name}/{s}" for p, s in zip(images, stems)]
-        ids = [s if stems.count(s) == 1 else f"{s}_r{row}" for (row, _), s in zip(_rows(table["image"]), stems)]
-    seen: dict[str, int] = {}
-    for row, value in enumerate(ids, start=2):
-        if value in seen:
-            raise InputError(csv, f"row {row}: case {value!r} repeats row {seen[value]}")
-        seen[value] = row
-    return ids
 
 
 # ----------------------------------------------------------------------------------------- crops
