@@ -430,7 +430,8 @@ def localization_summary(folder: Path) -> dict[str, Any]:
     """Mean AUROC, pointing game and energy of the checkpoint's maps, and of the two priors."""
     methods = json.loads((folder / "summary.json").read_text())["methods"]
     priors = ("centre_prior", "intensity_prior")
-    (model,) = [m for m in methods if m not in (*priors, "random_init")]
+    # localize's random-weights baseline: random_PRESET (random_init in summaries written before issue 16)
+    (model,) = [m for m in methods if m not in priors and not m.startswith("random_")]
 
     def means(entry: dict[str, Any]) -> dict[str, float | None]:
         return {k: (entry[k]["mean"] if entry.get(k) else None) for k in ("auroc", "pointing", "energy")}
