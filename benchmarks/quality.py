@@ -371,9 +371,9 @@ def position_probe_of(ckpt: Path) -> dict[str, Any]:
 
 
 def sts_cases() -> list[Any]:
-    from smartformer.downstream.segmentation import SegCase
+    from smartformer.data.cases import find_cases
 
-    return [SegCase(d.name, d / "ct.nii.gz", d / "tumor.nii.gz", d.name) for d in sorted(DATA.glob("sts/STS_*"))]
+    return find_cases(DATA / "sts")  # STS_0xx/ct.nii.gz + tumor.nii.gz, in folder order
 
 
 def fewlabel_splits() -> tuple[dict[str, list[Any]], list[Any]]:

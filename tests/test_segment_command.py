@@ -197,9 +197,9 @@ def test_bad_inputs_exit_2_with_one_line(threads, encoder_dir: Path, phantoms: P
     rc, err = _run_err([*train, "--data", str(data)], capsys)
     assert rc == 2 and len(err.splitlines()) == 1 and "case_001/labels.nii.gz" in err and "20x16x16" in err
 
-    # a CSV without a label column
+    # a CSV without a label (or mask) column
     csv = tmp_path / "cases.csv"
-    csv.write_text("image,mask\n" + "".join(f"{phantoms}/case_00{i}/ct.nii.gz,x\n" for i in range(3)))
+    csv.write_text("image,patient\n" + "".join(f"{phantoms}/case_00{i}/ct.nii.gz,p{i}\n" for i in range(3)))
     rc, err = _run_err([*train, "--data", str(csv)], capsys)
     assert rc == 2 and len(err.splitlines()) == 1 and str(csv) in err and "label" in err
 
@@ -241,7 +241,8 @@ def test_roi_too_small_to_train_is_refused() -> None:
 def test_csv_cases_resolve_against_the_csv_and_split_by_patient(phantoms: Path, tmp_path: Path) -> None:
     import shutil
 
-    from smartformer.downstream.segmentation import find_cases, split_cases
+    from smartformer.data.cases import find_cases
+    from smartformer.downstream.segmentation import split_cases
 
     data = tmp_path / "set"
     for i in range(3):

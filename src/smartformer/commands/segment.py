@@ -54,17 +54,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     add_checkpoint_argument(p)
     p.add_argument("--data", required=True, type=Path,
-                   help="a CSV with image and label columns (optional case, patient; relative paths "
-                        "resolve against the CSV's folder) or a folder of CASE/ct.nii.gz + CASE/labels.nii.gz")
+                   help="a CSV with image and label (or mask) columns (optional case, patient; relative paths "
+                        "resolve against the CSV's folder) or a folder of case folders such as "
+                        "CASE/ct.nii.gz + CASE/labels.nii.gz (see smartformer.data.cases)")
     p.add_argument("--out", required=True, type=Path, help="run folder to write")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--labels", type=int, nargs="+", metavar="ID",
                        help="label ids to segment, become classes 1..K; every other id is background "
                             "(default: every non-zero id in the training label maps)")
     which.add_argument("--num-classes", type=int, metavar="K", help="segment label ids 1..K")
-    p.add_argument("--image-name", default="ct.nii.gz", help="image file in each case folder (default: ct.nii.gz)")
-    p.add_argument("--label-name", default="labels.nii.gz",
-                   help="label map file in each case folder (default: labels.nii.gz)")
+    p.add_argument("--image-name", default=None, help="image file in each case folder (default: ct.*, image.*, img.*)")
+    p.add_argument("--label-name", default=None,
+                   help="label map file in each case folder (default: labels.*, label.*, seg.*, segmentation.*, "
+                        "else a lesion mask tumor.*, lesion.*, mask.* ...)")
     add_inference_arguments(p)  # --spacing, --window, --roi (training crops too), --overlap (kept for predict)
     length = p.add_mutually_exclusive_group()
     length.add_argument("--max-steps", type=int, default=None, help="training steps (default: 1000)")
@@ -125,8 +127,8 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def run_train(args: argparse.Namespace) -> int:
     import math
 
-    from smartformer.downstream.segmentation import (SegmentationSettings, find_cases, split_cases,
-                                                     train_segmentation)
+    from smartformer.data.cases import find_cases
+    from smartformer.downstream.segmentation import SegmentationSettings, split_cases, train_segmentation
 
     if args.num_classes is not None and args.num_classes < 1:
         raise SmartformerError(f"--num-classes must be at least 1, got {args.num_classes}")
@@ -142,7 +144,7 @@ def run_train(args: argparse.Namespace) -> int:
                 seed=args.seed, log_every=args.log_every)
     SegmentationSettings(**base)  # refuse bad values before reading anything
     _check_out(args.out, args.overwrite)
-    cases = find_cases(args.data, args.image_name, args.label_name)
+    cases = find_cases(args.data, image_name=args.image_name, mask_name=args.label_name, prefer="labels")
     train, val = split_cases(cases, args.val_fraction, args.seed)
     steps = args.max_steps if args.max_steps is not None else (
         args.epochs * math.ceil(len(train) / args.batch_size) if args.epochs is not None else 1000)

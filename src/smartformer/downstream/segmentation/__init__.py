@@ -6,8 +6,9 @@ The pieces, each usable on its own, one module per section:
   encoder's feature size, depths, heads and window, with the encoder weights loaded strictly;
   :class:`SegmentationConfig`, what ``segmentation.json`` holds.
 * :mod:`.cases`: :func:`split_cases`, a seeded patient-level train/validation split of image + label
-  map pairs, and :func:`load_case`, one pair read, checked (same grid), preprocessed like the
-  pretraining data and its label ids remapped to ``1..K``.
+  map pairs (:func:`smartformer.data.cases.find_cases` finds them), and :func:`load_case`, one pair
+  read, checked (same grid), preprocessed like the pretraining data and its label ids remapped to
+  ``1..K``.
 * :mod:`.train`: :func:`train_segmentation` (DiceCE, AdamW, sliding-window validation with the Dice of
   each class, the best model kept atomically) and :func:`validate` / :func:`dice_per_case`.
 * :mod:`.predict`: :func:`load_segmenter`, :func:`predict_labels` (a label map on the input CT's own
@@ -18,16 +19,7 @@ Everything is re-exported here: ``from smartformer.downstream.segmentation impor
 
 from __future__ import annotations
 
-from smartformer.downstream.segmentation.cases import (
-    DEFAULT_IMAGE_NAME,
-    DEFAULT_LABEL_NAME,
-    SegCase,
-    check_label_grids,
-    find_cases,
-    load_case,
-    remap_labels,
-    split_cases,
-)
+from smartformer.downstream.segmentation.cases import check_label_grids, load_case, remap_labels, split_cases
 from smartformer.downstream.segmentation.model import (
     CONFIG_FILE,
     FORMAT_VERSION,
@@ -52,10 +44,10 @@ from smartformer.downstream.segmentation.train import (
 )
 
 __all__ = [
-    "SegCase", "SegmentationSettings", "SegmentationConfig", "TrainResult", "LabelPrediction",
-    "build_segmenter", "segmenter_from_encoder", "new_swinunetr", "swinunetr_kwargs", "swinunetr_recipe", "find_cases",
+    "SegmentationSettings", "SegmentationConfig", "TrainResult", "LabelPrediction",
+    "build_segmenter", "segmenter_from_encoder", "new_swinunetr", "swinunetr_kwargs", "swinunetr_recipe",
     "split_cases", "load_case", "train_segmentation", "load_segmenter", "predict_labels", "write_labels",
     "dice_per_case", "validate", "check_settings", "check_label_grids", "remap_labels",
-    "CONFIG_FILE", "WEIGHTS_FILE", "METRICS_FILE", "FORMAT_VERSION", "DEFAULT_IMAGE_NAME", "DEFAULT_LABEL_NAME",
+    "CONFIG_FILE", "WEIGHTS_FILE", "METRICS_FILE", "FORMAT_VERSION",
     "_save_model",
 ]

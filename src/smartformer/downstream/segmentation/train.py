@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from smartformer.downstream.segmentation.cases import SegCase, check_label_grids, load_case, remap_labels
+from smartformer.data.cases import Case
+from smartformer.downstream.segmentation.cases import check_label_grids, load_case, remap_labels
 from smartformer.downstream.segmentation.model import (
     CONFIG_FILE,
     FORMAT_VERSION,
@@ -216,7 +217,7 @@ def _mean(dice: dict[str, float]) -> float:
     return sum(finite) / len(finite) if finite else float("nan")
 
 
-def train_segmentation(checkpoint: str | Path, train_cases: Sequence[SegCase], val_cases: Sequence[SegCase],
+def train_segmentation(checkpoint: str | Path, train_cases: Sequence[Case], val_cases: Sequence[Case],
                        out_dir: str | Path, settings: SegmentationSettings | None = None,
                        device: "torch.device | str | None" = None, progress: bool = True,
                        log: Callable[[str], None] = print) -> TrainResult:
@@ -252,11 +253,11 @@ def train_segmentation(checkpoint: str | Path, train_cases: Sequence[SegCase], v
     label_ids = list(s.label_ids) if s.label_ids is not None else sorted(
         {i for case in loaded[:len(train_cases)] for i in case["ids"] if i != 0})
     if not label_ids:
-        raise InputError(train_cases[0].label, "no foreground label in any training label map")
+        raise InputError(train_cases[0].mask, "no foreground label in any training label map")
     present = {i for case in loaded[:len(train_cases)] for i in case["ids"]}
     absent = [i for i in label_ids if i not in present]
     if absent:
-        raise InputError(train_cases[0].label, f"label id(s) {absent} occur in no training label map "
+        raise InputError(train_cases[0].mask, f"label id(s) {absent} occur in no training label map "
                                                f"(found {sorted(present - {0})})")
     if len(label_ids) > 255:
         raise SmartformerError(f"{len(label_ids)} label ids found; pass --labels with at most 255 of them")
