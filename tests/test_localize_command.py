@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from smartformer.cli import main
-from smartformer.commands.localize import CENTRE, INTENSITY, find_cases
+from smartformer.commands.localize import CENTRE, INTENSITY
+from smartformer.data.cases import find_cases, lesion_value
 from smartformer.data.phantom import LESION_ID, write_phantoms
 from smartformer.models.smartformer import SMARTFormer
 
@@ -72,15 +73,15 @@ def test_csv_source_and_random_windows(phantoms, checkpoints, tmp_path):
 
 
 def test_find_cases_layouts(phantoms, tmp_path):
-    found = find_cases(phantoms, None)
-    assert [c["case"] for c in found] == ["case_000", "case_001"]
-    assert all(c["value"] == LESION_ID and c["mask"].name == "labels.nii.gz" for c in found)
+    found = find_cases(phantoms)
+    assert [c.case for c in found] == ["case_000", "case_001"]
+    assert all(lesion_value(c) == LESION_ID and c.mask.name == "labels.nii.gz" for c in found)
     sts = tmp_path / "STS_001"
     sts.mkdir()
     (sts / "ct.nii.gz").write_bytes(b"")
     (sts / "tumor.nii.gz").write_bytes(b"")
-    (case,) = find_cases(tmp_path, None)
-    assert case["mask"].name == "tumor.nii.gz" and case["value"] is None
+    (case,) = find_cases(tmp_path)
+    assert case.mask.name == "tumor.nii.gz" and lesion_value(case) is None
 
 
 @pytest.mark.parametrize("case", ["missing_data", "no_cases", "csv_columns", "bad_checkpoint"])

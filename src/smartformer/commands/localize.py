@@ -21,17 +21,12 @@ from smartformer.commands._options import (
     check_inference_arguments,
     inference_kwargs,
 )
-from smartformer.errors import InputError, SmartformerError
+from smartformer.errors import SmartformerError
 from smartformer.wording import plural
 
 if TYPE_CHECKING:
     import numpy as np
 
-#: File name stems (any image suffix) that hold a binary lesion mask inside a case folder.
-MASK_STEMS: tuple[str, ...] = ("tumor", "tumour", "lesion", "mask", "gtv")
-#: File name stems of a label map (the lesion is one label value) inside a case folder.
-LABEL_STEMS: tuple[str, ...] = ("labels", "label", "seg", "segmentation")
-CT_STEMS: tuple[str, ...] = ("ct", "image", "img")
 CENTRE, INTENSITY = "centre_prior", "intensity_prior"
 #: Cases shown in montage.png.
 MONTAGE_ROWS = 8
@@ -72,58 +67,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and windows (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
-
-
-def _find_stem(folder: Path, stems: tuple[str, ...]) -> Path | None:
-    from smartformer.data.suffixes import IMAGE_SUFFIXES
-
-    for stem in stems:
-        for suffix in IMAGE_SUFFIXES:
-            if (folder / f"{stem}{suffix}").is_file():
-                return folder / f"{stem}{suffix}"
-    return None
-
-
-def find_cases(data: Path, lesion_label: int | None) -> list[dict[str, Any]]:
-    """List ``{"case", "image", "mask", "value"}`` pairs from a CSV or a folder of case folders."""
-    from smartformer.data.phantom import LESION_ID
-
-    if not data.exists():
-        raise InputError(data, "does not exist")
-    cases: list[dict[str, Any]] = []
-    if data.is_file():
-        if not data.name.lower().endswith(".csv"):
-            raise InputError(data, "give a .csv with image and mask columns, or a folder of case folders")
-        import pandas as pd
-
-        try:
-            table = pd.read_csv(data, dtype=str, keep_default_na=False)
-        except Exception as exc:  # pandas raises several parser error types
-            raise InputError(data, f"not a readable CSV ({str(exc).splitlines()[0]})") from None
-        if "image" not in table.columns or "mask" not in table.columns:
-            raise InputError(data, f"needs 'image' and 'mask' columns, found {list(table.columns)}")
-        for i, row in table.iterrows():
-            image, mask = (Path(row[k]).expanduser() for k in ("image", "mask"))
-            image = image if image.is_absolute() else data.parent / image
-            mask = mask if mask.is_absolute() else data.parent / mask
-            name = row["case"] if "case" in table.columns and row["case"] else f"case_{i:03d}_{image.parent.name}"
-            cases.append({"case": name, "image": image, "mask": mask, "value": lesion_label})
-    else:
-        for folder in [data, *sorted(p for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))]:
-            image = _find_stem(folder, CT_STEMS)
-            if image is None:
-                continue
-            mask = _find_stem(folder, MASK_STEMS)
-            value = lesion_label
-            if mask is None:
-                mask = _find_stem(folder, LABEL_STEMS)
-                value = LESION_ID if lesion_label is None else lesion_label
-            if mask is None:
-                raise InputError(folder, f"has {image.name} but no mask ({'/'.join(MASK_STEMS + LABEL_STEMS)}.*)")
-            cases.append({"case": folder.name, "image": image, "mask": mask, "value": value})
-    if not cases:
-        raise InputError(data, f"holds no case: no CSV rows, and no folder with {'/'.join(CT_STEMS)}.* + a mask")
-    return cases
 
 
 def _score_case(maps: dict[str, "np.ndarray"], lesion: "np.ndarray", image_hu: "np.ndarray",
@@ -242,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
 
     from smartformer.analysis.attention import attention_volume
     from smartformer.analysis.localization import METRICS, centre_prior, intensity_prior
+    from smartformer.data.cases import find_cases, lesion_value
     from smartformer.data.io import read_ct
     from smartformer.data.masks import read_mask_on
     from smartformer.models.hub import checkpoint_names, load_encoder, random_baseline, resolve_checkpoint
@@ -254,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     names = checkpoint_names(args.checkpoint, reserved=(CENTRE, INTENSITY))
     models = {name: load_encoder(spec, seed=args.seed, need_attention=True)
               for name, spec in zip(names, args.checkpoint)}
-    cases = find_cases(args.data, args.lesion_label)[: args.max_cases]
+    cases = find_cases(args.data)[: args.max_cases]
     given = any(resolve_checkpoint(spec).kind == "random" for spec in args.checkpoint)
     baseline: list[str] = []
     if not args.no_random_baseline and not given:
@@ -268,10 +212,10 @@ def run(args: argparse.Namespace) -> int:
     panels: list[dict[str, Any]] = []
     args.out.mkdir(parents=True, exist_ok=True)
     for case in tqdm(cases, desc="localize", unit="case", disable=args.no_progress):
-        ct = read_ct(case["image"])
-        lesion = read_mask_on(case["mask"], ct, case["value"], allow_empty=True)
+        ct = read_ct(case.image)
+        lesion = read_mask_on(case.mask, ct, lesion_value(case, args.lesion_label), allow_empty=True)
         if not lesion.any():
-            skipped.append({"case": case["case"], "reason": f"empty mask {case['mask']}"})
+            skipped.append({"case": case.case, "reason": f"empty mask {case.mask}"})
             continue
         image_hu = ct.as_tensor()[0].numpy()
         spacing = tuple(float(s) for s in np.linalg.norm(np.asarray(ct.affine)[:3, :3], axis=0))
@@ -279,10 +223,10 @@ def run(args: argparse.Namespace) -> int:
         maps[INTENSITY] = intensity_prior(image_hu)
         scores = _score_case(maps, lesion, image_hu, spacing, args, rng)  # type: ignore[arg-type]
         for method in methods:
-            rows.append({"case": case["case"], "method": method, **scores[method]})
+            rows.append({"case": case.case, "method": method, **scores[method]})
         if len(panels) < MONTAGE_ROWS:
             maps[CENTRE] = centre_prior(lesion.shape, spacing)
-            panels.append(montage_panel(case["case"], image_hu, lesion, maps, spacing))  # type: ignore[arg-type]
+            panels.append(montage_panel(case.case, image_hu, lesion, maps, spacing))  # type: ignore[arg-type]
     if not rows:
         raise SmartformerError(f"{args.data}: every mask was empty on its CT's grid; nothing to score")
     pd.DataFrame(rows, columns=["case", "method", *METRICS]).to_csv(args.out / "cases.csv", index=False)
