@@ -16,9 +16,10 @@ def test_plural():
 def test_lesion_summary_of_one_case():
     from pathlib import Path
 
-    from smartformer.data.builders.lesions import CaseResult, LesionCase, summarize
+    from smartformer.data.builders.lesions import CaseResult, summarize
+    from smartformer.data.cases import Case
 
-    result = CaseResult(LesionCase("p1", Path("ct.nii.gz"), Path("tumor.nii.gz")))
+    result = CaseResult(Case(case="p1", image=Path("ct.nii.gz"), patient="p1", mask=Path("tumor.nii.gz")))
     assert summarize([result], 0)[0] == "1 case: 0 lesion samples (label 1), 0 normal-tissue samples (label 0)"
 
 

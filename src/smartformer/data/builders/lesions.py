@@ -1,6 +1,8 @@
 """Lesion vs. normal tissue samples from CT scans with lesion masks.
 
-For each case (a CT and a lesion mask on the same voxel grid) this finds
+For each case (a CT and a lesion mask on the same voxel grid, found by
+:func:`smartformer.data.cases.find_cases`: a CSV with ``image`` and ``mask`` columns or a folder of
+case folders such as ``STS_001/ct.nii.gz`` + ``tumor.nii.gz``) this finds
 
 * **positives** (``label`` 1, ``kind`` ``lesion``): one per connected lesion component (26-
   connectivity, components under ``min_lesion_voxels`` dropped), or only the largest one; the
@@ -37,7 +39,7 @@ from smartformer.data.builders import (
     voxel_to_world,
     write_csv_atomic,
 )
-from smartformer.data.suffixes import IMAGE_SUFFIXES
+from smartformer.data.cases import Case, find_cases
 from smartformer.errors import InputError, SmartformerError
 from smartformer.wording import plural
 
@@ -48,27 +50,12 @@ positives, empty for negatives; ``lesion_voxels``: that component's size; ``dist
 negatives, the distance to the nearest lesion voxel (empty when the case has no lesion);
 ``hu``: the CT value at the centre voxel."""
 
-IMAGE_NAMES: tuple[str, ...] = ("ct", "image", "img")
-"""Base names (before the image suffix) of the CT in a case folder, in order of preference."""
-MASK_NAMES: tuple[str, ...] = ("tumor", "tumour", "lesion", "lesions", "mask", "gtv", "seg",
-                               "labels", "label")
-"""Base names of the lesion mask in a case folder, in order of preference."""
-
-
-@dataclass(frozen=True)
-class LesionCase:
-    """One CT with its lesion mask."""
-
-    patient: str
-    image: Path
-    mask: Path
-
 
 @dataclass
 class CaseResult:
     """The rows one case gave, and what could not be had."""
 
-    case: LesionCase
+    case: Case
     rows: list[dict[str, Any]] = field(default_factory=list)
     n_components: int = 0
 
@@ -105,86 +92,6 @@ class SamplingOptions:
             raise SmartformerError(f"--seed must be a whole number >= 0, got {self.seed}")
 
 
-# --- finding the cases ------------------------------------------------------------------------
-
-def find_cases(data: str | Path, image_name: str | None = None,
-               mask_name: str | None = None) -> list[LesionCase]:
-    """The cases of a CSV (``image``, ``mask`` and optional ``patient`` columns) or a folder.
-
-    A folder holds one sub-folder per case (its name is the patient id) with a CT named
-    ``ct.*`` (see :data:`IMAGE_NAMES`) and a mask named ``tumor.*``, ``labels.*`` ... (see
-    :data:`MASK_NAMES`); ``image_name`` / ``mask_name`` (file names such as ``ct.nii.gz``)
-    override the search. Sub-folders without both files are skipped; none at all is an error.
-    In a CSV, relative paths are resolved against its folder and a missing ``patient`` column
-    is filled with each image's folder name.
-
-    Raises:
-        InputError: the source is missing, unreadable, or names no usable case.
-    """
-    data = Path(data)
-    if not data.exists():
-        raise InputError(data, "does not exist")
-    cases = _cases_from_csv(data) if data.is_file() else _cases_from_folder(data, image_name, mask_name)
-    ids = [case.patient for case in cases]
-    duplicated = sorted({pid for pid in ids if ids.count(pid) > 1})
-    if duplicated and data.is_dir():
-        raise InputError(data, f"case ids repeated: {', '.join(duplicated[:5])}")
-    return cases
-
-
-def _cases_from_csv(path: Path) -> list[LesionCase]:
-    import pandas as pd  # only here: keeps `smartformer --help` fast
-
-    try:
-        table = pd.read_csv(path, keep_default_na=False, dtype=str)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"not a readable CSV table ({' '.join(str(exc).split())})") from None
-    missing = [column for column in ("image", "mask") if column not in table.columns]
-    if missing:
-        raise InputError(path, f"has no {' and no '.join(repr(c) for c in missing)} column "
-                               f"(columns: {', '.join(map(str, table.columns))})")
-    cases = []
-    for row, record in enumerate(table.to_dict("records"), start=2):
-        image, mask = (record[key].strip() for key in ("image", "mask"))
-        if not image or not mask:
-            raise InputError(path, f"row {row}: empty 'image' or 'mask' value")
-        image_path, mask_path = (_resolve(path.parent, value) for value in (image, mask))
-        patient = str(record.get("patient", "")).strip() or image_path.parent.name
-        cases.append(LesionCase(patient, image_path, mask_path))
-    if not cases:
-        raise InputError(path, "lists no case")
-    return cases
-
-
-def _resolve(base: Path, value: str) -> Path:
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else base / path
-
-
-def _cases_from_folder(root: Path, image_name: str | None, mask_name: str | None) -> list[LesionCase]:
-    cases = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        image = folder / image_name if image_name else _first_named(folder, IMAGE_NAMES)
-        mask = folder / mask_name if mask_name else _first_named(folder, MASK_NAMES)
-        if image is not None and mask is not None and image.exists() and mask.exists():
-            cases.append(LesionCase(folder.name, image, mask))
-    if not cases:
-        wanted = (f"{image_name or 'ct.nii.gz'} and {mask_name or 'tumor.nii.gz / labels.nii.gz'}")
-        raise InputError(root, f"holds no case folder with {wanted} (give a CSV with 'image' and "
-                               "'mask' columns, or --image-name / --mask-name)")
-    return cases
-
-
-def _first_named(folder: Path, names: Sequence[str]) -> Path | None:
-    files = {}
-    for path in folder.iterdir():
-        lower = path.name.lower()
-        for suffix in IMAGE_SUFFIXES:
-            if path.is_file() and lower.endswith(suffix):
-                files.setdefault(lower[: -len(suffix)], path)
-    return next((files[name] for name in names if name in files), None)
-
-
 # --- sampling one case ------------------------------------------------------------------------
 
 def case_seed(seed: int, patient: str) -> list[int]:
@@ -192,7 +99,7 @@ def case_seed(seed: int, patient: str) -> list[int]:
     return [int(seed), zlib.crc32(patient.encode("utf-8"))]
 
 
-def load_case(case: LesionCase, mask_label: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def load_case(case: Case, mask_label: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(HU array (X, Y, Z), boolean lesion mask, RAS affine) of a case, grids checked to match.
 
     Raises:
@@ -221,7 +128,7 @@ def load_case(case: LesionCase, mask_label: int | None) -> tuple[np.ndarray, np.
     return ct, values == mask_label, affine
 
 
-def sample_case(case: LesionCase, options: SamplingOptions) -> CaseResult:
+def sample_case(case: Case, options: SamplingOptions) -> CaseResult:
     """Positive and negative rows of one case (see the module docstring)."""
     ct, lesion, affine = load_case(case, options.mask_label)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
@@ -328,7 +235,7 @@ def build_lesion_set(data: str | Path, out: str | Path, options: SamplingOptions
         SmartformerError: bad sampling options.
     """
     options.check()
-    cases = find_cases(data, image_name, mask_name)
+    cases = find_cases(data, image_name=image_name, mask_name=mask_name)
     out = prepare_out_dir(out)
     results = [sample_case(case, options)
                for case in tqdm(cases, desc="lesions", unit="case", file=sys.stderr,
