@@ -90,5 +90,5 @@ def test_validation_split_empty_when_a_class_has_one_patient():
 def test_check_fractions():
     assert check_fractions([1.0, 0.1, 0.5, 0.1]) == [0.1, 0.5, 1.0]
     for bad in ([0.0], [1.5], []):
-        with pytest.raises(SmartformerError, match="--fraction"):
+        with pytest.raises(SmartformerError, match="label fractions must be in"):
             check_fractions(bad)

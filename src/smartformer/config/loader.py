@@ -21,6 +21,7 @@ import yaml
 
 from smartformer.config.schema import PretrainConfig
 from smartformer.errors import ConfigError
+from smartformer.models.swin3d import SIZE_MULTIPLE, is_input_size
 
 if typing.TYPE_CHECKING:
     from smartformer.models.smartformer import SMARTConfig
@@ -196,8 +197,8 @@ def load_config(source: str = "tiny", overrides: Sequence[str] = ()) -> Pretrain
 #: checked for type only (and floats for being finite).
 _RANGES: dict[str, tuple[Any, str]] = {
     "data.spacing": (lambda v: all(x > 0 for x in v), "positive (mm)"),
-    "data.roi": (lambda v: all(x >= 32 and x % 32 == 0 for x in v),
-                 "multiples of 32 (the Swin encoder downsamples by 32), e.g. [64,64,64]"),
+    "data.roi": (is_input_size,
+                 f"multiples of {SIZE_MULTIPLE} (the Swin encoder downsamples by {SIZE_MULTIPLE}), e.g. [64,64,64]"),
     "data.batch_size": (lambda v: v >= 1, "at least 1"),
     "data.num_workers": (lambda v: v >= 0, "0 or more"),
     "data.intensity_scale": (lambda v: v >= 0, "0 or more"),

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from smartformer.data.cases import Case, cases_from_table, read_table, require_columns
 from smartformer.errors import InputError, SmartformerError
+from smartformer.models.swin3d import check_input_size
 
 if TYPE_CHECKING:
     import numpy as np
@@ -105,8 +106,9 @@ class CropOptions:
     window: tuple[float, float] = (-1000.0, 1000.0)
 
     def __post_init__(self) -> None:
-        if len(self.size) != 3 or any(s < 32 or s % 32 for s in self.size):
-            raise SmartformerError(f"crop size {self.size}: every side must be a positive multiple of 32")
+        if len(self.size) != 3:
+            raise SmartformerError(f"crop size {self.size}: need three sides (voxels)")
+        check_input_size(self.size, "crop size")
         if len(self.spacing) != 3 or any(s <= 0 for s in self.spacing):
             raise SmartformerError(f"crop spacing {self.spacing}: need three positive values (mm)")
         if not self.window[0] < self.window[1]:

@@ -45,11 +45,11 @@ def assign_folds(labels: "np.ndarray", patients: "np.ndarray", n_folds: int = 5,
     from sklearn.model_selection import StratifiedGroupKFold
 
     if n_folds < 2:
-        raise SmartformerError(f"--folds must be at least 2, got {n_folds}")
+        raise SmartformerError(f"cross-validation needs at least 2 folds, got {n_folds}")
     for cls in (0, 1):
         count = len(set(patients[labels == cls].tolist()))
         if count < n_folds:
-            raise SmartformerError(f"--folds {n_folds} needs at least {n_folds} patients with class {cls}; "
+            raise SmartformerError(f"{n_folds} folds need at least {n_folds} patients with class {cls}; "
                                    f"there are {count}")
     folds = np.full(len(labels), -1, dtype=np.int64)
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
@@ -69,7 +69,7 @@ def holdout_cases(labels: "np.ndarray", patients: "np.ndarray", fraction: float,
     import numpy as np
 
     if not 0 <= fraction < 1:
-        raise SmartformerError(f"--holdout must be at least 0 and below 1, got {fraction}")
+        raise SmartformerError(f"the held-out fraction must be at least 0 and below 1, got {fraction}")
     if fraction == 0:
         return np.zeros(len(labels), dtype=bool)
     order = _patient_order(labels, patients, np.random.default_rng([seed, 3]))
@@ -78,7 +78,7 @@ def holdout_cases(labels: "np.ndarray", patients: "np.ndarray", fraction: float,
     mask = np.asarray([p in held for p in patients.tolist()], dtype=bool)
     for part, name in ((mask, "held-out test set"), (~mask, "rest")):
         if len(np.unique(labels[part])) < 2:
-            raise SmartformerError(f"--holdout {fraction:g} leaves the {name} with one class only; "
+            raise SmartformerError(f"holding out {fraction:g} of the patients leaves the {name} with one class only; "
                                    "change the fraction")
     return mask
 
@@ -103,7 +103,7 @@ def subsample(indices: "np.ndarray", labels: "np.ndarray", patients: "np.ndarray
     import numpy as np
 
     if not 0 < fraction <= 1:
-        raise SmartformerError(f"--fraction values must be in (0, 1], got {fraction}")
+        raise SmartformerError(f"a label fraction must be in (0, 1], got {fraction}")
     indices = np.asarray(indices)
     if fraction == 1:
         return np.sort(indices)
@@ -111,7 +111,7 @@ def subsample(indices: "np.ndarray", labels: "np.ndarray", patients: "np.ndarray
     kept = {p for members in order.values() for p in members[:max(1, math.ceil(fraction * len(members)))]}
     chosen = np.sort(indices[[p in kept for p in patients[indices].tolist()]])
     if len(np.unique(labels[chosen])) < 2:
-        raise SmartformerError(f"--fraction {fraction:g} leaves only one class in the training cases of fold "
+        raise SmartformerError(f"label fraction {fraction:g} leaves only one class in the training cases of fold "
                                f"{fold}; use a larger fraction")
     return chosen
 
@@ -141,5 +141,5 @@ def check_fractions(fractions: Sequence[float]) -> list[float]:
     """Distinct fractions in (0, 1], ascending; refuses anything else with one line."""
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad or not fractions:
-        raise SmartformerError(f"--fraction takes values in (0, 1], got {list(fractions)}")
+        raise SmartformerError(f"label fractions must be in (0, 1], got {list(fractions)}")
     return sorted(set(float(f) for f in fractions))

@@ -143,7 +143,7 @@ def build_medmnist3d(npz: str | Path, out: str | Path, hu_range: Sequence[float]
     """
     low, high = (float(v) for v in hu_range)
     if not np.isfinite([low, high]).all() or high <= low:
-        raise SmartformerError(f"--hu-range needs LOW < HIGH, got {low:g} {high:g}")
+        raise SmartformerError(f"HU range: the low end must be below the high end, got {low:g} {high:g}")
     data = load_npz(npz, classes)
     from smartformer.data.io import write_nifti  # torch/MONAI only when writing
 
