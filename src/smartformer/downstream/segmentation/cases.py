@@ -35,7 +35,7 @@ def split_cases(cases: Sequence[Case], val_fraction: float = 0.2,
     import numpy as np
 
     if not 0.0 < val_fraction < 1.0:
-        raise SmartformerError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+        raise SmartformerError(f"the validation fraction must be in (0, 1), got {val_fraction}")
     patients = list(dict.fromkeys(c.patient for c in cases))
     if len(patients) < 2:
         raise SmartformerError(f"need cases of at least 2 patients for a train/validation split, got {len(patients)}")

@@ -30,6 +30,7 @@ from smartformer.downstream.segmentation.model import (
     swinunetr_kwargs,
 )
 from smartformer.errors import InputError, SmartformerError
+from smartformer.models.swin3d import SIZE_MULTIPLE, check_input_size
 from smartformer.wording import plural
 
 if TYPE_CHECKING:
@@ -81,28 +82,30 @@ def check_settings(s: SegmentationSettings) -> None:
     from smartformer.data.transforms import parse_window
 
     parse_window(s.window)
-    if any(r % 32 for r in s.roi):
-        raise SmartformerError(f"--roi {list(s.roi)}: each side must be a multiple of 32 (SwinUNETR downsamples 32x)")
-    if math.prod(r // 32 for r in s.roi) < 2:
-        raise SmartformerError(f"--roi {list(s.roi)}: too small to train (the 32x-downsampled patch must have "
-                               "more than one voxel for instance norm); use e.g. --roi 64 or --roi 64 32 32")
+    check_input_size(s.roi, "ROI")  # SwinUNETR downsamples by the same factor as the Swin encoder
+    if math.prod(r // SIZE_MULTIPLE for r in s.roi) < 2:
+        raise SmartformerError(f"ROI {list(s.roi)}: too small to train (the {SIZE_MULTIPLE}x-downsampled patch must "
+                               "have more than one voxel for instance norm); use e.g. 64 or 64 x 32 x 32")
     if s.label_ids is not None:
         if not s.label_ids or len(set(s.label_ids)) != len(s.label_ids) or any(i <= 0 or i > 65535 for i in s.label_ids):
-            raise SmartformerError(f"--labels {list(s.label_ids)}: give distinct label ids in 1..65535")
+            raise SmartformerError(f"label ids {list(s.label_ids)}: give distinct label ids in 1..65535")
         if len(s.label_ids) > 255:
-            raise SmartformerError("--labels: at most 255 classes")
+            raise SmartformerError(f"{len(s.label_ids)} label ids: at most 255 classes")
     positive = {"max_steps": s.max_steps, "val_every": s.val_every, "batch_size": s.batch_size, "log_every": s.log_every}
     for name, value in positive.items():
         if value < 1:
-            raise SmartformerError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+            raise SmartformerError(f"{name} must be at least 1, got {value}")
     if s.lr <= 0 or s.weight_decay < 0 or s.warmup_steps < 0 or s.freeze_encoder_steps < 0:
-        raise SmartformerError("--lr must be positive; --weight-decay, --warmup-steps and --freeze-encoder-steps >= 0")
+        raise SmartformerError(f"lr must be positive (got {s.lr:g}); weight_decay, warmup_steps and "
+                               f"freeze_encoder_steps >= 0 (got {s.weight_decay:g}, {s.warmup_steps}, "
+                               f"{s.freeze_encoder_steps})")
     if s.warmup_steps > s.max_steps:
-        raise SmartformerError(f"--warmup-steps {s.warmup_steps} exceeds the {s.max_steps} training steps")
+        raise SmartformerError(f"warmup_steps {s.warmup_steps} exceeds the {s.max_steps} training steps")
     if any(a not in (0, 1, 2) for a in s.flip_axes) or not 0.0 <= s.flip_prob <= 1.0:
-        raise SmartformerError("--flip-axes take 0, 1, 2 (RAS x, y, z) and --flip-prob is in [0, 1]")
+        raise SmartformerError(f"flip axes take 0, 1, 2 (RAS x, y, z), got {list(s.flip_axes)}, and the flip "
+                               f"probability is in [0, 1], got {s.flip_prob:g}")
     if not 0.0 <= s.overlap < 1.0:
-        raise SmartformerError("--overlap must be in [0, 1)")
+        raise SmartformerError(f"sliding-window overlap must be in [0, 1), got {s.overlap:g}")
 
 
 @dataclass
@@ -260,7 +263,7 @@ def train_segmentation(checkpoint: str | Path, train_cases: Sequence[Case], val_
         raise InputError(train_cases[0].mask, f"label id(s) {absent} occur in no training label map "
                                                f"(found {sorted(present - {0})})")
     if len(label_ids) > 255:
-        raise SmartformerError(f"{len(label_ids)} label ids found; pass --labels with at most 255 of them")
+        raise SmartformerError(f"{len(label_ids)} label ids found; at most 255 classes can be segmented, choose some")
     for case in loaded:
         case["label"] = remap_labels(case["label"], label_ids)
     train_data, val_data = loaded[:len(train_cases)], loaded[len(train_cases):]
