@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_pretrain import FAST, phantoms  # noqa: F401  (the phantom CTs fixture)
 
 from smartformer.cli import build_parser, main
 from smartformer.commands._options import CHECKPOINT_HELP
 from smartformer.errors import CheckpointError
 from smartformer.models.hub import checkpoint_names, load_encoder, preset_of, random_baseline, resolve_checkpoint
 from smartformer.models.smartformer import PRETRAINED, SMARTFormer, pretrained_path
-from test_pretrain import FAST, phantoms  # noqa: F401  (the phantom CTs fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -201,8 +201,8 @@ def test_every_command_refuses_a_bad_checkpoint_with_the_same_line(command: str,
     }[command]
     assert main([*command.split(), "--checkpoint", str(tmp_path / "nowhere"), *rest]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert err == [f"smartformer: error: {tmp_path / 'nowhere'}: does not exist, and is no shipped model "
-                   f"({PRETRAINED[0]}) nor random:PRESET"]
+    assert err == [(f"smartformer: error: {tmp_path / 'nowhere'}: does not exist, and is no shipped model "
+                   f"({PRETRAINED[0]}) nor random:PRESET")]
     assert not out.exists() and not (tmp_path / "w.pt").exists() and not (tmp_path / "f.csv").exists()
 
 

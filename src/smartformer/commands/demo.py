@@ -120,7 +120,6 @@ def attention_with_baselines(case: Path, models: dict[str, tuple["SMARTFormer", 
     from smartformer.data.phantom import LESION_ID
     from smartformer.data.transforms import BODY_HU_THRESHOLD
     from smartformer.models.hub import random_baseline
-    from smartformer.models.smartformer import SMARTFormer
 
     lesion = np.asarray(nib.load(str(case / "labels.nii.gz")).dataobj) == LESION_ID
     first_name, (first, _) = next(iter(models.items()))

@@ -31,8 +31,16 @@ from smartformer.downstream.splits import assign_folds, check_fractions, holdout
 from smartformer.errors import InputError, SmartformerError
 from smartformer.models.hub import checkpoint_names, resolve_checkpoint
 
-__all__ = ["HOLDOUT", "EvaluationSettings", "Study", "Evaluation", "CheckpointRunner", "evaluate", "test_indices",
-           "training_indices"]
+__all__ = [
+    "HOLDOUT",
+    "CheckpointRunner",
+    "Evaluation",
+    "EvaluationSettings",
+    "Study",
+    "evaluate",
+    "test_indices",
+    "training_indices",
+]
 
 #: The fold of the held-out test set's cases (``holdout``) in ``Study.folds`` and folds.csv.
 HOLDOUT = -1

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from smartformer.models.smartformer import SMARTFormer
 
-__all__ = ["FEATURE_KINDS", "load_encoder", "pick_device", "encode", "extract_features", "feature_columns"]
+__all__ = ["FEATURE_KINDS", "encode", "extract_features", "feature_columns", "load_encoder", "pick_device"]
 
 #: Which features a classifier reads: the semantic [CLS], the mean of the tokens, or both concatenated.
 FEATURE_KINDS: tuple[str, ...] = ("cls", "pooled", "both")

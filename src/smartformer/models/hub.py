@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 
@@ -47,14 +48,18 @@ from smartformer.models.smartformer import (
 from smartformer.models.swin3d import Swin3DConfig
 from smartformer.train.checkpoint import CHECKPOINT_DIR, LAST, check_state_fits, last_checkpoint, step_checkpoints
 
-__all__ = ["RANDOM_PREFIX", "Checkpoint", "resolve_checkpoint", "load_encoder", "checkpoint_names",
-           "preset_of", "random_baseline", "infer_swin_config", "FORMS"]
+__all__ = [
+    "RANDOM_PREFIX",
+    "Checkpoint",
+    "checkpoint_names",
+    "infer_swin_config",
+    "load_encoder",
+    "preset_of",
+    "random_baseline",
+    "resolve_checkpoint",
+]
 
 RANDOM_PREFIX = "random:"
-#: The forms, in a few words each (for help texts and errors).
-FORMS = ("a pretraining run directory, its teacher/ (a save_pretrained directory), a training checkpoint "
-         "(checkpoints/last.pt, step_N.pt), a weights file (.safetensors), "
-         + ", ".join(PRETRAINED) + " (shipped with smartformer), or random:PRESET[@SEED] (random weights)")
 #: Which network of a training checkpoint (or of a run directory's ``checkpoints/last.pt``).
 Which = Literal["teacher", "student"]
 #: Keys of the parts an encoder never uses downstream (projection heads, the reconstruction decoder).
