@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from smartformer.commands.demo import attention_with_baselines, localization_lines
-from smartformer.commands.localize import CENTRE
+from smartformer.analysis.zero_shot import CENTRE, attention_with_baselines
+from smartformer.commands.demo import localization_lines
 from smartformer.config import load_config
 from smartformer.data.phantom import write_phantoms
 from smartformer.models.smartformer import SMARTFormer

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
+from smartformer.analysis.zero_shot import CENTRE, INTENSITY
 from smartformer.cli import main
-from smartformer.commands.localize import CENTRE, INTENSITY
 from smartformer.data.cases import find_cases, lesion_value
 from smartformer.data.phantom import LESION_ID, write_phantoms
 from smartformer.models.smartformer import SMARTFormer

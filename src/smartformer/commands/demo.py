@@ -5,11 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from smartformer.config import PretrainConfig
-    from smartformer.models.smartformer import SMARTFormer
+from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     import nibabel as nib
 
+    from smartformer.analysis.zero_shot import attention_with_baselines
     from smartformer.config import load_config
     from smartformer.data.phantom import LESION_ID, write_phantoms
     from smartformer.errors import SmartformerError
@@ -98,57 +95,6 @@ def run(args: argparse.Namespace) -> int:
     for line in localization_lines(scored):
         print(line)
     return 0
-
-
-def attention_with_baselines(case: Path, models: dict[str, tuple["SMARTFormer", str]], config: "PretrainConfig",
-                             out: Path, seed: int = 0) -> dict[str, dict[str, Any]]:
-    """Attention maps (NIfTI + PNG) of each model for the phantom ``case``, and how well each map and
-    two baselines (as ``smartformer localize`` has them) point at its tumour.
-
-    ``models`` maps a name to (network, description). Returns, per method (each model, then the first
-    model's architecture with random weights, ``random_PRESET`` as :func:`~smartformer.models.hub.random_baseline`
-    names it, then :data:`~smartformer.commands.localize.CENTRE`): ``auroc`` and ``tumour_enrichment`` (mean
-    attention in the tumour / in the body, 1.0 is chance), and ``body_mean`` / ``air_mean``; the models
-    also get their ``png``, ``mean`` and ``heads`` files.
-    """
-    import nibabel as nib
-    import numpy as np
-
-    from smartformer.analysis.attention import attention_volume, write_attention
-    from smartformer.analysis.localization import centre_prior, localization_metrics
-    from smartformer.commands.localize import CENTRE
-    from smartformer.data.phantom import LESION_ID
-    from smartformer.data.transforms import BODY_HU_THRESHOLD
-    from smartformer.models.hub import random_baseline
-
-    lesion = np.asarray(nib.load(str(case / "labels.nii.gz")).dataobj) == LESION_ID
-    first_name, (first, _) = next(iter(models.items()))
-    random_name, random_model = random_baseline(first, seed, like=first_name)
-    methods: dict[str, tuple[SMARTFormer | None, str]] = {
-        **models, random_name: (random_model, "random weights"), CENTRE: (None, "centre prior")}
-    entries: dict[str, dict[str, Any]] = {}
-    image_hu = spacing = None
-    for name, (model, what) in methods.items():
-        entry: dict[str, Any] = {"what": what}
-        if model is None:
-            heat = centre_prior(lesion.shape, spacing)
-        else:
-            result = attention_volume(model, case / "ct.nii.gz", spacing=config.data.spacing,
-                                      window=config.data.window, roi=config.data.roi, overlap=0.25)
-            image_hu, heat = result.image_hu, result.mean
-            spacing = tuple(float(s) for s in np.linalg.norm(result.affine[:3, :3], axis=0))
-            if name in models:
-                files = write_attention(result, out, stem=f"{case.name}_{name}", mask=lesion,
-                                        title=f"{case.name}: {what}", mask_label="tumour")
-                entry.update({k: str(v) for k, v in files.items()})
-        body = image_hu > BODY_HU_THRESHOLD
-        entry.update({"body_mean": float(heat[body].mean()),
-                      "air_mean": float(heat[~body].mean()) if (~body).any() else None})
-        if lesion.any():
-            scores = localization_metrics(heat, lesion, image_hu, spacing)
-            entry.update({"auroc": scores["auroc"], "tumour_enrichment": scores["enrichment"]})
-        entries[name] = entry
-    return entries
 
 
 def localization_lines(entries: dict[str, dict[str, Any]]) -> list[str]:
