@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from smartformer.config import load_config
-from smartformer.train.engine import DistContext, _build_loader
+from smartformer.data.loader import build_pretrain_loader
 from smartformer.train.ssl_meta_arch import SMARTMetaArch
 from smartformer.train.teacher import update_momentum
 
@@ -124,8 +124,8 @@ def data_wait(args: argparse.Namespace, device: torch.device) -> dict | None:
     cfg = load_config(args.preset, [f"data.roi=[{args.roi},{args.roi},{args.roi}]", f"data.batch_size={args.batch}",
                                     f"data.num_workers={args.workers}"])
     with tempfile.TemporaryDirectory() as tmp:
-        cfg.data.cache_dir = str(Path(tmp) / "cache")
-        keyed, loader, n = _build_loader(cfg, DATA, Path(tmp) / "run", DistContext(), 0)
+        stream = build_pretrain_loader(DATA, cfg.data, Path(tmp) / "cache", cfg.train.seed)
+        keyed, loader, n = stream.views, stream.loader, stream.n_volumes
         t = time.perf_counter()
         for i in range(len(keyed)):  # warm the cache: every volume decoded + resampled once
             keyed[i]
@@ -145,7 +145,7 @@ def data_wait(args: argparse.Namespace, device: torch.device) -> dict | None:
             t2 = time.perf_counter()
             waits.append(t1 - t0)
             computes.append(t2 - t1)
-        del it, loader
+        del it, loader, stream
     total = sum(waits) + sum(computes)
     return {"volumes": n, "workers": args.workers, "cache_warm_s": warm_s, "steps": args.data_steps,
             "wait_fraction": sum(waits) / total, "mean_wait_s": statistics.mean(waits),

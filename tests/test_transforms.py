@@ -11,7 +11,9 @@ import pytest
 import torch
 from monai.data.utils import affine_to_spacing
 
-from smartformer.data.dataset import build_loader, build_pretrain_dataset
+from smartformer.config import DataConfig
+from smartformer.data.dataset import build_pretrain_dataset
+from smartformer.data.loader import build_pretrain_loader
 from smartformer.data.io import read_ct
 from smartformer.data.transforms import (
     WINDOWS,
@@ -206,25 +208,31 @@ def test_skip_bad_drops_unreadable_volumes_with_a_warning(tmp_path, volumes, wri
         build_pretrain_dataset([{"image": str(text)}], tmp_path / "c", roi=16, skip_bad=True)
 
 
-def test_loader_batches_and_seeding(tmp_path, volumes):
-    def batches(seed: int, workers: int = 0) -> list[torch.Tensor]:
-        dataset = build_pretrain_dataset(volumes, tmp_path / "cache", roi=16, num_views=2)
-        loader = build_loader(dataset, batch_size=2, num_workers=workers, seed=seed)
-        return [batch["views"] for batch in loader]
-
-    first = batches(seed=3)
-    assert len(first) == 1 and first[0].shape == (2, 2, 1, 16, 16, 16)  # drop_last
-    assert torch.equal(first[0], batches(seed=3)[0])
-    assert not torch.equal(first[0], batches(seed=4)[0])
-    with_workers = batches(seed=3, workers=1)
-    assert with_workers[0].shape == (2, 2, 1, 16, 16, 16)
-    assert torch.equal(with_workers[0], batches(seed=3, workers=1)[0])
+def _batches(tmp_path: Path, steps: int, seed: int = 3, workers: int = 0, rank: int = 0, world_size: int = 1,
+             start_step: int = 0) -> list[torch.Tensor]:
+    """The views of ``steps`` batches of the pretraining stream over the ``volumes`` fixture's folder."""
+    settings = DataConfig(roi=(16, 16, 16), batch_size=2, num_workers=workers)
+    stream = build_pretrain_loader(tmp_path / "src", settings, tmp_path / "cache", seed, rank, world_size, start_step)
+    assert stream.n_volumes == 3
+    batches = iter(stream.loader)
+    return [next(batches)["views"] for _ in range(steps)]
 
 
-def test_distributed_loader_needs_a_process_group(tmp_path, volumes):
-    dataset = build_pretrain_dataset(volumes, tmp_path / "cache", roi=16)
-    with pytest.raises(SmartformerError, match="torchrun"):
-        build_loader(dataset, batch_size=1, num_workers=0, distributed=True)
+def test_pretrain_loader_is_a_function_of_seed_and_step(tmp_path, volumes):
+    first = _batches(tmp_path, steps=3)  # 6 samples of 3 volumes: into the second epoch
+    assert first[0].shape == (2, 2, 1, 16, 16, 16)
+    assert all(torch.equal(a, b) for a, b in zip(first, _batches(tmp_path, steps=3)))
+    assert not torch.equal(first[0], _batches(tmp_path, steps=1, seed=4)[0])
+    # A run resumed at step 1 sees what the uninterrupted run saw from step 1 on ...
+    assert all(torch.equal(a, b) for a, b in zip(first[1:], _batches(tmp_path, steps=2, start_step=1)))
+    # ... and so does one whose samples a worker process loads.
+    assert all(torch.equal(a, b) for a, b in zip(first, _batches(tmp_path, steps=3, workers=1)))
+
+
+def test_pretrain_loader_gives_each_process_its_own_samples(tmp_path, volumes):
+    rank0, rank1 = (_batches(tmp_path, steps=1, rank=rank, world_size=2)[0] for rank in (0, 1))
+    assert rank0.shape == rank1.shape == (2, 2, 1, 16, 16, 16)
+    assert not torch.equal(rank0, rank1)
 
 
 def _corner_body(shape=(96, 96, 96), body=40) -> dict:

@@ -16,7 +16,6 @@ from monai.data import PersistentDataset
 from monai.data.utils import set_rnd
 from monai.transforms import Compose, MapTransform
 from monai.utils import convert_to_tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from smartformer.data.io import validate_volume
 from smartformer.data.transforms import (
@@ -317,39 +316,3 @@ def seed_worker(worker_id: int) -> None:
     info = torch.utils.data.get_worker_info()
     if info is not None:
         set_rnd(info.dataset, seed=seed)
-
-
-def build_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool = True,
-                 seed: int = 0, distributed: bool = False, drop_last: bool = True) -> DataLoader:
-    """A DataLoader whose batches give ``batch["views"]`` of shape ``(B, num_views, 1, *roi)``.
-
-    With ``distributed`` (needs an initialised ``torch.distributed`` process group), a
-    ``DistributedSampler`` shards the data (call ``loader.sampler.set_epoch(epoch)`` each epoch)
-    and each rank draws different augmentations (seed + rank). Workers are persistent and
-    seeded by :func:`seed_worker`; with ``num_workers=0`` the dataset's random transforms are
-    seeded here, in the main process.
-    """
-    rank = 0
-    sampler = None
-    if distributed:
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            raise SmartformerError("distributed loading needs an initialised torch.distributed "
-                                   "process group (start with torchrun)")
-        rank = torch.distributed.get_rank()
-        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
-    generator = torch.Generator()
-    generator.manual_seed(seed + rank)
-    if num_workers == 0:
-        set_rnd(dataset, seed=seed + rank)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
-        sampler=sampler,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        worker_init_fn=seed_worker,
-        generator=generator,
-        drop_last=drop_last,
-        pin_memory=torch.cuda.is_available(),
-    )

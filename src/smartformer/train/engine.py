@@ -25,15 +25,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
 from smartformer.analysis.head_distance import head_distance_entropy
 from smartformer.config import PretrainConfig
-from smartformer.data.dataset import build_pretrain_dataset, check_volumes, seed_worker
-from smartformer.data.sampler import ResumableSampler, SeededViews
-from smartformer.data.sources import list_volumes
-from smartformer.errors import ConfigError, InputError, SmartformerError
+from smartformer.data.loader import build_pretrain_loader, default_cache_dir
+from smartformer.errors import ConfigError, SmartformerError
 from smartformer.train.checkpoint import (
     RunLock,
     check_state_fits,
@@ -147,61 +144,6 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    for item in batch:
-        if "error" in item:
-            return {"error": item["error"], "bad_file": item["bad_file"]}
-    return default_collate(batch)
-
-
-class _ErrorsAsData(SeededViews):
-    """Return a bad file's one-line error as data, so that it crosses worker processes intact."""
-
-    def __getitem__(self, key: int) -> Any:
-        try:
-            return super().__getitem__(key)
-        except SmartformerError as exc:
-            return {"error": str(exc), "bad_file": isinstance(exc, InputError)}  # not a full cache disk
-
-
-def _default_cache_dir(out: Path) -> Path:
-    return out.resolve().parent / ".smartformer-cache"
-
-
-def _build_loader(config: PretrainConfig, data: str | Path, out: Path, ctx: DistContext, start_step: int):
-    d = config.data
-    items = list_volumes(data)
-    if not d.skip_bad:  # every file exists and has a usable header before step 1 (skip_bad checks its own)
-        check_volumes([str(item["image"]) for item in items])
-    dataset = build_pretrain_dataset(
-        items,
-        cache_dir=d.cache_dir or _default_cache_dir(out),
-        spacing=d.spacing,
-        window=d.window,
-        roi=d.roi,
-        num_views=2,
-        skip_bad=d.skip_bad,
-        intensity_scale=d.intensity_scale,
-        intensity_shift=d.intensity_shift,
-        flip_prob=d.flip_prob,
-        min_body_fraction=d.min_body_fraction,
-        min_view_overlap=d.min_view_overlap,
-    )
-    keyed = _ErrorsAsData(dataset, seed=config.train.seed)
-    sampler = ResumableSampler(len(keyed), config.train.seed, ctx.rank, ctx.world_size, start=start_step * d.batch_size)
-    loader = DataLoader(
-        keyed,
-        batch_size=d.batch_size,
-        sampler=sampler,
-        num_workers=d.num_workers,
-        persistent_workers=d.num_workers > 0,
-        worker_init_fn=seed_worker,
-        collate_fn=_collate,
-        pin_memory=torch.cuda.is_available(),
-    )
-    return keyed, loader, len(items)
-
-
 def _checkpoint_state(meta: SMARTMetaArch, optimizer, scaler, step: int, config: PretrainConfig,
                       schedules: Schedules, generator: torch.Generator, train_seconds: float) -> dict[str, Any]:
     return {
@@ -308,7 +250,8 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
 
     # The data first (every file checked): a run that cannot start leaves no config.yaml, so it
     # is no run that --resume would take up.
-    keyed, loader, n_volumes = _build_loader(config, data, out, ctx, start_step)
+    stream = build_pretrain_loader(data, config.data, config.data.cache_dir or default_cache_dir(out),
+                                   config.train.seed, ctx.rank, ctx.world_size, start_step)
     if ctx.is_main:
         make_dir(out)
         with output_errors(out / "config.yaml"):
@@ -329,7 +272,7 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
     verbose = progress and ctx.is_main
     if verbose:
         tqdm.write(
-            f"pretraining {config.preset} on {n_volumes} volumes, {ctx.world_size} process(es), {device}, {precision}; "
+            f"pretraining {config.preset} on {stream.n_volumes} volumes, {ctx.world_size} process(es), {device}, {precision}; "
             f"steps {start_step}->{max_steps}, batch {config.data.batch_size}x{ctx.world_size}, run dir {out}"
         )
     meta.train()
@@ -340,7 +283,7 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
     window_steps = 0
     collapse_warned = False
     bar = tqdm(total=max_steps, initial=start_step, unit="step", disable=not verbose, dynamic_ncols=True)
-    it = iter(loader)
+    it = iter(stream.loader)
     t_start = time.perf_counter()
 
     def train_seconds() -> float:
@@ -363,7 +306,7 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
                     raise SmartformerError(batch["error"] + hint)
                 views = batch["views"].to(device, non_blocking=True)
                 if snapshot_volume is None and ctx.is_main:
-                    snapshot_volume = keyed[0]["views"][:1].to(device)
+                    snapshot_volume = stream.views[0]["views"][:1].to(device)
                 vals = schedules.at(step)
                 for group in optimizer.param_groups:
                     group["lr"] = vals["lr"]
