@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from smartformer.commands._options import CSV_HELP, add_checkpoint_argument, add_crop_arguments, crop_options
 from smartformer.errors import InputError, SmartformerError
 from smartformer.wording import plural
-
-if TYPE_CHECKING:
-    import numpy as np
-    import pandas as pd
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,10 +35,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from smartformer.downstream.cases import PASSTHROUGH_COLUMNS, build_crops, read_cases
-    from smartformer.downstream.features import extract_features, feature_columns, load_encoder, pick_device
+    from smartformer.downstream.cases import build_crops, read_cases
+    from smartformer.downstream.features import (
+        extract_features,
+        feature_table,
+        load_encoder,
+        pick_device,
+        write_distances,
+        write_feature_table,
+    )
     from smartformer.models.hub import checkpoint_names
 
     suffix = args.out.suffix.lower()
@@ -65,42 +65,17 @@ def run(args: argparse.Namespace) -> int:
     model = load_encoder(args.checkpoint, seed=args.seed)
     crops = build_crops(table, options, progress=not args.no_progress)
     features = extract_features(model, crops, args.features, args.batch_size, device, progress=not args.no_progress)
-    frame = pd.DataFrame({"case": table.ids})
-    for column in PASSTHROUGH_COLUMNS:
-        if column in table.columns:
-            frame[column] = [getattr(c, "raw_label" if column == "label" else column) for c in table.cases]
-    values = pd.DataFrame(features, columns=feature_columns(args.features, model.embed_dim))
-    frame = pd.concat([frame, values], axis=1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".csv":
-        frame.to_csv(args.out, index=False)
-    else:
-        frame.to_parquet(args.out, index=False)
-    print(f"{plural(len(frame), 'case')} x {plural(values.shape[1], 'feature')} of {name} ({args.features}) "
+    frame = feature_table(table, features, args.features, model.embed_dim)
+    write_feature_table(frame, args.out)
+    print(f"{plural(len(frame), 'case')} x {plural(features.shape[1], 'feature')} of {name} ({args.features}) "
           f"-> {args.out}")
     if args.distances:
-        write_distances(values, frame["label"].astype(str).to_numpy(), args.out.with_suffix(".distances.json"))
+        path = args.out.with_suffix(".distances.json")
+        result = write_distances(frame, frame["label"].astype(str).to_numpy(), path)
+        for kind, entry in result.items():
+            intra, inter = entry["intra_distance"], entry["inter_distance"]
+            print(f"  {kind}: intra-cluster {intra['mean']:.2f} +- {intra['sd']:.2f}, inter-cluster "
+                  f"{inter['mean']:.2f} +- {inter['sd']:.2f}, centroid separation {entry['centroid_separation']:.2f} "
+                  f"({len(entry['labels'])} labels)")
+        print(f"  distances -> {path}")
     return 0
-
-
-def write_distances(values: "pd.DataFrame", labels: "np.ndarray", path: Path) -> dict[str, Any]:
-    """Intra/inter-cluster distances and centroid separation of each feature kind (``cls_*``,
-    ``pooled_*`` columns of ``values``) by ``labels``; printed, and written to ``path`` as JSON."""
-    import json
-
-    from smartformer.analysis.clustering import centroid_separation
-
-    result: dict[str, Any] = {}
-    for kind in ("cls", "pooled"):
-        columns = [c for c in values.columns if c.startswith(f"{kind}_")]
-        if not columns:
-            continue
-        sep = centroid_separation(values[columns].to_numpy(), labels)
-        result[kind] = {"intra_distance": sep["intra_distance"], "inter_distance": sep["inter_distance"],
-                        "centroid_separation": sep["mean_ratio"], "labels": [str(x) for x in sep["labels"]]}
-        intra, inter = sep["intra_distance"], sep["inter_distance"]
-        print(f"  {kind}: intra-cluster {intra['mean']:.2f} +- {intra['sd']:.2f}, inter-cluster {inter['mean']:.2f} "
-              f"+- {inter['sd']:.2f}, centroid separation {sep['mean_ratio']:.2f} ({len(sep['labels'])} labels)")
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"  distances -> {path}")
-    return result
