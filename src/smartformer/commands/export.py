@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from smartformer.commands._options import add_checkpoint_argument
 from smartformer.errors import SmartformerError
-
-if TYPE_CHECKING:
-    from smartformer.models.swin3d import Swin3DConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,23 +52,11 @@ def _check_out(out: Path, sources: list[Path], force: bool) -> None:
         raise SmartformerError(f"{out}: exists; pass --force to overwrite it")
 
 
-def check_monai_layout(monai_state: dict, encoder: "Swin3DConfig", source: str) -> None:
-    """Refuse a swinViT state dict whose keys or shapes differ from MONAI's for ``encoder``.
-
-    Raises:
-        SmartformerError: naming the source, the number of disagreements and the first one.
-    """
-    from smartformer.downstream.segmentation import new_swinunetr
-    from smartformer.models.convert import MONAI_PREFIX
-    from smartformer.train.checkpoint import check_state_fits
-
-    expected = {MONAI_PREFIX + k: v for k, v in new_swinunetr(encoder, 1).swinViT.state_dict().items()}
-    check_state_fits(expected, monai_state, "MONAI SwinUNETR.swinViT for its architecture", str(source))
-
-
 def run(args: argparse.Namespace) -> int:
-    from smartformer.io_utils import atomic_write_bytes, torch_bytes
-    from smartformer.models.convert import to_monai_state_dict
+    import textwrap
+
+    from smartformer.downstream.segmentation import monai_swinvit_state, write_swinunetr_recipe
+    from smartformer.models.convert import save_weights
     from smartformer.models.hub import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(args.checkpoint)
@@ -81,34 +65,11 @@ def run(args: argparse.Namespace) -> int:
     model = checkpoint.load(which=args.weights)
     if model.config.vit is not None:
         raise SmartformerError(f"{args.checkpoint}: {_VIT_REFUSAL}")
-    encoder = model.config.backbone
-    monai_state = to_monai_state_dict(model.backbone.state_dict())
-    check_monai_layout(monai_state, encoder, checkpoint.source)
-    if args.out.suffix == ".safetensors":
-        from safetensors.torch import save
-
-        atomic_write_bytes(args.out, save(monai_state))
-    else:
-        atomic_write_bytes(args.out, torch_bytes(monai_state))
+    monai_state = monai_swinvit_state(model, checkpoint.source)
+    save_weights(monai_state, args.out)
     print(f"wrote {len(monai_state)} swinViT tensors to {args.out}")
-    print_swinunetr_recipe(encoder, args.out)
-    return 0
-
-
-def print_swinunetr_recipe(encoder: "Swin3DConfig", weights: Path) -> Path:
-    """Print the ``SwinUNETR(...)`` that takes ``weights`` and write its arguments to
-    ``<stem>.swinunetr.json`` beside them (a default ``SwinUNETR`` refuses them: window 7, not the
-    encoder's); return the JSON's path."""
-    import json
-    import textwrap
-
-    from smartformer.downstream.segmentation import swinunetr_recipe
-    from smartformer.io_utils import atomic_write_bytes
-
-    recipe, text = swinunetr_recipe(encoder, weights)
-    path = weights.with_name(f"{weights.name.split('.')[0]}.swinunetr.json")
-    atomic_write_bytes(path, (json.dumps(recipe, indent=2) + "\n").encode())
+    path, text = write_swinunetr_recipe(model.config.backbone, args.out)
     print("load it into a MONAI SwinUNETR built with these arguments (a default SwinUNETR refuses it):")
     print(textwrap.indent(text, "  "))
     print(f"the arguments are also in {path}")
-    return path
+    return 0

@@ -6,7 +6,8 @@
   wrapped in ``state_dict``/``model``/``module.`` as research checkpoints often are, and the
   original Swin-UNETR pretraining names ``mlp.fc1``/``mlp.fc2``) to :class:`Swin3D` keys.
 * :func:`to_monai_state_dict` gives the keys ``SwinUNETR.load_state_dict(..., strict=False)``
-  needs for its ``swinViT`` part (every ``swinViT.*`` key present, nothing else).
+  needs for its ``swinViT`` part (every ``swinViT.*`` key present, nothing else);
+  :func:`save_weights` writes a state dict as :func:`load_weights` reads it back.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import torch
 from torch import Tensor
 
 from smartformer.errors import InputError, SmartformerError
+from smartformer.io_utils import atomic_write_bytes, torch_bytes
 
-__all__ = ["load_weights", "checkpoint_filter_fn", "to_monai_state_dict", "MONAI_PREFIX"]
+__all__ = ["load_weights", "save_weights", "checkpoint_filter_fn", "to_monai_state_dict", "MONAI_PREFIX"]
 
 MONAI_PREFIX = "swinViT."
 _WRAPPERS = ("state_dict", "model", "teacher", "student", "network")
@@ -55,6 +57,17 @@ def load_weights(path: str | Path) -> dict:
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise InputError(path, f"not a readable PyTorch weights file ({exc})") from None
+
+
+def save_weights(state: Mapping[str, Tensor], path: str | Path) -> Path:
+    """Write ``state`` to ``path`` atomically: safetensors for a ``.safetensors`` name, else a torch file
+    (tensors only, so that :func:`load_weights` reads it with ``weights_only=True``)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save
+
+        return atomic_write_bytes(path, save(dict(state)))
+    return atomic_write_bytes(path, torch_bytes(dict(state)))
 
 
 def _unwrap(state: Mapping) -> Mapping:

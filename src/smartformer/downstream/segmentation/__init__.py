@@ -26,10 +26,13 @@ from smartformer.downstream.segmentation.model import (
     WEIGHTS_FILE,
     SegmentationConfig,
     build_segmenter,
+    check_monai_layout,
+    monai_swinvit_state,
     new_swinunetr,
     segmenter_from_encoder,
     swinunetr_kwargs,
     swinunetr_recipe,
+    write_swinunetr_recipe,
 )
 from smartformer.downstream.segmentation.predict import LabelPrediction, load_segmenter, predict_labels, write_labels
 from smartformer.downstream.segmentation.train import (
@@ -46,6 +49,7 @@ from smartformer.downstream.segmentation.train import (
 __all__ = [
     "SegmentationSettings", "SegmentationConfig", "TrainResult", "LabelPrediction",
     "build_segmenter", "segmenter_from_encoder", "new_swinunetr", "swinunetr_kwargs", "swinunetr_recipe",
+    "write_swinunetr_recipe", "check_monai_layout", "monai_swinvit_state",
     "split_cases", "load_case", "train_segmentation", "load_segmenter", "predict_labels", "write_labels",
     "dice_per_case", "validate", "check_settings", "check_label_grids", "remap_labels",
     "CONFIG_FILE", "WEIGHTS_FILE", "METRICS_FILE", "FORMAT_VERSION",

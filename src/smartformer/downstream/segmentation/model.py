@@ -4,6 +4,10 @@
 and loads the encoder weights strictly (every ``swinViT`` tensor, nothing left over;
 :func:`~smartformer.models.convert.to_monai_state_dict`). :class:`SegmentationConfig` is what a
 trained model's ``segmentation.json`` holds: enough to rebuild the network and preprocess a new CT.
+
+The other way round, :func:`monai_swinvit_state` exports an encoder for a user's own ``SwinUNETR``
+(checked key for key against MONAI's layout, :func:`check_monai_layout`), and
+:func:`write_swinunetr_recipe` records the ``SwinUNETR(...)`` arguments those weights need.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from smartformer.errors import SmartformerError
 if TYPE_CHECKING:
     import torch
     from monai.networks.nets import SwinUNETR
+    from torch import Tensor
 
     from smartformer.models.smartformer import SMARTFormer
     from smartformer.models.swin3d import Swin3DConfig
@@ -90,6 +95,44 @@ def swinunetr_recipe(encoder: "Swin3DConfig", weights: Path) -> tuple[dict[str, 
               "out_channels": "your classes + 1 (background)", "weights": weights.name,
               "load": load, "monai_version": monai.__version__}
     return recipe, text
+
+
+def write_swinunetr_recipe(encoder: "Swin3DConfig", weights: Path) -> tuple[Path, str]:
+    """Write the :func:`swinunetr_recipe` of ``weights`` to ``<stem>.swinunetr.json`` beside them (a default
+    ``SwinUNETR`` refuses them: window 7, not the encoder's); return the JSON's path and the Python lines."""
+    import json
+
+    from smartformer.io_utils import atomic_write_bytes
+
+    recipe, text = swinunetr_recipe(encoder, weights)
+    path = weights.with_name(f"{weights.name.split('.')[0]}.swinunetr.json")
+    atomic_write_bytes(path, (json.dumps(recipe, indent=2) + "\n").encode())
+    return path, text
+
+
+def check_monai_layout(monai_state: dict[str, "Tensor"], encoder: "Swin3DConfig", source: str) -> None:
+    """Refuse a swinViT state dict whose keys or shapes differ from MONAI's for ``encoder``.
+
+    Raises:
+        SmartformerError: naming the source, the number of disagreements and the first one.
+    """
+    from smartformer.models.convert import MONAI_PREFIX
+    from smartformer.train.checkpoint import check_state_fits
+
+    expected = {MONAI_PREFIX + k: v for k, v in new_swinunetr(encoder, 1).swinViT.state_dict().items()}
+    check_state_fits(expected, monai_state, "MONAI SwinUNETR.swinViT for its architecture", str(source))
+
+
+def monai_swinvit_state(model: "SMARTFormer", source: str) -> dict[str, "Tensor"]:
+    """The Swin encoder of ``model`` under MONAI ``SwinUNETR``'s ``swinViT.*`` keys, every one of them, checked
+    against MONAI's layout for its architecture (:func:`check_monai_layout`; ``source`` names the weights
+    in the error). A ViT encoder has no such layout: its weights go to MONAI's ``ViT`` through
+    :meth:`~smartformer.models.vit3d.ViT3D.monai_state_dict`."""
+    from smartformer.models.convert import to_monai_state_dict
+
+    monai_state = to_monai_state_dict(model.backbone.state_dict())
+    check_monai_layout(monai_state, model.config.backbone, source)
+    return monai_state
 
 
 def new_swinunetr(encoder: "Swin3DConfig", num_classes: int, roi: Sequence[int] = (64, 64, 64)) -> "SwinUNETR":
