@@ -121,6 +121,7 @@ def test_unknown_series_and_bad_records_are_one_line_errors(lidc_root, tmp_path,
     assert _run(lidc_root, records, out) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(records) in err[0] and "1.2.3.999" in err[0]
+    assert "(pass --skip-missing to build from the series that are there)" in err[0]  # the option, on the CLI
     assert not (out / "nodules.csv").exists()
     assert _run(lidc_root, records, out, "--skip-missing") == 0
     assert "1 scans skipped" in capsys.readouterr().out

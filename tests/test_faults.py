@@ -149,6 +149,7 @@ def test_constant_and_tiny_volumes_warn_or_are_skipped(phantoms: Path, tmp_path:
         dataset[0], dataset[1]
     messages = " ".join(str(w.message) for w in caught)
     assert f"{constant}: is a constant volume" in messages and f"{tiny}: covers" in messages
+    assert "(pass skip_bad=True to leave such volumes out)" in messages  # a value here; --skip-bad on the CLI
     good = good_cts(phantoms)[0]
     with pytest.warns(UserWarning, match="skipping unreadable volume.*constant"):
         dataset = build_pretrain_dataset([constant, good], tmp_path / "c2", spacing=4.0, roi=32, skip_bad=True)

@@ -29,3 +29,58 @@ def test_localize_help_reads_as_written(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "%%" not in text and "top-k percent" in text
     assert "smart-tiny-ct" in text
+
+
+def test_library_errors_name_values_and_the_cli_names_its_option(tmp_path, capsys):
+    """A library caller reads the setting as a value (skip_bad=True); the command line, where it
+    catches the error, names its own option for it (--skip-bad)."""
+    from smartformer.data.builders.lesions import SamplingOptions
+    from smartformer.errors import InputError, SmartformerError
+
+    error = InputError("ct.nii.gz", "cannot be used (pass {setting} to leave such files out)", setting="skip_bad",
+                       value=True)
+    assert str(error) == "ct.nii.gz: cannot be used (pass skip_bad=True to leave such files out)"
+    assert error.reason == "cannot be used (pass skip_bad=True to leave such files out)"
+    error.for_option("--skip-bad")
+    assert str(error) == "ct.nii.gz: cannot be used (pass --skip-bad to leave such files out)"
+    assert error.reason.endswith("(pass --skip-bad to leave such files out)")
+    with pytest.raises(SmartformerError, match=r"^negatives_per_case must be >= 0, got -1$"):
+        SamplingOptions(negatives_per_case=-1).check()
+    with pytest.raises(SmartformerError, match=r"^min_distance_mm must be >= 0 mm"):
+        SamplingOptions(min_distance_mm=-1.0).check()
+    argv = ["data", "lesions", "--data", str(tmp_path), "--out", str(tmp_path / "out")]
+    assert main([*argv, "--negatives-per-case", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "smartformer: error: --negatives-per-case must be >= 0, got -1"
+    assert main([*argv, "--min-distance", "-1"]) == 2
+    assert "error: --min-distance must be >= 0 mm" in capsys.readouterr().err
+
+
+def test_phantom_overwrite_is_a_value_in_the_library_and_a_flag_on_the_command_line(tmp_path, capsys):
+    from smartformer.data.phantom import write_phantoms
+    from smartformer.errors import InputError
+
+    small = {"seed": 0, "shape": (24, 24, 16), "spacing": (8.0, 8.0, 8.0), "progress": False}
+    write_phantoms(tmp_path, n=1, **small)
+    with pytest.raises(InputError, match="already exists; pass overwrite=True to replace it"):
+        write_phantoms(tmp_path, n=1, **small)
+    assert main(["data", "phantom", "--out", str(tmp_path), "--shape", "24", "24", "16", "--spacing", "8", "8", "8",
+                 "--no-progress"]) == 2
+    assert "already exists; pass --overwrite to replace it" in capsys.readouterr().err
+
+
+def test_setting_warnings_name_the_option_on_the_command_line(monkeypatch, capsys):
+    """A SettingWarning raised under a command shows that command's option; elsewhere, the value."""
+    import warnings
+
+    from smartformer.commands import data_phantom
+    from smartformer.errors import SettingWarning
+
+    def run(args):
+        warnings.warn(SettingWarning("odd case (pass {setting} to replace it)", setting="overwrite", value=True))
+        return 0
+
+    monkeypatch.setattr(data_phantom, "run", run)
+    with pytest.warns(SettingWarning, match=r"pass --overwrite to replace it"):
+        assert main(["data", "phantom", "--out", "unused"]) == 0
+    with pytest.warns(SettingWarning, match=r"pass overwrite=True to replace it"):
+        run(None)

@@ -3,18 +3,21 @@
 Each command lives in :mod:`smartformer.commands` as a module with ``register(subparsers)``;
 the parser it adds sets ``func(args) -> int``. A :class:`~smartformer.errors.SmartformerError`
 (or an ``OSError``: a full disk, a missing folder) reaching this level becomes one line on
-stderr and exit code 2.
+stderr and exit code 2. Where such an error, or a :class:`~smartformer.errors.SettingWarning`, names
+the setting that gets past it (``skip_bad``), it names the command's option for it (``--skip-bad``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
-from typing import Sequence
+import warnings
+from typing import Any, Iterator, Sequence
 
 from smartformer import __version__
-from smartformer.errors import SmartformerError
+from smartformer.errors import SettingMessage, SettingWarning, SmartformerError
 
 # Top-level commands, and commands under `smartformer data ...`. A module is listed here only
 # once the command it adds works end to end.
@@ -61,13 +64,54 @@ def _print_help(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
+def option_for(parser: argparse.ArgumentParser, args: argparse.Namespace, setting: str) -> str | None:
+    """The option of the invoked command (and the commands above it) that sets ``setting`` (its ``dest``):
+    the long form, e.g. ``--skip-bad`` for ``skip_bad``; None when the command has none."""
+    found: str | None = None
+    while parser is not None:
+        below = None
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                below = action.choices.get(getattr(args, action.dest, None) or "")
+            elif action.dest == setting and action.option_strings:
+                found = max(action.option_strings, key=len)
+        parser = below
+    return found
+
+
+def name_option(message: Any, parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
+    """``message`` (an error or a warning) naming the command's option where it names a setting."""
+    if isinstance(message, SettingMessage) and message.setting is not None:
+        option = option_for(parser, args, message.setting)
+        if option is not None:
+            message.for_option(option)
+    return message
+
+
+@contextlib.contextmanager
+def _warnings_name_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Iterator[None]:
+    """Show :class:`~smartformer.errors.SettingWarning` s with the command's option for their setting."""
+    shown = warnings.showwarning
+
+    def show(message: Any, category: type[Warning], *rest: Any, **kwargs: Any) -> None:
+        shown(name_option(message, parser, args) if issubclass(category, SettingWarning) else message,
+              category, *rest, **kwargs)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with _warnings_name_options(parser, args):
+            return int(args.func(args) or 0)
     except SmartformerError as exc:
-        print(f"smartformer: error: {exc}", file=sys.stderr)
+        print(f"smartformer: error: {name_option(exc, parser, args)}", file=sys.stderr)
         return 2
     except OSError as exc:  # an input or output location the commands did not name themselves
         from smartformer.io_utils import os_reason, output_error

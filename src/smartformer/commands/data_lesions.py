@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="folder of case folders, or CSV with 'image' and 'mask' columns")
     parser.add_argument("--negatives-per-case", type=int, default=4, metavar="N",
                         help="normal-tissue samples per case (default: %(default)s)")
-    parser.add_argument("--min-distance", type=float, default=30.0, metavar="MM",
+    parser.add_argument("--min-distance", dest="min_distance_mm", type=float, default=30.0, metavar="MM",
                         help="least distance of a negative from any lesion voxel, mm (default: %(default)s)")
     parser.add_argument("--body-hu", type=float, default=-500.0, metavar="HU",
                         help="negatives lie in voxels above this HU (default: %(default)s)")
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from smartformer.data.builders.lesions import SamplingOptions, build_lesion_set, summarize
 
     options = SamplingOptions(negatives_per_case=args.negatives_per_case,
-                              min_distance_mm=args.min_distance, body_hu=args.body_hu,
+                              min_distance_mm=args.min_distance_mm, body_hu=args.body_hu,
                               mask_label=args.mask_label, largest_only=args.largest_only,
                               min_lesion_voxels=args.min_lesion_voxels, seed=args.seed)
     path, results = build_lesion_set(args.data, args.out, options, image_name=args.image_name,

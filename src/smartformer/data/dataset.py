@@ -27,7 +27,7 @@ from smartformer.data.transforms import (
     preprocess_transforms,
     view_transforms,
 )
-from smartformer.errors import InputError, SmartformerError
+from smartformer.errors import InputError, SettingWarning, SmartformerError
 from smartformer.io_utils import atomic_write_bytes, torch_bytes
 
 #: A volume whose field of view fills less than this fraction of the ROI trains mostly on padding.
@@ -167,7 +167,8 @@ class PretrainDataset(PersistentDataset):
         if problem and self.skip_bad:
             raise InputError(path, problem)
         if problem:
-            warnings.warn(f"{path}: {problem} (pass --skip-bad to leave such volumes out)", stacklevel=3)
+            warnings.warn(SettingWarning(f"{path}: {problem} (pass {{setting}} to leave such volumes out)",
+                                         setting="skip_bad", value=True), stacklevel=3)
         return item
 
 
@@ -256,7 +257,8 @@ def check_volumes(paths: Sequence[str], skip_bad: bool = False) -> list[str]:
     if bad and not skip_bad:
         assert first is not None
         more = f"; {len(bad) - 1} more of the {len(paths)} volumes cannot be used either" if len(bad) > 1 else ""
-        raise InputError(first.path, f"{first.reason}{more} (pass --skip-bad to leave such files out)")
+        raise InputError(first.path, f"{first.reason}{more} (pass {{setting}} to leave such files out)",
+                         setting="skip_bad", value=True)
     if bad:
         warnings.warn(f"skipping {len(bad)} unreadable volume(s):\n  " + "\n  ".join(bad),
                       stacklevel=3)

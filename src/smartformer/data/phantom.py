@@ -204,7 +204,8 @@ def write_phantoms(out_dir: str | Path, n: int, seed: int, shape: Sequence[int] 
     existing = [path for path in case_dirs if path.exists()]
     if existing and not overwrite:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        raise InputError(existing[0], f"already exists{more}; pass --overwrite to replace it")
+        raise InputError(existing[0], f"already exists{more}; pass {{setting}} to replace it", setting="overwrite",
+                         value=True)
     for path in existing:
         if not path.is_dir():
             raise InputError(path, "exists and is not a directory")

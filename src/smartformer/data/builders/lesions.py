@@ -83,13 +83,16 @@ class SamplingOptions:
     def check(self) -> None:
         """Raise a one-line SmartformerError for values that make no sense."""
         if self.negatives_per_case < 0:
-            raise SmartformerError(f"--negatives-per-case must be >= 0, got {self.negatives_per_case}")
+            raise SmartformerError(f"{{setting}} must be >= 0, got {self.negatives_per_case}",
+                                   setting="negatives_per_case")
         if not np.isfinite(self.min_distance_mm) or self.min_distance_mm < 0:
-            raise SmartformerError(f"--min-distance must be >= 0 mm, got {self.min_distance_mm}")
+            raise SmartformerError(f"{{setting}} must be >= 0 mm, got {self.min_distance_mm}",
+                                   setting="min_distance_mm")
         if self.min_lesion_voxels < 1:
-            raise SmartformerError(f"--min-lesion-voxels must be >= 1, got {self.min_lesion_voxels}")
+            raise SmartformerError(f"{{setting}} must be >= 1, got {self.min_lesion_voxels}",
+                                   setting="min_lesion_voxels")
         if int(self.seed) != self.seed or self.seed < 0:
-            raise SmartformerError(f"--seed must be a whole number >= 0, got {self.seed}")
+            raise SmartformerError(f"{{setting}} must be a whole number >= 0, got {self.seed}", setting="seed")
 
 
 # --- sampling one case ------------------------------------------------------------------------
@@ -123,7 +126,7 @@ def load_case(case: Case, mask_label: int | None) -> tuple[np.ndarray, np.ndarra
         if present.size > 2:
             shown = ", ".join(f"{v:g}" for v in present[:8]) + (" ..." if present.size > 8 else "")
             raise InputError(case.mask, f"is a label map with {present.size} values ({shown}); "
-                                        "pass --mask-label with the lesion's value")
+                                        "pass {setting} with the lesion's value", setting="mask_label")
         return ct, values > 0, affine
     return ct, values == mask_label, affine
 

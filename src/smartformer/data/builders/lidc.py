@@ -429,8 +429,8 @@ def build_lidc(records: Sequence[ScanRecord], dicom_root: str | Path, out: str |
         first = missing[0]
         raise InputError(records_source, f"series {first.series_uid} of {first.patient_id} "
                                          f"{'and ' + str(len(missing) - 1) + ' more ' if len(missing) > 1 else ''}"
-                                         f"not found under {dicom_root} (pass --skip-missing to "
-                                         "build from the series that are there)")
+                                         f"not found under {dicom_root} (pass {{setting}} to "
+                                         "build from the series that are there)", setting="skip_missing", value=True)
     report.scans_missing = [s.patient_id for s in missing]
     out = prepare_out_dir(out)
     rows: list[dict[str, Any]] = []
