@@ -67,8 +67,8 @@ def test_pretraining_logs_it_and_report_draws_it(tmp_path) -> None:
     # the curves gain a row for it: four panels of the same height as the rows above
     from PIL import Image
 
-    from smartformer.commands.report import _curves_png
+    from smartformer.analysis.report import curves_png
 
-    with_row = Image.open(_curves_png(rows, tmp_path / "a.png")).size[1]
+    with_row = Image.open(curves_png(rows, tmp_path / "a.png")).size[1]
     without = [{k: v for k, v in r.items() if not k.startswith("head_distance")} for r in rows]
-    assert with_row > Image.open(_curves_png(without, tmp_path / "b.png")).size[1]
+    assert with_row > Image.open(curves_png(without, tmp_path / "b.png")).size[1]

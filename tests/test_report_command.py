@@ -102,10 +102,10 @@ def test_report_takes_results_from_elsewhere_and_states_the_effective_lr(tmp_pat
 def test_curves_add_a_row_of_collapse_monitors_when_logged(tmp_path):
     from matplotlib.image import imread
 
-    from smartformer.commands.report import MONITOR_KEYS, _curves_png
+    from smartformer.analysis.report import MONITOR_KEYS, curves_png
 
     plain = [{"step": s, "loss": 1.0 / s, "lr": 1e-4} for s in range(1, 11)]
     watched = [{**r, **{k: 0.5 for k in MONITOR_KEYS}, "air_cell_share": 0.4} for r in plain]
-    without = imread(_curves_png(plain, tmp_path / "plain.png"))
-    with_monitors = imread(_curves_png(watched, tmp_path / "watched.png"))
+    without = imread(curves_png(plain, tmp_path / "plain.png"))
+    with_monitors = imread(curves_png(watched, tmp_path / "watched.png"))
     assert with_monitors.shape[0] == pytest.approx(1.5 * without.shape[0], rel=0.05)  # three rows, not two
