@@ -12,6 +12,7 @@ against the spread within labels. The cluster of each token is written back on t
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,7 +31,11 @@ __all__ = [
     "token_features",
     "clusters_on_input",
     "load_label_names",
+    "find_label_names",
     "save_tsne_png",
+    "OrganClustering",
+    "cluster_organs",
+    "write_clustering",
 ]
 
 #: Token-grid label of padding voxels (never clustered).
@@ -229,8 +234,6 @@ def load_label_names(path: str | Path | None, ids: Sequence[int]) -> dict[int, s
 
     Ids the file does not name (or every id, without a file) are called ``label <id>``.
     """
-    import json
-
     from smartformer.errors import InputError
 
     names: dict[int, str] = {}
@@ -247,6 +250,15 @@ def load_label_names(path: str | Path | None, ids: Sequence[int]) -> dict[int, s
         except ValueError:
             raise InputError(path, "label ids must be integers") from None
     return {int(i): names.get(int(i), f"label {int(i)}") for i in ids}
+
+
+def find_label_names(labels: Path) -> Path | None:
+    """``labels.json`` beside a label map, or in the folder above it (a data set's shared names file,
+    as ``organs/labels.json`` for ``organs/CASE/organs.nii.gz``); None when neither exists."""
+    for folder in (labels.parent, labels.parent.parent):
+        if (folder / "labels.json").is_file():
+            return folder / "labels.json"
+    return None
 
 
 #: Markers cycled once every colour of the palette is used, so each (colour, marker) pair is unique.
@@ -297,3 +309,92 @@ def save_tsne_png(features: np.ndarray, labels: np.ndarray, names: dict[int, str
         ax.set_title(title)
     ax.legend(fontsize=6, markerscale=1.5, loc="center left", bbox_to_anchor=(1.0, 0.5), ncol=1 + len(ids) // 30)
     return save_figure(fig, path, dpi=90)
+
+
+@dataclass
+class OrganClustering:
+    """k-means of a CT's foreground tokens, compared with their labels (:func:`cluster_organs`)."""
+
+    tokens: TokenFeatures
+    k: int
+    clusters: np.ndarray  # (N,) cluster id 0..k-1 of each kept token, in the order of tokens.kept()
+    scores: dict[str, float]  # nmi, ari, purity
+    separation: dict[str, Any]  # centroid_separation of the features by label
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(N,) label of each kept token."""
+        return self.tokens.labels[self.tokens.kept()]
+
+    @property
+    def features(self) -> np.ndarray:
+        """(N, C) features of the kept tokens."""
+        return self.tokens.features[self.tokens.kept()]
+
+    @property
+    def present(self) -> np.ndarray:
+        """The labels that hold a token, sorted."""
+        return np.unique(self.labels)
+
+
+def cluster_organs(tokens: TokenFeatures, k: int | None = None, seed: int = 0,
+                   labels_path: str | Path = "the label map") -> OrganClustering:
+    """k-means (:func:`kmeans_clusters`) of the tokens with a foreground label, ``k`` clusters (default:
+    the number of labels present), scored against the labels and with the labels' centroid separation.
+
+    Raises:
+        InputError: fewer than two labels cover a token (``labels_path`` names the label map).
+        SmartformerError: ``k`` is more than the labelled tokens.
+    """
+    from smartformer.errors import InputError, SmartformerError
+
+    kept = tokens.kept()
+    labels = tokens.labels[kept]
+    present = np.unique(labels)
+    if present.size < 2:
+        raise InputError(labels_path, f"fewer than 2 foreground labels cover a token ({present.size}); "
+                                      "use a finer {setting} or a label map with more structures", setting="spacing")
+    k = k or int(present.size)
+    if k > labels.size:
+        raise SmartformerError(f"k={k} clusters are more than the {labels.size} labelled tokens")
+    features = tokens.features[kept]
+    clusters = kmeans_clusters(features, k, seed=seed)
+    return OrganClustering(tokens=tokens, k=k, clusters=clusters, scores=clustering_scores(labels, clusters),
+                           separation=centroid_separation(features, labels))
+
+
+def write_clustering(result: OrganClustering, names: dict[int, str], out: Path, stem: str,
+                     sources: dict[str, Any], settings: dict[str, Any], tsne_points: int = 1500,
+                     seed: int = 0) -> dict[str, Any]:
+    """Write ``STEM_clusters.nii.gz`` (cluster id + 1 per voxel of the CT, 0 = not clustered),
+    ``STEM_tsne.png`` (at most ``tsne_points`` tokens, coloured by label ``names``) and
+    ``STEM_clustering.json`` into ``out``; return what the JSON holds.
+
+    ``sources`` (checkpoint, image, labels) come first in the JSON and ``settings`` last.
+    """
+    from smartformer.data.io import write_nifti
+
+    tokens, labels, scores, separation = result.tokens, result.labels, result.scores, result.separation
+    out.mkdir(parents=True, exist_ok=True)
+    token_map = np.zeros(tokens.labels.shape, dtype=np.int64)
+    token_map[tokens.kept()] = result.clusters + 1
+    cluster_path = write_nifti(clusters_on_input(token_map, tokens).astype(np.int16), tokens.input_affine,
+                               out / f"{stem}_clusters.nii.gz")
+    tsne = save_tsne_png(result.features, labels, names, out / f"{stem}_tsne.png", max_points=tsne_points,
+                         seed=seed, title=f"{stem}: tokens by label (NMI {scores['nmi']:.2f}, k={result.k})")
+    report = {
+        **sources,
+        "k": result.k,
+        "tokens": int(labels.size),
+        "tokens_per_label": {names[int(i)]: int((labels == i).sum()) for i in result.present},
+        **scores,
+        "centroid_separation": separation["mean_ratio"],
+        "intra_distance": separation["intra_distance"],
+        "inter_distance": separation["inter_distance"],
+        "separation": {**separation, "names": [names[int(i)] for i in separation["labels"]]},
+        "clusters_nifti": str(cluster_path),
+        "tsne_png": str(tsne),
+        "settings": settings,
+    }
+    (out / f"{stem}_clustering.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report

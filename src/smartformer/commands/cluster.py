@@ -46,31 +46,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def find_label_names(labels: Path) -> Path | None:
-    """``labels.json`` beside a label map, or in the folder above it (a data set's shared names file,
-    as ``organs/labels.json`` for ``organs/CASE/organs.nii.gz``); None when neither exists."""
-    for folder in (labels.parent, labels.parent.parent):
-        if (folder / "labels.json").is_file():
-            return folder / "labels.json"
-    return None
-
-
 def run(args: argparse.Namespace) -> int:
-    import json
     import warnings
 
-    import numpy as np
-
     from smartformer.analysis.clustering import (
-        centroid_separation,
-        clustering_scores,
-        clusters_on_input,
-        kmeans_clusters,
+        cluster_organs,
+        find_label_names,
         load_label_names,
-        save_tsne_png,
         token_features,
+        write_clustering,
     )
-    from smartformer.data.io import write_nifti
     from smartformer.models.hub import load_encoder, resolve_checkpoint
 
     check_spacing_window(args)
@@ -85,54 +70,24 @@ def run(args: argparse.Namespace) -> int:
                             spacing=args.spacing[0] if len(args.spacing) == 1 else tuple(args.spacing),
                             window=args.window, roi=args.roi[0] if len(args.roi) == 1 else tuple(args.roi),
                             progress=not args.no_progress)
-    kept = tokens.kept()
-    labels = tokens.labels[kept]
-    present = np.unique(labels)
-    if present.size < 2:
-        raise InputError(args.labels, f"fewer than 2 foreground labels cover a token ({present.size}); "
-                                      "use a finer --spacing or a label map with more structures")
-    k = args.clusters or int(present.size)
-    if k > labels.size:
-        raise SmartformerError(f"-k {k} is more than the {labels.size} labelled tokens")
-    features = tokens.features[kept]
-    clusters = kmeans_clusters(features, k, seed=args.seed)
+    result = cluster_organs(tokens, args.clusters, seed=args.seed, labels_path=args.labels)
     if names_path is None:
         warnings.warn(f"{args.labels}: no labels.json beside it or in the folder above, and no --names; "
                       "the legend shows label ids (label 1, label 2, ...)", stacklevel=1)
-    names = load_label_names(names_path, present.tolist())
-    scores = clustering_scores(labels, clusters)
-    separation = centroid_separation(features, labels)
-
+    names = load_label_names(names_path, result.present.tolist())
     stem = args.name or volume_stem(args.image)
-    args.out.mkdir(parents=True, exist_ok=True)
-    token_map = np.zeros(tokens.labels.shape, dtype=np.int64)
-    token_map[kept] = clusters + 1
-    cluster_path = write_nifti(clusters_on_input(token_map, tokens).astype(np.int16), tokens.input_affine,
-                               args.out / f"{stem}_clusters.nii.gz")
-    tsne = save_tsne_png(features, labels, names, args.out / f"{stem}_tsne.png", max_points=args.tsne_points,
-                         seed=args.seed, title=f"{stem}: tokens by label (NMI {scores['nmi']:.2f}, k={k})")
-    counts = {names[int(i)]: int((labels == i).sum()) for i in present}
-    report = {
-        "checkpoint": resolve_checkpoint(args.checkpoint).source,
-        "image": str(args.image),
-        "labels": str(args.labels),
-        "k": k,
-        "tokens": int(labels.size),
-        "tokens_per_label": counts,
-        **scores,
-        "centroid_separation": separation["mean_ratio"],
-        "intra_distance": separation["intra_distance"],
-        "inter_distance": separation["inter_distance"],
-        "separation": {**separation, "names": [names[int(i)] for i in separation["labels"]]},
-        "clusters_nifti": str(cluster_path),
-        "tsne_png": str(tsne),
-        "settings": {"spacing": args.spacing, "window": args.window, "roi": args.roi, "seed": args.seed},
-    }
-    (args.out / f"{stem}_clustering.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{labels.size} tokens, {present.size} labels, k={k}: NMI {scores['nmi']:.3f}  ARI {scores['ari']:.3f}  "
-          f"purity {scores['purity']:.3f}  centroid separation {separation['mean_ratio']:.2f}")
+    report = write_clustering(
+        result, names, args.out, stem,
+        sources={"checkpoint": resolve_checkpoint(args.checkpoint).source, "image": str(args.image),
+                 "labels": str(args.labels)},
+        settings={"spacing": args.spacing, "window": args.window, "roi": args.roi, "seed": args.seed},
+        tsne_points=args.tsne_points, seed=args.seed)
+    scores, separation = result.scores, result.separation
+    print(f"{report['tokens']} tokens, {result.present.size} labels, k={result.k}: NMI {scores['nmi']:.3f}  "
+          f"ARI {scores['ari']:.3f}  purity {scores['purity']:.3f}  centroid separation {separation['mean_ratio']:.2f}")
     intra, inter = separation["intra_distance"], separation["inter_distance"]
     print(f"  distances (as the SMART paper): intra-cluster {intra['mean']:.2f} +- {intra['sd']:.2f}, "
           f"inter-cluster {inter['mean']:.2f} +- {inter['sd']:.2f}")
-    print(f"  clusters {cluster_path}\n  t-SNE    {tsne}\n  metrics  {args.out / f'{stem}_clustering.json'}")
+    print(f"  clusters {report['clusters_nifti']}\n  t-SNE    {report['tsne_png']}\n"
+          f"  metrics  {args.out / f'{stem}_clustering.json'}")
     return 0
