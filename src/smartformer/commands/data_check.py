@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from smartformer.data.sources import DEFAULT_EXCLUDE, list_volumes, skipped_label_maps
-from smartformer.errors import InputError
+
+if TYPE_CHECKING:
+    from smartformer.data.check import VolumeReport
 
 DESCRIPTION = """\
 Read every volume of a data source the way pretraining will, and print one row per volume:
@@ -26,24 +26,6 @@ or one image file.
 
 Exit status: 0 if every volume is usable, 1 if any is not (with --skip-bad: 0 as long as at
 least one is usable), 2 if the source itself cannot be read."""
-
-
-@dataclass
-class VolumeReport:
-    """What ``data check`` found out about one volume."""
-
-    path: str
-    status: str  # "ok" or the reason the volume cannot be used
-    shape: tuple[int, int, int] | None = None
-    spacing: tuple[float, float, float] | None = None
-    orientation: str | None = None
-    hu_min: float | None = None
-    hu_max: float | None = None
-    warning: str | None = None  # usable, but pretraining would learn nothing from it (constant)
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -66,6 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check every volume of ``args.source``; print rows and a summary; return the exit code."""
+    from smartformer.data.check import check_volume, summarize, write_check_report  # torch/MONAI only when checking
+
     exclude = [p.strip() for p in args.exclude.split(",") if p.strip()]
     items = list_volumes(args.source, key=args.key, exclude=exclude)
     width = max(len(item["image"]) for item in items)
@@ -81,33 +65,10 @@ def run(args: argparse.Namespace) -> int:
     if skipped:
         print(skipped_line(skipped, exclude))
     if args.json is not None:
-        _write_json(args.json, args.source, reports, summary)
+        write_check_report(args.json, args.source, reports, summary)
     if summary["n_ok"] == 0:
         return 1
     return 0 if summary["n_failed"] == 0 or args.skip_bad else 1
-
-
-def check_volume(path: str) -> VolumeReport:
-    """Read one volume fully; a reading problem becomes the report's status, not an exception."""
-    from smartformer.data.dataset import content_problem  # torch/MONAI only when checking
-    from smartformer.data.io import read_ct
-
-    try:
-        image = read_ct(path)
-    except InputError as exc:
-        return VolumeReport(path=path, status=" ".join(exc.reason.split()))
-    except Exception as exc:  # a reader failure we did not foresee must not stop the other files
-        return VolumeReport(path=path, status=f"cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
-    return VolumeReport(
-        path=path,
-        status="ok",
-        shape=tuple(int(n) for n in image.shape[1:]),
-        spacing=tuple(round(float(s), 4) for s in image.meta["spacing"]),
-        orientation=image.meta["orientation"],
-        hu_min=float(image.min()),
-        hu_max=float(image.max()),
-        warning=content_problem(image, image.meta["spacing"]),
-    )
 
 
 def format_row(report: VolumeReport, width: int) -> str:
@@ -119,22 +80,6 @@ def format_row(report: VolumeReport, width: int) -> str:
     hu = f"{report.hu_min:.0f}..{report.hu_max:.0f}"
     return f"{report.path:<{width}}  {shape:>13}  {spacing:>16} mm  {report.orientation}  " \
            f"HU {hu:>13}  ok" + (f" (warning: {report.warning})" if report.warning else "")
-
-
-def summarize(reports: list[VolumeReport]) -> dict[str, Any]:
-    """Counts, the failed paths with reasons, and per-axis shape and spacing ranges of good ones."""
-    good = [r for r in reports if r.ok]
-    summary: dict[str, Any] = {
-        "n_ok": len(good),
-        "n_failed": len(reports) - len(good),
-        "failed": {r.path: r.status for r in reports if not r.ok},
-    }
-    if good:
-        for field in ("shape", "spacing"):
-            columns = list(zip(*(getattr(r, field) for r in good)))
-            summary[f"{field}_min"] = [min(c) for c in columns]
-            summary[f"{field}_max"] = [max(c) for c in columns]
-    return summary
 
 
 def format_summary(summary: dict[str, Any], skip_bad: bool) -> list[str]:
@@ -161,13 +106,3 @@ def skipped_line(skipped: list[str], patterns: list[str], shown: int = 5) -> str
     names = ", ".join(skipped[:shown]) + (f" and {len(skipped) - shown} more" if len(skipped) > shown else "")
     return (f"skipped {plural(len(skipped), 'file')} as label maps (names matching {','.join(patterns)}; "
             f"--exclude '' checks them too): {names}")
-
-
-def _write_json(path: Path, source: str, reports: list[VolumeReport],
-                summary: dict[str, Any]) -> None:
-    content = {"source": str(source), "volumes": [asdict(r) for r in reports], "summary": summary}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(content, indent=2) + "\n")
-    except OSError as exc:
-        raise InputError(path, f"cannot write the JSON report ({exc.strerror})") from None

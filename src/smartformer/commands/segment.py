@@ -159,20 +159,9 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _output_names(images: list[Path]) -> list[str]:
-    """``NAME`` of each image (``case_000/ct.nii.gz`` -> ``ct``), with the folder added where names repeat."""
-    from smartformer.data.naming import volume_stem
-
-    stems = [volume_stem(p) for p in images]
-    names = [s if stems.count(s) == 1 else f"{p.resolve().parent.name}_{s}" for p, s in zip(images, stems)]
-    for i, name in enumerate(names):
-        if names.count(name) > 1:
-            raise InputError(images[i], f"gives the same output name {name!r} as another --image")
-    return names
-
-
 def run_predict(args: argparse.Namespace) -> int:
     from smartformer.data.io import read_ct, validate_volume
+    from smartformer.data.naming import output_names
     from smartformer.downstream.features import pick_device
     from smartformer.downstream.segmentation import load_segmenter, predict_labels, write_labels
 
@@ -184,7 +173,7 @@ def run_predict(args: argparse.Namespace) -> int:
     net, config = load_segmenter(args.model, device)
     for image in args.image:  # header checks of every input before any output
         validate_volume(image)
-    names = _output_names(args.image)
+    names = output_names(args.image)
     for image, name in zip(args.image, names):
         ct = read_ct(image)
         prediction = predict_labels(net, config, ct, overlap=args.overlap, device=device)
