@@ -393,11 +393,13 @@ def test_resume_of_a_run_that_does_not_exist_is_refused(phantoms: Path, tmp_path
     ("optim.lr=.nan", "optim.lr"), ("train.device=gpu", "train.device"), ("data.window=soft", "data.window"),
     ("model.backbone.embed_dim=-24", "model.backbone.embed_dim"),
     ("model.backbone.num_heads=[0,6,12,24]", "model.backbone.num_heads"),
+    ("data.local_views=-1", "data.local_views"), ("data.local_roi=[48,32,32]", "data.local_roi"),
+    ("data.local_views=2 data.local_roi=[128,32,32]", "data.local_roi"),
 ])
 def test_out_of_range_config_values_are_one_line(tmp_path: Path, capsys, override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
-        load_config("tiny", [override])
-    assert main(["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "r"), override]) == 2
+        load_config("tiny", override.split())
+    assert main(["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "r"), *override.split()]) == 2
     assert one_error_line(capsys).startswith(f"smartformer: error: {key}")
     assert not (tmp_path / "r").exists()
 

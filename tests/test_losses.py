@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from smartformer.loss import DINOLoss, iBOTPatchLoss, masked_l1_loss, upsample_mask
 
@@ -382,3 +383,49 @@ def test_patch_branch_can_keep_its_own_teacher_temperature() -> None:
     assert split["teacher_patch_entropy"] == pytest.approx(warm["teacher_patch_entropy"], rel=1e-6)
     assert split["loss_cls"] == pytest.approx(cold["loss_cls"], rel=1e-6)
     assert split["teacher_patch_entropy"] > cold["teacher_patch_entropy"] + 0.01
+
+
+def test_local_views_join_the_cls_loss_only() -> None:
+    # Multi-crop: the student's [CLS] of each local view is paired with every teacher (global) view;
+    # the other terms, the teacher and the monitors see the global views alone.
+    from smartformer.config import load_config
+    from smartformer.train.ssl_meta_arch import SMARTMetaArch
+
+    g = torch.Generator().manual_seed(0)
+    views, local = torch.rand(2, 2, 1, 32, 32, 32, generator=g), torch.rand(2, 3, 1, 32, 32, 32, generator=g)
+    torch.manual_seed(0)
+    meta = SMARTMetaArch(load_config("tiny", ["data.roi=[32,32,32]", "data.local_views=3", "masking.warmup_steps=0",
+                                              "model.backbone.drop_path_rate=0"]))
+
+    def step(local_views: torch.Tensor | None):
+        return meta(views, 10, 0.04, generator=torch.Generator().manual_seed(1), local_views=local_views)
+
+    plain, multi = step(None), step(local)
+    for key in ("loss_recon", "loss_patch", "teacher_cls_entropy", "teacher_cls_cosine"):
+        assert multi.terms[key] == pytest.approx(plain.terms[key], rel=1e-6)
+    # by hand: 2 global + 3 local student views against 2 teacher views = 2 global pairs + 6 local ones
+    with torch.no_grad():
+        s_local = meta.student(local.transpose(0, 1).reshape(6, 1, 32, 32, 32), reconstruct=False)["cls_logits"]
+        targets = meta.dino_loss.view_targets(multi.teacher_cls_logits, 0.04)  # (2 views, 2 volumes, K)
+        log_s = F.log_softmax(s_local / 0.1, dim=-1).reshape(3, 2, -1)
+        local_sum = -(torch.einsum("qbk,vbk->qv", targets, log_s) / 2).sum()
+    expected = (plain.terms["loss_cls"] * 2 + float(local_sum)) / 8
+    assert multi.terms["loss_cls"] == pytest.approx(expected, rel=1e-5)
+    assert multi.terms["loss_cls"] != pytest.approx(plain.terms["loss_cls"], rel=1e-5)
+    multi.loss.backward()
+    grads = [p.grad for n, p in meta.student.named_parameters() if n.startswith("cls_head") and p.requires_grad]
+    assert grads and all(gr is not None and torch.isfinite(gr).all() for gr in grads)
+
+
+@pytest.mark.parametrize("preset, overrides, needle", [
+    ("vit_tiny", ["data.local_views=2"], "Swin backbone"),
+    ("tiny", ["data.roi=[32,32,32]", "data.local_views=2", "loss.cls_weight=0"], "loss.cls_weight"),
+])
+def test_local_views_are_refused_where_nothing_would_learn_from_them(preset: str, overrides: list[str],
+                                                                    needle: str) -> None:
+    from smartformer.config import load_config
+    from smartformer.errors import ConfigError
+    from smartformer.train.ssl_meta_arch import SMARTMetaArch
+
+    with pytest.raises(ConfigError, match=needle):
+        SMARTMetaArch(load_config(preset, overrides))

@@ -119,7 +119,7 @@ def test_resume_restores_the_sinkhorn_queue(phantoms: Path, tmp_path: Path) -> N
     # The queue is training state: a resumed run that lost it would normalise step 3's targets
     # over other rows and log another loss than the uninterrupted run.
     remedies = ["loss.centering=sinkhorn", "loss.cls_queue=16", "loss.koleo_weight=0.1",
-                "data.min_body_fraction=0.3", "data.min_view_overlap=0.5"]
+                "data.min_body_fraction=0.3", "data.min_view_overlap=0.5", "data.local_views=2"]
     run = tmp_path / "run"
     assert cli("pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "3", "--no-progress",
                *FAST, *remedies, "train.checkpoint_every=2").returncode == 0
@@ -190,13 +190,15 @@ def test_a_second_run_and_a_resumed_run_repeat_the_first_bit_for_bit(phantoms: P
 
 
 @pytest.mark.slow
-def test_two_process_gloo_run_keeps_replicas_identical(phantoms: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [[], ["data.local_views=2"]], ids=["global_views", "with_local_views"])
+def test_two_process_gloo_run_keeps_replicas_identical(phantoms: Path, tmp_path: Path, extra: list[str]) -> None:
+    """With local views the student runs twice per step under DDP (global, then local views) before one backward."""
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "smartformer", "pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "3",
-         "--no-progress", *FAST, "train.checkpoint_every=2", "train.device=cpu"],
+         "--no-progress", *FAST, "train.checkpoint_every=2", "train.device=cpu", *extra],
         capture_output=True, text=True, env=env, check=False, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

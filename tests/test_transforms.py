@@ -280,6 +280,26 @@ def test_min_view_overlap_keeps_the_views_of_a_volume_on_shared_anatomy():
     assert min(overlaps(paired)) >= 0.5 - 1e-9
 
 
+def test_local_views_lie_inside_the_first_global_view_and_leave_the_global_views_unchanged():
+    sample = {"image": torch.rand(1, 120, 110, 100, generator=torch.Generator().manual_seed(0))}
+    plain = view_transforms(roi=(64, 64, 64), num_views=2)
+    multi = view_transforms(roi=(64, 64, 64), num_views=2, local_views=4, local_roi=(32, 32, 32))
+    for seed in range(5):
+        plain.set_random_state(seed=seed)
+        multi.set_random_state(seed=seed)
+        a, b = plain(dict(sample)), multi(dict(sample))
+        assert "local_views" not in a and b["local_views"].shape == (4, 1, 32, 32, 32)
+        assert torch.equal(a["views"], b["views"])  # drawn after the global views
+        assert not torch.equal(b["local_views"][0], b["local_views"][1])
+        (g0, g1) = multi._boxes[0]
+        for _ in range(20):
+            start, end = multi._local_box(multi._boxes[0])
+            assert all(g0[i] <= start[i] < end[i] <= g1[i] for i in range(3))
+            assert all(32 <= end[i] - start[i] <= min(48, g1[i] - g0[i]) for i in range(3))
+
+
 def test_view_options_are_range_checked():
+    with pytest.raises(ConfigError, match="local_roi"):
+        view_transforms(roi=(32, 32, 32), local_views=2, local_roi=(64, 32, 32))
     with pytest.raises(ConfigError, match="min_body_fraction"):
         view_transforms(min_body_fraction=1.5)

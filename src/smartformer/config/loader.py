@@ -206,6 +206,8 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "data.flip_prob": (lambda v: 0 <= v <= 1, "between 0 and 1"),
     "data.min_body_fraction": (lambda v: 0 <= v <= 1, "between 0 and 1"),
     "data.min_view_overlap": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "data.local_views": (lambda v: v >= 0, "0 or more (0: off)"),
+    "data.local_roi": (is_input_size, f"multiples of {SIZE_MULTIPLE}, e.g. [32,32,32]"),
     "teacher.momentum": (lambda v: 0 <= v <= 1, "between 0 and 1"),
     "teacher.noise_ratio": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
     "teacher.noise_sigma": (lambda v: v >= 0, "0 or more"),
@@ -262,6 +264,9 @@ def validate_ranges(config: PretrainConfig) -> None:
             if check is not None and value is not None and not check[0](value):
                 shown = list(value) if isinstance(value, tuple) else value
                 raise ConfigError(f"{key}: {shown!r} is out of range; it must be {check[1]}")
+    if config.data.local_views and any(lr > r for lr, r in zip(config.data.local_roi, config.data.roi)):
+        raise ConfigError(f"data.local_roi: {list(config.data.local_roi)} is out of range; it must be at most "
+                          f"data.roi {list(config.data.roi)} along every axis (local views are the smaller ones)")
     from smartformer.data.transforms import parse_window  # the window names and syntax live there
 
     try:

@@ -40,6 +40,11 @@ class DataConfig:
     # Views of one volume share anatomy: each view after the first overlaps the first by at
     # least this fraction of its side along every axis (0 = placed independently, as SMIT does).
     min_view_overlap: float = 0.0
+    # DINO's multi-crop: this many smaller local views per volume, seen by the student only, whose
+    # [CLS] learns the teacher's targets of the global views (0 = off). Placed inside the first
+    # global view; data.local_roi is their size (multiples of 32, at most data.roi).
+    local_views: int = 0
+    local_roi: tuple[int, int, int] = (32, 32, 32)
 
 
 @dataclass

@@ -186,6 +186,8 @@ def build_pretrain_dataset(
     max_scale: float = 1.5,
     min_body_fraction: float = 0.0,
     min_view_overlap: float = 0.0,
+    local_views: int = 0,
+    local_roi: int | Sequence[int] = (32, 32, 32),
 ) -> PretrainDataset:
     """Dataset of ``{"views": (num_views, 1, *roi)}`` samples for pretraining.
 
@@ -204,7 +206,7 @@ def build_pretrain_dataset(
             them, those that cannot be used; a volume that fails later, when decoded, is
             skipped with a warning too. Without it, a bad volume raises :class:`InputError`
             naming the file when it is loaded.
-        min_body_fraction, min_view_overlap: see
+        min_body_fraction, min_view_overlap, local_views, local_roi: see
             :class:`~smartformer.data.transforms.RandGlobalViewsd` (0 = off).
 
     Raises:
@@ -230,7 +232,8 @@ def build_pretrain_dataset(
         view_transforms(roi=roi, num_views=num_views, intensity_scale=intensity_scale,
                         intensity_shift=intensity_shift, flip_prob=flip_prob,
                         max_scale=max_scale, min_body_fraction=min_body_fraction,
-                        body_level=body_level(window), min_view_overlap=min_view_overlap),
+                        body_level=body_level(window), min_view_overlap=min_view_overlap,
+                        local_views=local_views, local_roi=local_roi),
     ])
     return PretrainDataset([{"image": p} for p in paths], transform, subdir, skip_bad=skip_bad)
 

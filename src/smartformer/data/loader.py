@@ -82,6 +82,8 @@ def build_pretrain_loader(source: str | Path, settings: DataConfig, cache_dir: s
         flip_prob=settings.flip_prob,
         min_body_fraction=settings.min_body_fraction,
         min_view_overlap=settings.min_view_overlap,
+        local_views=settings.local_views,
+        local_roi=settings.local_roi,
     )
     views = _ErrorsAsData(dataset, seed=seed)
     sampler = ResumableSampler(len(views), seed, rank, world_size, start=start_step * settings.batch_size)

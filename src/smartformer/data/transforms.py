@@ -5,7 +5,8 @@ Two stages, so that the expensive one is cached on disk (see :mod:`smartformer.d
 * :func:`preprocess_transforms` (deterministic): read, reorient to RAS, crop to the body,
   resample, window HU to [0, 1], pad to at least the ROI.
 * :func:`view_transforms` (random): global views of ROI size with intensity and flip
-  augmentations, stacked under ``"views"``.
+  augmentations, stacked under ``"views"``, and optionally smaller local views (DINO's
+  multi-crop) under ``"local_views"``.
 """
 
 from __future__ import annotations
@@ -168,22 +169,38 @@ class RandGlobalViewsd(Randomizable, Transform):
       fraction of its own side along each axis, so the views of a volume share anatomy (DINO's
       [CLS] loss asks views to agree; far-apart views of a chest CT show different organs).
 
+    ``local_views`` > 0 adds DINO's multi-crop: that many local views of ``local_roi``, each a
+    box of ``local_roi`` times an independent factor in ``[1, max_scale]`` per axis, placed at
+    random inside the first global view's box (so that a local view shows part of what the
+    global views show) and augmented like the global views. The student alone sees them; its
+    [CLS] of each local view is trained towards the teacher's targets of the global views. They
+    are drawn after the global views, so the global views do not depend on ``local_views``.
+
     The output dict is the input without ``image_key`` (its size varies, which would break
-    batching) plus ``views_key``: a float32 tensor. Seed with :meth:`set_random_state`; all
-    draws come from one ``RandomState``, shared with the MONAI sub-transforms.
+    batching) plus ``views_key``: a float32 tensor, and ``local_views_key`` when
+    ``local_views`` > 0. Seed with :meth:`set_random_state`; all draws come from one
+    ``RandomState``, shared with the MONAI sub-transforms.
     """
 
     def __init__(self, roi: int | Sequence[int] = (96, 96, 96), num_views: int = 2,
                  max_scale: float = 1.5, intensity_scale: float = 0.1,
                  intensity_shift: float = 0.1, flip_prob: float = 0.5,
                  image_key: str = "image", views_key: str = "views", min_body_fraction: float = 0.0,
-                 body_level: float = 0.25, min_view_overlap: float = 0.0, max_tries: int = 10) -> None:
+                 body_level: float = 0.25, min_view_overlap: float = 0.0, max_tries: int = 10,
+                 local_views: int = 0, local_roi: int | Sequence[int] = (32, 32, 32),
+                 local_views_key: str = "local_views") -> None:
         if num_views < 1 or max_scale < 1.0:
             raise ConfigError(f"views: need num_views >= 1 and max_scale >= 1, got {num_views} "
                               f"and {max_scale}")
         if not 0.0 <= min_body_fraction <= 1.0 or not 0.0 <= min_view_overlap <= 1.0:
             raise ConfigError(f"views: min_body_fraction and min_view_overlap must lie in [0, 1], got "
                               f"{min_body_fraction} and {min_view_overlap}")
+        self.local_roi = tuple(int(r) for r in as_triple(local_roi, "local_roi"))
+        if local_views < 0 or (local_views and any(lr > r for lr, r in zip(self.local_roi, as_triple(roi, "roi")))):
+            raise ConfigError(f"views: need local_views >= 0 and local_roi {list(self.local_roi)} no larger than "
+                              f"roi {[int(r) for r in as_triple(roi, 'roi')]}, got local_views={local_views}")
+        self.local_views, self.local_views_key = int(local_views), local_views_key
+        self._local_resize = Resize(self.local_roi, mode="trilinear")
         self.min_body_fraction = min_body_fraction
         self.body_level = body_level
         self.min_view_overlap = min_view_overlap
@@ -267,10 +284,22 @@ class RandGlobalViewsd(Randomizable, Transform):
         views = [self._view(image, start, end) for start, end in self._boxes]
         d[self.views_key] = convert_to_tensor(torch.stack(views), dtype=torch.float32,
                                               track_meta=False)
+        if self.local_views:
+            local = [self._view(image, *self._local_box(self._boxes[0]), resize=self._local_resize)
+                     for _ in range(self.local_views)]
+            d[self.local_views_key] = convert_to_tensor(torch.stack(local), dtype=torch.float32, track_meta=False)
         return d
 
-    def _view(self, image: torch.Tensor, start: list[int], end: list[int]) -> torch.Tensor:
-        view = self._resize(SpatialCrop(roi_start=start, roi_end=end)(image))
+    def _local_box(self, within: tuple[list[int], list[int]]) -> tuple[list[int], list[int]]:
+        """A random local-view box inside the box ``within`` (``local_roi`` times ``[1, max_scale]``)."""
+        (lo, hi), scale = within, self.R.uniform(1.0, self.max_scale, size=3)
+        size = [min(int(round(r * s)), b - a) for r, s, a, b in zip(self.local_roi, scale, lo, hi)]
+        start = [int(self.R.randint(a, b - z + 1)) for a, b, z in zip(lo, hi, size)]
+        return start, [a + z for a, z in zip(start, size)]
+
+    def _view(self, image: torch.Tensor, start: list[int], end: list[int],
+              resize: Resize | None = None) -> torch.Tensor:
+        view = (resize or self._resize)(SpatialCrop(roi_start=start, roi_end=end)(image))
         for flip in self._flips:
             view = flip(view)
         view = self._shift(self._scale(view))
@@ -280,13 +309,15 @@ class RandGlobalViewsd(Randomizable, Transform):
 def view_transforms(roi: int | Sequence[int] = (96, 96, 96), num_views: int = 2,
                     intensity_scale: float = 0.1, intensity_shift: float = 0.1,
                     flip_prob: float = 0.5, max_scale: float = 1.5, min_body_fraction: float = 0.0,
-                    body_level: float = 0.25, min_view_overlap: float = 0.0) -> RandGlobalViewsd:
+                    body_level: float = 0.25, min_view_overlap: float = 0.0, local_views: int = 0,
+                    local_roi: int | Sequence[int] = (32, 32, 32)) -> RandGlobalViewsd:
     """The random part: a preprocessed ``{"image": (1, X, Y, Z)}`` dict to ``{"views": ...}``.
 
     Returns a :class:`RandGlobalViewsd` (callable, MONAI ``Randomizable``); see there for the
-    view recipe. ``views`` has shape ``(num_views, 1, *roi)``, float32 in [0, 1].
+    view recipe. ``views`` has shape ``(num_views, 1, *roi)``, float32 in [0, 1]; with
+    ``local_views`` > 0, ``local_views`` has shape ``(local_views, 1, *local_roi)``.
     """
     return RandGlobalViewsd(roi=roi, num_views=num_views, max_scale=max_scale,
                             intensity_scale=intensity_scale, intensity_shift=intensity_shift,
                             flip_prob=flip_prob, min_body_fraction=min_body_fraction, body_level=body_level,
-                            min_view_overlap=min_view_overlap)
+                            min_view_overlap=min_view_overlap, local_views=local_views, local_roi=local_roi)

@@ -364,12 +364,19 @@ class SMARTFormer(nn.Module):
 
     def forward(
         self, x: Tensor, mask: Tensor | None = None, return_attention: bool = False, heads: bool = True,
-        reconstruct: bool = True,
+        reconstruct: bool = True, local: Tensor | None = None,
     ) -> dict[str, Any]:
-        """Features, head logits and reconstruction in one call (one call per step keeps DDP simple)."""
+        """Features, head logits and reconstruction in one call (one call per step keeps DDP simple).
+
+        ``local`` (B', 1, d, h, w): smaller, unmasked views (multi-crop) whose [CLS] logits are
+        returned as ``local_cls_logits`` (B', K) from the same call: DDP allows one forward per
+        backward, and a second call on the same parameters would mark them ready twice.
+        """
         out = self.forward_features(x, mask, return_attention)
         if heads and self.cls_head is not None:
             out.update(self.forward_head(out))
+            if local is not None:
+                out["local_cls_logits"] = self.cls_head(self.forward_features(local)["cls"])
         if reconstruct and self.decoder is not None:
             out["recon"] = self.reconstruct(out)
         return out

@@ -482,12 +482,15 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
                 batch = next(batches)
                 t1 = time.perf_counter()
                 views = _views_of(batch).to(device, non_blocking=True)
+                local_views = batch.get("local_views")  # (B, L, 1, *local_roi) with data.local_views
+                if local_views is not None:
+                    local_views = local_views.to(device, non_blocking=True)
                 if snapshot_volume is None and ctx.is_main:
                     snapshot_volume = _views_of(stream.views[0])[:1].to(device)
                 scheduled = training.schedules.at(step)
                 _apply_schedules(training.optimizer, scheduled)
                 result = meta(views, step, scheduled["teacher_temp"], generator=training.generator, student=student,
-                              autocast=autocast)
+                              autocast=autocast, local_views=local_views)
                 stop_requested, time_up = _check_step(result.terms, step, stop, clock, out, ctx, device)
                 grad_norm = _optimizer_step(training, result.loss, step, config.optim)
                 meta.after_step(result, scheduled["momentum"])  # teacher EMA, centers

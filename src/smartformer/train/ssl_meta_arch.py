@@ -9,7 +9,10 @@ One :meth:`SMARTMetaArch.forward` call computes every loss term for a batch of v
 3. the student sees the masked views and is trained on masked-voxel reconstruction, masked
    patch-token distillation (iBOT), cross-view [CLS] distillation (DINO) and, optionally, the
    cross-view distillation of the pooled stage-4 tokens (the paper's GITD) and the KoLeo
-   spreading term on its [CLS] (DINOv2).
+   spreading term on its [CLS] (DINOv2);
+4. with local views (DINO's multi-crop, ``data.local_views``), the student also sees them,
+   unmasked, and their [CLS] joins the DINO loss as extra student views, paired with every
+   teacher (global) view.
 
 Besides the loss terms, every step reports the collapse monitors (see :func:`collapse_monitors`).
 
@@ -117,6 +120,10 @@ class SMARTMetaArch(nn.Module):
         self.noise = TeacherNoise(config.teacher.noise, config.teacher.noise_ratio, config.teacher.noise_sigma)
         if loss.cls_queue and loss.centering != "sinkhorn":
             raise ConfigError("loss.cls_queue needs loss.centering=sinkhorn (EMA centering keeps no queue)")
+        if config.data.local_views and model_cfg.vit is not None:
+            raise ConfigError("data.local_views needs the Swin backbone (the ViT's position embeddings fit data.roi only)")
+        if config.data.local_views and loss.cls_weight <= 0:
+            raise ConfigError("data.local_views needs loss.cls_weight > 0 (local views train only the [CLS] loss)")
         if loss.koleo_weight > 0 and config.data.batch_size < 2:
             raise ConfigError("loss.koleo_weight needs data.batch_size >= 2 (it spreads the volumes of a step apart)")
         self.dino_loss = DINOLoss(model_cfg.head_out_dim, loss.student_temp, loss.center_momentum,
@@ -147,8 +154,12 @@ class SMARTMetaArch(nn.Module):
         generator: torch.Generator | None = None,
         student: nn.Module | None = None,
         autocast: torch.autocast | None = None,
+        local_views: Tensor | None = None,
     ) -> StepOutput:
-        """Loss terms for ``views`` (B, V, 1, D, H, W); ``student`` may be the DDP-wrapped student."""
+        """Loss terms for ``views`` (B, V, 1, D, H, W); ``student`` may be the DDP-wrapped student.
+
+        ``local_views`` (B, L, 1, d, h, w): smaller views for the student's [CLS] only (multi-crop).
+        """
         cfg = self.config.loss
         student = student if student is not None else self.student
         b, v = views.shape[:2]
@@ -166,8 +177,13 @@ class SMARTMetaArch(nn.Module):
         attn = t_out["attn"]
         mask = self.masker(step, grid, v * b, attention=attn, generator=generator, device=x.device)
 
+        x_local, n_local = None, 0
+        if local_views is not None and cfg.cls_weight > 0:  # unmasked, view-major like x, [CLS] head only
+            n_local = local_views.shape[1]
+            x_local = local_views.transpose(0, 1).reshape(n_local * b, *local_views.shape[2:])
         with ctx:
-            s_out = student(x, mask=mask, reconstruct=cfg.recon_weight > 0, return_attention=False)
+            s_out = student(x, mask=mask, reconstruct=cfg.recon_weight > 0, return_attention=False, local=x_local)
+        s_local_cls = list(s_out["local_cls_logits"].chunk(n_local)) if n_local else []
 
         terms: dict[str, Tensor] = {}
         if cfg.recon_weight > 0:
@@ -188,7 +204,7 @@ class SMARTMetaArch(nn.Module):
                 entropies["teacher_patch_batch_entropy"] = self.ibot_loss.batch_entropy(patch_targets)
             if cfg.cls_weight > 0:
                 cls_targets = self.dino_loss.view_targets(t_cls, teacher_temp)
-                terms["cls"] = self.dino_loss(list(s_out["cls_logits"].chunk(v)), t_cls, teacher_temp,
+                terms["cls"] = self.dino_loss([*s_out["cls_logits"].chunk(v), *s_local_cls], t_cls, teacher_temp,
                                               targets=cls_targets)
                 entropies["teacher_cls_entropy"] = self.dino_loss.entropy_fraction(cls_targets)
                 entropies["teacher_cls_batch_entropy"] = self.dino_loss.batch_entropy(cls_targets)
