@@ -55,6 +55,7 @@ TRIALS: dict[str, list[str]] = {
     "body_views": ["data.min_body_fraction=0.5", "data.min_view_overlap=0.5"],  # views that hold anatomy
     "prototypes_256": ["model.head_out_dim=256"],  # fewer prototypes for small data and batch
     "sinkhorn_queue": ["loss.centering=sinkhorn", "loss.cls_queue=2048"],  # SwAV's small-batch remedy
+    "multicrop": ["data.local_views=4"],  # DINO's multi-crop: 4 local 32^3 views per volume for the student
 }
 #: Every trial: the same budget, seed and logging; one thread, so a trial runs beside other work.
 COMMON = ["data.roi=[64,64,64]", "data.batch_size=2", "data.num_workers=1", "train.threads=1",
