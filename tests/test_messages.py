@@ -84,3 +84,29 @@ def test_setting_warnings_name_the_option_on_the_command_line(monkeypatch, capsy
         assert main(["data", "phantom", "--out", "unused"]) == 0
     with pytest.warns(SettingWarning, match=r"pass overwrite=True to replace it"):
         run(None)
+
+
+def test_a_used_run_directory_names_resume_as_a_value_and_as_the_option(tmp_path, capsys):
+    from smartformer.config import load_config
+    from smartformer.errors import SmartformerError
+    from smartformer.train.engine import pretrain
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"")  # refused before it is read
+    with pytest.raises(SmartformerError, match=r"holds a run already .*; pass resume=True to continue it or choose "
+                                               r"another output folder$"):
+        pretrain(tmp_path, run, load_config("tiny"), progress=False)
+    assert main(["pretrain", "--data", str(tmp_path), "--out", str(run), "--no-progress"]) == 2
+    assert "; pass --resume to continue it or choose another output folder" in capsys.readouterr().err
+
+
+def test_config_keys_name_the_option_of_their_last_part():
+    from smartformer.cli import build_parser, option_for
+
+    parser = build_parser()
+    args = parser.parse_args(["pretrain", "--data", "d", "--out", "o"])
+    assert option_for(parser, args, "data.skip_bad") == "--skip-bad" and option_for(parser, args, "resume") == "--resume"
+    assert option_for(parser, args, "overwrite") is None  # pretrain has no such option: the value stays
+    args = parser.parse_args(["data", "lesions", "--data", "d", "--out", "o"])
+    assert option_for(parser, args, "mask_label") == "--mask-label"

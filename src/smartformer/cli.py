@@ -65,8 +65,10 @@ def _print_help(parser: argparse.ArgumentParser) -> int:
 
 
 def option_for(parser: argparse.ArgumentParser, args: argparse.Namespace, setting: str) -> str | None:
-    """The option of the invoked command (and the commands above it) that sets ``setting`` (its ``dest``):
-    the long form, e.g. ``--skip-bad`` for ``skip_bad``; None when the command has none."""
+    """The option of the invoked command (and the commands above it) that sets ``setting`` (its ``dest``; of
+    a config key, its last part): the long form, e.g. ``--skip-bad`` for ``skip_bad`` or ``data.skip_bad``;
+    None when the command has none."""
+    setting = setting.rsplit(".", 1)[-1]
     found: str | None = None
     while parser is not None:
         below = None

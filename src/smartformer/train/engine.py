@@ -178,8 +178,8 @@ def _checkpoint_to_resume(out: Path, resume: bool, ctx: DistContext) -> tuple[Pa
     """
     existing = last_checkpoint(out) or next(iter(step_checkpoints(out)), None)
     if existing is not None and not resume:
-        raise SmartformerError(f"{out}: holds a run already (checkpoints/{existing.name}); pass --resume to "
-                               "continue it or choose another --out")
+        raise SmartformerError(f"{out}: holds a run already (checkpoints/{existing.name}); pass {{setting}} to "
+                               "continue it or choose another output folder", setting="resume", value=True)
     found = resume_checkpoint(out) if resume else None  # verified; falls back to the newest good step_N.pt
     if resume and found is None and ctx.is_main:
         warnings.warn(f"{out}: no checkpoint to resume from yet; starting at step 0", stacklevel=1)
@@ -263,8 +263,10 @@ def _autocast(device: torch.device, precision: str) -> torch.autocast:
 def _views_of(sample: dict[str, Any]) -> torch.Tensor:
     """A batch's (or one volume's) views; a bad file it met is raised as its one-line error."""
     if "error" in sample:
-        hint = " (pass --skip-bad to leave such files out)" if sample["bad_file"] else ""
-        raise SmartformerError(sample["error"] + hint)
+        if sample["bad_file"]:
+            raise SmartformerError(sample["error"] + " (pass {setting} to leave such files out)",
+                                   setting="data.skip_bad", value=True)
+        raise SmartformerError(sample["error"])
     return sample["views"]
 
 
