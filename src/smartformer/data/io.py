@@ -119,14 +119,16 @@ def validate_volume(path: str | Path, series_uid: str | None = None) -> tuple[in
 
 
 def write_nifti(array: np.ndarray | torch.Tensor, affine: np.ndarray | torch.Tensor,
-                path: str | Path, as_uint8: bool = False) -> Path:
+                path: str | Path, as_uint8: bool = False, as_uint16: bool = False) -> Path:
     """Write ``array`` with a RAS ``affine`` to a NIfTI file; returns the path written.
 
     ``array`` is (X, Y, Z), (1, X, Y, Z), or (C, X, Y, Z) with C > 1, which is written as a 4D
     image with one volume per channel (channels last, as NIfTI and 3D Slicer expect). The
     affine is stored exactly (as both sform and qform, code "scanner"), so the output overlays
     the volume that the affine came from. ``as_uint8`` stores non-negative maps in 8 bits with a
-    scale factor (``max / 255``), 4x smaller than float32 and finer than any colour map.
+    scale factor (``max / 255``), 4x smaller than float32 and finer than any colour map;
+    ``as_uint16`` the same in 16 bits (``max / 65535``, 2x smaller, ~5 significant digits). The
+    factor is the header's ``scl_slope`` (``scl_inter`` 0): viewers and nibabel show true values.
     ``.nii.gz`` is appended when ``path`` has no NIfTI suffix; ``.nii.gz`` files are compressed
     on all cores (see :func:`write_gzip`) and every file is written atomically.
     """
@@ -149,12 +151,13 @@ def write_nifti(array: np.ndarray | torch.Tensor, affine: np.ndarray | torch.Ten
     # the C order of the reversed axes. A caller that keeps its maps in that memory order (see
     # analysis.attention) makes this permute, and the reductions below, copy-free and fast.
     data = data.permute(*((0, 3, 2, 1) if data.ndim == 4 else (2, 1, 0)))
-    if as_uint8:
+    if as_uint8 or as_uint16:
+        levels, dtype = (255, torch.uint8) if as_uint8 else (65535, torch.uint16)
         top = float(data.max()) if data.numel() else 0.0
         if data.numel() and float(data.min()) < 0:
-            raise ValueError("write_nifti(as_uint8=True) needs non-negative values")
-        slope = top / 255 if top > 0 else 1.0
-        data = (data.float() / slope).round_().clamp_(0, 255).to(torch.uint8)
+            raise ValueError(f"write_nifti(as_uint{8 if as_uint8 else 16}=True) needs non-negative values")
+        slope = top / levels if top > 0 else 1.0
+        data = (data.float() / slope).round_().clamp_(0, levels).to(dtype)
         header.set_slope_inter(slope, 0.0)
     elif data.dtype == torch.bool:
         data = data.to(torch.uint8)

@@ -384,12 +384,47 @@ class SMARTFormer(nn.Module):
     @torch.no_grad()
     def attention_maps(self, volume: Tensor) -> Tensor:
         """Per-head semantic attention (B, heads, d, h, w) for (B, 1, D, H, W); each map sums to 1."""
+        self._check_attention()
+        return self.forward_features(volume, return_attention=True)["attn"]
+
+    @torch.no_grad()
+    def semantic_input(self, volume: Tensor) -> Tensor:
+        """The Swin tokens (B, d, h, w, C) that the semantic attention reads, for (B, 1, D, H, W).
+
+        Only the backbone runs (up to the semantic stage). As Swin attention is local, this can
+        run once over a whole CT and :meth:`token_attention_maps` on windows of the result.
+        """
+        self._check_swin_attention()
+        assert isinstance(self.backbone, Swin3D)
+        cfg = self.config
+        stride = cfg.semantic_stride
+        if cfg.semantic_merged and stride != 32:  # the merging into `stride` (32: forward_features' own)
+            tokens = self.backbone.forward_features(volume, strides=(stride // 2,))[stride // 2]
+            return self.backbone.stages[(stride // 2).bit_length() - 2].downsample(tokens)
+        return self.backbone.forward_features(volume, strides=(stride,))[stride]
+
+    @torch.no_grad()
+    def token_attention_maps(self, tokens: Tensor) -> Tensor:
+        """Per-head semantic attention (B, heads, d, h, w) over the tokens (B, d, h, w, C) of
+        :meth:`semantic_input`; each map sums to 1 over those tokens."""
+        self._check_swin_attention()
+        if isinstance(self.semantic, ViTSemanticAttention):
+            return self.semantic(tokens, return_attn=True).attn
+        assert self.semantic is not None
+        return self.semantic(tokens, return_attn=True)[1]
+
+    def _check_attention(self) -> None:
         if not self.has_attention:
             raise SmartformerError(
                 "attention maps need the semantic attention module; this model was built with "
                 "semantic_attention=False (pooled token, the SMIT way)"
             )
-        return self.forward_features(volume, return_attention=True)["attn"]
+
+    def _check_swin_attention(self) -> None:
+        self._check_attention()
+        if isinstance(self.backbone, ViT3D):
+            raise SmartformerError("semantic attention over token windows needs a Swin backbone (a ViT attends "
+                                   "globally; use attention_maps on whole windows)")
 
     # ------------------------------------------------------------------ weights in and out
     def save_pretrained(self, directory: str | Path, include_heads: bool = False) -> Path:
