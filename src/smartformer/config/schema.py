@@ -114,6 +114,9 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA where supported, else fp32
     grad_checkpointing: bool = False
+    # torch.compile the student's forward + backward; where it cannot compile, one warning and eager
+    # (train/compile.py). Off by default: on a 2-core CPU compiling the tiny step costs minutes.
+    compile: bool = False
     log_every: int = 10
     checkpoint_every: int = 500
     keep_checkpoints: bool = True  # keep step_N checkpoints besides `last`

@@ -43,6 +43,7 @@ from smartformer.train.checkpoint import (
 )
 from smartformer.io_utils import make_dir, output_errors
 from smartformer.models.swin3d import Swin3D
+from smartformer.train.compile import compile_student
 from smartformer.train.monitor import MetricsWriter, attention_snapshot, collapse_message
 from smartformer.train.schedules import (
     Schedules,
@@ -451,7 +452,7 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
     if saved is not None:
         start_step, seconds_before = _restore(training, saved, checkpoint_path, config)
     meta = training.meta
-    student = _student_across_processes(meta.student, ctx, device)
+    student = compile_student(_student_across_processes(meta.student, ctx, device), tc.compile)
 
     # The data first (every file checked): a run that cannot start leaves no config.yaml, so it
     # is no run that --resume would take up.
