@@ -99,3 +99,22 @@ def test_mean_map_stored_16_bit_with_its_scale_in_the_header(tmp_path):
     assert np.abs(back - mean).max() <= 0.51 * slope  # half a step, + float32 rounding
     np.testing.assert_allclose(img.affine, affine)
     assert nib.load(str(files["heads"])).get_data_dtype() == np.uint8
+
+
+@pytest.mark.parametrize("grid,ws,ss", [((8, 8, 8), (4, 4, 4), (2, 2, 2)), ((14, 21, 7), (7, 7, 7), (3, 3, 3)),
+                                        ((8, 8, 4), (4, 4, 4), (2, 2, 0)), ((12, 4, 8), (4, 4, 4), (2, 0, 2))])
+def test_shift_mask_equals_the_region_painting_definition(grid, ws, ss):
+    """The whole-volume pass builds the shifted-window mask for a whole CT (1.5 GB for elastix_00):
+    it is built in one pass, and must equal Swin's definition (paint the 27 regions, compare labels)."""
+    import itertools
+
+    from smartformer.models.swin3d import _shift_mask, _window_partition
+
+    img = torch.zeros((1, *grid, 1))
+    slices = [(slice(-w), slice(-w, -s), slice(-s, None)) for w, s in zip(ws, ss)]
+    for cnt, (sd, sh, sw) in enumerate(itertools.product(*slices)):
+        img[:, sd, sh, sw, :] = cnt
+    win = _window_partition(img, ws).squeeze(-1)
+    diff = win.unsqueeze(1) - win.unsqueeze(2)
+    expected = diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
+    assert torch.equal(_shift_mask(grid, ws, ss, torch.device("cpu")), expected)

@@ -140,16 +140,23 @@ def _window_reverse(windows: Tensor, ws: Sequence[int], b: int, d: int, h: int, 
 
 
 def _shift_mask(grid: Sequence[int], ws: Sequence[int], ss: Sequence[int], device: torch.device) -> Tensor:
-    """Additive attention mask (nW, n, n) for shifted windows: 0 within a region, -100 across."""
-    img = torch.zeros((1, *grid, 1), device=device)
-    cnt = 0
-    slices = [(slice(-w), slice(-w, -s), slice(-s, None)) for w, s in zip(ws, ss)]
-    for sd, sh, sw in itertools.product(*slices):
-        img[:, sd, sh, sw, :] = cnt
-        cnt += 1
-    win = _window_partition(img, ws).squeeze(-1)
-    diff = win.unsqueeze(1) - win.unsqueeze(2)
-    return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
+    """Additive attention mask (nW, n, n) for shifted windows: 0 within a region, -100 across.
+
+    A token's region along an axis is the body, the last window's strip that the roll brings
+    from the far side, or the last ``s`` tokens (one region where the axis does not shift); the
+    (nW, n, n) result is built in one pass (on a whole CT it is gigabytes: no temporaries of its size).
+    """
+    labels = []
+    for g, w, s in zip(grid, ws, ss):
+        label = torch.zeros(g, dtype=torch.int8, device=device)
+        if s:
+            label[g - w : g - s] = 1
+            label[g - s :] = 2
+        labels.append(label)
+    region = labels[0].view(-1, 1, 1) * 9 + labels[1].view(1, -1, 1) * 3 + labels[2].view(1, 1, -1)
+    win = _window_partition(region.view(1, *grid, 1), ws).squeeze(-1)  # (nW, n)
+    zero = torch.zeros((), device=device)
+    return torch.where(win.unsqueeze(1) != win.unsqueeze(2), zero - 100.0, zero)
 
 
 class WindowAttention(nn.Module):
