@@ -16,11 +16,10 @@ from smartformer.data.dataset import build_pretrain_dataset
 from smartformer.data.loader import build_pretrain_loader
 from smartformer.data.io import read_ct
 from smartformer.data.transforms import (
-    WINDOWS,
-    parse_window,
     preprocess_transforms,
     view_transforms,
 )
+from smartformer.data.windows import WINDOWS, parse_window
 from smartformer.errors import ConfigError, InputError, SmartformerError
 
 # Non-RAS, permuted and anisotropic: i -> left, j -> inferior, k -> posterior (LPS, row-major).

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from smartformer.data.sources import DEFAULT_EXCLUDE, list_volumes, skipped_label_maps
+from smartformer.data.naming import DEFAULT_EXCLUDE
 
 if TYPE_CHECKING:
     from smartformer.data.check import VolumeReport
@@ -48,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check every volume of ``args.source``; print rows and a summary; return the exit code."""
-    from smartformer.data.check import check_volume, summarize, write_check_report  # torch/MONAI only when checking
+    from smartformer.data.check import check_volume, summarize, write_check_report
+    from smartformer.data.sources import list_volumes, skipped_label_maps
 
     exclude = [p.strip() for p in args.exclude.split(",") if p.strip()]
     items = list_volumes(args.source, key=args.key, exclude=exclude)

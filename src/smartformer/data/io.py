@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -181,9 +183,6 @@ def write_gzip(path: str | Path, blocks: list[bytes | memoryview], level: int = 
     plain concatenation. zlib releases the GIL, so threads compress in parallel. Level 1, as
     nibabel uses: for maps and CTs it compresses almost as well as level 6, several times faster.
     """
-    import zlib
-    from concurrent.futures import ThreadPoolExecutor
-
     def member(piece: memoryview) -> bytes:
         z = zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits 31: gzip header and trailer
         return z.compress(piece) + z.flush()

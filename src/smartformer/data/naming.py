@@ -1,4 +1,4 @@
-"""Names derived from image paths (a module without heavy imports)."""
+"""Names derived from image paths, and the names that mark label maps (a module without heavy imports)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,18 @@ from pathlib import Path
 from smartformer.data.suffixes import IMAGE_SUFFIXES
 from smartformer.errors import InputError
 
-__all__ = ["output_names", "volume_stem"]
+__all__ = ["DEFAULT_EXCLUDE", "output_names", "volume_stem"]
+
+#: Name patterns (shell-style, case-insensitive) that mark label maps rather than CT images in
+#: folder sources. They are matched against the volume's own name only (a file name without its
+#: image suffix, or the name of a DICOM folder), never against the folders above it, so
+#: ``case_0/labels.nii.gz``, ``STS_001/tumor.nii.gz``, ``ts/organs.nii.gz``, ``x/ct_mask.nrrd``
+#: and ``x/seg.mha`` are skipped while ``organs/ts_example/ct.nii.gz`` is listed. For layouts
+#: that keep labels in a separate tree under image-like names (nnU-Net ``labelsTr/``), point
+#: the source at the image tree or use a JSON datalist.
+DEFAULT_EXCLUDE: tuple[str, ...] = (
+    "*label*", "*mask*", "*seg*", "*tumor*", "*tumour*", "*organs*", "*gtv*",
+)
 
 
 def volume_stem(path: Path) -> str:

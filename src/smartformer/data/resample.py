@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
+from monai.transforms import SpatialResample
 from torch import Tensor
 
 __all__ = ["resample_to_grid", "axis_aligned_map", "reverse_axes"]
@@ -70,9 +72,6 @@ def resample_to_grid(volume: Tensor, src_affine: np.ndarray, dst_affine: np.ndar
     dst_shape = [int(s) for s in dst_shape]
     mapping = axis_aligned_map(src_affine, dst_affine)
     if mapping is None:
-        from monai.data import MetaTensor
-        from monai.transforms import SpatialResample
-
         resampler = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float32)
         out = resampler(MetaTensor(volume, affine=torch.as_tensor(src_affine)),
                         dst_affine=torch.as_tensor(dst_affine), spatial_size=dst_shape)

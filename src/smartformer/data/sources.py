@@ -14,19 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
+from smartformer.data.io import is_dicom_file
+from smartformer.data.naming import DEFAULT_EXCLUDE
 from smartformer.data.suffixes import IMAGE_SUFFIXES
 from smartformer.errors import InputError
 
-#: Name patterns (shell-style, case-insensitive) that mark label maps rather than CT images in
-#: folder sources. They are matched against the volume's own name only (a file name without its
-#: image suffix, or the name of a DICOM folder), never against the folders above it, so
-#: ``case_0/labels.nii.gz``, ``STS_001/tumor.nii.gz``, ``ts/organs.nii.gz``, ``x/ct_mask.nrrd``
-#: and ``x/seg.mha`` are skipped while ``organs/ts_example/ct.nii.gz`` is listed. For layouts
-#: that keep labels in a separate tree under image-like names (nnU-Net ``labelsTr/``), point
-#: the source at the image tree or use a JSON datalist.
-DEFAULT_EXCLUDE: tuple[str, ...] = (
-    "*label*", "*mask*", "*seg*", "*tumor*", "*tumour*", "*organs*", "*gtv*",
-)
 #: Keys whose relative paths are resolved against the folder of a CSV or JSON source.
 PATH_KEYS: tuple[str, ...] = ("image", "label")
 
@@ -107,7 +101,7 @@ def _walk_folder(root: Path, patterns: tuple[str, ...]) -> tuple[list[dict[str, 
         files = sorted(f for f in files if not f.startswith("."))
         images = [f for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
         others = [here / f for f in files if f not in images]
-        if any(_is_dicom_file(p) for p in others):
+        if any(is_dicom_file(p) for p in others):
             if _excluded(here.name, patterns):
                 skipped.append(str(here))
             else:
@@ -141,8 +135,6 @@ def _resolve_paths(item: dict[str, Any], base: Path) -> dict[str, Any]:
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
-    import pandas as pd  # imported here: keeps `smartformer --help` fast
-
     try:
         table = pd.read_csv(path, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
@@ -189,9 +181,3 @@ def _read_json(path: Path, key: str) -> list[dict[str, Any]]:
             raise InputError(path, f"item {index} of {key!r} has no 'image' path")
         items.append(_resolve_paths(dict(item), path.parent))
     return items
-
-
-def _is_dicom_file(path: str | Path) -> bool:
-    from smartformer.data.io import is_dicom_file  # torch/MONAI on first use only
-
-    return is_dicom_file(path)

@@ -36,41 +36,12 @@ from monai.transforms import (
 from monai.utils import convert_to_tensor
 
 from smartformer.data.io import read_ct
+from smartformer.data.windows import parse_window
 from smartformer.errors import ConfigError
-
-#: HU window presets: name -> (lower, upper) Hounsfield units mapped to 0 and 1.
-WINDOWS: dict[str, tuple[float, float]] = {
-    "wide": (-1000, 1000),
-    "lung": (-1000, 400),
-    "abdomen": (-175, 250),
-}
 
 #: Voxels above this HU value count as body (soft tissue, bone, also the table) for the
 #: foreground crop; air (-1000) and lung parenchyma inside the body's bounding box are kept.
 BODY_HU_THRESHOLD = -500.0
-
-
-def parse_window(spec: str | Sequence[float]) -> tuple[float, float]:
-    """Turn a window preset name (see :data:`WINDOWS`), ``"lo,hi"`` or ``(lo, hi)`` into HU bounds.
-
-    Raises:
-        ConfigError: unknown preset, malformed numbers, or ``lo >= hi``.
-    """
-    if isinstance(spec, str):
-        if spec in WINDOWS:
-            lo, hi = WINDOWS[spec]
-            return float(lo), float(hi)
-        parts = spec.split(",")
-    else:
-        parts = list(spec)
-    try:
-        lo, hi = (float(p) for p in parts)
-    except (TypeError, ValueError):
-        raise ConfigError(f"window {spec!r}: give a preset ({', '.join(WINDOWS)}) or 'lo,hi' in "
-                          "HU, e.g. '-1000,400'") from None
-    if not lo < hi:
-        raise ConfigError(f"window {spec!r}: the lower bound must be below the upper bound")
-    return lo, hi
 
 
 def body_level(window: str | Sequence[float]) -> float:

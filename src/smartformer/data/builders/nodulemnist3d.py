@@ -22,6 +22,7 @@ lies at the volume centre, and the array axes are stored as they are in the file
 
 from __future__ import annotations
 
+import json
 import sys
 import zipfile
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from smartformer.data.builders import prepare_out_dir, write_csv_atomic
+from smartformer.data.io import write_nifti
 from smartformer.errors import InputError, SmartformerError
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -145,7 +147,6 @@ def build_medmnist3d(npz: str | Path, out: str | Path, hu_range: Sequence[float]
     if not np.isfinite([low, high]).all() or high <= low:
         raise SmartformerError(f"HU range: the low end must be below the high end, got {low:g} {high:g}")
     data = load_npz(npz, classes)
-    from smartformer.data.io import write_nifti  # torch/MONAI only when writing
 
     out = prepare_out_dir(out)
     rows: list[dict[str, Any]] = []
@@ -161,8 +162,6 @@ def build_medmnist3d(npz: str | Path, out: str | Path, hu_range: Sequence[float]
                              "patient": sample, "split": split, "index": index})
                 bar.update()
     if len(classes) > 2:
-        import json
-
         (out / "labels.json").write_text(json.dumps({str(i): c for i, c in enumerate(classes)}, indent=2) + "\n")
     path = write_csv_atomic(out / f"{name}.csv", rows, COLUMNS)
     return path, {split: labels for split, (_, labels) in data.items()}
