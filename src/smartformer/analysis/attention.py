@@ -31,6 +31,7 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.transforms import Compose, Orientation, ScaleIntensityRange, Spacing, SpatialPad
 
+from smartformer.analysis.overlay import save_overlay_png
 from smartformer.data.io import read_ct, write_nifti
 from smartformer.data.resample import resample_to_grid, reverse_axes
 from smartformer.data.transforms import as_triple, parse_window
@@ -184,8 +185,6 @@ def write_attention(result: AttentionResult, out_dir: str | Path, stem: str = "a
     The PNG (:func:`~smartformer.analysis.overlay.save_overlay_png`) is drawn in RAS whatever the
     storage order, through ``mask``'s centroid (its contour named ``mask_label``) or the body's centre.
     """
-    from smartformer.analysis.overlay import save_overlay_png
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # 16 bits: half the bytes of float32 (and ~2x faster to compress and write), 5 significant digits.

@@ -17,10 +17,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import matplotlib
 import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from monai.data import MetaTensor
+from monai.transforms import Orientation, ScaleIntensityRange, Spacing, SpatialResample
 from sklearn.cluster import KMeans
+from sklearn.manifold import TSNE
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
+from tqdm.auto import tqdm
+
+from smartformer.analysis.overlay import save_figure
+from smartformer.data.io import read_ct, write_nifti
+from smartformer.data.transforms import as_triple, parse_window
+from smartformer.errors import InputError, SmartformerError
 
 __all__ = [
     "TokenFeatures",
@@ -133,14 +146,6 @@ def token_features(model: Any, ct_path: str | Path, labels_path: str | Path | No
     ``labels_path`` may be on any grid (it is brought onto the CT's grid first, nearest neighbour);
     without it every non-padding token gets label 1.
     """
-    import torch
-    import torch.nn.functional as F
-    from monai.transforms import Orientation, ScaleIntensityRange, Spacing, SpatialResample
-    from tqdm.auto import tqdm
-
-    from smartformer.data.io import read_ct
-    from smartformer.data.transforms import as_triple, parse_window
-
     roi_size = np.asarray([int(r) for r in as_triple(roi, "roi")])
     stride = _token_stride(model)
     if (roi_size % stride).any():
@@ -200,9 +205,6 @@ def _token_stride(model: Any) -> int:
 
 def _majority_labels(label_vox: Any, stride: int) -> np.ndarray:
     """Most common label in each ``stride``^3 block of a (X, Y, Z) long tensor (ties: the smaller id)."""
-    import torch
-    import torch.nn.functional as F
-
     best_share = None
     best_label = None
     for value in torch.unique(label_vox).tolist():
@@ -219,10 +221,6 @@ def _majority_labels(label_vox: Any, stride: int) -> np.ndarray:
 
 def clusters_on_input(token_clusters: np.ndarray, tokens: TokenFeatures) -> np.ndarray:
     """A (d, h, w) token map (e.g. cluster id + 1, 0 = none) resampled onto the input CT's grid (nearest)."""
-    import torch
-    from monai.data import MetaTensor
-    from monai.transforms import SpatialResample
-
     src = MetaTensor(torch.as_tensor(token_clusters, dtype=torch.float32)[None], affine=tokens.token_affine)
     out = SpatialResample(mode="nearest", padding_mode="zeros", dtype=torch.float32)(
         src, dst_affine=tokens.input_affine, spatial_size=tokens.input_shape)
@@ -234,8 +232,6 @@ def load_label_names(path: str | Path | None, ids: Sequence[int]) -> dict[int, s
 
     Ids the file does not name (or every id, without a file) are called ``label <id>``.
     """
-    from smartformer.errors import InputError
-
     names: dict[int, str] = {}
     if path is not None:
         try:
@@ -269,8 +265,6 @@ def distinct_style(n: int) -> tuple[tuple[float, ...], str]:
     """Colour and marker of the ``n``-th legend entry: matplotlib's ``tab10`` colours (ten clearly
     different hues), with a new marker for each further ten entries; unique for 100 entries, after
     which markers repeat with a shifted colour."""
-    import matplotlib
-
     palette = matplotlib.colormaps["tab10"].colors
     marker = MARKERS[(n // len(palette)) % len(MARKERS)]
     return tuple(palette[(n + n // (len(palette) * len(MARKERS))) % len(palette)]), marker
@@ -280,14 +274,6 @@ def save_tsne_png(features: np.ndarray, labels: np.ndarray, names: dict[int, str
                   max_points: int = 1500, seed: int = 0, title: str = "") -> Path:
     """t-SNE scatter of ``features`` (N, C) by label name (a random subset of ``max_points``); each label
     gets its own colour and marker pair (:func:`distinct_style`)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.manifold import TSNE
-
-    from smartformer.analysis.overlay import save_figure
-
     rng = np.random.default_rng(seed)
     pick = rng.permutation(len(features))[:max_points]
     x, y = np.asarray(features)[pick], np.asarray(labels)[pick]
@@ -297,7 +283,8 @@ def save_tsne_png(features: np.ndarray, labels: np.ndarray, names: dict[int, str
         xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
     else:
         xy = np.column_stack([np.arange(len(x), dtype=float), np.zeros(len(x))])
-    fig, ax = plt.subplots(figsize=(8, 6.5))
+    fig = Figure(figsize=(8, 6.5))
+    ax = fig.subplots()
     ids = sorted(set(y.tolist()))
     for n, i in enumerate(ids):
         sel = y == i
@@ -346,8 +333,6 @@ def cluster_organs(tokens: TokenFeatures, k: int | None = None, seed: int = 0,
         InputError: fewer than two labels cover a token (``labels_path`` names the label map).
         SmartformerError: ``k`` is more than the labelled tokens.
     """
-    from smartformer.errors import InputError, SmartformerError
-
     kept = tokens.kept()
     labels = tokens.labels[kept]
     present = np.unique(labels)
@@ -372,8 +357,6 @@ def write_clustering(result: OrganClustering, names: dict[int, str], out: Path, 
 
     ``sources`` (checkpoint, image, labels) come first in the JSON and ``settings`` last.
     """
-    from smartformer.data.io import write_nifti
-
     tokens, labels, scores, separation = result.tokens, result.labels, result.scores, result.separation
     out.mkdir(parents=True, exist_ok=True)
     token_map = np.zeros(tokens.labels.shape, dtype=np.int64)

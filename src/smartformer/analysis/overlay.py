@@ -4,13 +4,25 @@ The slices pass through the centroid of the mask when there is one (a tumour), e
 centre of the body; the map is drawn semi-transparently over the CT inside the body only (air
 keeps the CT visible), with a colourbar, the patient's orientation on every panel edge and a
 legend. Panels are shown in the radiological convention (the patient's right on the left).
+
+Figures here and in the other plotting modules are :class:`matplotlib.figure.Figure` objects made
+without pyplot: no backend is chosen and no window can open (headless runs and tests need no
+``matplotlib.use``), and nothing keeps a figure alive once it is written.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from scipy import ndimage
+
+from smartformer.analysis.localization import otsu_threshold
+from smartformer.data.builders.lesions import inside_centroid
+from smartformer.data.transforms import BODY_HU_THRESHOLD
 
 __all__ = ["save_overlay_png", "save_figure", "body_mask", "slice_centre", "slice_titles", "to_ras", "ras_affine"]
 
@@ -29,30 +41,25 @@ def _slices(volume: np.ndarray, centre: tuple[int, int, int]) -> list[np.ndarray
     return [volume[:, :, z], volume[:, y, :], volume[x, :, :]]
 
 
-def save_figure(fig, path: str | Path, dpi: int = 90, tight: bool = True) -> Path:
-    """Lay out ``fig`` (unless ``tight`` is False: laid out by hand), write it as a PNG at
-    ``path`` (creating the folder) and close it.
+def save_figure(fig: Figure, path: str | Path, dpi: int = 90, tight: bool = True) -> Path:
+    """Lay out ``fig`` (unless ``tight`` is False: laid out by hand) and write it as a PNG at
+    ``path`` (creating the folder).
 
-    Closing matters: pyplot keeps every figure alive until it is closed, so a command drawing
-    one figure per case would otherwise grow without bound.
+    ``fig`` is a :class:`~matplotlib.figure.Figure` made directly, not by pyplot, which would
+    keep every figure alive until closed (a command drawing one figure per case would grow
+    without bound) and would pick a display backend.
     """
-    import matplotlib.pyplot as plt
-
     if tight:
         fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
-    plt.close(fig)
     return path
 
 
 def body_mask(image: np.ndarray) -> np.ndarray:
     """The body of a CT: HU above -500 for an image in HU, else above Otsu's threshold (e.g. a
     windowed 0..1 volume); the whole image when neither leaves anything."""
-    from smartformer.analysis.localization import otsu_threshold
-    from smartformer.data.transforms import BODY_HU_THRESHOLD
-
     image = np.asarray(image)
     in_hu = float(image.min()) < BODY_HU_THRESHOLD
     body = image > (BODY_HU_THRESHOLD if in_hu else otsu_threshold(image))
@@ -64,10 +71,6 @@ def slice_centre(image: np.ndarray, mask: np.ndarray | None = None,
     """The voxel the three slices pass through: the mask's centroid when the mask has voxels,
     else the body's (:func:`body_mask`); moved to the nearest voxel of that region when the
     centroid falls outside it."""
-    from scipy import ndimage
-
-    from smartformer.data.builders.lesions import inside_centroid
-
     region = np.asarray(mask if mask is not None and mask.any() else body_mask(image), dtype=bool)
     voxel = tuple(int(round(c)) for c in ndimage.center_of_mass(region))  # no N x 3 index array for a whole body
     if region[voxel]:
@@ -78,8 +81,6 @@ def slice_centre(image: np.ndarray, mask: np.ndarray | None = None,
 def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]]:
     """``array`` (stored in the axis order of ``affine``) reordered and flipped to RAS, without
     resampling, and the voxel size along its new axes."""
-    import nibabel as nib
-
     transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
                                                 nib.orientations.axcodes2ornt("RAS"))
     spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)[transform[:, 0].argsort()]
@@ -89,8 +90,6 @@ def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple[flo
 
 def ras_affine(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """The voxel-to-world affine of an array of ``shape`` (stored as ``affine`` says) after :func:`to_ras`."""
-    import nibabel as nib
-
     transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
                                                 nib.orientations.axcodes2ornt("RAS"))
     return np.asarray(affine) @ nib.orientations.inv_ornt_aff(transform, shape)
@@ -142,12 +141,6 @@ def save_overlay_png(
 
     The ``+`` on each panel marks the highest value of ``heat`` inside the body on that slice.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-
     if image.shape != heat.shape or (mask is not None and mask.shape != image.shape):
         raise ValueError(f"image {image.shape}, heat {heat.shape} and mask must share a grid")
     show_letters = affine is not None if orientation is None else orientation
@@ -163,7 +156,7 @@ def save_overlay_png(
     vmin, vmax = (float(v) for v in np.percentile(heat[body], [1, 99.5]))  # a few hot voxels do not wash it out
     vmax = vmax if vmax > vmin else vmin + 1.0
     lo, hi = np.percentile(image, [1, 99])
-    fig = plt.figure(figsize=(13, 4.8))
+    fig = Figure(figsize=(13, 4.8))
     grid = fig.add_gridspec(1, 4, width_ratios=[1, 1, 1, 0.04], left=0.01, right=0.94, bottom=0.12, top=0.84,
                             wspace=0.08)
     axes = [fig.add_subplot(grid[0, k]) for k in range(3)]

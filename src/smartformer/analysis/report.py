@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
+
 from smartformer.analysis.localization import METRICS
+from smartformer.analysis.overlay import save_figure
 from smartformer.errors import InputError
 from smartformer.train.monitor import read_metrics
 from smartformer.train.schedules import EFFECTIVE_LR_NOTE, read_effective_lr
@@ -51,13 +54,6 @@ def curves_png(rows: list[dict[str, Any]], path: Path) -> Path:
     """One panel per logged loss term (top row), per schedule (middle) and per collapse monitor (bottom,
     when logged) against the step, each on its own scale: terms that differ by orders of magnitude
     do not hide one another."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from smartformer.analysis.overlay import save_figure
-
     def series(key: str) -> list[tuple[float, float]]:
         return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
 
@@ -69,7 +65,8 @@ def curves_png(rows: list[dict[str, Any]], path: Path) -> Path:
     if diversity:
         groups.append(diversity)
     cols = max(len(g) for g in groups)
-    fig, axes = plt.subplots(len(groups), cols, figsize=(3.2 * cols, 2.8 * len(groups)), squeeze=False)
+    fig = Figure(figsize=(3.2 * cols, 2.8 * len(groups)))
+    axes = fig.subplots(len(groups), cols, squeeze=False)
     for row, keys in zip(axes, groups):
         for ax, key in zip(row, keys):
             for name, style in ((key, "-"), (REFERENCE_KEYS.get(key), "--")):

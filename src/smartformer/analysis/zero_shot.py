@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import nibabel as nib
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from smartformer.analysis.attention import attention_volume, write_attention
@@ -34,6 +35,7 @@ from smartformer.analysis.localization import (
     lesion_windows,
     localization_metrics,
 )
+from smartformer.analysis.overlay import save_figure
 from smartformer.data.cases import Case, lesion_value
 from smartformer.data.io import read_ct
 from smartformer.data.masks import read_mask_on
@@ -199,15 +201,9 @@ def montage_panel(case: str, image_hu: np.ndarray, lesion: np.ndarray, maps: dic
 
 def write_montage(panels: list[dict[str, Any]], methods: list[str], path: Path) -> Path:
     """One row per case (see :func:`montage_panel`): the CT, then each method's map on it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from smartformer.analysis.overlay import save_figure
-
     cols = 1 + len(methods)
-    fig, axes = plt.subplots(len(panels), cols, figsize=(2.4 * cols, 2.4 * len(panels)), squeeze=False)
+    fig = Figure(figsize=(2.4 * cols, 2.4 * len(panels)))
+    axes = fig.subplots(len(panels), cols, squeeze=False)
     for row, panel in zip(axes, panels):
         lo, hi = panel["window"]
         for ax, name in zip(row, ["CT", *methods]):
