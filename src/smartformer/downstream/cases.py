@@ -31,12 +31,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+from monai.transforms import (
+    BorderPad,
+    CropForeground,
+    Orientation,
+    Resize,
+    ScaleIntensityRange,
+    Spacing,
+    SpatialCrop,
+    SpatialPad,
+)
+from tqdm.auto import tqdm
+
 from smartformer.data.cases import Case, cases_from_table, read_table, require_columns
+from smartformer.data.io import read_ct
+from smartformer.data.transforms import BodySelect
 from smartformer.errors import InputError, SmartformerError
 from smartformer.models.swin3d import check_input_size
 
 if TYPE_CHECKING:
-    import numpy as np
     import pandas as pd
     from monai.data import MetaTensor
 
@@ -76,15 +90,11 @@ class CaseTable:
     @property
     def labels(self) -> "np.ndarray":
         """(N,) int array of 0/1 labels (only for a labelled table)."""
-        import numpy as np
-
         return np.asarray([c.label for c in self.cases], dtype=np.int64)
 
     @property
     def patients(self) -> "np.ndarray":
         """(N,) array of patient ids."""
-        import numpy as np
-
         return np.asarray([c.patient for c in self.cases], dtype=object)
 
     @property
@@ -192,12 +202,6 @@ def prepare_volume(image: Path, options: CropOptions, whole_scan: bool = False) 
     ``whole_scan`` first crops to the body (voxels above -500 HU, as for pretraining), so that a scan
     fitted into the crop is mostly patient, not air.
     """
-    import numpy as np
-    from monai.transforms import CropForeground, Orientation, ScaleIntensityRange, Spacing
-
-    from smartformer.data.io import read_ct
-    from smartformer.data.transforms import BodySelect
-
     volume = Orientation(axcodes="RAS", labels=None)(read_ct(image))
     if whole_scan:
         volume = CropForeground(select_fn=BodySelect(), allow_smaller=True)(volume)
@@ -208,10 +212,6 @@ def prepare_volume(image: Path, options: CropOptions, whole_scan: bool = False) 
 
 def mask_centre_mm(mask: Path) -> tuple[float, float, float]:
     """World RAS mm of the centroid of a mask's voxels > 0 (on the mask's own grid)."""
-    import numpy as np
-
-    from smartformer.data.io import read_ct
-
     volume = read_ct(mask)
     voxels = np.argwhere(volume.as_tensor()[0].numpy() > 0)
     if not len(voxels):
@@ -227,9 +227,6 @@ def lesion_crop(volume: "MetaTensor", centre_mm: Sequence[float], size: Sequence
     Raises:
         InputError: (naming ``where``) the centre lies outside the scan.
     """
-    import numpy as np
-    from monai.transforms import BorderPad, SpatialCrop
-
     affine = np.asarray(volume.affine, dtype=np.float64)
     voxel = (np.linalg.inv(affine) @ np.append(np.asarray(centre_mm, dtype=np.float64), 1.0))[:3]
     shape = np.asarray(volume.shape[1:])
@@ -245,9 +242,6 @@ def lesion_crop(volume: "MetaTensor", centre_mm: Sequence[float], size: Sequence
 
 def whole_scan_crop(volume: "MetaTensor", size: Sequence[int]) -> "np.ndarray":
     """A prepared (body-cropped) volume scaled by one factor to fit inside ``size``, centred and padded with 0."""
-    import numpy as np
-    from monai.transforms import Resize, SpatialPad
-
     shape = np.asarray(volume.shape[1:], dtype=np.float64)
     factor = float(np.min(np.asarray(size, dtype=np.float64) / shape))
     target = [max(1, min(int(s), int(round(n * factor)))) for n, s in zip(shape, size)]
@@ -265,9 +259,6 @@ def build_crops(table: CaseTable, options: CropOptions, progress: bool = True) -
     Raises:
         InputError: an unreadable image or mask, an empty mask, or a lesion centre outside its scan.
     """
-    import numpy as np
-    from tqdm.auto import tqdm
-
     crops = np.zeros((len(table.cases), 1, *options.size), dtype=np.float16)
     order = sorted(range(len(table.cases)), key=lambda i: (str(table.cases[i].image), table.cases[i].located))
     cached: tuple[tuple[Path, bool], "MetaTensor"] | None = None

@@ -11,14 +11,17 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from smartformer.analysis.clustering import centroid_separation
+from smartformer.downstream.cases import PASSTHROUGH_COLUMNS
 from smartformer.errors import SmartformerError
 from smartformer.models.hub import load_encoder
 
 if TYPE_CHECKING:
-    import numpy as np
-    import pandas as pd
-    import torch
-
     from smartformer.downstream.cases import CaseTable
     from smartformer.models.smartformer import SMARTFormer
 
@@ -31,8 +34,6 @@ FEATURE_KINDS: tuple[str, ...] = ("cls", "pooled", "both")
 
 def pick_device(name: str | None) -> "torch.device":
     """``name`` as a device, or CUDA when available and else the CPU."""
-    import torch
-
     if name:
         try:
             return torch.device(name)
@@ -46,8 +47,6 @@ def encode(model: "SMARTFormer", batch: "torch.Tensor", kind: str = "both") -> "
 
     Shared by the probe (frozen) and fine-tuning (trained), so both read the same features.
     """
-    import torch
-
     if kind not in FEATURE_KINDS:
         raise SmartformerError(f"features {kind!r}: choose one of {', '.join(FEATURE_KINDS)}")
     out = model.forward_features(batch)
@@ -63,10 +62,6 @@ def extract_features(model: "SMARTFormer", crops: "np.ndarray", kind: str = "bot
 
     The model is moved to ``device`` (default: :func:`pick_device`) and left in eval mode.
     """
-    import numpy as np
-    import torch
-    from tqdm.auto import tqdm
-
     device = pick_device(None) if device is None else torch.device(device)
     model = model.to(device).eval()
     chunks: list[np.ndarray] = []
@@ -87,10 +82,6 @@ def feature_columns(kind: str, width: int) -> list[str]:
 def feature_table(table: "CaseTable", features: "np.ndarray", kind: str, width: int) -> "pd.DataFrame":
     """One row per case of ``table``: ``case``, the CSV's ``label`` (as written) and ``patient`` where the CSV
     has them, then the (N, D) ``features`` in the columns of :func:`feature_columns` (``width``: the encoder's C)."""
-    import pandas as pd
-
-    from smartformer.downstream.cases import PASSTHROUGH_COLUMNS
-
     frame = pd.DataFrame({"case": table.ids})
     for column in PASSTHROUGH_COLUMNS:
         if column in table.columns:
@@ -116,8 +107,6 @@ def feature_distances(values: "pd.DataFrame", labels: "np.ndarray") -> dict[str,
     as :func:`~smartformer.analysis.clustering.centroid_separation` measures them (the SMART paper's
     OrganMNIST3D scores).
     """
-    from smartformer.analysis.clustering import centroid_separation
-
     result: dict[str, Any] = {}
     for kind in ("cls", "pooled"):
         columns = [c for c in values.columns if c.startswith(f"{kind}_")]

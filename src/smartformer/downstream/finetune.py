@@ -26,8 +26,10 @@ import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from smartformer.downstream.evaluation import Study, test_indices, training_indices
 from smartformer.downstream.features import encode, load_encoder, pick_device
@@ -35,8 +37,6 @@ from smartformer.downstream.splits import validation_split
 from smartformer.errors import SmartformerError
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from smartformer.models.smartformer import SMARTFormer
 
 
@@ -162,8 +162,6 @@ def _flip(batch: torch.Tensor, prob: float, generator: torch.Generator) -> torch
 
 def _batch(crops: "np.ndarray", index: "np.ndarray", device: torch.device) -> torch.Tensor:
     """float32 tensor of ``crops[index]`` (crops are cached as float16)."""
-    import numpy as np
-
     return torch.from_numpy(np.asarray(crops[index], dtype=np.float32)).to(device)
 
 
@@ -196,9 +194,6 @@ def finetune(encoder: "SMARTFormer", crops: "np.ndarray", labels: "np.ndarray", 
     Early stopping watches the loss on ``crops[val]``; with an empty ``val`` every epoch runs and the
     last one is kept. Shuffling, flips and the head's initialisation are seeded by ``(seed, fold)``.
     """
-    import numpy as np
-    from tqdm.auto import tqdm
-
     device = torch.device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed * 1000 + fold)

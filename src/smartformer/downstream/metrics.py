@@ -18,19 +18,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import numpy as np
+import numpy as np
+from matplotlib.figure import Figure
+from scipy.stats import rankdata
+from sklearn.metrics import roc_curve
+
+from smartformer.analysis.overlay import save_figure
 
 METRICS: tuple[str, ...] = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity")
 
 
 def auc_score(labels: "np.ndarray", scores: "np.ndarray") -> float:
     """ROC AUC of ``scores`` for 0/1 ``labels`` via mid-ranks; NaN when a class is missing."""
-    import numpy as np
-    from scipy.stats import rankdata
-
     labels = np.asarray(labels)
     n_pos = int(labels.sum())
     n_neg = len(labels) - n_pos
@@ -43,8 +43,6 @@ def auc_score(labels: "np.ndarray", scores: "np.ndarray") -> float:
 def binary_metrics(labels: Sequence[int] | "np.ndarray", probabilities: Sequence[float] | "np.ndarray",
                    threshold: float = 0.5) -> dict[str, float]:
     """The :data:`METRICS` of one set of predictions (NaN where undefined, e.g. AUC with one class)."""
-    import numpy as np
-
     y = np.asarray(labels, dtype=np.int64)
     p = np.asarray(probabilities, dtype=np.float64)
     if y.shape != p.shape or y.ndim != 1:
@@ -69,8 +67,6 @@ def bootstrap_intervals(labels: Sequence[int] | "np.ndarray", probabilities: Seq
 
     ``groups`` (e.g. patient ids) makes the resampling unit the group instead of the case.
     """
-    import numpy as np
-
     y = np.asarray(labels, dtype=np.int64)
     p = np.asarray(probabilities, dtype=np.float64)
     draws: dict[str, list[float]] = {m: [] for m in METRICS}
@@ -82,8 +78,6 @@ def bootstrap_intervals(labels: Sequence[int] | "np.ndarray", probabilities: Seq
 
 def resamples(n_cases: int, groups: Sequence[object] | "np.ndarray | None", n: int, seed: int) -> "Iterator[np.ndarray]":
     """``n`` bootstrap resamples of case indices: whole groups (or single cases) drawn with replacement."""
-    import numpy as np
-
     if n <= 0 or n_cases == 0:
         return
     _, unit = np.unique(np.asarray(groups if groups is not None else np.arange(n_cases), dtype=object).astype(str),
@@ -97,8 +91,6 @@ def resamples(n_cases: int, groups: Sequence[object] | "np.ndarray | None", n: i
 
 def percentile_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
     """The central ``level`` percentile interval of the finite ``values`` (NaN, NaN when there are none)."""
-    import numpy as np
-
     finite = np.asarray(values, dtype=np.float64)
     finite = finite[np.isfinite(finite)]
     if not finite.size:
@@ -116,8 +108,6 @@ def paired_difference(labels: Sequence[int] | "np.ndarray", probabilities_a: Seq
     Both models are scored on the same resample each time, so the interval reflects the difference
     between the models, not the spread of the cases; an interval above 0 means ``a`` is better.
     """
-    import numpy as np
-
     y = np.asarray(labels, dtype=np.int64)
     a, b = np.asarray(probabilities_a, dtype=np.float64), np.asarray(probabilities_b, dtype=np.float64)
     value = binary_metrics(y, a)[metric] - binary_metrics(y, b)[metric]
@@ -135,8 +125,6 @@ def paired_mean_difference(values_a: Sequence[float] | "np.ndarray", values_b: S
     Cases (or whole ``groups``) are resampled with replacement and the mean difference recomputed;
     cases where either score is NaN are left out. An interval above 0 means ``a`` is better.
     """
-    import numpy as np
-
     diff = np.asarray(values_a, dtype=np.float64) - np.asarray(values_b, dtype=np.float64)
     finite = np.isfinite(diff)
     diff = diff[finite]
@@ -159,23 +147,14 @@ def metrics_with_ci(labels: Sequence[int] | "np.ndarray", probabilities: Sequenc
 
 def roc_points(labels: "np.ndarray", scores: "np.ndarray") -> tuple["np.ndarray", "np.ndarray"]:
     """(false positive rate, true positive rate) of the ROC curve, from (0, 0) to (1, 1)."""
-    from sklearn.metrics import roc_curve
-
     fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
     return fpr, tpr
 
 
 def plot_roc(curves: Mapping[str, tuple["np.ndarray", "np.ndarray"]], path: str | Path, title: str = "ROC") -> Path:
     """Draw one ROC curve per entry ``name -> (labels, probabilities)`` (AUC in the legend) to a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from smartformer.analysis.overlay import save_figure
-
-    fig, ax = plt.subplots(figsize=(5.5, 5.0))
+    fig = Figure(figsize=(5.5, 5.0))
+    ax = fig.subplots()
     ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="chance")
     for name, (y, p) in curves.items():
         y, p = np.asarray(y), np.asarray(p)

@@ -10,11 +10,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
 from smartformer.downstream.evaluation import Study, test_indices, training_indices
 from smartformer.downstream.features import extract_features, load_encoder, pick_device
+from smartformer.downstream.splits import patient_labels
 
 if TYPE_CHECKING:
-    import numpy as np
     from sklearn.pipeline import Pipeline
 
 #: Candidate values of C for the inner cross-validation (cheap: 4 values x 3 folds).
@@ -24,10 +30,6 @@ INNER_FOLDS = 3
 
 
 def _pipeline(C: float, seed: int) -> "Pipeline":
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     return make_pipeline(StandardScaler(),
                          LogisticRegression(C=C, class_weight="balanced", max_iter=2000, random_state=seed))
 
@@ -39,11 +41,6 @@ def fit_probe(features: "np.ndarray", labels: "np.ndarray", patients: "np.ndarra
     With ``C=None``, C is chosen by inner CV (see the module docstring), falling back to 1.0 when a
     class has fewer than :data:`INNER_FOLDS` patients.
     """
-    import numpy as np
-    from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold
-
-    from smartformer.downstream.splits import patient_labels
-
     if C is None:
         strata = np.asarray(list(patient_labels(labels, patients).values()))
         if min(int((strata == 0).sum()), int((strata == 1).sum())) >= INNER_FOLDS:

@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
 
 from smartformer.errors import SmartformerError
-
-if TYPE_CHECKING:
-    import numpy as np
 
 
 def patient_labels(labels: "np.ndarray", patients: "np.ndarray") -> dict[object, int]:
     """Each patient's stratum: its most frequent label (ties go to the larger label)."""
-    import numpy as np
-
     strata: dict[object, int] = {}
     for patient in dict.fromkeys(patients.tolist()):
         counts = np.bincount(labels[patients == patient], minlength=2)
@@ -41,9 +38,6 @@ def assign_folds(labels: "np.ndarray", patients: "np.ndarray", n_folds: int = 5,
         SmartformerError: fewer than ``n_folds`` patients with some class (a test fold would lack it),
             or ``n_folds < 2``.
     """
-    import numpy as np
-    from sklearn.model_selection import StratifiedGroupKFold
-
     if n_folds < 2:
         raise SmartformerError(f"cross-validation needs at least 2 folds, got {n_folds}")
     for cls in (0, 1):
@@ -66,8 +60,6 @@ def holdout_cases(labels: "np.ndarray", patients: "np.ndarray", fraction: float,
     Raises:
         SmartformerError: ``fraction`` outside [0, 1), or a held-out set or remainder without both classes.
     """
-    import numpy as np
-
     if not 0 <= fraction < 1:
         raise SmartformerError(f"the held-out fraction must be at least 0 and below 1, got {fraction}")
     if fraction == 0:
@@ -100,8 +92,6 @@ def subsample(indices: "np.ndarray", labels: "np.ndarray", patients: "np.ndarray
     first ``ceil(fraction * n)`` are kept (at least one per class). The same order serves every
     fraction, so the 10 % subset lies inside the 25 % one, and so on. Returns sorted case indices.
     """
-    import numpy as np
-
     if not 0 < fraction <= 1:
         raise SmartformerError(f"a label fraction must be in (0, 1], got {fraction}")
     indices = np.asarray(indices)
@@ -124,8 +114,6 @@ def validation_split(indices: "np.ndarray", labels: "np.ndarray", patients: "np.
     validation, drawn from ``(seed, fold)``. When that leaves either side without a case of each label,
     the validation set is empty (no early stopping).
     """
-    import numpy as np
-
     indices = np.asarray(indices)
     order = _patient_order(labels[indices], patients[indices], np.random.default_rng([seed, fold, 2]))
     held = {p for members in order.values()

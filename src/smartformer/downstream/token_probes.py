@@ -17,9 +17,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    import numpy as np
+import numpy as np
+from sklearn.linear_model import LogisticRegression, RidgeCV
+from sklearn.metrics import balanced_accuracy_score, f1_score, r2_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
+if TYPE_CHECKING:
     from smartformer.analysis.clustering import TokenFeatures
 
 __all__ = ["organ_probe", "position_probe", "slab_groups"]
@@ -27,8 +31,6 @@ __all__ = ["organ_probe", "position_probe", "slab_groups"]
 
 def slab_groups(labels_grid: "np.ndarray", n_blocks: int, axis: int = 2) -> "np.ndarray":
     """Group id (0..n_blocks-1) of every token of a (d, h, w) grid: contiguous slabs along ``axis``."""
-    import numpy as np
-
     size = labels_grid.shape[axis]
     if not 2 <= n_blocks <= size:
         raise ValueError(f"n_blocks must be in [2, {size}] for a grid of {size} along axis {axis}, got {n_blocks}")
@@ -53,12 +55,6 @@ def organ_probe(tokens: "TokenFeatures", n_blocks: int = 4, min_tokens: int = 5,
         ``balanced_accuracy`` and ``macro_f1`` over the tokens of the kept organs, ``tokens``,
         ``classes`` and ``chance`` (the balanced accuracy of a constant guess: 1 / classes).
     """
-    import numpy as np
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import balanced_accuracy_score, f1_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     kept = tokens.kept()
     groups = slab_groups(tokens.labels, n_blocks, axis)[kept]
     x, y = tokens.features[kept], tokens.labels[kept]
@@ -94,12 +90,6 @@ def position_probe(features: "np.ndarray", positions: "np.ndarray", groups: "np.
     fitted on the other CTs only. R^2 is computed per axis on the pooled out-of-group predictions
     (1 = exact, 0 = no better than the mean position, negative = worse) and averaged.
     """
-    import numpy as np
-    from sklearn.linear_model import RidgeCV
-    from sklearn.metrics import r2_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     features, positions, groups = np.asarray(features), np.asarray(positions, dtype=np.float64), np.asarray(groups)
     if len(np.unique(groups)) < 2:
         raise ValueError("position probe: need crops of at least 2 CTs (one is held out at a time)")

@@ -16,11 +16,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
+from monai.transforms import Compose
+
 from smartformer.data.cases import Case
+from smartformer.data.io import read_ct, validate_volume
+from smartformer.data.transforms import LoadCTd, preprocess_transforms
 from smartformer.errors import InputError, SmartformerError
 
 if TYPE_CHECKING:
-    import torch
     from monai.data import MetaTensor
 
 
@@ -32,8 +37,6 @@ def split_cases(cases: Sequence[Case], val_fraction: float = 0.2,
     Raises:
         SmartformerError: fewer than two patients, or a fraction outside (0, 1).
     """
-    import numpy as np
-
     if not 0.0 < val_fraction < 1.0:
         raise SmartformerError(f"the validation fraction must be in (0, 1), got {val_fraction}")
     patients = list(dict.fromkeys(c.patient for c in cases))
@@ -48,10 +51,6 @@ def split_cases(cases: Sequence[Case], val_fraction: float = 0.2,
 def _preprocess(spacing: Sequence[float], window: str | Sequence[float], roi: Sequence[int],
                 with_label: bool) -> Callable[[dict], dict]:
     """:func:`preprocess_transforms` for volumes already read by ``read_ct`` (its loader left out)."""
-    from monai.transforms import Compose
-
-    from smartformer.data.transforms import LoadCTd, preprocess_transforms
-
     steps = preprocess_transforms(["image"], ["label"] if with_label else [], spacing, window, roi).transforms
     if not isinstance(steps[0], LoadCTd):  # pragma: no cover - guards a change of preprocess_transforms
         raise RuntimeError("preprocess_transforms no longer starts with LoadCTd")
@@ -59,15 +58,11 @@ def _preprocess(spacing: Sequence[float], window: str | Sequence[float], roi: Se
 
 
 def _same_grid(a: "MetaTensor", b: "MetaTensor", atol: float = 1e-3) -> bool:
-    import numpy as np
-
     return tuple(a.shape[1:]) == tuple(b.shape[1:]) and bool(
         np.allclose(np.asarray(a.affine), np.asarray(b.affine), atol=atol))
 
 
 def _grid_text(volume: "MetaTensor") -> str:
-    import numpy as np
-
     shape = "x".join(str(int(n)) for n in volume.shape[1:])
     origin = ", ".join(f"{v:.1f}" for v in np.asarray(volume.affine)[:3, 3])
     return f"{shape} voxels, {volume.meta.get('orientation', '?')}, origin ({origin}) mm"
@@ -81,8 +76,6 @@ def check_label_grids(cases: Sequence[Case]) -> None:
     Raises:
         InputError: an unreadable header, or a label map of another size, naming the label file.
     """
-    from smartformer.data.io import validate_volume
-
     for case in cases:
         image_shape = validate_volume(case.image)
         label_shape = validate_volume(case.mask)
@@ -93,8 +86,6 @@ def check_label_grids(cases: Sequence[Case]) -> None:
 
 def remap_labels(label: "torch.Tensor", label_ids: Sequence[int]) -> "torch.Tensor":
     """``label_ids[k]`` -> ``k + 1``, every other value -> 0, as uint8 (``len(label_ids) <= 255``)."""
-    import torch
-
     values = torch.round(label)
     out = torch.zeros(label.shape, dtype=torch.uint8)
     for k, value in enumerate(label_ids, start=1):
@@ -113,10 +104,6 @@ def load_case(case: Case, spacing: Sequence[float], window: str | Sequence[float
         InputError: unreadable files, a label map on another grid than its image (shape or affine),
             or a label map with non-integer values.
     """
-    import torch
-
-    from smartformer.data.io import read_ct
-
     image, label = read_ct(case.image), read_ct(case.mask)
     if not _same_grid(image, label):
         raise InputError(case.mask, f"is on a different grid than its image {case.image} "

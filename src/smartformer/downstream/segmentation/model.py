@@ -12,20 +12,31 @@ The other way round, :func:`monai_swinvit_state` exports an encoder for a user's
 
 from __future__ import annotations
 
+import inspect
+import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import monai
+import torch
+from monai.inferers import sliding_window_inference
+from monai.networks.nets import SwinUNETR
+from monai.networks.nets.swin_unetr import SwinTransformer
+
+from smartformer.downstream.features import load_encoder
 from smartformer.errors import SmartformerError
+from smartformer.io_utils import atomic_write_bytes
+from smartformer.models.convert import MONAI_PREFIX, to_monai_state_dict
+from smartformer.models.swin3d import Swin3DConfig
+from smartformer.train.checkpoint import check_state_fits
 
 if TYPE_CHECKING:
-    import torch
-    from monai.networks.nets import SwinUNETR
     from torch import Tensor
 
     from smartformer.models.smartformer import SMARTFormer
-    from smartformer.models.swin3d import Swin3DConfig
 
 
 CONFIG_FILE = "segmentation.json"
@@ -53,10 +64,6 @@ def swinunetr_kwargs(encoder: "Swin3DConfig", num_classes: int,
     Raises:
         SmartformerError: an encoder width SwinUNETR's decoder cannot take (not a multiple of 12).
     """
-    import inspect
-
-    from monai.networks.nets import SwinUNETR
-
     if encoder.embed_dim % 12:
         raise SmartformerError(f"encoder width {encoder.embed_dim} cannot be a MONAI SwinUNETR "
                                "(its feature_size must be a multiple of 12)")
@@ -79,8 +86,6 @@ def swinunetr_recipe(encoder: "Swin3DConfig", weights: Path) -> tuple[dict[str, 
     ``out_channels`` is left to the user (the task's classes + background); every other argument is
     what this MONAI's ``SwinUNETR`` takes for ``encoder`` (:func:`swinunetr_kwargs`).
     """
-    import monai
-
     kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in swinunetr_kwargs(encoder, 1).items()
               if k != "out_channels"}
     loader = ("safetensors.torch.load_file(WEIGHTS)" if weights.suffix == ".safetensors"
@@ -100,10 +105,6 @@ def swinunetr_recipe(encoder: "Swin3DConfig", weights: Path) -> tuple[dict[str, 
 def write_swinunetr_recipe(encoder: "Swin3DConfig", weights: Path) -> tuple[Path, str]:
     """Write the :func:`swinunetr_recipe` of ``weights`` to ``<stem>.swinunetr.json`` beside them (a default
     ``SwinUNETR`` refuses them: window 7, not the encoder's); return the JSON's path and the Python lines."""
-    import json
-
-    from smartformer.io_utils import atomic_write_bytes
-
     recipe, text = swinunetr_recipe(encoder, weights)
     path = weights.with_name(f"{weights.name.split('.')[0]}.swinunetr.json")
     atomic_write_bytes(path, (json.dumps(recipe, indent=2) + "\n").encode())
@@ -116,9 +117,6 @@ def check_monai_layout(monai_state: dict[str, "Tensor"], encoder: "Swin3DConfig"
     Raises:
         SmartformerError: naming the source, the number of disagreements and the first one.
     """
-    from smartformer.models.convert import MONAI_PREFIX
-    from smartformer.train.checkpoint import check_state_fits
-
     expected = {MONAI_PREFIX + k: v for k, v in new_swinunetr(encoder, 1).swinViT.state_dict().items()}
     check_state_fits(expected, monai_state, "MONAI SwinUNETR.swinViT for its architecture", str(source))
 
@@ -128,8 +126,6 @@ def monai_swinvit_state(model: "SMARTFormer", source: str) -> dict[str, "Tensor"
     against MONAI's layout for its architecture (:func:`check_monai_layout`; ``source`` names the weights
     in the error). A ViT encoder has no such layout: its weights go to MONAI's ``ViT`` through
     :meth:`~smartformer.models.vit3d.ViT3D.monai_state_dict`."""
-    from smartformer.models.convert import to_monai_state_dict
-
     monai_state = to_monai_state_dict(model.backbone.state_dict())
     check_monai_layout(monai_state, model.config.backbone, source)
     return monai_state
@@ -137,11 +133,6 @@ def monai_swinvit_state(model: "SMARTFormer", source: str) -> dict[str, "Tensor"
 
 def new_swinunetr(encoder: "Swin3DConfig", num_classes: int, roi: Sequence[int] = (64, 64, 64)) -> "SwinUNETR":
     """A randomly initialised ``SwinUNETR`` whose ``swinViT`` has exactly ``encoder``'s architecture."""
-    import warnings
-
-    from monai.networks.nets import SwinUNETR
-    from monai.networks.nets.swin_unetr import SwinTransformer
-
     kwargs = swinunetr_kwargs(encoder, num_classes, roi)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # MONAI 1.4's img_size deprecation notice
@@ -170,8 +161,6 @@ def build_segmenter(checkpoint: str | Path, num_classes: int, roi: Sequence[int]
         InputError: a path that is no checkpoint (e.g. a folder without weights).
         SmartformerError: an architecture ``SwinUNETR`` cannot take, or weights that do not fit it.
     """
-    from smartformer.downstream.features import load_encoder
-
     encoder_model = load_encoder(str(checkpoint), seed=seed)
     return segmenter_from_encoder(encoder_model, num_classes, roi, seed, source=str(checkpoint)), \
         encoder_model.config.backbone
@@ -180,10 +169,6 @@ def build_segmenter(checkpoint: str | Path, num_classes: int, roi: Sequence[int]
 def segmenter_from_encoder(encoder_model: "SMARTFormer", num_classes: int, roi: Sequence[int] = (64, 64, 64),
                            seed: int = 0, source: str = "encoder") -> "SwinUNETR":
     """:func:`build_segmenter` for a network already loaded (``source`` names it in errors)."""
-    import torch
-
-    from smartformer.models.convert import MONAI_PREFIX, to_monai_state_dict
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = new_swinunetr(encoder_model.config.backbone, num_classes, roi)
@@ -217,15 +202,11 @@ class SegmentationConfig:
         return len(self.label_ids)
 
     def encoder_config(self) -> "Swin3DConfig":
-        from smartformer.models.swin3d import Swin3DConfig
-
         return Swin3DConfig(**self.encoder)
 
 
 def _sliding_logits(net: "torch.nn.Module", image: "torch.Tensor", roi: Sequence[int], overlap: float,
                     device: "torch.device", sw_batch_size: int = 2) -> "torch.Tensor":
     """(1, K+1, X, Y, Z) logits of a (1, X, Y, Z) volume, blended over overlapping ROI windows."""
-    from monai.inferers import sliding_window_inference
-
     return sliding_window_inference(image[None].to(device), tuple(roi), sw_batch_size, net, overlap=overlap,
                                     mode="gaussian", progress=False)

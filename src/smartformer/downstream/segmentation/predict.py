@@ -12,6 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import SpatialResample
+from safetensors.torch import load_file
+
+from smartformer.data.io import read_ct, write_nifti
 from smartformer.downstream.segmentation.cases import _preprocess
 from smartformer.downstream.segmentation.model import (
     CONFIG_FILE,
@@ -23,9 +30,6 @@ from smartformer.downstream.segmentation.model import (
 from smartformer.errors import InputError
 
 if TYPE_CHECKING:
-    import numpy as np
-    import torch
-    from monai.data import MetaTensor
     from monai.networks.nets import SwinUNETR
 
 
@@ -35,8 +39,6 @@ def load_segmenter(run_dir: str | Path, device: "torch.device | str" = "cpu") ->
     Raises:
         InputError: naming the folder or file when it is not a segmentation run or is damaged.
     """
-    from safetensors.torch import load_file
-
     run_dir = Path(run_dir)
     config_path, weights_path = run_dir / CONFIG_FILE, run_dir / WEIGHTS_FILE
     if not run_dir.is_dir():
@@ -72,8 +74,6 @@ class LabelPrediction:
 
     def volumes_ml(self) -> dict[int, float]:
         """Volume per label id in millilitres (0 for an id that was not predicted)."""
-        import numpy as np
-
         voxel_ml = abs(float(np.linalg.det(self.affine[:3, :3]))) / 1000.0
         counts = np.bincount(self.labels.ravel(), minlength=max(self.label_ids) + 1)
         return {i: float(counts[i]) * voxel_ml for i in self.label_ids}
@@ -88,13 +88,6 @@ def predict_labels(net: "torch.nn.Module", config: SegmentationConfig, ct: "str 
     argmax on that grid, then the class map resampled by nearest neighbour onto the input's grid
     (voxels outside the body crop are background) and mapped back to the original label ids.
     """
-    import numpy as np
-    import torch
-    from monai.data import MetaTensor
-    from monai.transforms import SpatialResample
-
-    from smartformer.data.io import read_ct
-
     original = ct if isinstance(ct, MetaTensor) else read_ct(ct)
     image = _preprocess(config.spacing, config.window, config.roi, with_label=False)({"image": original.clone()})["image"]
     net = net.eval().to(device)
@@ -116,6 +109,4 @@ def write_labels(prediction: LabelPrediction, path: str | Path) -> Path:
     :func:`~smartformer.data.io.write_nifti` writes it atomically (a reader never sees half a file) and
     appends ``.nii.gz`` to a name without a NIfTI suffix.
     """
-    from smartformer.data.io import write_nifti
-
     return write_nifti(prediction.labels, prediction.affine, path)

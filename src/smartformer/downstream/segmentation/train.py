@@ -16,9 +16,21 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from monai.metrics import DiceMetric
+from monai.networks.utils import one_hot
+from monai.transforms import Compose, RandCropByPosNegLabeld, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
+from safetensors.torch import save
+from tqdm.auto import tqdm
 
 from smartformer.data.cases import Case
+from smartformer.data.transforms import as_triple
+from smartformer.data.windows import parse_window
+from smartformer.downstream.features import load_encoder, pick_device
 from smartformer.downstream.segmentation.cases import check_label_grids, load_case, remap_labels
 from smartformer.downstream.segmentation.model import (
     CONFIG_FILE,
@@ -30,19 +42,15 @@ from smartformer.downstream.segmentation.model import (
     swinunetr_kwargs,
 )
 from smartformer.errors import InputError, SmartformerError
+from smartformer.io_utils import atomic_write_bytes
 from smartformer.models.swin3d import SIZE_MULTIPLE, check_input_size
+from smartformer.train.schedules import cosine_schedule
 from smartformer.wording import plural
-
-if TYPE_CHECKING:
-    import torch
-
 
 METRICS_FILE = "metrics.jsonl"
 
 
 def _triple(value: float | Sequence[float]) -> tuple[float, float, float]:
-    from smartformer.data.transforms import as_triple
-
     return as_triple(value, "value")
 
 
@@ -79,8 +87,6 @@ class SegmentationSettings:
 
 def check_settings(s: SegmentationSettings) -> None:
     """Refuse impossible settings with one line (before anything is read)."""
-    from smartformer.data.transforms import parse_window
-
     parse_window(s.window)
     check_input_size(s.roi, "ROI")  # SwinUNETR downsamples by the same factor as the Swin encoder
     if math.prod(r // SIZE_MULTIPLE for r in s.roi) < 2:
@@ -120,18 +126,12 @@ class TrainResult:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    from smartformer.io_utils import atomic_write_bytes
-
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _save_model(net: "torch.nn.Module", config: SegmentationConfig, out_dir: Path) -> None:
     """``best.safetensors`` then ``segmentation.json``, each written atomically with the umask's
     permissions (safetensors' own ``save_file`` makes 0600 files a colleague cannot read)."""
-    from safetensors.torch import save
-
-    from smartformer.io_utils import atomic_write_bytes
-
     atomic_write_bytes(out_dir / WEIGHTS_FILE,
                        save({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
                             metadata={"format": "pt", "smartformer_segmentation": str(FORMAT_VERSION)}))
@@ -139,9 +139,6 @@ def _save_model(net: "torch.nn.Module", config: SegmentationConfig, out_dir: Pat
 
 
 def _train_transforms(s: SegmentationSettings) -> Any:
-    from monai.transforms import (Compose, RandCropByPosNegLabeld, RandFlipd, RandScaleIntensityd,
-                                  RandShiftIntensityd)
-
     keys = ["image", "label"]
     steps: list[Any] = [RandCropByPosNegLabeld(keys, label_key="label", spatial_size=list(s.roi), pos=1, neg=1,
                                                num_samples=1, image_key="image", image_threshold=0.0,
@@ -162,8 +159,6 @@ class _Batches:
     _epoch: int = 0
 
     def next(self) -> list[int]:
-        import numpy as np
-
         picked: list[int] = []
         while len(picked) < self.batch_size:
             if not self._order:
@@ -181,10 +176,6 @@ def dice_per_case(net: "torch.nn.Module", cases: Sequence[dict[str, Any]], label
     absent from a case's label map is NaN for that case. Per-case scores are what a paired comparison
     of two models over patients needs (:func:`~smartformer.downstream.metrics.paired_mean_difference`).
     """
-    import torch
-    from monai.metrics import DiceMetric
-    from monai.networks.utils import one_hot
-
     device = torch.device(device)
     metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
     k = len(label_ids) + 1
@@ -234,13 +225,6 @@ def train_segmentation(checkpoint: str | Path, train_cases: Sequence[Case], val_
         InputError: a bad case (see :func:`load_case`), a selected label found in no training label map.
         SmartformerError: bad settings or checkpoint.
     """
-    import torch
-    from monai.losses import DiceCELoss
-    from tqdm.auto import tqdm
-
-    from smartformer.downstream.features import load_encoder, pick_device
-    from smartformer.train.schedules import cosine_schedule
-
     s = settings or SegmentationSettings()
     out = Path(out_dir)
     device = pick_device(None) if device is None else torch.device(device)
