@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import torch
+
 from smartformer.errors import OutputError
 
 __all__ = ["atomic_write", "atomic_write_bytes", "torch_bytes", "output_error", "os_reason", "make_dir",
@@ -117,8 +119,6 @@ def torch_bytes(obj: Any) -> bytes:
     Serialising first keeps torch's own writer away from the disk, so that a full disk surfaces
     as the operating system's error, not as a wrapped ``RuntimeError``.
     """
-    import torch
-
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()

@@ -20,11 +20,11 @@ from typing import Any, Literal, Sequence, get_args, get_origin
 import yaml
 
 from smartformer.config.schema import PretrainConfig
+from smartformer.data.windows import parse_window
 from smartformer.errors import ConfigError
-from smartformer.models.swin3d import SIZE_MULTIPLE, is_input_size
-
-if typing.TYPE_CHECKING:
-    from smartformer.models.smartformer import SMARTConfig
+from smartformer.models.smartformer import MODEL_PRESETS, SMARTConfig
+from smartformer.models.swin3d import SIZE_MULTIPLE, Swin3DConfig, is_input_size
+from smartformer.models.vit3d import ViT3DConfig
 
 __all__ = [
     "load_config",
@@ -267,7 +267,6 @@ def validate_ranges(config: PretrainConfig) -> None:
     if config.data.local_views and any(lr > r for lr, r in zip(config.data.local_roi, config.data.roi)):
         raise ConfigError(f"data.local_roi: {list(config.data.local_roi)} is out of range; it must be at most "
                           f"data.roi {list(config.data.roi)} along every axis (local views are the smaller ones)")
-    from smartformer.data.transforms import parse_window  # the window names and syntax live there
 
     try:
         parse_window(config.data.window)
@@ -315,10 +314,6 @@ def config_from_dict(data: dict[str, Any]) -> PretrainConfig:
 
 def build_model_config(config: PretrainConfig) -> SMARTConfig:
     """The :class:`SMARTConfig` named by ``preset`` with the ``model`` section applied."""
-    from smartformer.models.smartformer import MODEL_PRESETS, SMARTConfig
-    from smartformer.models.swin3d import Swin3DConfig
-    from smartformer.models.vit3d import ViT3DConfig
-
     if config.preset not in MODEL_PRESETS:
         raise ConfigError(f"preset: unknown model preset {config.preset!r}; choose one of {sorted(MODEL_PRESETS)}")
     base = MODEL_PRESETS[config.preset].to_dict()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from smartformer.errors import InputError, SmartformerError
@@ -41,8 +42,6 @@ def load_weights(path: str | Path) -> dict:
     if not path.is_file():
         raise InputError(path, "no such file")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except Exception as exc:
@@ -64,8 +63,6 @@ def save_weights(state: Mapping[str, Tensor], path: str | Path) -> Path:
     (tensors only, so that :func:`load_weights` reads it with ``weights_only=True``)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import save
-
         return atomic_write_bytes(path, save(dict(state)))
     return atomic_write_bytes(path, torch_bytes(dict(state)))
 

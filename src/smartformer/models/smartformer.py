@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from smartformer.errors import SmartformerError
+from smartformer.io_utils import atomic_write_bytes
 from smartformer.models.heads import DINOHead, ReconstructionDecoder
 from smartformer.models.semantic_attention import SemanticAttention, ViTSemanticAttention
 from smartformer.models.swin3d import PRESETS as BACKBONE_PRESETS
@@ -429,10 +431,6 @@ class SMARTFormer(nn.Module):
     # ------------------------------------------------------------------ weights in and out
     def save_pretrained(self, directory: str | Path, include_heads: bool = False) -> Path:
         """Write ``model.safetensors`` + ``config.json``; heads and decoder only with ``include_heads``."""
-        from safetensors.torch import save
-
-        from smartformer.io_utils import atomic_write_bytes
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = self.config.to_dict()
@@ -462,8 +460,6 @@ class SMARTFormer(nn.Module):
 
         A path that exists wins over a shipped name. Weights are safetensors: no code is ever unpickled.
         """
-        from safetensors.torch import load_file
-
         shipped = None if Path(directory).exists() else pretrained_path(directory)
         directory = shipped or Path(directory)
         cfg_path, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME

@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import matplotlib.image
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
 
 from smartformer.analysis.overlay import save_overlay_png
 
@@ -37,8 +39,6 @@ class MetricsWriter:
             self.path.write_text("".join(kept))
         self._tb = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
             self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
                                      purge_step=None if resume_step is None else resume_step + 1)
 
@@ -55,8 +55,6 @@ class MetricsWriter:
         """Mirror a PNG (e.g. an attention snapshot) to TensorBoard's Images tab."""
         if self._tb is None:
             return
-        import matplotlib.image
-
         pixels = matplotlib.image.imread(str(png))[..., :3]  # (H, W, 3) floats in [0, 1], alpha dropped
         self._tb.add_image(tag, pixels, step, dataformats="HWC")
 

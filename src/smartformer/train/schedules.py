@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,8 +147,6 @@ def annotate_effective_lr(text: str, config: Any, world_size: int = 1) -> str:
 
 def read_effective_lr(text: str) -> float | None:
     """The effective peak lr stated in a ``config.yaml`` written by :func:`annotate_effective_lr`, if any."""
-    import re
-
     found = re.search(rf"{EFFECTIVE_LR_NOTE} ([0-9.eE+-]+)", text)
     return float(found.group(1)) if found else None
 
