@@ -11,7 +11,11 @@ baseline by the overrides in :data:`TRIALS`. Each finished run is then measured 
 * the probe set: the teacher [CLS] of the central 64^3 crop of five different real CTs (chest
   and abdomen): their mean pairwise cosine, the issue's goal being below 0.95 (random weights:
   about 0.95); the per-sample and batch-mean entropy of the final teacher's [CLS] targets on
-  those crops (with the run's final center and temperature); the attention's share on air.
+  those crops (with the run's final center and temperature); the attention's share on air;
+* with ``--probes``, the frozen-token probes of the quality benchmark (issue 14, part 3) on the
+  final teacher: organ identity from the stride-16 tokens of the two organ-labelled CTs
+  (balanced accuracy, spatially blocked folds) and the position of random crops in their CT
+  (leave-one-CT-out R^2), next to the same for random weights.
 
 Runs are cached under ``--work`` (default ``runs/collapse``) and resume from their last
 checkpoint, so the trials span sessions. Results go to ``benchmarks/results/collapse.json``
@@ -22,6 +26,7 @@ Usage::
     python benchmarks/collapse.py                     # every trial still missing, then the report
     python benchmarks/collapse.py --only koleo        # one trial
     python benchmarks/collapse.py --report            # the table from what is finished
+    python benchmarks/collapse.py --report --probes   # ... with the token probes (minutes per trial)
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from quality import central_crop, corpus  # the same corpus as the quality benchmark (this folder is on sys.path)
+# the same corpus, crops and token probes as the quality benchmark (this folder is on sys.path)
+from quality import cached, central_crop, corpus, organ_probes, position_probe_of
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -168,24 +174,62 @@ def probe_measures(run: Path | None, crops: Any, seed: int = 0) -> dict[str, flo
     }
 
 
+def token_probes(work: Path, run: Path | None, seed: int = 0) -> dict[str, float]:
+    """Organ-probe balanced accuracy (weighted by labelled tokens) and position-probe R^2 of the
+    final teacher (``run=None``: seeded random weights); cached under the run's ``eval/``."""
+    if run is None:
+        import torch
+
+        from smartformer.models.smartformer import SMARTFormer
+
+        home, teacher = work / "random_tiny", work / "random_tiny" / "model"
+        if not (teacher / "model.safetensors").is_file():
+            torch.manual_seed(seed)
+            SMARTFormer.from_preset("tiny").save_pretrained(teacher)
+    else:
+        home, teacher = run, run / "teacher"
+    organ = cached(home / "eval" / "organ_probe.json", lambda: organ_probes(teacher))
+    position = cached(home / "eval" / "position_probe.json", lambda: position_probe_of(teacher))
+    tokens = sum(p["tokens"] for p in organ.values())
+    return {"organ_probe_balanced_accuracy": sum(p["balanced_accuracy"] * p["tokens"] for p in organ.values()) / tokens,
+            "position_probe_r2": position["r2"]}
+
+
 # ---------------------------------------------------------------------------- report
-def report(work: Path) -> dict[str, Any]:
+def report(work: Path, probes: bool = False) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
     crops = probe_crops()
     result: dict[str, Any] = {"steps": STEPS, "common": COMMON, "probe_cts": PROBE_CTS,
                               "random_init": probe_measures(None, crops), "trials": {}}
+    if probes:
+        result["random_init"]["tokens"] = token_probes(work, None)
     for name, overrides in TRIALS.items():
         run = work / "runs" / name
         if not (run / "checkpoints" / "last.pt").is_file() or _finished_step(run) < STEPS:
             continue
         result["trials"][name] = {"overrides": overrides, "log": log_medians(run),
                                   "probe": probe_measures(run, crops)}
+        if probes:
+            result["trials"][name]["tokens"] = token_probes(work, run)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
+    if probes:
+        print(tokens_markdown(result))
     return result
+
+
+def tokens_markdown(result: dict[str, Any]) -> str:
+    """The token probes of each trial against random weights."""
+    rows = [("random weights", result["random_init"])] + list(result["trials"].items())
+    lines = ["| trial | organ probe, balanced accuracy | position probe, R^2 |", "|---|---|---|"]
+    for name, entry in rows:
+        t = entry.get("tokens")
+        if t:
+            lines.append(f"| {name} | {t['organ_probe_balanced_accuracy']:.3f} | {t['position_probe_r2']:.3f} |")
+    return "\n".join(lines)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -215,6 +259,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=list(TRIALS), help="run only these trials")
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--report", action="store_true", help="only write the report of finished trials")
+    parser.add_argument("--probes", action="store_true",
+                        help="add the frozen-token probes (organ identity, crop position) to the report")
     args = parser.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"{DATA}: the shared real-CT data is not there; this benchmark needs it")
@@ -223,7 +269,7 @@ def main() -> None:
         for name in args.only or list(TRIALS):
             print(f"trial {name}: {args.steps} steps", flush=True)
             pretrain(args.work, name, args.steps)
-    report(args.work)
+    report(args.work, probes=args.probes)
 
 
 if __name__ == "__main__":
