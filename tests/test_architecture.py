@@ -7,6 +7,7 @@ change to a command cannot break ``downstream/``, ``analysis/`` or a user's scri
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -47,13 +48,16 @@ def library_modules() -> list[Path]:
     return sorted(p for p in PACKAGE.rglob("*.py") if not p.relative_to(PACKAGE).as_posix().startswith(CLI))
 
 
-@pytest.mark.parametrize("source", [
-    "from smartformer.commands.attention import x",
-    "import smartformer.commands.probe",
-    "def f():\n    from smartformer.commands import localize\n",
-    "from ..commands import export",
-    "from ..commands.features import y",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from smartformer.commands.attention import x",
+        "import smartformer.commands.probe",
+        "def f():\n    from smartformer.commands import localize\n",
+        "from ..commands import export",
+        "from ..commands.features import y",
+    ],
+)
 def test_every_way_of_importing_the_command_line_is_seen(source: str) -> None:
     assert command_line_imports(imported_modules(source, "smartformer.downstream"))
 
@@ -75,3 +79,47 @@ def test_benchmarks_and_tools_do_not_import_the_command_line(folder: str) -> Non
     for path in sorted((ROOT / folder).rglob("*.py")):
         wrong = command_line_imports(imported_modules(path.read_text(encoding="utf-8"), ""))
         assert not wrong, f"{path.relative_to(ROOT)} imports {wrong}"
+
+
+def readme_rows() -> list[tuple[str, list[tuple[str, str]]]]:
+    """The README's library table: each row's first module, and for each further ``.z`` the two
+    modules it can mean (a sibling ``smartformer.x.z`` of ``smartformer.x.y``, or, when the first
+    name is a package, its submodule ``smartformer.x.y.z``)."""
+    rows = []
+    for row in (ROOT / "README.md").read_text(encoding="utf-8").splitlines():
+        if row.startswith("| `smartformer."):
+            base, *rest = re.findall(r"`([^`]+)`", row.split("|")[1])
+            rows.append((base, [(base.rsplit(".", 1)[0] + t, base + t) for t in rest if t.startswith(".")]))
+    return rows
+
+
+def library_modules() -> set[str]:
+    modules = set()
+    for path in (ROOT / "src" / "smartformer").rglob("*.py"):
+        parts = list(path.relative_to(ROOT / "src").with_suffix("").parts)
+        modules.add(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return modules
+
+
+def test_the_readme_module_table_matches_the_tree() -> None:
+    """Every name of the table exists, and every library module is in it (itself or its package)."""
+    modules = library_modules()
+    listed = set()
+    for base, alternatives in readme_rows():
+        assert base in modules, f"the README's library table names {base}, which does not exist"
+        listed.add(base)
+        for sibling, submodule in alternatives:
+            assert sibling in modules or submodule in modules, f"README: neither {sibling} nor {submodule} exists"
+            listed.update({sibling, submodule} & modules)
+    packages = {m for m in modules if (ROOT / "src" / Path(*m.split("."))).is_dir()}
+    library = {
+        m
+        for m in modules - packages
+        if ".commands" not in m
+        and m not in ("smartformer.cli", "smartformer.__main__")
+        and not m.rsplit(".", 1)[-1].startswith("_")
+    }
+    missing = sorted(
+        m for m in library if not any(".".join(m.split(".")[:i]) in listed for i in range(2, len(m.split(".")) + 1))
+    )
+    assert not missing, f"modules missing from the README's library table: {missing}"
