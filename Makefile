@@ -1,5 +1,6 @@
-# Everything a newcomer needs: `make demo` (main job) and `make test` (the test suite); `make test-fast`
-# leaves out the tests marked slow or realdata, for the edit-test loop (CI runs the full `make test`).
+# Everything a newcomer needs: `make demo` (main job) and `make test` (house style with ruff, then the
+# test suite); `make test-fast` leaves out the ruff step and the tests marked slow or realdata, for the
+# edit-test loop (CI runs the full `make test`). `make format` applies the house style.
 # torch is installed first and pinned to the CPU build that this project is developed on;
 # installing the package afterwards finds it already satisfied.
 PYTHON ?= python3
@@ -8,7 +9,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 OUT    ?= runs/demo
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo lint format test test-fast clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +23,15 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/smartformer demo --out $(OUT)
 
-test: install
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
 	$(PY) -m pytest -q
 
 test-fast: install

@@ -40,7 +40,6 @@ from pathlib import Path
 T0 = time.perf_counter()
 
 import torch  # noqa: E402
-
 from pretrain_step import hardware  # noqa: E402  (same folder; run as a script)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -99,9 +98,25 @@ def child(args: argparse.Namespace) -> None:
 
 def run_child(mode: str, checkpoint: Path, image: Path, out: Path, device: str) -> dict[str, float]:
     t = time.perf_counter()
-    done = subprocess.run([sys.executable, __file__, "--child", mode, "--checkpoint", str(checkpoint), "--image",
-                           str(image), "--out", str(out), "--device", device],
-                          check=True, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            mode,
+            "--checkpoint",
+            str(checkpoint),
+            "--image",
+            str(image),
+            "--out",
+            str(out),
+            "--device",
+            device,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - t
     phases = json.loads(done.stdout.strip().splitlines()[-1])
     phases["process_start_and_imports"] = wall - sum(v for k, v in phases.items() if k != "imports")
@@ -125,8 +140,10 @@ def agreement(device: str) -> list[dict]:
     from smartformer.models.smartformer import SMARTFormer
 
     torch.manual_seed(0)
-    models = {"smart-tiny-ct": SMARTFormer.from_pretrained("smart-tiny-ct"),
-              "random base": SMARTFormer.from_preset("base", heads=False, decoder=False)}
+    models = {
+        "smart-tiny-ct": SMARTFormer.from_pretrained("smart-tiny-ct"),
+        "random base": SMARTFormer.from_preset("base", heads=False, decoder=False),
+    }
     cases = [("elastix_00", DATA / "chest" / "elastix_00.nii.gz", None)]
     cases += [(c, DATA / "sts" / c / "ct.nii.gz", DATA / "sts" / c / "tumor.nii.gz") for c in STS_CASES]
     rows = []
@@ -181,20 +198,38 @@ def main() -> None:
                 for mode in MODES:  # interleaved, so that both modes see the same machine
                     phases = run_child(mode, checkpoint, args.image, Path(tmp) / "out", args.device)
                     runs[mode].append(phases)
-                    print(f"run {i + 1}/{args.repeats} {mode:>7}: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()),
-                          flush=True)
+                    print(
+                        f"run {i + 1}/{args.repeats} {mode:>7}: "
+                        + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()),
+                        flush=True,
+                    )
                 if args.cli:
                     t = time.perf_counter()
-                    subprocess.run([sys.executable, "-m", "smartformer", "attention", "--checkpoint", str(checkpoint),
-                                    "--image", str(args.image), "--out", str(Path(tmp) / "cli"), "--no-progress"],
-                                   check=True, stdout=subprocess.DEVNULL)
+                    subprocess.run(
+                        [
+                            sys.executable,
+                            "-m",
+                            "smartformer",
+                            "attention",
+                            "--checkpoint",
+                            str(checkpoint),
+                            "--image",
+                            str(args.image),
+                            "--out",
+                            str(Path(tmp) / "cli"),
+                            "--no-progress",
+                        ],
+                        check=True,
+                        stdout=subprocess.DEVNULL,
+                    )
                     cli.append(time.perf_counter() - t)
                     print(f"run {i + 1}/{args.repeats} CLI (default mode): {cli[-1]:.1f} s", flush=True)
             sizes = {p.name: p.stat().st_size for p in (Path(tmp) / "out").iterdir()}
         result["runs"] = runs
         result["best_s"] = {mode: min(r["end_to_end"] for r in runs[mode]) for mode in MODES}
-        result["median_phases_s"] = {mode: {k: statistics.median(r[k] for r in runs[mode]) for k in runs[mode][0]}
-                                     for mode in MODES}
+        result["median_phases_s"] = {
+            mode: {k: statistics.median(r[k] for r in runs[mode]) for k in runs[mode][0]} for mode in MODES
+        }
         if cli:
             result["cli_s"] = cli
         result["output_bytes"] = sizes

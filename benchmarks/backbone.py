@@ -167,7 +167,9 @@ def time_interleaved(preset: str, batch: int, size: int, device: str, repeats: i
             train_step(models[name], x)
             sync(device)
             times[name].append(time.perf_counter() - t)
-        print(f"  {size}^3 repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names), flush=True)
+        print(
+            f"  {size}^3 repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names), flush=True
+        )
     return times
 
 
@@ -203,7 +205,11 @@ def memory_child(name: str, preset: str, batch: int, size: int, device: str) -> 
         loss.backward()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
-        return {"peak_mib": (peak - base) / 2**20, "activations_mib": (after_fwd - base) / 2**20, "method": "cuda.max_memory_allocated"}
+        return {
+            "peak_mib": (peak - base) / 2**20,
+            "activations_mib": (after_fwd - base) / 2**20,
+            "method": "cuda.max_memory_allocated",
+        }
     _trim()
     base = _rss_kib("VmRSS")
     method = "VmHWM delta (reset via /proc/self/clear_refs)"
@@ -283,11 +289,19 @@ def hardware(device: str) -> dict:
 
 def summarize(times: list[float], batch: int) -> dict:
     best, med = min(times), statistics.median(times)
-    return {"times_s": times, "best_s": best, "median_s": med, "vol_per_s": batch / best, "vol_per_s_median": batch / med}
+    return {
+        "times_s": times,
+        "best_s": best,
+        "median_s": med,
+        "vol_per_s": batch / best,
+        "vol_per_s_median": batch / med,
+    }
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 96], help="cubic input sides")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--preset", default="base")
@@ -311,7 +325,13 @@ def main(argv=None) -> dict:
     names = [m for m in MODELS if not (args.no_checkpointing and m == "swin3d_ckpt")]
     result: dict = {
         "benchmark": "Swin3D vs MONAI SwinTransformer, forward + backward, fp32",
-        "config": {"preset": args.preset, "batch": args.batch, "sizes": args.sizes, "repeats": args.repeats, "device": args.device},
+        "config": {
+            "preset": args.preset,
+            "batch": args.batch,
+            "sizes": args.sizes,
+            "repeats": args.repeats,
+            "device": args.device,
+        },
         "hardware": hardware(args.device),
         "load_avg_start": os.getloadavg(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -357,7 +377,7 @@ def main(argv=None) -> dict:
     result["load_avg_end"] = os.getloadavg()
 
     # summary: ratios
-    for size, entry in result["sizes"].items():
+    for entry in result["sizes"].values():
         for name in names:
             entry[name]["fraction_of_matmul_peak"] = entry[name]["gflops_per_s"] / peak
         s, m = entry["swin3d"], entry["monai"]
@@ -366,7 +386,9 @@ def main(argv=None) -> dict:
         if "memory" in s:
             entry["peak_memory_ratio_vs_monai"] = s["memory"]["peak_mib"] / m["memory"]["peak_mib"]
             if "swin3d_ckpt" in entry:
-                entry["checkpointing_activation_ratio"] = entry["swin3d_ckpt"]["memory"]["activations_mib"] / s["memory"]["activations_mib"]
+                entry["checkpointing_activation_ratio"] = (
+                    entry["swin3d_ckpt"]["memory"]["activations_mib"] / s["memory"]["activations_mib"]
+                )
                 entry["checkpointing_peak_ratio"] = entry["swin3d_ckpt"]["memory"]["peak_mib"] / s["memory"]["peak_mib"]
 
     print_table(result, names)
@@ -380,9 +402,18 @@ def main(argv=None) -> dict:
 def print_table(result: dict, names) -> None:
     hw = result["hardware"]
     print()
-    print(f"{hw.get('cpu_model')} | {hw['cpu_count']} CPUs, torch {hw['torch']} ({hw['torch_threads']} threads) | device {result['config']['device']}")
-    print(f"fp32 matmul peak {result['matmul_peak_gflops']['best']:.1f} GFLOP/s; batch {result['config']['batch']}, preset {result['config']['preset']}")
-    head = f"{'size':>5} {'model':<24} {'best s':>7} {'median s':>8} {'vol/s':>6} {'GFLOP/s':>8} {'%peak':>6} {'peak MiB':>9} {'act. MiB':>9}"
+    print(
+        f"{hw.get('cpu_model')} | {hw['cpu_count']} CPUs, torch {hw['torch']} ({hw['torch_threads']} threads) "
+        f"| device {result['config']['device']}"
+    )
+    print(
+        f"fp32 matmul peak {result['matmul_peak_gflops']['best']:.1f} GFLOP/s; batch {result['config']['batch']}, "
+        f"preset {result['config']['preset']}"
+    )
+    head = (
+        f"{'size':>5} {'model':<24} {'best s':>7} {'median s':>8} {'vol/s':>6} {'GFLOP/s':>8} {'%peak':>6} "
+        f"{'peak MiB':>9} {'act. MiB':>9}"
+    )
     print(head)
     print("-" * len(head))
     for size, entry in result["sizes"].items():
@@ -394,11 +425,16 @@ def print_table(result: dict, names) -> None:
                 f"{e['gflops_per_s']:8.1f} {100 * e['fraction_of_matmul_peak']:5.1f}% "
                 f"{mem.get('peak_mib', float('nan')):9.0f} {mem.get('activations_mib', float('nan')):9.0f}"
             )
-        line = f"      speed-up vs MONAI {entry['speedup_vs_monai']:.2f}x (median {entry['speedup_vs_monai_median']:.2f}x)"
+        line = (
+            f"      speed-up vs MONAI {entry['speedup_vs_monai']:.2f}x (median {entry['speedup_vs_monai_median']:.2f}x)"
+        )
         if "peak_memory_ratio_vs_monai" in entry:
             line += f"; peak memory {entry['peak_memory_ratio_vs_monai']:.2f}x MONAI's"
         if "checkpointing_activation_ratio" in entry:
-            line += f"; checkpointing: activations {entry['checkpointing_activation_ratio']:.2f}x, peak {entry['checkpointing_peak_ratio']:.2f}x"
+            line += (
+                f"; checkpointing: activations {entry['checkpointing_activation_ratio']:.2f}x, "
+                f"peak {entry['checkpointing_peak_ratio']:.2f}x"
+            )
         print(line)
 
 

@@ -56,20 +56,36 @@ TRIALS: dict[str, list[str]] = {
     # a 3D DINOv2 port that trains at batch 2 per GPU uses 0.01-0.03
     "teacher_temp_0.02": ["loss.teacher_temp=0.02", "loss.warmup_teacher_temp=0.02"],
     # 0.02 kept the [CLS] branch alive but drove the patch targets one-hot: keep the patch branch warm
-    "cls_temp_0.02_patch_0.07": ["loss.teacher_temp=0.02", "loss.warmup_teacher_temp=0.02",
-                                 "loss.patch_teacher_temp=0.07"],
+    "cls_temp_0.02_patch_0.07": [
+        "loss.teacher_temp=0.02",
+        "loss.warmup_teacher_temp=0.02",
+        "loss.patch_teacher_temp=0.07",
+    ],
     "body_views": ["data.min_body_fraction=0.5", "data.min_view_overlap=0.5"],  # views that hold anatomy
     "prototypes_256": ["model.head_out_dim=256"],  # fewer prototypes for small data and batch
     "sinkhorn_queue": ["loss.centering=sinkhorn", "loss.cls_queue=2048"],  # SwAV's small-batch remedy
     "multicrop": ["data.local_views=4"],  # DINO's multi-crop: 4 local 32^3 views per volume for the student
 }
 #: Every trial: the same budget, seed and logging; one thread, so a trial runs beside other work.
-COMMON = ["data.roi=[64,64,64]", "data.batch_size=2", "data.num_workers=1", "train.threads=1",
-          "train.seed=0", "train.checkpoint_every=100", "train.snapshot_every=100", "train.log_every=10"]
+COMMON = [
+    "data.roi=[64,64,64]",
+    "data.batch_size=2",
+    "data.num_workers=1",
+    "train.threads=1",
+    "train.seed=0",
+    "train.checkpoint_every=100",
+    "train.snapshot_every=100",
+    "train.log_every=10",
+]
 STEPS = 500
 #: The probe set: five different real CTs (chest and abdomen), central 64^3 crop of each.
-PROBE_CTS = ["chest/elastix_00.nii.gz", "chest/pancreas_ct_cb_001.nii.gz", "chest/crlm_ct_1004.nii.gz",
-             "chest/lidc_idri_0314.nii.gz", "organs/ts_example/ct.nii.gz"]
+PROBE_CTS = [
+    "chest/elastix_00.nii.gz",
+    "chest/pancreas_ct_cb_001.nii.gz",
+    "chest/crlm_ct_1004.nii.gz",
+    "chest/lidc_idri_0314.nii.gz",
+    "organs/ts_example/ct.nii.gz",
+]
 
 
 def pretrain(work: Path, name: str, steps: int) -> Path:
@@ -78,8 +94,21 @@ def pretrain(work: Path, name: str, steps: int) -> Path:
     done = run / "checkpoints" / "last.pt"
     if done.is_file() and _finished_step(run) >= steps:
         return run
-    command = [sys.executable, "-m", "smartformer", "pretrain", "--data", str(corpus(work)), "--out", str(run),
-               "--max-steps", str(steps), "--no-progress", *COMMON, *TRIALS[name]]
+    command = [
+        sys.executable,
+        "-m",
+        "smartformer",
+        "pretrain",
+        "--data",
+        str(corpus(work)),
+        "--out",
+        str(run),
+        "--max-steps",
+        str(steps),
+        "--no-progress",
+        *COMMON,
+        *TRIALS[name],
+    ]
     if done.is_file():
         command.insert(command.index("--no-progress"), "--resume")
     run.parent.mkdir(parents=True, exist_ok=True)
@@ -98,11 +127,20 @@ def _finished_step(run: Path) -> int:
 
 
 # ---------------------------------------------------------------------------- measurements
-def log_medians(run: Path, keys: tuple[str, ...] = ("teacher_cls_entropy", "teacher_cls_batch_entropy",
-                                                     "teacher_patch_entropy", "teacher_patch_batch_entropy",
-                                                     "teacher_cls_cosine",
-                                                     "attn_air_share", "air_cell_share", "loss_cls",
-                                                     "head_diversity")) -> dict[str, float]:
+def log_medians(
+    run: Path,
+    keys: tuple[str, ...] = (
+        "teacher_cls_entropy",
+        "teacher_cls_batch_entropy",
+        "teacher_patch_entropy",
+        "teacher_patch_batch_entropy",
+        "teacher_cls_cosine",
+        "attn_air_share",
+        "air_cell_share",
+        "loss_cls",
+        "head_diversity",
+    ),
+) -> dict[str, float]:
     """Median of each monitor over the last fifth of the logged steps."""
     from smartformer.train.monitor import read_metrics
 
@@ -157,8 +195,9 @@ def probe_measures(run: Path | None, crops: Any, seed: int = 0) -> dict[str, flo
     with torch.no_grad():
         out = meta.teacher(crops, return_attention=True, reconstruct=False)
         targets = meta.dino_loss.targets(out["cls_logits"], temp)
-        monitors = collapse_monitors(crops, 1, out["cls"], out["tokens"], out["attn"], meta.body_level,
-                                     meta.student.config.semantic_stride)
+        monitors = collapse_monitors(
+            crops, 1, out["cls"], out["tokens"], out["attn"], meta.body_level, meta.student.config.semantic_stride
+        )
     # How far the logits of different CTs differ, per prototype, against the temperature that
     # sharpens them: a spread well below the temperature leaves every CT the same (uniform) target.
     spread = float(out["cls_logits"].float().std(0).mean())
@@ -191,8 +230,10 @@ def token_probes(work: Path, run: Path | None, seed: int = 0) -> dict[str, float
     organ = cached(home / "eval" / "organ_probe.json", lambda: organ_probes(teacher))
     position = cached(home / "eval" / "position_probe.json", lambda: position_probe_of(teacher))
     tokens = sum(p["tokens"] for p in organ.values())
-    return {"organ_probe_balanced_accuracy": sum(p["balanced_accuracy"] * p["tokens"] for p in organ.values()) / tokens,
-            "position_probe_r2": position["r2"]}
+    return {
+        "organ_probe_balanced_accuracy": sum(p["balanced_accuracy"] * p["tokens"] for p in organ.values()) / tokens,
+        "position_probe_r2": position["r2"],
+    }
 
 
 # ---------------------------------------------------------------------------- report
@@ -201,16 +242,20 @@ def report(work: Path, probes: bool = False) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     crops = probe_crops()
-    result: dict[str, Any] = {"steps": STEPS, "common": COMMON, "probe_cts": PROBE_CTS,
-                              "random_init": probe_measures(None, crops), "trials": {}}
+    result: dict[str, Any] = {
+        "steps": STEPS,
+        "common": COMMON,
+        "probe_cts": PROBE_CTS,
+        "random_init": probe_measures(None, crops),
+        "trials": {},
+    }
     if probes:
         result["random_init"]["tokens"] = token_probes(work, None)
     for name, overrides in TRIALS.items():
         run = work / "runs" / name
         if not (run / "checkpoints" / "last.pt").is_file() or _finished_step(run) < STEPS:
             continue
-        result["trials"][name] = {"overrides": overrides, "log": log_medians(run),
-                                  "probe": probe_measures(run, crops)}
+        result["trials"][name] = {"overrides": overrides, "log": log_medians(run), "probe": probe_measures(run, crops)}
         if probes:
             result["trials"][name]["tokens"] = token_probes(work, run)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -236,20 +281,27 @@ def markdown(result: dict[str, Any]) -> str:
     def f(v: Any) -> str:
         return f"{v:.3f}" if isinstance(v, float) else "n/a"
 
-    head = ("| trial | [CLS] entropy (log) | batch-mean entropy (log) | patch entropy (log) | [CLS] cosine, 2 volumes (log) "
-            "| attention on air (log) / air cells | [CLS] cosine, 5 CTs | [CLS] entropy, 5 CTs "
-            "| logit spread across the 5 CTs / temperature | attention on air, 5 CTs |")
+    head = (
+        "| trial | [CLS] entropy (log) | batch-mean entropy (log) | patch entropy (log) "
+        "| [CLS] cosine, 2 volumes (log) "
+        "| attention on air (log) / air cells | [CLS] cosine, 5 CTs | [CLS] entropy, 5 CTs "
+        "| logit spread across the 5 CTs / temperature | attention on air, 5 CTs |"
+    )
     lines = [head, "|" + "---|" * 10]
     r = result["random_init"]
-    lines.append(f"| random weights | | | | | | {f(r['cls_cosine_5ct'])} | {f(r['cls_entropy_5ct'])} "
-                 f"| {f(r['cls_logit_spread_over_temp'])} | {f(r['attn_air_share_5ct'])} / {f(r['air_cell_share_5ct'])} |")
+    lines.append(
+        f"| random weights | | | | | | {f(r['cls_cosine_5ct'])} | {f(r['cls_entropy_5ct'])} "
+        f"| {f(r['cls_logit_spread_over_temp'])} | {f(r['attn_air_share_5ct'])} / {f(r['air_cell_share_5ct'])} |"
+    )
     for name, t in result["trials"].items():
         lg, pr = t["log"], t["probe"]
-        lines.append(f"| {name} | {f(lg.get('teacher_cls_entropy'))} | {f(lg.get('teacher_cls_batch_entropy'))} "
-                     f"| {f(lg.get('teacher_patch_entropy'))} | {f(lg.get('teacher_cls_cosine'))} "
-                     f"| {f(lg.get('attn_air_share'))} / {f(lg.get('air_cell_share'))} | {f(pr['cls_cosine_5ct'])} "
-                     f"| {f(pr['cls_entropy_5ct'])} | {f(pr.get('cls_logit_spread_over_temp'))} "
-                     f"| {f(pr['attn_air_share_5ct'])} / {f(pr['air_cell_share_5ct'])} |")
+        lines.append(
+            f"| {name} | {f(lg.get('teacher_cls_entropy'))} | {f(lg.get('teacher_cls_batch_entropy'))} "
+            f"| {f(lg.get('teacher_patch_entropy'))} | {f(lg.get('teacher_cls_cosine'))} "
+            f"| {f(lg.get('attn_air_share'))} / {f(lg.get('air_cell_share'))} | {f(pr['cls_cosine_5ct'])} "
+            f"| {f(pr['cls_entropy_5ct'])} | {f(pr.get('cls_logit_spread_over_temp'))} "
+            f"| {f(pr['attn_air_share_5ct'])} / {f(pr['air_cell_share_5ct'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -259,8 +311,11 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=list(TRIALS), help="run only these trials")
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--report", action="store_true", help="only write the report of finished trials")
-    parser.add_argument("--probes", action="store_true",
-                        help="add the frozen-token probes (organ identity, crop position) to the report")
+    parser.add_argument(
+        "--probes",
+        action="store_true",
+        help="add the frozen-token probes (organ identity, crop position) to the report",
+    )
     args = parser.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"{DATA}: the shared real-CT data is not there; this benchmark needs it")

@@ -33,16 +33,36 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="the preprocessed-volume cache to use (default: a fresh one in the temporary run folder)")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="the preprocessed-volume cache to use (default: a fresh one in the temporary run folder)",
+    )
     args = parser.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"{DATA}: not found; this benchmark needs ../shared/data")
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "smartformer", "pretrain", "--data", str(DATA), "--out", str(run),
-               "--config", "paper", "--max-steps", str(args.steps), "--no-progress", "data.num_workers=1",
-               f"train.threads={args.threads}", "train.snapshot_every=1000000", "train.head_distance_every=0"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "smartformer",
+            "pretrain",
+            "--data",
+            str(DATA),
+            "--out",
+            str(run),
+            "--config",
+            "paper",
+            "--max-steps",
+            str(args.steps),
+            "--no-progress",
+            "data.num_workers=1",
+            f"train.threads={args.threads}",
+            "train.snapshot_every=1000000",
+            "train.head_distance_every=0",
+        ]
         if args.cache_dir is not None:
             cmd.append(f"data.cache_dir={args.cache_dir}")
         start = time.perf_counter()
@@ -54,10 +74,18 @@ def main() -> None:
         last = [r for r in rows if "steps_per_s" in r][-1]
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # kilobytes on Linux
     result = {
-        "preset": "paper", "roi": [128, 128, 128], "batch_size": 2, "steps": args.steps, "threads": args.threads,
-        "seconds_per_step": 1.0 / last["steps_per_s"], "peak_rss_gb": peak_kb / 1024**2, "wall_seconds": wall,
-        "loss": last["loss"], "terms": {k: v for k, v in last.items() if k.startswith("loss_")},
-        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M"),
+        "preset": "paper",
+        "roi": [128, 128, 128],
+        "batch_size": 2,
+        "steps": args.steps,
+        "threads": args.threads,
+        "seconds_per_step": 1.0 / last["steps_per_s"],
+        "peak_rss_gb": peak_kb / 1024**2,
+        "wall_seconds": wall,
+        "loss": last["loss"],
+        "terms": {k: v for k, v in last.items() if k.startswith("loss_")},
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -53,9 +53,18 @@ def hardware() -> dict:
     }
 
 
-def make_meta(preset: str, roi: int, batch: int, strategy: str, device: torch.device) -> tuple[SMARTMetaArch, torch.optim.Optimizer]:
-    cfg = load_config(preset, [f"data.roi=[{roi},{roi},{roi}]", f"data.batch_size={batch}",
-                               f"masking.strategy={strategy}", "masking.warmup_steps=0"])
+def make_meta(
+    preset: str, roi: int, batch: int, strategy: str, device: torch.device
+) -> tuple[SMARTMetaArch, torch.optim.Optimizer]:
+    cfg = load_config(
+        preset,
+        [
+            f"data.roi=[{roi},{roi},{roi}]",
+            f"data.batch_size={batch}",
+            f"masking.strategy={strategy}",
+            "masking.warmup_steps=0",
+        ],
+    )
     torch.manual_seed(0)
     meta = SMARTMetaArch(cfg).to(device).train()
     return meta, torch.optim.AdamW(meta.param_groups(), lr=1e-4)
@@ -121,8 +130,14 @@ def step_costs(args: argparse.Namespace, device: torch.device) -> dict:
 def data_wait(args: argparse.Namespace, device: torch.device) -> dict | None:
     if not DATA.is_dir():
         return None
-    cfg = load_config(args.preset, [f"data.roi=[{args.roi},{args.roi},{args.roi}]", f"data.batch_size={args.batch}",
-                                    f"data.num_workers={args.workers}"])
+    cfg = load_config(
+        args.preset,
+        [
+            f"data.roi=[{args.roi},{args.roi},{args.roi}]",
+            f"data.batch_size={args.batch}",
+            f"data.num_workers={args.workers}",
+        ],
+    )
     with tempfile.TemporaryDirectory() as tmp:
         stream = build_pretrain_loader(DATA, cfg.data, Path(tmp) / "cache", cfg.train.seed)
         keyed, loader, n = stream.views, stream.loader, stream.n_volumes
@@ -147,9 +162,15 @@ def data_wait(args: argparse.Namespace, device: torch.device) -> dict | None:
             computes.append(t2 - t1)
         del it, loader, stream
     total = sum(waits) + sum(computes)
-    return {"volumes": n, "workers": args.workers, "cache_warm_s": warm_s, "steps": args.data_steps,
-            "wait_fraction": sum(waits) / total, "mean_wait_s": statistics.mean(waits),
-            "mean_step_s": statistics.mean(computes)}
+    return {
+        "volumes": n,
+        "workers": args.workers,
+        "cache_warm_s": warm_s,
+        "steps": args.data_steps,
+        "wait_fraction": sum(waits) / total,
+        "mean_wait_s": statistics.mean(waits),
+        "mean_step_s": statistics.mean(computes),
+    }
 
 
 def main() -> None:
@@ -164,8 +185,12 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "pretrain_step.json")
     args = p.parse_args()
     device = torch.device(args.device)
-    result = {"hardware": hardware(), "settings": vars(args) | {"json": str(args.json)},
-              "step": step_costs(args, device), "data": data_wait(args, device)}
+    result = {
+        "hardware": hardware(),
+        "settings": vars(args) | {"json": str(args.json)},
+        "step": step_costs(args, device),
+        "data": data_wait(args, device),
+    }
     s = result["step"]
     print(f"hardware: {result['hardware']}")
     print(f"{'case':<28}{'median s':>10}")
@@ -175,8 +200,10 @@ def main() -> None:
     print(f"attention_hint / random      : {s['attention_over_random']:.3f}x (target <= 1.05)")
     if result["data"]:
         d = result["data"]
-        print(f"data wait ({d['volumes']} real CTs, {d['workers']} workers, warm cache): "
-              f"{100 * d['wait_fraction']:.1f}% of step time (target < 10%)")
+        print(
+            f"data wait ({d['volumes']} real CTs, {d['workers']} workers, warm cache): "
+            f"{100 * d['wait_fraction']:.1f}% of step time (target < 10%)"
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.json}")

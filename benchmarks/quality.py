@@ -55,8 +55,14 @@ RESULTS = ROOT / "benchmarks" / "results" / "quality.json"
 PLOT = ROOT / "docs" / "quality.png"
 
 #: The published paper's method on the tiny backbone (see docs/PAPER.md).
-PAPER = ["model.semantic_form=vit", "model.semantic_stage=3", "loss.global_weight=0.1", "teacher.noise_ratio=0.7",
-         "masking.ratio=0.7", "masking.hint_ratio=0.1"]
+PAPER = [
+    "model.semantic_form=vit",
+    "model.semantic_stage=3",
+    "loss.global_weight=0.1",
+    "teacher.noise_ratio=0.7",
+    "masking.ratio=0.7",
+    "masking.hint_ratio=0.1",
+]
 #: Config overrides of each variant (``None``: no pretraining, the random-init baseline).
 VARIANTS: dict[str, list[str] | None] = {
     "random_init": None,
@@ -72,27 +78,30 @@ VARIANTS: dict[str, list[str] | None] = {
     "smart_layerscale_1e-4": ["model.semantic_layer_scale=0.0001"],
     # -- the published paper's ablations (issue 13; `--suite paper`), on the tiny backbone: its
     # method is ViT semantic attention in stage 3 (stride 8), GITD, noise 0.7, mask 0.7 / hint 0.1.
-    **{f"paper_{name}": [*PAPER, *extra] for name, extra in {
-        "all_four": [],
-        # the loss table (their Table 3): AMIP alone; +AMPD; +AMPD+AITD; without AMPD; without AMIP
-        "amip_only": ["loss.patch_weight=0", "loss.cls_weight=0", "loss.global_weight=0"],
-        "amip_ampd": ["loss.cls_weight=0", "loss.global_weight=0"],
-        "amip_ampd_aitd": ["loss.global_weight=0"],
-        "no_ampd": ["loss.patch_weight=0"],
-        "no_amip": ["loss.recon_weight=0"],
-        # SA placement (their Fig. 6): stages 2 and 4 (stage 3 is all_four)
-        "sa_stage2": ["model.semantic_stage=2"],
-        "sa_stage4": ["model.semantic_stage=4"],
-        # SA form: today's CaiT class attention in place of the ViT blocks
-        "sa_class_attention": ["model.semantic_form=class_attention"],
-        # the teacher's patch-drop ratio: 0.7 as stated, or 0.1 (it may echo the mask ratio)
-        "noise_0.1": ["teacher.noise_ratio=0.1"],
-        # masking: random (SMIT), block (iBOT), high (AttMask without hint), low (MST)
-        "mask_random": ["masking.strategy=random"],
-        "mask_block": ["masking.strategy=block"],
-        "mask_high": ["masking.strategy=attention_high"],
-        "mask_low": ["masking.strategy=attention_low"],
-    }.items()},
+    **{
+        f"paper_{name}": [*PAPER, *extra]
+        for name, extra in {
+            "all_four": [],
+            # the loss table (their Table 3): AMIP alone; +AMPD; +AMPD+AITD; without AMPD; without AMIP
+            "amip_only": ["loss.patch_weight=0", "loss.cls_weight=0", "loss.global_weight=0"],
+            "amip_ampd": ["loss.cls_weight=0", "loss.global_weight=0"],
+            "amip_ampd_aitd": ["loss.global_weight=0"],
+            "no_ampd": ["loss.patch_weight=0"],
+            "no_amip": ["loss.recon_weight=0"],
+            # SA placement (their Fig. 6): stages 2 and 4 (stage 3 is all_four)
+            "sa_stage2": ["model.semantic_stage=2"],
+            "sa_stage4": ["model.semantic_stage=4"],
+            # SA form: today's CaiT class attention in place of the ViT blocks
+            "sa_class_attention": ["model.semantic_form=class_attention"],
+            # the teacher's patch-drop ratio: 0.7 as stated, or 0.1 (it may echo the mask ratio)
+            "noise_0.1": ["teacher.noise_ratio=0.1"],
+            # masking: random (SMIT), block (iBOT), high (AttMask without hint), low (MST)
+            "mask_random": ["masking.strategy=random"],
+            "mask_block": ["masking.strategy=block"],
+            "mask_high": ["masking.strategy=attention_high"],
+            "mask_low": ["masking.strategy=attention_low"],
+        }.items()
+    },
 }
 #: Runs of ``--suite paper``: one seed each of the paper's ablations.
 PAPER_ORDER = [f"{name}:0" for name in VARIANTS if name.startswith("paper_")]
@@ -101,30 +110,56 @@ PAPER_ORDER = [f"{name}:0" for name in VARIANTS if name.startswith("paper_")]
 SAME_COST = {"smart_layerscale_1e-4": "smart_full"}
 #: Order of the runs: the comparisons that matter most first, second seeds last (a second random
 #: init costs only its evaluation, and tells how much the maps of untrained weights vary).
-ORDER = ["random_init:0", "smart_full:0", "smit_like:0", "smart_no_noise:0", "smart_no_semantic:0",
-         "smart_random_mask:0", "smart_layerscale_1e-4:0", "smart_full:1", "smit_like:1", "random_init:1"]
+ORDER = [
+    "random_init:0",
+    "smart_full:0",
+    "smit_like:0",
+    "smart_no_noise:0",
+    "smart_no_semantic:0",
+    "smart_random_mask:0",
+    "smart_layerscale_1e-4:0",
+    "smart_full:1",
+    "smit_like:1",
+    "random_init:1",
+]
 #: Few-label segmentation: seeded patient splits, training-set sizes, and the fine-tuning schedule.
 SEG_SPLITS = (0, 1, 2)
 SEG_TRAIN_SIZES = (5, 10)
 SEG_TEST_PATIENTS = 16
 SEG_STEPS = 300
 #: CTs whose random crops the position probe reads (big enough for crops to differ in place).
-POSITION_CTS = ("chest/elastix_00.nii.gz", "chest/pancreas_ct_cb_001.nii.gz", "chest/crlm_ct_1004.nii.gz",
-                "chest/crlm_ct_1006.nii.gz", "chest/lidc_idri_0314.nii.gz", "organs/ts_example/ct.nii.gz")
+POSITION_CTS = (
+    "chest/elastix_00.nii.gz",
+    "chest/pancreas_ct_cb_001.nii.gz",
+    "chest/crlm_ct_1004.nii.gz",
+    "chest/crlm_ct_1006.nii.gz",
+    "chest/lidc_idri_0314.nii.gz",
+    "organs/ts_example/ct.nii.gz",
+)
 POSITION_CROPS = 12
 #: Which evaluations ``evaluate`` runs: all of them, or without the costly segmentation.
-EVALUATIONS = {"all": ("localize", "cluster", "probe", "diversity", "tokens", "segmentation"),
-               "probes": ("localize", "cluster", "probe", "diversity", "tokens")}
+EVALUATIONS = {
+    "all": ("localize", "cluster", "probe", "diversity", "tokens", "segmentation"),
+    "probes": ("localize", "cluster", "probe", "diversity", "tokens"),
+}
 #: Evaluations added after the first runs, by the key they write: an eval.json without it is completed.
 NEWER_KEYS = {"tokens": "organ_probe", "segmentation": "fewlabel"}
-COMMON = ["data.roi=[64,64,64]", "data.num_workers=1", "train.checkpoint_every=50", "train.snapshot_every=100",
-          "train.log_every=10"]
+COMMON = [
+    "data.roi=[64,64,64]",
+    "data.num_workers=1",
+    "train.checkpoint_every=50",
+    "train.snapshot_every=100",
+    "train.log_every=10",
+]
 
 
 def corpus(work: Path) -> Path:
     """CSV of every real CT in ../shared/data (the DICOM example as its NIfTI twin, once)."""
-    images = sorted(DATA.glob("sts/*/ct.nii.gz")) + sorted(DATA.glob("chest/*.nii.gz")) + [
-        DATA / "organs" / "ts_example" / "ct.nii.gz", DATA / "organs" / "ts_dicom_example" / "ct.nii.gz"]
+    images = (
+        sorted(DATA.glob("sts/*/ct.nii.gz"))
+        + sorted(DATA.glob("chest/*.nii.gz"))
+        + [DATA / "organs" / "ts_example" / "ct.nii.gz", DATA / "organs" / "ts_dicom_example" / "ct.nii.gz"]
+    )
     path = work / "corpus.csv"
     path.write_text("image\n" + "".join(f"{p}\n" for p in images))
     return path
@@ -156,13 +191,31 @@ def calibrate(work: Path, repeats: int = 4) -> dict[str, float]:
         now = _measure(["smart_full", *missing], repeats)
         scale = cached["step_seconds"]["smart_full"] / now["smart_full"]
         step_seconds = {**cached["step_seconds"], **{n: now[n] * scale for n in missing}}
-        path.write_text(json.dumps({**cached, "step_seconds": step_seconds,
-                                    "added": {**cached.get("added", {}),
-                                              **{n: time.strftime("%Y-%m-%d %H:%M") for n in missing}}}, indent=2) + "\n")
+        path.write_text(
+            json.dumps(
+                {
+                    **cached,
+                    "step_seconds": step_seconds,
+                    "added": {**cached.get("added", {}), **{n: time.strftime("%Y-%m-%d %H:%M") for n in missing}},
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         return step_seconds
     step_seconds = _measure(wanted, repeats)
-    path.write_text(json.dumps({"step_seconds": step_seconds, "threads": _threads(),
-                                "repeats": repeats, "date": time.strftime("%Y-%m-%d %H:%M")}, indent=2) + "\n")
+    path.write_text(
+        json.dumps(
+            {
+                "step_seconds": step_seconds,
+                "threads": _threads(),
+                "repeats": repeats,
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return step_seconds
 
 
@@ -236,8 +289,11 @@ def pretrain(work: Path, name: str, seed: int, steps: int) -> dict[str, Any]:
     else:
         resume = (run / "checkpoints" / "last.pt").is_file()
         args = ["pretrain", "--data", str(corpus(work)), "--out", str(run), "--max-steps", str(steps), "--no-progress"]
-        args += ["--resume"] if resume else ["--config", "tiny", f"train.seed={seed}",
-                                             f"data.cache_dir={work / 'cache'}", *COMMON, *overrides]
+        args += (
+            ["--resume"]
+            if resume
+            else ["--config", "tiny", f"train.seed={seed}", f"data.cache_dir={work / 'cache'}", *COMMON, *overrides]
+        )
         print(f"[{name}:{seed}] pretraining {steps} steps" + (" (resuming)" if resume else ""), flush=True)
         smartformer(*args, log=run.parent / f"{name}-s{seed}.log")
         from smartformer.train.checkpoint import load_checkpoint
@@ -247,8 +303,11 @@ def pretrain(work: Path, name: str, seed: int, steps: int) -> dict[str, Any]:
             raise SystemExit(f"[{name}:{seed}] stopped at step {state['step']} of {steps}; run again to resume")
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         losses = [r for r in rows if "loss" in r]
-        summary = {"steps": int(state["step"]), "train_seconds": float(state.get("train_seconds", 0.0)),
-                   "final": losses[-1] if losses else {}}
+        summary = {
+            "steps": int(state["step"]),
+            "train_seconds": float(state.get("train_seconds", 0.0)),
+            "final": losses[-1] if losses else {},
+        }
     summary["commit"] = git_commit()  # which code trained it: stale runs can be told apart
     done.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -259,8 +318,9 @@ def lesion_task(work: Path) -> Path:
     """The STS lesion-vs-normal CSV (``smartformer data lesions``), built once."""
     out = work / "lesions"
     if not (out / "lesions.csv").is_file():
-        smartformer("data", "lesions", "--data", str(DATA / "sts"), "--out", str(out), "--seed", "0",
-                    log=work / "lesions.log")
+        smartformer(
+            "data", "lesions", "--data", str(DATA / "sts"), "--out", str(out), "--seed", "0", log=work / "lesions.log"
+        )
     return out / "lesions.csv"
 
 
@@ -283,9 +343,20 @@ def evaluate(work: Path, name: str, seed: int, which: tuple[str, ...] = EVALUATI
     # Zero-shot localization: only models with the semantic attention module have maps.
     if semantic:
         if not (ev / "localize" / "summary.json").is_file():
-            smartformer("localize", "--checkpoint", str(ckpt), "--data", str(localization_cases(work)),
-                        "--out", str(ev / "localize"), "--windows", "3", "--no-random-baseline", "--no-progress",
-                        log=log)
+            smartformer(
+                "localize",
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                str(localization_cases(work)),
+                "--out",
+                str(ev / "localize"),
+                "--windows",
+                "3",
+                "--no-random-baseline",
+                "--no-progress",
+                log=log,
+            )
         result["localization"] = localization_summary(ev / "localize")
     else:
         result["localization"] = None  # no semantic attention, no attention maps (pooled token)
@@ -295,15 +366,42 @@ def evaluate(work: Path, name: str, seed: int, which: tuple[str, ...] = EVALUATI
         folder = DATA / "organs" / organ
         out = ev / "cluster" / organ
         if not (out / f"{organ}_clustering.json").is_file():
-            smartformer("cluster", "--checkpoint", str(ckpt), "--image", str(folder / "ct.nii.gz"), "--labels",
-                        str(folder / "organs.nii.gz"), "--names", str(DATA / "organs" / "labels.json"),
-                        "--out", str(out), "--name", organ, "--no-progress", log=log)
+            smartformer(
+                "cluster",
+                "--checkpoint",
+                str(ckpt),
+                "--image",
+                str(folder / "ct.nii.gz"),
+                "--labels",
+                str(folder / "organs.nii.gz"),
+                "--names",
+                str(DATA / "organs" / "labels.json"),
+                "--out",
+                str(out),
+                "--name",
+                organ,
+                "--no-progress",
+                log=log,
+            )
         clustering[organ] = json.loads((out / f"{organ}_clustering.json").read_text())
     result["clustering"] = clustering
 
     if not (ev / "probe" / "metrics.json").is_file():
-        smartformer("probe", "--checkpoint", str(ckpt), "--data", str(lesion_task(work)), "--out",
-                    str(ev / "probe"), "--folds", "5", "--seed", "0", "--no-progress", log=log)
+        smartformer(
+            "probe",
+            "--checkpoint",
+            str(ckpt),
+            "--data",
+            str(lesion_task(work)),
+            "--out",
+            str(ev / "probe"),
+            "--folds",
+            "5",
+            "--seed",
+            "0",
+            "--no-progress",
+            log=log,
+        )
     result["probe"] = json.loads((ev / "probe" / "metrics.json").read_text())
     result["head_diversity"] = head_diversity(work, ckpt) if semantic else None
     if "tokens" in which:
@@ -353,7 +451,7 @@ def position_crops(size: int = 64, seed: int = 0) -> tuple[Any, Any, Any]:
         for _ in range(POSITION_CROPS):
             start = np.array([rng.integers(0, n - size + 1) for n in shape])
             x, y, z = start
-            crops.append(volume[:, x:x + size, y:y + size, z:z + size])
+            crops.append(volume[:, x : x + size, y : y + size, z : z + size])
             positions.append((start + size / 2) / shape)
             groups.append(g)
     return np.stack(crops), np.stack(positions), np.asarray(groups)
@@ -405,20 +503,23 @@ def fewlabel_segmentation(ckpt: Path, folder: Path) -> dict[str, dict[str, float
         train_segmentation,
     )
 
-    settings = SegmentationSettings(label_ids=(1,), max_steps=SEG_STEPS, val_every=SEG_STEPS,
-                                    warmup_steps=SEG_STEPS // 10, seed=0, log_every=50)
+    settings = SegmentationSettings(
+        label_ids=(1,), max_steps=SEG_STEPS, val_every=SEG_STEPS, warmup_steps=SEG_STEPS // 10, seed=0, log_every=50
+    )
     splits, test = fewlabel_splits()
     loaded: list[dict[str, Any]] = []  # the test cases, read once for every split
     result = {}
     for key, train in splits.items():
+
         def run(train=train, key=key) -> dict[str, float]:
             out = folder / key
             # validated on its own training cases: the held-out patients choose nothing
             train_segmentation(ckpt, train, train, out, settings, device="cpu", progress=False, log=lambda _: None)
             net, _ = load_segmenter(out)
             if not loaded:
-                loaded.extend(load_case(c, settings.spacing, settings.window, settings.roi, label_ids=(1,))
-                              for c in test)
+                loaded.extend(
+                    load_case(c, settings.spacing, settings.window, settings.roi, label_ids=(1,)) for c in test
+                )
             rows = dice_per_case(net, loaded, (1,), settings.roi, settings.overlap)
             return {c.case: row["1"] for c, row in zip(test, rows)}
 
@@ -436,14 +537,13 @@ def localization_summary(folder: Path) -> dict[str, Any]:
     def means(entry: dict[str, Any]) -> dict[str, float | None]:
         return {k: (entry[k]["mean"] if entry.get(k) else None) for k in ("auroc", "pointing", "energy")}
 
-    return {**means(methods[model]), "cases": methods[model]["cases"],
-            "priors": {p: means(methods[p]) for p in priors}}
+    return {**means(methods[model]), "cases": methods[model]["cases"], "priors": {p: means(methods[p]) for p in priors}}
 
 
 def central_crop(volume: Any, size: int) -> Any:
     """The central ``size``^3 crop of a (1, X, Y, Z) volume at least that large."""
     x, y, z = ((n - size) // 2 for n in volume.shape[1:])
-    return volume[:, x:x + size, y:y + size, z:z + size]
+    return volume[:, x : x + size, y : y + size, z : z + size]
 
 
 def head_diversity(work: Path, ckpt: Path, crops: int = 8) -> float:
@@ -475,8 +575,12 @@ METRICS = {
     "lesion probe AUC": lambda r: probe_auc(r["probe"]),
     "head diversity": lambda r: r["head_diversity"],
     # weighted by labelled tokens: the thin DICOM CT has ~20 against ~200 of the other
-    "organ probe bal. acc.": lambda r: sum(p["balanced_accuracy"] * p["tokens"] for p in r["organ_probe"].values())
-    / sum(p["tokens"] for p in r["organ_probe"].values()) if r.get("organ_probe") else None,
+    "organ probe bal. acc.": lambda r: (
+        sum(p["balanced_accuracy"] * p["tokens"] for p in r["organ_probe"].values())
+        / sum(p["tokens"] for p in r["organ_probe"].values())
+        if r.get("organ_probe")
+        else None
+    ),
     "position probe R2": lambda r: r["position_probe"]["r2"] if r.get("position_probe") else None,
     **{f"tumour Dice, {n} patients": (lambda r, n=n: fewlabel_mean(r, n)) for n in SEG_TRAIN_SIZES},
 }
@@ -486,8 +590,13 @@ def fewlabel_mean(evaluation: dict[str, Any], n: int) -> float | None:
     """Mean tumour Dice over the held-out patients of every split with ``n`` training patients."""
     import math
 
-    values = [v for key, per_case in (evaluation.get("fewlabel") or {}).items() if key.startswith(f"n{n}/")
-              for v in per_case.values() if math.isfinite(v)]
+    values = [
+        v
+        for key, per_case in (evaluation.get("fewlabel") or {}).items()
+        if key.startswith(f"n{n}/")
+        for v in per_case.values()
+        if math.isfinite(v)
+    ]
     return statistics.mean(values) if values else None
 
 
@@ -516,8 +625,9 @@ def probe_auc(metrics: dict[str, Any]) -> float:
 
 def slim(evaluation: dict[str, Any]) -> dict[str, Any]:
     """One run's evaluation without the per-pair organ separation table (24 kB per CT; in the run's eval/)."""
-    clustering = {organ: {k: v for k, v in c.items() if k != "separation"}
-                  for organ, c in evaluation["clustering"].items()}
+    clustering = {
+        organ: {k: v for k, v in c.items() if k != "separation"} for organ, c in evaluation["clustering"].items()
+    }
     return {**evaluation, "clustering": clustering}
 
 
@@ -528,18 +638,23 @@ def report(work: Path, step_seconds: dict[str, float], budget: float) -> dict[st
         run = work / "runs" / f"{name}-s{seed}"
         if not (run / "eval.json").is_file():
             continue
-        rows.setdefault(name, {"runs": []})["runs"].append({
-            "seed": int(seed),
-            "pretrain": json.loads((run / "pretrain.json").read_text()),
-            "eval": slim(json.loads((run / "eval.json").read_text())),
-        })
-    for name, row in rows.items():
+        rows.setdefault(name, {"runs": []})["runs"].append(
+            {
+                "seed": int(seed),
+                "pretrain": json.loads((run / "pretrain.json").read_text()),
+                "eval": slim(json.loads((run / "eval.json").read_text())),
+            }
+        )
+    for row in rows.values():
         row["summary"] = {}
         for metric, fn in METRICS.items():
             values = [v for v in (fn(r["eval"]) for r in row["runs"]) if v is not None]
             if values:
-                row["summary"][metric] = {"mean": statistics.mean(values), "values": values,
-                                          "spread": (max(values) - min(values)) if len(values) > 1 else None}
+                row["summary"][metric] = {
+                    "mean": statistics.mean(values),
+                    "values": values,
+                    "spread": (max(values) - min(values)) if len(values) > 1 else None,
+                }
         row["steps"] = [r["pretrain"]["steps"] for r in row["runs"]]
         # Collapse monitor at the end of training (1.0 = uniform [CLS] targets; not logged by runs
         # trained before the monitor existed).
@@ -551,9 +666,13 @@ def report(work: Path, step_seconds: dict[str, float], budget: float) -> dict[st
         for r in row["runs"]:  # paired with the random init of the same seed (else seed 0's)
             ref = reference.get(r["seed"], reference.get(0, next(iter(reference.values()))))
             r["fewlabel_vs_random"] = {str(n): fewlabel_vs(r["eval"], ref, n) for n in SEG_TRAIN_SIZES}
-    result = {"budget_minutes_idle": budget, "step_seconds_idle": step_seconds, "variants": rows,
-              "complete": set(ORDER) <= {f"{n}:{r['seed']}" for n, v in rows.items() for r in v["runs"]},
-              "complete_paper": set(PAPER_ORDER) <= {f"{n}:{r['seed']}" for n, v in rows.items() for r in v["runs"]}}
+    result = {
+        "budget_minutes_idle": budget,
+        "step_seconds_idle": step_seconds,
+        "variants": rows,
+        "complete": set(ORDER) <= {f"{n}:{r['seed']}" for n, v in rows.items() for r in v["runs"]},
+        "complete_paper": set(PAPER_ORDER) <= {f"{n}:{r['seed']}" for n, v in rows.items() for r in v["runs"]},
+    }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
@@ -563,8 +682,10 @@ def report(work: Path, step_seconds: dict[str, float], budget: float) -> dict[st
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = ["| variant | runs | steps | " + " | ".join(METRICS) + " | [CLS] target entropy at the end |",
-             "|---|---|---|" + "---|" * (len(METRICS) + 1)]
+    lines = [
+        "| variant | runs | steps | " + " | ".join(METRICS) + " | [CLS] target entropy at the end |",
+        "|---|---|---|" + "---|" * (len(METRICS) + 1),
+    ]
     for name, row in result["variants"].items():
         cells = []
         for metric in METRICS:
@@ -574,15 +695,29 @@ def markdown(result: dict[str, Any]) -> str:
             else:
                 cells.append(f"{s['mean']:.3f}" + (f" ± {s['spread'] / 2:.3f}" if s["spread"] is not None else ""))
         entropy = "/".join("n/a" if e is None else f"{e:.3f}" for e in row.get("final_cls_entropy", []))
-        lines.append(f"| {name} | {len(row['runs'])} | {'/'.join(map(str, row['steps']))} | " + " | ".join(cells)
-                     + f" | {entropy or 'n/a'} |")
-    paired = [(name, r["seed"], n, d) for name, row in result["variants"].items() for r in row["runs"]
-              for n, d in (r.get("fewlabel_vs_random") or {}).items() if d]
+        lines.append(
+            f"| {name} | {len(row['runs'])} | {'/'.join(map(str, row['steps']))} | "
+            + " | ".join(cells)
+            + f" | {entropy or 'n/a'} |"
+        )
+    paired = [
+        (name, r["seed"], n, d)
+        for name, row in result["variants"].items()
+        for r in row["runs"]
+        for n, d in (r.get("fewlabel_vs_random") or {}).items()
+        if d
+    ]
     if paired:
-        lines += ["", "| variant | seed | training patients | tumour Dice minus random weights | 95% paired interval "
-                  "| held-out cases |", "|---|---|---|---|---|---|"]
-        lines += [f"| {name} | {seed} | {n} | {d['value']:+.3f} | [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] "
-                  f"| {d['cases']} |" for name, seed, n, d in paired]
+        lines += [
+            "",
+            "| variant | seed | training patients | tumour Dice minus random weights | 95% paired interval "
+            "| held-out cases |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {name} | {seed} | {n} | {d['value']:+.3f} | [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] | {d['cases']} |"
+            for name, seed, n, d in paired
+        ]
     return "\n".join(lines)
 
 
@@ -593,12 +728,19 @@ def plot(result: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     names = list(result["variants"])
-    priors = next((r["eval"]["localization"]["priors"] for v in result["variants"].values() for r in v["runs"]
-                   if r["eval"]["localization"]), {})
+    priors = next(
+        (
+            r["eval"]["localization"]["priors"]
+            for v in result["variants"].values()
+            for r in v["runs"]
+            if r["eval"]["localization"]
+        ),
+        {},
+    )
     prior_key = {"localization AUROC": "auroc", "pointing game": "pointing"}
     columns = (len(METRICS) + 1) // 2
     fig, axes = plt.subplots(2, columns, figsize=(3.6 * columns, 6.8))
-    for ax in axes.flat[len(METRICS):]:
+    for ax in axes.flat[len(METRICS) :]:
         ax.axis("off")
     for ax, metric in zip(axes.flat, METRICS):
         for i, name in enumerate(names):
@@ -614,8 +756,9 @@ def plot(result: dict[str, Any]) -> None:
         ax.set_xticks(range(len(names)), names, rotation=70, fontsize=7)
         ax.set_title(metric + " (dots: seeds)", fontsize=9)
     if priors and len(axes.flat) > len(METRICS):  # the priors' key, in the spare panel
-        axes.flat[-1].legend(*axes.flat[0].get_legend_handles_labels(), loc="center", fontsize=9,
-                             title="localization baselines")
+        axes.flat[-1].legend(
+            *axes.flat[0].get_legend_handles_labels(), loc="center", fontsize=9, title="localization baselines"
+        )
     fig.tight_layout()
     PLOT.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(PLOT, dpi=110)
@@ -625,15 +768,27 @@ def plot(result: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "quality")
-    parser.add_argument("--budget-minutes", type=float, default=20.0,
-                        help="compute budget per variant in idle-machine minutes (default: 20)")
+    parser.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=20.0,
+        help="compute budget per variant in idle-machine minutes (default: 20)",
+    )
     parser.add_argument("--only", nargs="*", default=None, metavar="VARIANT:SEED")
-    parser.add_argument("--suite", choices=("issue7", "paper"), default="issue7",
-                        help="the runs to do: issue 7's ablations (default) or the published paper's (issue 13)")
+    parser.add_argument(
+        "--suite",
+        choices=("issue7", "paper"),
+        default="issue7",
+        help="the runs to do: issue 7's ablations (default) or the published paper's (issue 13)",
+    )
     parser.add_argument("--report", action="store_true", help="only write the report from finished runs")
     parser.add_argument("--pretrain-only", action="store_true", help="pretrain the runs, evaluate none")
-    parser.add_argument("--evaluations", choices=list(EVALUATIONS), default="all",
-                        help="all, or 'probes' without the few-label segmentation (the slow part)")
+    parser.add_argument(
+        "--evaluations",
+        choices=list(EVALUATIONS),
+        default="all",
+        help="all, or 'probes' without the few-label segmentation (the slow part)",
+    )
     args = parser.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"{DATA}: not found; this benchmark needs ../shared/data")
@@ -642,8 +797,9 @@ def main() -> None:
     if not args.report:
         for key in args.only or (PAPER_ORDER if args.suite == "paper" else ORDER):
             name, seed = key.split(":")
-            steps = 0 if VARIANTS[name] is None else \
-                int(args.budget_minutes * 60 / step_seconds[SAME_COST.get(name, name)])
+            steps = (
+                0 if VARIANTS[name] is None else int(args.budget_minutes * 60 / step_seconds[SAME_COST.get(name, name)])
+            )
             pretrain(args.work, name, int(seed), steps)
             done = args.work / "runs" / f"{name}-s{seed}" / "eval.json"
             which = EVALUATIONS[args.evaluations]

@@ -35,14 +35,17 @@ def _air_points(case_dir: Path, n: int, rng: np.random.Generator) -> list[list[f
 
 
 def write_case_csv(root: Path) -> Path:
-    """Phantoms under ``root`` and ``root/cases.csv`` (image relative, centre in mm, label, patient, an extra column)."""
-    write_phantoms(root, n=N_PHANTOMS, seed=11, shape=(48, 48, 48), spacing=(6.0, 6.0, 6.0), progress=False,
-                   n_lesions=2)
+    """Phantoms under ``root`` and ``root/cases.csv`` (image relative, centre in mm, label, patient,
+    an extra column)."""
+    write_phantoms(
+        root, n=N_PHANTOMS, seed=11, shape=(48, 48, 48), spacing=(6.0, 6.0, 6.0), progress=False, n_lesions=2
+    )
     rng = np.random.default_rng(0)
     lines = ["image,label,center_x,center_y,center_z,patient,note"]
     for i in range(N_PHANTOMS):
         case_dir = root / f"case_{i:03d}"
-        lesions = np.asarray([l["centre_mm"] for l in json.loads((case_dir / "labels.json").read_text())["lesions"]])
+        found = json.loads((case_dir / "labels.json").read_text())["lesions"]
+        lesions = np.asarray([lesion["centre_mm"] for lesion in found])
         for x, y, z in lesions.tolist():
             lines.append(f"case_{i:03d}/ct.nii.gz,lesion,{x},{y},{z},p{i},ignored")
         for x, y, z in _air_points(case_dir, len(lesions), rng):

@@ -14,6 +14,7 @@ from smartformer.models.attention import (
 )
 from smartformer.models.swin3d import Swin3D, WindowAttention, _shift_mask
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Small tensors: one thread is as fast, and immune to a busy second core."""
@@ -68,7 +69,9 @@ def flash_backward(request, monkeypatch):
 
 @needs_flash
 @pytest.mark.parametrize("shifted", [False, True], ids=["plain", "shifted"])
-@pytest.mark.parametrize("ws,heads,batch", [(2, 3, 2), (3, 2, 3), (4, 4, 2), (7, 2, 2)], ids=["n8", "n27", "n64", "n343"])
+@pytest.mark.parametrize(
+    "ws,heads,batch", [(2, 3, 2), (3, 2, 3), (4, 4, 2), (7, 2, 2)], ids=["n8", "n27", "n64", "n343"]
+)
 @pytest.mark.parametrize("api", ["qkv", "q_k_v"])
 def test_matches_explicit_softmax(ws, heads, batch, shifted, flash_backward, api):
     attn, qkv, mask = _case(ws, heads, batch, shifted)
@@ -161,8 +164,8 @@ def test_fallbacks_match(monkeypatch):
         _run(lambda *a: A._sdpa(*a), attn, qkv, None),
     ):
         assert got[0].shape == ref[0].shape
-    for a, b in zip(_run(lambda *a: A._sdpa(*a), attn, qkv, mask), ref):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for got, want in zip(_run(lambda *a: A._sdpa(*a), attn, qkv, mask), ref):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     monkeypatch.setattr(A, "_FLASH_FWD", None)
     for fn in (window_attention, _packed):
         for a, b in zip(_run(fn, attn, qkv, mask), ref):
@@ -185,7 +188,9 @@ def test_swin3d_fused_equals_explicit():
             g = torch.Generator().manual_seed(1)
             weights = [torch.randn(o.shape, generator=g) for o in outs]
         sum((o * w).sum() for o, w in zip(outs, weights)).backward()
-        return [o.detach() for o in outs], {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        return [o.detach() for o in outs], {
+            k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None
+        }
 
     outs_f, grads_f = grads(True)
     outs_e, grads_e = grads(False)
@@ -193,7 +198,9 @@ def test_swin3d_fused_equals_explicit():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert grads_f.keys() == grads_e.keys() and len(grads_e) > 50
     for name in grads_e:
-        torch.testing.assert_close(grads_f[name], grads_e[name], atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            grads_f[name], grads_e[name], atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def test_explicit_path_runs_a_bfloat16_model():

@@ -23,8 +23,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def phantom(tmp_path_factory) -> Path:
     """One 64 x 64 x 48 phantom case at 5 mm with at least one lesion."""
     root = tmp_path_factory.mktemp("phantoms")
-    (case,) = write_phantoms(root, n=1, seed=3, shape=(64, 64, 48), spacing=(5.0, 5.0, 5.0), progress=False,
-                             n_lesions=1)
+    (case,) = write_phantoms(
+        root, n=1, seed=3, shape=(64, 64, 48), spacing=(5.0, 5.0, 5.0), progress=False, n_lesions=1
+    )
     return case
 
 
@@ -38,14 +39,23 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def _attention(checkpoint: Path, image: Path, out: Path, *extra: str) -> int:
-    return main(["attention", "--checkpoint", str(checkpoint), "--image", str(image), "--out", str(out), *FAST,
-                 *extra])
+    return main(["attention", "--checkpoint", str(checkpoint), "--image", str(image), "--out", str(out), *FAST, *extra])
 
 
 def test_ras_nifti_keeps_shape_and_affine(phantom, checkpoint, tmp_path):
     image = phantom / "ct.nii.gz"
-    assert _attention(checkpoint / "teacher", image, tmp_path, "--mask", str(phantom / "labels.nii.gz"),
-                      "--mask-label", str(LESION_ID)) == 0
+    assert (
+        _attention(
+            checkpoint / "teacher",
+            image,
+            tmp_path,
+            "--mask",
+            str(phantom / "labels.nii.gz"),
+            "--mask-label",
+            str(LESION_ID),
+        )
+        == 0
+    )
     src = nib.load(str(image))
     mean = nib.load(str(tmp_path / "ct_mean.nii.gz"))
     heads = nib.load(str(tmp_path / "ct_heads.nii.gz"))
@@ -74,14 +84,17 @@ def test_run_directory_and_non_ras_nifti_give_the_same_map(phantom, checkpoint, 
     lps_map = nib.load(str(tmp_path / "lps" / "lps_mean.nii.gz"))
     assert lps_map.shape == data.shape
     np.testing.assert_allclose(lps_map.affine, lps_affine, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(lps_map.dataobj)[::-1, ::-1, :], np.asarray(ras_map.dataobj),
-                               atol=1e-4)
+    np.testing.assert_allclose(np.asarray(lps_map.dataobj)[::-1, ::-1, :], np.asarray(ras_map.dataobj), atol=1e-4)
 
 
 def test_dicom_series(write_dicom_series, phantom, checkpoint, tmp_path):
     ct = np.asarray(nib.load(str(phantom / "ct.nii.gz")).dataobj)[:, :, 10:26]  # 16 slices keep it quick
-    folder = write_dicom_series(tmp_path / "series", np.ascontiguousarray(ct.transpose(2, 1, 0)),
-                                spacing=(5.0, 5.0, 5.0), origin=(10.0, -20.0, 30.0))
+    folder = write_dicom_series(
+        tmp_path / "series",
+        np.ascontiguousarray(ct.transpose(2, 1, 0)),
+        spacing=(5.0, 5.0, 5.0),
+        origin=(10.0, -20.0, 30.0),
+    )
     assert _attention(checkpoint, folder, tmp_path / "out") == 0
     out = nib.load(str(tmp_path / "out" / "series_mean.nii.gz"))
     expected = np.diag([-5.0, -5.0, 5.0, 1.0])  # LPS identity directions, in RAS
@@ -102,8 +115,10 @@ def test_mask_on_another_grid_is_resampled(phantom):
     lesion = np.asarray(labels.dataobj) == LESION_ID
     assert lesion.any() and np.array_equal(read_mask_on(phantom / "labels.nii.gz", ct, LESION_ID), lesion)
     coarse_path = phantom.parent / "body_2x.nii.gz"
-    nib.save(nib.Nifti1Image(body[::2, ::2, ::2].astype(np.uint8), labels.affine @ np.diag([2.0, 2.0, 2.0, 1.0])),
-             str(coarse_path))
+    nib.save(
+        nib.Nifti1Image(body[::2, ::2, ::2].astype(np.uint8), labels.affine @ np.diag([2.0, 2.0, 2.0, 1.0])),
+        str(coarse_path),
+    )
     on_ct = read_mask_on(coarse_path, ct)
     dice = 2 * (on_ct & body).sum() / (on_ct.sum() + body.sum())
     assert dice > 0.9
@@ -129,8 +144,20 @@ def test_bad_input_is_one_line_and_exit_2(case, phantom, checkpoint, tmp_path, c
         empty = tmp_path / "empty.nii.gz"
         nib.save(nib.Nifti1Image(np.zeros((64, 64, 48), np.uint8), nib.load(str(image)).affine), str(empty))
         extra = ["--mask", str(empty)]
-    rc = main(["attention", "--checkpoint", str(ckpt), "--image", str(image), "--out", str(tmp_path / "o"),
-               "--spacing", "5", *extra])
+    rc = main(
+        [
+            "attention",
+            "--checkpoint",
+            str(ckpt),
+            "--image",
+            str(image),
+            "--out",
+            str(tmp_path / "o"),
+            "--spacing",
+            "5",
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert len(err.splitlines()) == 1 and err.startswith("smartformer: error:")
@@ -151,10 +178,13 @@ def test_png_is_drawn_in_ras_whatever_the_storage_order(tmp_path):
     lps = np.diag([-1.0, -2.0, 3.0, 1.0])
     lps[:3, 3] = (11.0, 18.0, 0.0)  # the same world as the RAS copy (titles give world mm)
     swapped = np.array([[0, 1.0, 0, 0], [2.0, 0, 0, 0], [0, 0, 3.0, 0], [0, 0, 0, 1]])  # stored (y, x, z)
-    for name, affine, store in (("lps", lps, lambda a: a[::-1, ::-1]),
-                                ("swapped", swapped, lambda a: a.transpose(1, 0, 2))):
-        png = save_overlay_png(store(image), store(heat), tmp_path / f"{name}.png", title="t", mask=store(mask),
-                               affine=affine)
+    for name, affine, store in (
+        ("lps", lps, lambda a: a[::-1, ::-1]),
+        ("swapped", swapped, lambda a: a.transpose(1, 0, 2)),
+    ):
+        png = save_overlay_png(
+            store(image), store(heat), tmp_path / f"{name}.png", title="t", mask=store(mask), affine=affine
+        )
         np.testing.assert_array_equal(mpimg.imread(png), reference)
 
 
@@ -172,8 +202,7 @@ def test_normalize_option_reaches_the_maps_and_the_json(phantom, checkpoint, tmp
     import json
 
     for mode in ("uniform", "max"):
-        assert _attention(checkpoint, phantom / "ct.nii.gz", tmp_path / mode, "--normalize", mode,
-                          "--no-progress") == 0
+        assert _attention(checkpoint, phantom / "ct.nii.gz", tmp_path / mode, "--normalize", mode, "--no-progress") == 0
         assert json.loads((tmp_path / mode / "ct.json").read_text())["normalize"] == mode
     peak = np.asarray(nib.load(str(tmp_path / "max" / "ct_mean.nii.gz")).dataobj)
     uniform = np.asarray(nib.load(str(tmp_path / "uniform" / "ct_mean.nii.gz")).dataobj)

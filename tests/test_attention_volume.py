@@ -17,8 +17,10 @@ from smartformer.models.smartformer import SMARTFormer
 
 def _volume(shape, seed: int = 0, spacing: float = 2.0) -> MetaTensor:
     g = torch.Generator().manual_seed(seed)
-    return MetaTensor(torch.rand(1, *shape, generator=g) * 1000 - 500,
-                      affine=torch.diag(torch.tensor([spacing, spacing, spacing, 1.0])))
+    return MetaTensor(
+        torch.rand(1, *shape, generator=g) * 1000 - 500,
+        affine=torch.diag(torch.tensor([spacing, spacing, spacing, 1.0])),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +103,15 @@ def test_mean_map_stored_16_bit_with_its_scale_in_the_header(tmp_path):
     assert nib.load(str(files["heads"])).get_data_dtype() == np.uint8
 
 
-@pytest.mark.parametrize("grid,ws,ss", [((8, 8, 8), (4, 4, 4), (2, 2, 2)), ((14, 21, 7), (7, 7, 7), (3, 3, 3)),
-                                        ((8, 8, 4), (4, 4, 4), (2, 2, 0)), ((12, 4, 8), (4, 4, 4), (2, 0, 2))])
+@pytest.mark.parametrize(
+    "grid,ws,ss",
+    [
+        ((8, 8, 8), (4, 4, 4), (2, 2, 2)),
+        ((14, 21, 7), (7, 7, 7), (3, 3, 3)),
+        ((8, 8, 4), (4, 4, 4), (2, 2, 0)),
+        ((12, 4, 8), (4, 4, 4), (2, 0, 2)),
+    ],
+)
 def test_shift_mask_equals_the_region_painting_definition(grid, ws, ss):
     """The whole-volume pass builds the shifted-window mask for a whole CT (1.5 GB for elastix_00):
     it is built in one pass, and must equal Swin's definition (paint the 27 regions, compare labels)."""

@@ -12,8 +12,12 @@ from smartformer.models.swin3d import PRESETS, Swin3D, pad_to_multiple
 def monai_twin(preset: str) -> SwinTransformer:
     cfg = PRESETS[preset]
     return SwinTransformer(
-        in_chans=1, embed_dim=cfg.embed_dim, window_size=cfg.window_size, patch_size=(2, 2, 2),
-        depths=cfg.depths, num_heads=cfg.num_heads,
+        in_chans=1,
+        embed_dim=cfg.embed_dim,
+        window_size=cfg.window_size,
+        patch_size=(2, 2, 2),
+        depths=cfg.depths,
+        num_heads=cfg.num_heads,
     )
 
 

@@ -16,15 +16,13 @@ from smartformer.data.phantom import LESION_ID, write_phantoms
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 STS = DATA / "sts"
-OPTIONS = SamplingOptions(negatives_per_case=6, min_distance_mm=25.0, mask_label=LESION_ID,
-                          min_lesion_voxels=5, seed=3)
+OPTIONS = SamplingOptions(negatives_per_case=6, min_distance_mm=25.0, mask_label=LESION_ID, min_lesion_voxels=5, seed=3)
 
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("phantoms")
-    write_phantoms(root, 3, seed=7, shape=(64, 56, 56), spacing=(4.0, 4.0, 4.0), n_lesions=2,
-                   progress=False)
+    write_phantoms(root, 3, seed=7, shape=(64, 56, 56), spacing=(4.0, 4.0, 4.0), n_lesions=2, progress=False)
     return root
 
 
@@ -69,12 +67,14 @@ def test_same_seed_same_table_other_seed_other_negatives(phantoms, tmp_path):
     first, _ = build_lesion_set(phantoms, tmp_path / "a", OPTIONS, progress=False)
     again, _ = build_lesion_set(phantoms, tmp_path / "b", OPTIONS, progress=False)
     assert first.read_text() == again.read_text()
-    other, _ = build_lesion_set(phantoms, tmp_path / "c",
-                                SamplingOptions(**{**OPTIONS.__dict__, "seed": 4}), progress=False)
+    other, _ = build_lesion_set(
+        phantoms, tmp_path / "c", SamplingOptions(**{**OPTIONS.__dict__, "seed": 4}), progress=False
+    )
     a, c = _rows(first), _rows(other)
     assert [r for r in a if r["label"] == "1"] == [r for r in c if r["label"] == "1"]
-    assert [_centre(r).tolist() for r in a if r["label"] == "0"] != \
-        [_centre(r).tolist() for r in c if r["label"] == "0"]
+    assert [_centre(r).tolist() for r in a if r["label"] == "0"] != [
+        _centre(r).tolist() for r in c if r["label"] == "0"
+    ]
 
 
 def _case(folder: Path, mask: np.ndarray, hu_body: float = 40.0) -> Path:
@@ -105,8 +105,9 @@ def test_a_hollow_lesion_is_sampled_on_its_shell_and_largest_only_keeps_one(tmp_
         voxel = tuple(int(v) for v in np.rint(world_to_voxel(affine, _centre(row))))
         assert mask[voxel] == 1
     assert np.allclose(world_to_voxel(affine, _centre(positives[1])), 31)
-    path, _ = build_lesion_set(tmp_path / "data", tmp_path / "one",
-                               SamplingOptions(negatives_per_case=0, largest_only=True), progress=False)
+    path, _ = build_lesion_set(
+        tmp_path / "data", tmp_path / "one", SamplingOptions(negatives_per_case=0, largest_only=True), progress=False
+    )
     assert [r["component"] for r in _rows(path)] == ["1"]
 
 
@@ -116,9 +117,9 @@ def test_csv_source_with_relative_paths_and_patient_column(tmp_path):
     _case(tmp_path / "scans" / "a", mask)
     table = tmp_path / "cases.csv"
     table.write_text("image,mask,patient\nscans/a/ct.nii.gz,scans/a/tumor.nii.gz,PAT-7\n")
-    path, _ = build_lesion_set(table, tmp_path / "out", SamplingOptions(negatives_per_case=3,
-                                                                        min_distance_mm=8.0),
-                               progress=False)
+    path, _ = build_lesion_set(
+        table, tmp_path / "out", SamplingOptions(negatives_per_case=3, min_distance_mm=8.0), progress=False
+    )
     rows = _rows(path)
     assert {r["patient"] for r in rows} == {"PAT-7"}
     assert [r["label"] for r in rows] == ["1", "0", "0", "0"]
@@ -134,14 +135,14 @@ def _one_line_error(capsys, argv: list[str]) -> str:
 
 def test_bad_inputs_are_one_line_errors_and_write_no_table(phantoms, tmp_path, capsys):
     out = tmp_path / "out"
-    line = _one_line_error(capsys, ["data", "lesions", "--data", str(phantoms), "--out", str(out),
-                                    "--no-progress"])
+    line = _one_line_error(capsys, ["data", "lesions", "--data", str(phantoms), "--out", str(out), "--no-progress"])
     assert "labels.nii.gz" in line and "--mask-label" in line
     mask = np.zeros((20, 20, 20), np.uint8)
     _case(tmp_path / "bad" / "c1", mask)
     write_nifti(np.zeros((20, 20, 18), np.uint8), np.eye(4), tmp_path / "bad" / "c1" / "tumor.nii.gz")
-    line = _one_line_error(capsys, ["data", "lesions", "--data", str(tmp_path / "bad"), "--out",
-                                    str(out), "--no-progress"])
+    line = _one_line_error(
+        capsys, ["data", "lesions", "--data", str(tmp_path / "bad"), "--out", str(out), "--no-progress"]
+    )
     assert "tumor.nii.gz" in line and "differs from the CT" in line
     table = tmp_path / "no_mask.csv"
     table.write_text("image\nx.nii.gz\n")
@@ -175,4 +176,5 @@ def test_rare_far_voxels_are_all_found_and_a_short_case_is_reported(tmp_path):
     assert np.allclose(world_to_voxel(affine, _centre(negatives[0])), 2)
     assert float(negatives[0]["distance_mm"]) == pytest.approx(np.sqrt(3) * 16)
     from smartformer.data.builders.lesions import summarize
+
     assert "1 case with fewer than 3 normal-tissue voxels" in "\n".join(summarize(results, 3))

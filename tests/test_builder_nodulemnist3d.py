@@ -59,8 +59,23 @@ def test_every_volume_becomes_a_nifti_row_with_its_label_and_split(tmp_path, siz
 
 def test_the_cli_prints_counts_per_split(tmp_path, capsys):
     npz = _write_npz(tmp_path / "n.npz")
-    assert main(["data", "nodulemnist3d", "--npz", str(npz), "--out", str(tmp_path / "o"),
-                 "--no-progress", "--hu-range", "-1024", "600"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "nodulemnist3d",
+                "--npz",
+                str(npz),
+                "--out",
+                str(tmp_path / "o"),
+                "--no-progress",
+                "--hu-range",
+                "-1024",
+                "600",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "train: 5 nodules (2 malignant, 3 benign)" in out and "test: 3 nodules" in out
     first = nib.load(tmp_path / "o" / "images" / "train_00000.nii.gz").get_fdata()
@@ -88,12 +103,15 @@ def test_missing_keys_are_named(tmp_path, capsys):
     _assert_one_line_error(capsys, npz, tmp_path / "o", "no train_images")
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ({"val_labels": np.zeros((3, 1), np.uint8)}, "val_labels has shape (3, 1)"),
-    ({"test_images": np.zeros((3, 28, 28, 28), np.float32)}, "test_images must be uint8"),
-    ({"train_labels": np.full((5, 1), 2, np.uint8)}, "must be 0/1"),
-    ({"val_images": np.zeros((2, 64, 64, 64), np.uint8)}, "other splits 28^3"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ({"val_labels": np.zeros((3, 1), np.uint8)}, "val_labels has shape (3, 1)"),
+        ({"test_images": np.zeros((3, 28, 28, 28), np.float32)}, "test_images must be uint8"),
+        ({"train_labels": np.full((5, 1), 2, np.uint8)}, "must be 0/1"),
+        ({"val_images": np.zeros((2, 64, 64, 64), np.uint8)}, "other splits 28^3"),
+    ],
+)
 def test_inconsistent_arrays_are_refused(tmp_path, override, fragment):
     npz = _write_npz(tmp_path / "n.npz", **override)
     with pytest.raises(InputError, match=re.escape(fragment)):

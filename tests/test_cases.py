@@ -44,14 +44,20 @@ def _error(source: Path, **kwargs) -> str:
 
 # ------------------------------------------------------------------------------------- folders
 
+
 def test_folder_of_phantom_and_sts_case_folders(tmp_path: Path) -> None:
     _case_folder(tmp_path / "case_000", "ct.nii.gz", "labels.nii.gz")
     _case_folder(tmp_path / "STS_001", "ct.nii.gz", "tumor.nii.gz")
     found = find_cases(tmp_path)
     assert [c.case for c in found] == ["STS_001", "case_000"]  # sorted folder names
     sts, phantom = found
-    assert sts == Case(case="STS_001", image=tmp_path / "STS_001" / "ct.nii.gz", patient="STS_001",
-                       mask=tmp_path / "STS_001" / "tumor.nii.gz", kind="mask")
+    assert sts == Case(
+        case="STS_001",
+        image=tmp_path / "STS_001" / "ct.nii.gz",
+        patient="STS_001",
+        mask=tmp_path / "STS_001" / "tumor.nii.gz",
+        kind="mask",
+    )
     assert phantom.mask == tmp_path / "case_000" / "labels.nii.gz" and phantom.kind == "labels"
     assert phantom.row is None and phantom.fields == {}
     # the lesion's value: every voxel > 0 of a lesion mask, the phantoms' lesion id in a label map
@@ -68,8 +74,10 @@ def test_folder_names_any_suffix_and_case_and_the_folder_itself(tmp_path: Path) 
     found = find_cases(tmp_path)
     assert [c.case for c in found] == [tmp_path.name, "a", "b"]
     assert [(c.image.name, c.mask.name, c.kind) for c in found] == [
-        ("ct.nii.gz", "mask.nii", "mask"), ("IMAGE.NII.GZ", "GTV.nii.gz", "mask"),
-        ("img.nii", "segmentation.nii.gz", "labels")]
+        ("ct.nii.gz", "mask.nii", "mask"),
+        ("IMAGE.NII.GZ", "GTV.nii.gz", "mask"),
+        ("img.nii", "segmentation.nii.gz", "labels"),
+    ]
 
 
 def test_folder_prefers_a_lesion_mask_or_with_prefer_labels_a_label_map(tmp_path: Path) -> None:
@@ -85,8 +93,7 @@ def test_folder_exact_names(tmp_path: Path) -> None:
     _case_folder(tmp_path / "c2", "ct.nii.gz", "tumor.nii.gz")  # no scan.nii.gz: not a case
     (case,) = find_cases(tmp_path, image_name="scan.nii.gz", mask_name="organs.nii.gz")
     assert case.case == "c1" and case.image.name == "scan.nii.gz" and case.mask.name == "organs.nii.gz"
-    (case,) = find_cases(tmp_path / "c1", image_name="scan.nii.gz", mask_name="labels.nii.gz",
-                         need_mask=False)
+    (case,) = find_cases(tmp_path / "c1", image_name="scan.nii.gz", mask_name="labels.nii.gz", need_mask=False)
     assert case.mask is None and case.kind is None
 
 
@@ -99,14 +106,18 @@ def test_folder_without_maps_when_none_is_needed(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------- CSVs
 
+
 def test_csv_image_mask_with_relative_paths_case_and_patient(tmp_path: Path) -> None:
     _case_folder(tmp_path / "scans" / "a", "ct.nii.gz", "tumor.nii.gz")
     _case_folder(tmp_path / "scans" / "b", "ct.nii.gz", "tumor.nii.gz")
     csv = tmp_path / "lists" / "cases.csv"
     csv.parent.mkdir()
-    csv.write_text("image, mask ,case,patient,note\n"
-                   "../scans/a/ct.nii.gz,../scans/a/tumor.nii.gz,A,P1,x\n"
-                   f"{tmp_path}/scans/b/ct.nii.gz,{tmp_path}/scans/b/tumor.nii.gz,B,,y\n", encoding="utf-8")
+    csv.write_text(
+        "image, mask ,case,patient,note\n"
+        "../scans/a/ct.nii.gz,../scans/a/tumor.nii.gz,A,P1,x\n"
+        f"{tmp_path}/scans/b/ct.nii.gz,{tmp_path}/scans/b/tumor.nii.gz,B,,y\n",
+        encoding="utf-8",
+    )
     a, b = find_cases(csv)
     assert a.image == csv.parent / "../scans/a/ct.nii.gz" and a.image.exists()
     assert (a.case, a.patient, a.kind, a.row) == ("A", "P1", "mask", 2)
@@ -130,8 +141,7 @@ def test_csv_image_label_holds_label_maps_where_a_map_is_needed(tmp_path: Path) 
 def test_csv_mask_column_wins_over_a_label_column_of_classes(tmp_path: Path) -> None:
     _case_folder(tmp_path / "a", "ct.nii.gz", "tumor.nii.gz")
     csv = tmp_path / "lesions.csv"
-    csv.write_text("image,label,mask\na/ct.nii.gz,1,a/tumor.nii.gz\na/ct.nii.gz,0,a/tumor.nii.gz\n",
-                   encoding="utf-8")
+    csv.write_text("image,label,mask\na/ct.nii.gz,1,a/tumor.nii.gz\na/ct.nii.gz,0,a/tumor.nii.gz\n", encoding="utf-8")
     first, second = find_cases(csv)
     assert first.mask == tmp_path / "a" / "tumor.nii.gz" and first.kind == "mask"
     assert [first.fields["label"], second.fields["label"]] == ["1", "0"]
@@ -153,6 +163,7 @@ def test_csv_ids_from_image_names(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------------------- errors
 
+
 def test_source_errors_name_the_source(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
     assert _error(missing) == f"{missing}: does not exist"
@@ -172,18 +183,21 @@ def test_folder_errors_name_the_folder(tmp_path: Path) -> None:
     assert message.startswith(f"{tmp_path / 'c1'}: has ct.nii.gz but no map (labels.nii.gz)")
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ("", "not a readable CSV"),
-    ("image,mask\n", "has no rows"),
-    ("mask\nm.nii.gz\n", "missing column(s) image; found mask"),
-    ("image,patient\nct.nii.gz,p\n", "has no 'mask' column (nor a 'label' column of label maps)"),
-    ("image,mask\n,m.nii.gz\n", "row 2: empty image"),
-    ("image,mask\nct.nii.gz,\n", "row 2: empty mask"),
-    ("image,mask\nct.nii.gz,gone.nii.gz\n", "row 2: mask gone.nii.gz does not exist"),
-    ("image,label\nct.nii.gz,m.nii.gz\nlost.nii.gz,m.nii.gz\n", "row 3: image lost.nii.gz does not exist"),
-    ("image,mask,case\nct.nii.gz,m.nii.gz,A\nct.nii.gz,m.nii.gz,A\n", "row 3: case 'A' repeats row 2"),
-    ("image,mask,case\nct.nii.gz,m.nii.gz,\n", "row 2: empty case"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "not a readable CSV"),
+        ("image,mask\n", "has no rows"),
+        ("mask\nm.nii.gz\n", "missing column(s) image; found mask"),
+        ("image,patient\nct.nii.gz,p\n", "has no 'mask' column (nor a 'label' column of label maps)"),
+        ("image,mask\n,m.nii.gz\n", "row 2: empty image"),
+        ("image,mask\nct.nii.gz,\n", "row 2: empty mask"),
+        ("image,mask\nct.nii.gz,gone.nii.gz\n", "row 2: mask gone.nii.gz does not exist"),
+        ("image,label\nct.nii.gz,m.nii.gz\nlost.nii.gz,m.nii.gz\n", "row 3: image lost.nii.gz does not exist"),
+        ("image,mask,case\nct.nii.gz,m.nii.gz,A\nct.nii.gz,m.nii.gz,A\n", "row 3: case 'A' repeats row 2"),
+        ("image,mask,case\nct.nii.gz,m.nii.gz,\n", "row 2: empty case"),
+    ],
+)
 def test_csv_errors_are_one_line_naming_the_csv_and_row(tmp_path: Path, content: str, message: str) -> None:
     _nifti(tmp_path / "ct.nii.gz")
     _nifti(tmp_path / "m.nii.gz", 1)

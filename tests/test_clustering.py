@@ -23,8 +23,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory) -> Path:
-    (case,) = write_phantoms(tmp_path_factory.mktemp("ph"), n=1, seed=7, shape=(64, 64, 48),
-                             spacing=(5.0, 5.0, 5.0), progress=False, n_lesions=1)
+    (case,) = write_phantoms(
+        tmp_path_factory.mktemp("ph"),
+        n=1,
+        seed=7,
+        shape=(64, 64, 48),
+        spacing=(5.0, 5.0, 5.0),
+        progress=False,
+        n_lesions=1,
+    )
     return case
 
 
@@ -35,8 +42,11 @@ def test_scores_agree_with_sklearn():
     s = C.clustering_scores(labels, clusters)
     assert s["nmi"] == pytest.approx(normalized_mutual_info_score(labels, clusters))
     assert s["ari"] == pytest.approx(adjusted_rand_score(labels, clusters))
-    assert C.clustering_scores(labels, (labels + 1) % 4) == {"nmi": pytest.approx(1.0), "ari": pytest.approx(1.0),
-                                                             "purity": 1.0}
+    assert C.clustering_scores(labels, (labels + 1) % 4) == {
+        "nmi": pytest.approx(1.0),
+        "ari": pytest.approx(1.0),
+        "purity": 1.0,
+    }
 
 
 def test_purity_of_a_known_contingency():
@@ -100,8 +110,9 @@ class _PoolModel(torch.nn.Module):
 def test_token_grid_lands_on_the_input_grid(phantom, tmp_path):
     """Token majority labels, written back on the CT grid, agree with the labels; also for an LPS copy."""
     labels = np.asarray(nib.load(str(phantom / "labels.nii.gz")).dataobj)
-    tokens = C.token_features(_PoolModel(), phantom / "ct.nii.gz", phantom / "labels.nii.gz", spacing=5.0, roi=32,
-                              progress=False)
+    tokens = C.token_features(
+        _PoolModel(), phantom / "ct.nii.gz", phantom / "labels.nii.gz", spacing=5.0, roi=32, progress=False
+    )
     assert tokens.features.shape[:3] == tokens.labels.shape == (16, 16, 16)  # 64 x 64 x 48 padded to 32s, / 4
     back = C.clusters_on_input(np.clip(tokens.labels, 0, None), tokens)
     assert back.shape == labels.shape
@@ -115,9 +126,12 @@ def test_token_grid_lands_on_the_input_grid(phantom, tmp_path):
     src = nib.load(str(phantom / "ct.nii.gz"))
     flip = np.diag([-1.0, -1.0, 1.0, 1.0])
     flip[:2, 3] = np.asarray(labels.shape[:2]) - 1
-    nib.save(nib.Nifti1Image(np.asarray(src.dataobj)[::-1, ::-1].copy(), src.affine @ flip), str(tmp_path / "ct.nii.gz"))
-    lps = C.token_features(_PoolModel(), tmp_path / "ct.nii.gz", phantom / "labels.nii.gz", spacing=5.0, roi=32,
-                           progress=False)
+    nib.save(
+        nib.Nifti1Image(np.asarray(src.dataobj)[::-1, ::-1].copy(), src.affine @ flip), str(tmp_path / "ct.nii.gz")
+    )
+    lps = C.token_features(
+        _PoolModel(), tmp_path / "ct.nii.gz", phantom / "labels.nii.gz", spacing=5.0, roi=32, progress=False
+    )
     np.testing.assert_array_equal(lps.labels, tokens.labels)
     np.testing.assert_array_equal(C.clusters_on_input(np.clip(lps.labels, 0, None), lps)[::-1, ::-1], back)
 
@@ -125,9 +139,24 @@ def test_token_grid_lands_on_the_input_grid(phantom, tmp_path):
 def test_cluster_command_end_to_end(phantom, tmp_path, capsys):
     torch.manual_seed(0)
     SMARTFormer.from_preset("tiny").save_pretrained(tmp_path / "model")
-    rc = main(["cluster", "--checkpoint", str(tmp_path / "model"), "--image", str(phantom / "ct.nii.gz"),
-               "--labels", str(phantom / "labels.nii.gz"), "--out", str(tmp_path / "out"), "--spacing", "5",
-               "--roi", "32", "--no-progress"])
+    rc = main(
+        [
+            "cluster",
+            "--checkpoint",
+            str(tmp_path / "model"),
+            "--image",
+            str(phantom / "ct.nii.gz"),
+            "--labels",
+            str(phantom / "labels.nii.gz"),
+            "--out",
+            str(tmp_path / "out"),
+            "--spacing",
+            "5",
+            "--roi",
+            "32",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     report = json.loads((tmp_path / "out" / "ct_clustering.json").read_text())
     assert 0 <= report["nmi"] <= 1 and -1 <= report["ari"] <= 1 and 0 < report["purity"] <= 1
@@ -141,8 +170,21 @@ def test_cluster_command_end_to_end(phantom, tmp_path, capsys):
     assert (tmp_path / "out" / "ct_tsne.png").stat().st_size > 2000
     assert "NMI" in capsys.readouterr().out
 
-    rc = main(["cluster", "--checkpoint", str(tmp_path / "model"), "--image", str(phantom / "ct.nii.gz"),
-               "--labels", str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "o2"), "--spacing", "5"])
+    rc = main(
+        [
+            "cluster",
+            "--checkpoint",
+            str(tmp_path / "model"),
+            "--image",
+            str(phantom / "ct.nii.gz"),
+            "--labels",
+            str(tmp_path / "missing.nii.gz"),
+            "--out",
+            str(tmp_path / "o2"),
+            "--spacing",
+            "5",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "missing.nii.gz" in err
 
@@ -151,9 +193,24 @@ def test_cluster_command_takes_a_pooled_token_model(phantom, tmp_path):
     """Clustering needs token features only: the SMIT-like ablation (no semantic attention) clusters too."""
     torch.manual_seed(0)
     SMARTFormer.from_preset("tiny", semantic_attention=False).save_pretrained(tmp_path / "model")
-    rc = main(["cluster", "--checkpoint", str(tmp_path / "model"), "--image", str(phantom / "ct.nii.gz"),
-               "--labels", str(phantom / "labels.nii.gz"), "--out", str(tmp_path / "out"), "--spacing", "5",
-               "--roi", "32", "--no-progress"])
+    rc = main(
+        [
+            "cluster",
+            "--checkpoint",
+            str(tmp_path / "model"),
+            "--image",
+            str(phantom / "ct.nii.gz"),
+            "--labels",
+            str(phantom / "labels.nii.gz"),
+            "--out",
+            str(tmp_path / "out"),
+            "--spacing",
+            "5",
+            "--roi",
+            "32",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     assert 0 <= json.loads((tmp_path / "out" / "ct_clustering.json").read_text())["nmi"] <= 1
 
@@ -176,9 +233,29 @@ def test_cluster_finds_names_a_folder_up_and_warns_without_any(phantom, tmp_path
         shutil.copy(phantom / name, case / name)
 
     def cluster(out: str) -> dict:
-        assert main(["cluster", "--checkpoint", str(tmp_path / "model"), "--image", str(case / "ct.nii.gz"),
-                     "--labels", str(case / "labels.nii.gz"), "--out", str(tmp_path / out), "--spacing", "5",
-                     "--roi", "32", "--no-progress", "--tsne-points", "50"]) == 0
+        assert (
+            main(
+                [
+                    "cluster",
+                    "--checkpoint",
+                    str(tmp_path / "model"),
+                    "--image",
+                    str(case / "ct.nii.gz"),
+                    "--labels",
+                    str(case / "labels.nii.gz"),
+                    "--out",
+                    str(tmp_path / out),
+                    "--spacing",
+                    "5",
+                    "--roi",
+                    "32",
+                    "--no-progress",
+                    "--tsne-points",
+                    "50",
+                ]
+            )
+            == 0
+        )
         return json.loads((tmp_path / out / "ct_clustering.json").read_text())
 
     with pytest.warns(UserWarning, match="no labels.json"):

@@ -118,8 +118,9 @@ def test_attention_volume_on_cuda_matches_cpu():
     torch.manual_seed(0)
     model = SMARTFormer.from_preset("tiny", heads=False, decoder=False)
     g = torch.Generator().manual_seed(0)
-    ct = MetaTensor(torch.rand(1, 90, 70, 80, generator=g) * 1000 - 500,
-                    affine=torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0])))
+    ct = MetaTensor(
+        torch.rand(1, 90, 70, 80, generator=g) * 1000 - 500, affine=torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0]))
+    )
     for mode in ("whole", "sliding"):
         cpu = attention_volume(model, ct, mode=mode, device="cpu").mean
         gpu = attention_volume(model, ct, mode=mode, device="cuda").mean

@@ -102,8 +102,13 @@ def test_csv_source_and_help(source, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_module_entry_point_in_a_subprocess(source):
-    run = subprocess.run([sys.executable, "-m", "smartformer", "data", "check", str(source)],
-                         capture_output=True, text=True, encoding="utf-8", timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "smartformer", "data", "check", str(source)],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=120,
+    )
     assert run.returncode == 1
     assert "FAILED" in run.stdout and "2 ok, 1 failed" in run.stdout
     assert "Traceback" not in run.stderr + run.stdout

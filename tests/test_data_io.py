@@ -42,10 +42,13 @@ def _assert_geometry(image, itk_image: sitk.Image, atol: float = 1e-4) -> None:
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"])
-@pytest.mark.parametrize("direction, code", [
-    ((1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0), "LPS"),
-    (PERMUTED_DIRECTION, "ILA"),
-])
+@pytest.mark.parametrize(
+    "direction, code",
+    [
+        ((1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0), "LPS"),
+        (PERMUTED_DIRECTION, "ILA"),
+    ],
+)
 def test_sitk_written_formats_round_trip(tmp_path, write_volume, suffix, direction, code):
     path = write_volume(tmp_path / f"ct{suffix}", _ct_values(), direction=direction, **GEOMETRY)
     image = read_ct(path)
@@ -62,10 +65,14 @@ def test_sitk_written_formats_round_trip(tmp_path, write_volume, suffix, directi
 
 def test_nibabel_nifti_keeps_affine_and_values(tmp_path):
     data = _ct_values().transpose(2, 1, 0)  # (X, Y, Z)
-    affine = np.array([[0.0, 0.0, -2.5, 40.0],   # i -> anterior, j -> superior, k -> left
-                       [0.7, 0.0, 0.0, -30.0],
-                       [0.0, 1.3, 0.0, 12.5],
-                       [0.0, 0.0, 0.0, 1.0]])
+    affine = np.array(
+        [
+            [0.0, 0.0, -2.5, 40.0],  # i -> anterior, j -> superior, k -> left
+            [0.7, 0.0, 0.0, -30.0],
+            [0.0, 1.3, 0.0, 12.5],
+            [0.0, 0.0, 0.0, 1.0],
+        ]
+    )
     path = tmp_path / "nib.nii.gz"
     nib.save(nib.Nifti1Image(data, affine), str(path))
 
@@ -85,10 +92,13 @@ def test_nifti_scaling_is_applied(tmp_path):
     assert float(read_ct(tmp_path / "scaled.nii.gz").max()) == -924.0
 
 
-@pytest.mark.parametrize("direction, code", [
-    ((1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0), "LPS"),
-    ((1.0, 0, 0, 0, -1.0, 0, 0, 0, -1.0), "LAI"),
-])
+@pytest.mark.parametrize(
+    "direction, code",
+    [
+        ((1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0), "LPS"),
+        ((1.0, 0, 0, 0, -1.0, 0, 0, 0, -1.0), "LAI"),
+    ],
+)
 def test_dicom_series_round_trip(tmp_path, write_dicom_series, direction, code):
     values = _ct_values()
     folder = write_dicom_series(tmp_path / "series", values, direction=direction, **GEOMETRY)
@@ -115,8 +125,9 @@ def test_dicom_files_without_extension_are_found(tmp_path, write_dicom_series):
 def test_two_series_in_one_folder_need_a_choice(tmp_path, write_dicom_series):
     folder = tmp_path / "mixed"
     write_dicom_series(folder, _ct_values(), series_uid="1.2.3.100", prefix="a", **GEOMETRY)
-    write_dicom_series(folder, _ct_values()[:5], series_uid="1.2.3.200", prefix="b",
-                       spacing=(0.7, 1.3, 1.0), origin=ORIGIN)
+    write_dicom_series(
+        folder, _ct_values()[:5], series_uid="1.2.3.200", prefix="b", spacing=(0.7, 1.3, 1.0), origin=ORIGIN
+    )
 
     with pytest.raises(InputError) as caught:
         read_ct(folder)
@@ -154,8 +165,9 @@ def _bad_input(tmp_path: Path, kind: str, write_volume, write_dicom_series) -> P
         path.write_bytes(b"")
         return path
     if kind == "2d":
-        return write_volume(tmp_path / "slice.nrrd", _ct_values()[0], spacing=(1, 1),
-                            origin=(0, 0), direction=(1, 0, 0, 1))
+        return write_volume(
+            tmp_path / "slice.nrrd", _ct_values()[0], spacing=(1, 1), origin=(0, 0), direction=(1, 0, 0, 1)
+        )
     if kind == "single-slice":
         return write_volume(tmp_path / "thin.nii.gz", _ct_values()[:1], **GEOMETRY)
     if kind == "4d":
@@ -214,8 +226,7 @@ def test_bad_inputs_raise_one_line_input_error(tmp_path, write_volume, write_dic
 
 
 @pytest.mark.parametrize("kind", sorted(set(BAD_KINDS) - {"truncated"}))
-def test_header_check_catches_all_but_truncated_voxels(tmp_path, write_volume,
-                                                       write_dicom_series, kind):
+def test_header_check_catches_all_but_truncated_voxels(tmp_path, write_volume, write_dicom_series, kind):
     path = _bad_input(tmp_path, kind, write_volume, write_dicom_series)
     with pytest.raises(InputError, match=BAD_KINDS[kind]):
         validate_volume(path)
@@ -234,8 +245,7 @@ def test_write_nifti_keeps_affine(tmp_path, write_volume, as_tensor):
     source = read_ct(write_volume(tmp_path / "src.nrrd", _ct_values(), **GEOMETRY))
     array = source if as_tensor else source[0].numpy()  # (1, X, Y, Z) tensor or (X, Y, Z)
 
-    out = write_nifti(array, source.affine if as_tensor else source.affine.numpy(),
-                      tmp_path / "maps" / "attention")
+    out = write_nifti(array, source.affine if as_tensor else source.affine.numpy(), tmp_path / "maps" / "attention")
 
     assert out.name == "attention.nii.gz"
     np.testing.assert_allclose(nib.load(str(out)).affine, source.affine.numpy(), atol=1e-5)
@@ -272,6 +282,7 @@ def test_write_nifti_4d_uint8_and_multimember_gzip(tmp_path: Path) -> None:
     import gzip
 
     import SimpleITK as sitk
+
     from smartformer.data.io import write_gzip, write_nifti
 
     rng = np.random.default_rng(0)

@@ -68,13 +68,14 @@ def test_csv_resolves_relative_paths_and_keeps_columns(tree, tmp_path):
     table = tree / "lists" / "train.csv"
     table.parent.mkdir()
     absolute = tree / "case_001" / "ct.nrrd"
-    table.write_text(f"image,label,site\n../case_000/ct.nii.gz,../case_000/labels.nii.gz,A\n"
-                     f"{absolute},,B\n")
+    table.write_text(f"image,label,site\n../case_000/ct.nii.gz,../case_000/labels.nii.gz,A\n{absolute},,B\n")
 
     items = list_volumes(table)
 
     assert [Path(i["image"]).resolve() for i in items] == [
-        (tree / "case_000" / "ct.nii.gz").resolve(), absolute.resolve()]
+        (tree / "case_000" / "ct.nii.gz").resolve(),
+        absolute.resolve(),
+    ]
     assert Path(items[0]["label"]).resolve() == (tree / "case_000" / "labels.nii.gz").resolve()
     assert [i["site"] for i in items] == ["A", "B"]
 
@@ -88,29 +89,37 @@ def test_csv_without_image_column_is_refused(tmp_path):
 
 def test_json_datalist_with_key_and_relative_paths(tree):
     datalist = tree / "dataset.json"
-    datalist.write_text(json.dumps({
-        "training": [{"image": "case_000/ct.nii.gz", "label": "case_000/labels.nii.gz"},
-                     {"image": str(tree / "case_001" / "ct.nrrd")}],
-        "validation": ["case_002/dicom"],
-    }))
+    datalist.write_text(
+        json.dumps(
+            {
+                "training": [
+                    {"image": "case_000/ct.nii.gz", "label": "case_000/labels.nii.gz"},
+                    {"image": str(tree / "case_001" / "ct.nrrd")},
+                ],
+                "validation": ["case_002/dicom"],
+            }
+        )
+    )
 
     training = list_volumes(datalist)
     validation = list_volumes(datalist, key="validation")
 
-    assert training[0] == {"image": str(tree / "case_000/ct.nii.gz"),
-                           "label": str(tree / "case_000/labels.nii.gz")}
+    assert training[0] == {"image": str(tree / "case_000/ct.nii.gz"), "label": str(tree / "case_000/labels.nii.gz")}
     assert training[1]["image"] == str(tree / "case_001" / "ct.nrrd")
     assert validation == [{"image": str(tree / "case_002/dicom")}]
     with pytest.raises(InputError, match="no 'test' list"):
         list_volumes(datalist, key="test")
 
 
-@pytest.mark.parametrize("content, reason", [
-    ("{not json", "not valid JSON"),
-    ('{"training": [{"label": "x.nii.gz"}]}', "item 0 of 'training' has no 'image'"),
-    ('{"training": {"image": "x.nii.gz"}}', "must be a list"),
-    ('{"training": []}', "lists no volumes"),
-])
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"training": [{"label": "x.nii.gz"}]}', "item 0 of 'training' has no 'image'"),
+        ('{"training": {"image": "x.nii.gz"}}', "must be a list"),
+        ('{"training": []}', "lists no volumes"),
+    ],
+)
 def test_bad_json_datalists(tmp_path, content, reason):
     datalist = tmp_path / "list.json"
     datalist.write_text(content)

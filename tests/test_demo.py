@@ -19,8 +19,9 @@ RANDOM = "random_tiny"
 
 
 def test_models_are_scored_next_to_both_baselines(tmp_path: Path) -> None:
-    (case,) = write_phantoms(tmp_path / "ph", n=1, seed=3, shape=(48, 48, 40), spacing=(5.0, 5.0, 5.0),
-                             n_lesions=1, progress=False)
+    (case,) = write_phantoms(
+        tmp_path / "ph", n=1, seed=3, shape=(48, 48, 40), spacing=(5.0, 5.0, 5.0), n_lesions=1, progress=False
+    )
     config = load_config("tiny", ["data.spacing=5", "data.roi=32"])
     torch.manual_seed(1)
     models = {"trained": (SMARTFormer.from_preset("tiny").eval(), "a model")}

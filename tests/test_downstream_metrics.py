@@ -91,8 +91,9 @@ def test_patient_bootstrap_resamples_whole_patients():
     """Each patient holding two copies of one case: the patient bootstrap equals the case bootstrap."""
     y, p = _noisy(50, seed=2)
     cases = bootstrap_intervals(y, p, groups=[str(i) for i in range(50)], n=200, seed=4)
-    doubled = bootstrap_intervals(np.repeat(y, 2), np.repeat(p, 2), groups=np.repeat([str(i) for i in range(50)], 2),
-                                  n=200, seed=4)
+    doubled = bootstrap_intervals(
+        np.repeat(y, 2), np.repeat(p, 2), groups=np.repeat([str(i) for i in range(50)], 2), n=200, seed=4
+    )
     for metric in METRICS:
         assert doubled[metric] == pytest.approx(cases[metric])
     per_case = bootstrap_intervals(np.repeat(y, 2), np.repeat(p, 2), n=200, seed=4)

@@ -23,8 +23,9 @@ def _tokens(informative: bool, seed: int = 0) -> TokenFeatures:
     if informative:
         for j, organ in enumerate((3, 7, 9)):
             features[labels == organ, j] += 4.0
-    return TokenFeatures(features=features, labels=labels, token_affine=np.eye(4), input_affine=np.eye(4),
-                         input_shape=(96, 96, 160))
+    return TokenFeatures(
+        features=features, labels=labels, token_affine=np.eye(4), input_affine=np.eye(4), input_shape=(96, 96, 160)
+    )
 
 
 def test_slab_groups_are_contiguous_along_the_axis() -> None:
@@ -85,8 +86,11 @@ def test_dice_per_case_scores_each_case_and_validate_averages_them() -> None:
     label[:, 8:16, 8:16, 8:16] = 1
     half = label.clone()
     half[:, 8:12] = 0  # the image shows half the lesion: Dice 2*256 / (256 + 512) = 2/3
-    cases = [{"image": label.clone(), "label": label}, {"image": half, "label": label},
-             {"image": torch.zeros(1, 32, 32, 32), "label": torch.zeros(1, 32, 32, 32)}]  # no lesion: NaN
+    cases = [
+        {"image": label.clone(), "label": label},
+        {"image": half, "label": label},
+        {"image": torch.zeros(1, 32, 32, 32), "label": torch.zeros(1, 32, 32, 32)},
+    ]  # no lesion: NaN
     rows = dice_per_case(_ThresholdNet(), cases, [5], roi=(32, 32, 32))
     assert rows[0]["5"] == pytest.approx(1.0) and rows[1]["5"] == pytest.approx(2 / 3)
     assert np.isnan(rows[2]["5"])

@@ -23,8 +23,11 @@ def test_printed_and_saved_recipe_loads_the_export(tmp_path: Path, capsys, suffi
     out = tmp_path / f"swinvit{suffix}"
     assert main(["export", "--checkpoint", "smart-tiny-ct", "--to", "monai", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    code = "\n".join(line.strip() for line in printed.splitlines()
-                     if line.strip().startswith(("import ", "from monai", "net = ", "net.load_state_dict")))
+    code = "\n".join(
+        line.strip()
+        for line in printed.splitlines()
+        if line.strip().startswith(("import ", "from monai", "net = ", "net.load_state_dict"))
+    )
     assert "window_size=(4, 4, 4)" in code
     scope: dict = {"N_CLASSES": 2}
     with warnings.catch_warnings():

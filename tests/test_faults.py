@@ -23,6 +23,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from test_pretrain import FAST, phantoms  # noqa: F401  (the phantom CTs fixture)
 
 from smartformer.cli import main
 from smartformer.config import load_config
@@ -31,7 +32,6 @@ from smartformer.data.io import read_ct, validate_volume
 from smartformer.errors import ConfigError, InputError
 from smartformer.models.smartformer import SMARTFormer
 from smartformer.train.checkpoint import RunLock, load_checkpoint
-from test_pretrain import FAST, phantoms  # noqa: F401  (the phantom CTs fixture)
 
 
 def good_cts(phantoms: Path) -> list[Path]:
@@ -39,8 +39,9 @@ def good_cts(phantoms: Path) -> list[Path]:
 
 
 def pretrain(data: Path | str, out: Path, *extra: str, steps: int = 2) -> int:
-    return main(["pretrain", "--data", str(data), "--out", str(out), "--max-steps", str(steps), "--no-progress",
-                 *FAST, *extra])
+    return main(
+        ["pretrain", "--data", str(data), "--out", str(out), "--max-steps", str(steps), "--no-progress", *FAST, *extra]
+    )
 
 
 def one_error_line(capsys: pytest.CaptureFixture) -> str:
@@ -56,8 +57,10 @@ def steps_logged(run: Path) -> list[int]:
 
 def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(array.astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0]) if affine is None else affine),
-             str(path))
+    nib.save(
+        nib.Nifti1Image(array.astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0]) if affine is None else affine),
+        str(path),
+    )
     return path
 
 
@@ -93,6 +96,7 @@ def disk_full(monkeypatch: pytest.MonkeyPatch):
 
 # --- 1. the preprocessing cache ------------------------------------------------------------------
 
+
 def test_half_written_cache_entry_is_rebuilt_with_a_warning(tmp_path: Path) -> None:
     ct = write_nifti(tmp_path / "ct.nii.gz", ct_like())
     cache = tmp_path / "cache"
@@ -107,8 +111,9 @@ def test_half_written_cache_entry_is_rebuilt_with_a_warning(tmp_path: Path) -> N
         build_pretrain_dataset([ct], cache, spacing=2.0, roi=32)[0]  # and now a plain hit
 
 
-def test_full_disk_while_caching_is_one_line_and_leaves_no_partial_entry(phantoms: Path, tmp_path: Path,
-                                                                         capsys, disk_full) -> None:
+def test_full_disk_while_caching_is_one_line_and_leaves_no_partial_entry(
+    phantoms: Path, tmp_path: Path, capsys, disk_full
+) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()
     disk_full(cache)
@@ -121,6 +126,7 @@ def test_full_disk_while_caching_is_one_line_and_leaves_no_partial_entry(phantom
 
 # --- 2. non-finite, constant and tiny volumes ------------------------------------------------------
 
+
 def test_nan_volume_is_a_named_input_error_everywhere(phantoms: Path, tmp_path: Path, capsys) -> None:
     array = ct_like()
     array[10, 10, 10] = np.nan
@@ -130,8 +136,21 @@ def test_nan_volume_is_a_named_input_error_everywhere(phantoms: Path, tmp_path: 
     assert main(["data", "check", str(nan)]) == 1
     out = capsys.readouterr().out
     assert "non-finite" in out and "nan..nan" not in out
-    assert main(["attention", "--checkpoint", "smart-tiny-ct", "--image", str(nan), "--out", str(tmp_path / "maps"),
-                 "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "attention",
+                "--checkpoint",
+                "smart-tiny-ct",
+                "--image",
+                str(nan),
+                "--out",
+                str(tmp_path / "maps"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert str(nan) in one_error_line(capsys)
     for ct in good_cts(phantoms):
         (tmp_path / "data" / f"{ct.parent.name}.nii.gz").symlink_to(ct)
@@ -161,6 +180,7 @@ def test_constant_and_tiny_volumes_warn_or_are_skipped(phantoms: Path, tmp_path:
 
 
 # --- 3. malformed headers ---------------------------------------------------------------------------
+
 
 def _raw_nifti(path: Path, sform: np.ndarray | None = None, pixdim: list[float] | None = None) -> Path:
     """A NIfTI written byte by byte from a header, so that nibabel cannot repair what we set."""
@@ -215,8 +235,9 @@ def test_a_volume_monai_cannot_preprocess_is_named_or_skipped(phantoms: Path, tm
         build_pretrain_dataset([absurd], tmp_path / "c1", spacing=2.0, roi=32)[0]
     assert str(caught.value).startswith(str(absurd)) and "\n" not in str(caught.value)
     with pytest.warns(UserWarning, match=r"skipping unreadable volume .*absurd\.nii\.gz"):
-        dataset = build_pretrain_dataset([absurd, good_cts(phantoms)[0]], tmp_path / "c2", spacing=4.0, roi=32,
-                                         skip_bad=True)
+        dataset = build_pretrain_dataset(
+            [absurd, good_cts(phantoms)[0]], tmp_path / "c2", spacing=4.0, roi=32, skip_bad=True
+        )
         assert dataset[0]["views"].shape == (2, 1, 32, 32, 32)
 
 
@@ -234,9 +255,9 @@ def test_tiny_file_with_huge_header_is_refused_before_reading(tmp_path: Path) ->
                 reader(path)
     headers = {  # the same claim in the ITK formats whose voxels follow the header
         "huge.mha": "ObjectType = Image\nNDims = 3\nDimSize = 512 512 512\nElementType = MET_FLOAT\n"
-                    "ElementSpacing = 1 1 1\nElementDataFile = LOCAL\n",
+        "ElementSpacing = 1 1 1\nElementDataFile = LOCAL\n",
         "huge.nrrd": "NRRD0004\ntype: float\ndimension: 3\nsizes: 512 512 512\nspacings: 1 1 1\n"
-                     "encoding: raw\nendian: little\n\n",
+        "encoding: raw\nendian: little\n\n",
     }
     for name, text in headers.items():
         (tmp_path / name).write_bytes(text.encode() + b"\0" * 1024)
@@ -246,6 +267,7 @@ def test_tiny_file_with_huge_header_is_refused_before_reading(tmp_path: Path) ->
 
 
 # --- 4, 5. export ----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def finished_run(phantoms: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -257,8 +279,11 @@ def finished_run(phantoms: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 def test_export_never_overwrites_its_input_a_run_or_a_file(finished_run: Path, tmp_path: Path, capsys) -> None:
     last = finished_run / "checkpoints" / "last.pt"
     before = last.read_bytes()
-    for out, needle in ((last, "being exported"), (finished_run / "checkpoints" / "x.pt", "checkpoint of the run"),
-                        (tmp_path, "is a folder")):
+    for out, needle in (
+        (last, "being exported"),
+        (finished_run / "checkpoints" / "x.pt", "checkpoint of the run"),
+        (tmp_path, "is a folder"),
+    ):
         assert main(["export", "--checkpoint", str(last), "--out", str(out), "--force"]) == 2
         assert needle in one_error_line(capsys)
     assert last.read_bytes() == before
@@ -270,10 +295,13 @@ def test_export_never_overwrites_its_input_a_run_or_a_file(finished_run: Path, t
     assert main(["export", "--checkpoint", str(last), "--out", str(out), "--force"]) == 0
 
 
-def test_export_full_disk_is_one_line_and_leaves_no_temp_file(finished_run: Path, tmp_path: Path, capsys,
-                                                               disk_full) -> None:
+def test_export_full_disk_is_one_line_and_leaves_no_temp_file(
+    finished_run: Path, tmp_path: Path, capsys, disk_full
+) -> None:
     disk_full(tmp_path)
-    assert main(["export", "--checkpoint", str(finished_run / "teacher"), "--out", str(tmp_path / "w.safetensors")]) == 2
+    assert (
+        main(["export", "--checkpoint", str(finished_run / "teacher"), "--out", str(tmp_path / "w.safetensors")]) == 2
+    )
     assert "disk full" in one_error_line(capsys)
     assert not list(tmp_path.iterdir())
 
@@ -294,6 +322,7 @@ def test_export_refuses_weights_that_are_not_the_monai_layout(tmp_path: Path, ca
 
 # --- 6. weights that do not fit their config --------------------------------------------------------
 
+
 def test_wrong_shape_weights_are_one_line_naming_config_and_weights(tmp_path: Path, capsys) -> None:
     from smartformer.downstream.features import load_encoder
 
@@ -303,8 +332,21 @@ def test_wrong_shape_weights_are_one_line_naming_config_and_weights(tmp_path: Pa
     config["model"]["backbone"]["embed_dim"] = 48
     (model_dir / "config.json").write_text(json.dumps(config))
     ct = write_nifti(tmp_path / "ct.nii.gz", ct_like())
-    assert main(["attention", "--checkpoint", str(model_dir), "--image", str(ct), "--out", str(tmp_path / "m"),
-                 "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "attention",
+                "--checkpoint",
+                str(model_dir),
+                "--image",
+                str(ct),
+                "--out",
+                str(tmp_path / "m"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     line = one_error_line(capsys)
     assert "config.json" in line and "model.safetensors" in line and "differ in shape" in line
     with pytest.raises(Exception, match="config.json.*differ in shape") as caught:  # probe, segment, finetune
@@ -317,13 +359,15 @@ def test_resume_with_an_edited_config_is_one_line(finished_run: Path, tmp_path: 
     shutil.copytree(finished_run, run)
     text = (run / "config.yaml").read_text()
     (run / "config.yaml").write_text(text.replace("model: {}", "model: {backbone: {embed_dim: 48}}"))
-    assert main(["pretrain", "--data", "unused", "--out", str(run), "--resume", "--max-steps", "3",
-                 "--no-progress"]) == 2
+    assert (
+        main(["pretrain", "--data", "unused", "--out", str(run), "--resume", "--max-steps", "3", "--no-progress"]) == 2
+    )
     line = one_error_line(capsys)
     assert "last.pt" in line and "does not fit the model of this config" in line
 
 
 # --- 7. independent checkpoint files, verified on resume -------------------------------------------
+
 
 def test_last_and_step_checkpoints_are_independent_and_resume_falls_back(phantoms: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
@@ -337,24 +381,51 @@ def test_last_and_step_checkpoints_are_independent_and_resume_falls_back(phantom
     last.write_bytes(kept[: len(kept) // 3])  # truncated
     assert step2.read_bytes() == kept
     with pytest.warns(UserWarning, match=r"last\.pt.*resuming from step_0000002\.pt \(step 2\)"):
-        assert main(["pretrain", "--data", str(phantoms), "--out", str(run), "--resume", "--max-steps", "3",
-                     "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "pretrain",
+                    "--data",
+                    str(phantoms),
+                    "--out",
+                    str(run),
+                    "--resume",
+                    "--max-steps",
+                    "3",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     assert load_checkpoint(last)["step"] == 3
     assert steps_logged(run) == [1, 2, 3]
 
 
 # --- 8, 10, 13. killed runs, metrics, and the run lock ------------------------------------------------
 
+
 def test_kill_9_frees_the_lock_at_once_and_metrics_hold_one_run(phantoms: Path, tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "smartformer", "pretrain", "--data", str(phantoms), "--out", str(run),
-            "--max-steps", "200", "--no-progress", *FAST, "data.num_workers=1"]  # a real DataLoader worker
+    args = [
+        sys.executable,
+        "-m",
+        "smartformer",
+        "pretrain",
+        "--data",
+        str(phantoms),
+        "--out",
+        str(run),
+        "--max-steps",
+        "200",
+        "--no-progress",
+        *FAST,
+        "data.num_workers=1",
+    ]  # a real DataLoader worker
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
-        while time.time() < deadline and (not (run / "metrics.jsonl").is_file()
-                                          or len(steps_logged(run)) < 2):
+        while time.time() < deadline and (not (run / "metrics.jsonl").is_file() or len(steps_logged(run)) < 2):
             time.sleep(0.05)
         assert len(steps_logged(run)) >= 2
     finally:
@@ -364,8 +435,22 @@ def test_kill_9_frees_the_lock_at_once_and_metrics_hold_one_run(phantoms: Path, 
     with RunLock(run):  # the orphaned worker does not hold the dead run's lock
         pass
     with pytest.warns(UserWarning, match="no checkpoint to resume from yet"):
-        assert main(["pretrain", "--data", str(phantoms), "--out", str(run), "--resume", "--max-steps", "2",
-                     "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "pretrain",
+                    "--data",
+                    str(phantoms),
+                    "--out",
+                    str(run),
+                    "--resume",
+                    "--max-steps",
+                    "2",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     assert steps_logged(run) == [1, 2]  # not [1, 2, ..., 1, 2]
     # A fresh run in a folder an earlier attempt left metrics in (no checkpoint) starts the file anew.
     for ckpt in (run / "checkpoints").iterdir():
@@ -386,16 +471,27 @@ def test_resume_of_a_run_that_does_not_exist_is_refused(phantoms: Path, tmp_path
 
 # --- 9. configuration ranges -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("override, key", [
-    ("data.batch_size=0", "data.batch_size"), ("masking.ratio=1.5", "masking.ratio"),
-    ("data.roi=[50,50,50]", "data.roi"), ("optim.lr=-1", "optim.lr"), ("train.max_steps=0", "train.max_steps"),
-    ("data.flip_prob=2", "data.flip_prob"), ("loss.teacher_temp=0", "loss.teacher_temp"),
-    ("optim.lr=.nan", "optim.lr"), ("train.device=gpu", "train.device"), ("data.window=soft", "data.window"),
-    ("model.backbone.embed_dim=-24", "model.backbone.embed_dim"),
-    ("model.backbone.num_heads=[0,6,12,24]", "model.backbone.num_heads"),
-    ("data.local_views=-1", "data.local_views"), ("data.local_roi=[48,32,32]", "data.local_roi"),
-    ("data.local_views=2 data.local_roi=[128,32,32]", "data.local_roi"),
-])
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("data.batch_size=0", "data.batch_size"),
+        ("masking.ratio=1.5", "masking.ratio"),
+        ("data.roi=[50,50,50]", "data.roi"),
+        ("optim.lr=-1", "optim.lr"),
+        ("train.max_steps=0", "train.max_steps"),
+        ("data.flip_prob=2", "data.flip_prob"),
+        ("loss.teacher_temp=0", "loss.teacher_temp"),
+        ("optim.lr=.nan", "optim.lr"),
+        ("train.device=gpu", "train.device"),
+        ("data.window=soft", "data.window"),
+        ("model.backbone.embed_dim=-24", "model.backbone.embed_dim"),
+        ("model.backbone.num_heads=[0,6,12,24]", "model.backbone.num_heads"),
+        ("data.local_views=-1", "data.local_views"),
+        ("data.local_roi=[48,32,32]", "data.local_roi"),
+        ("data.local_views=2 data.local_roi=[128,32,32]", "data.local_roi"),
+    ],
+)
 def test_out_of_range_config_values_are_one_line(tmp_path: Path, capsys, override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         load_config("tiny", override.split())
@@ -415,6 +511,7 @@ def test_an_empty_or_partial_yaml_means_its_preset(tmp_path: Path) -> None:
 
 # --- 11. missing files are found before step 1 -------------------------------------------------------
 
+
 def test_a_missing_listed_file_stops_the_run_before_step_1(phantoms: Path, tmp_path: Path, capsys) -> None:
     from smartformer.data.sampler import ResumableSampler
 
@@ -431,6 +528,7 @@ def test_a_missing_listed_file_stops_the_run_before_step_1(phantoms: Path, tmp_p
 
 
 # --- 14. output locations -----------------------------------------------------------------------------
+
 
 def test_output_under_a_file_is_one_line(phantoms: Path, tmp_path: Path, capsys) -> None:
     (tmp_path / "file").write_text("x")
@@ -456,14 +554,17 @@ def test_read_only_output_folder_is_one_line(phantoms: Path, tmp_path: Path, cap
     assert "permission denied" in one_error_line(capsys)
 
 
-def test_full_disk_while_checkpointing_keeps_the_last_good_one(finished_run: Path, tmp_path: Path, phantoms: Path,
-                                                              capsys, disk_full) -> None:
+def test_full_disk_while_checkpointing_keeps_the_last_good_one(
+    finished_run: Path, tmp_path: Path, phantoms: Path, capsys, disk_full
+) -> None:
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     before = (run / "checkpoints" / "last.pt").read_bytes()
     disk_full(run / "checkpoints")
-    assert main(["pretrain", "--data", str(phantoms), "--out", str(run), "--resume", "--max-steps", "3",
-                 "--no-progress"]) == 2
+    assert (
+        main(["pretrain", "--data", str(phantoms), "--out", str(run), "--resume", "--max-steps", "3", "--no-progress"])
+        == 2
+    )
     line = one_error_line(capsys)
     assert "checkpoints" in line and "disk full" in line
     assert (run / "checkpoints" / "last.pt").read_bytes() == before

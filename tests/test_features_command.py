@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from downstream_cases import FAST, case_csv, tiny_checkpoint  # noqa: F401  (fixtures)
+
 from smartformer.cli import main
 from smartformer.data.io import write_nifti
 from smartformer.downstream.cases import CropOptions, build_crops, read_cases
@@ -39,8 +39,9 @@ def test_lesion_crop_is_centred_and_ras(marked_ct, tmp_path):
     path, (x, y, z) = marked_ct
     csv = tmp_path / "cases.csv"
     csv.write_text(f"image,center_x,center_y,center_z\n{path.name},{x},{y},{z}\n")
-    crop = build_crops(read_cases(csv, require_labels=False), CropOptions(size=(32, 32, 32), spacing=(1.5, 1.5, 1.5)),
-                       progress=False)[0, 0].astype(np.float32)
+    crop = build_crops(
+        read_cases(csv, require_labels=False), CropOptions(size=(32, 32, 32), spacing=(1.5, 1.5, 1.5)), progress=False
+    )[0, 0].astype(np.float32)
     assert crop.shape == (32, 32, 32)
     bright = np.argwhere(crop[:, :, 14:18] > 0.5)  # the cube's slab (2.5 mm slices resampled to 1.5 mm)
     cube = bright[bright[:, 1] > 12]
@@ -80,16 +81,28 @@ def test_centre_outside_the_scan(marked_ct, tmp_path, capsys):
     path, _ = marked_ct
     csv = tmp_path / "cases.csv"
     csv.write_text(f"image,center_x,center_y,center_z\n{path.name},500,0,0\n")
-    assert main(["features", "--data", str(csv), "--checkpoint", "random:tiny", "--out", str(tmp_path / "f.csv"),
-                 *FAST]) == 2
+    assert (
+        main(["features", "--data", str(csv), "--checkpoint", "random:tiny", "--out", str(tmp_path / "f.csv"), *FAST])
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(csv) in err[0] and "row 2" in err[0] and "outside the scan" in err[0]
     assert not (tmp_path / "f.csv").exists()
 
 
 def test_features_csv_and_parquet(case_csv, tiny_checkpoint, tmp_path):
-    rc = main(["features", "--data", str(case_csv), "--checkpoint", str(tiny_checkpoint), "--out",
-               str(tmp_path / "f.csv"), *FAST])
+    rc = main(
+        [
+            "features",
+            "--data",
+            str(case_csv),
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--out",
+            str(tmp_path / "f.csv"),
+            *FAST,
+        ]
+    )
     assert rc == 0
     table = pd.read_csv(tmp_path / "f.csv")
     assert list(table.columns[:3]) == ["case", "label", "patient"] and "note" not in table.columns
@@ -100,31 +113,58 @@ def test_features_csv_and_parquet(case_csv, tiny_checkpoint, tmp_path):
     pooled = table.filter(like="pooled_").to_numpy()
     assert cls.shape == pooled.shape == (24, 192)
     assert np.isfinite(cls).all() and cls.std(axis=0).max() > 0
-    rc = main(["features", "--data", str(case_csv), "--checkpoint", str(tiny_checkpoint), "--out",
-               str(tmp_path / "f.parquet"), *FAST])
+    rc = main(
+        [
+            "features",
+            "--data",
+            str(case_csv),
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--out",
+            str(tmp_path / "f.parquet"),
+            *FAST,
+        ]
+    )
     assert rc == 0
     again = pd.read_parquet(tmp_path / "f.parquet")
     assert list(again.columns) == list(table.columns)
-    assert np.allclose(again.iloc[:, 3:].to_numpy(), table.iloc[:, 3:].to_numpy(), rtol=1e-6, atol=1e-7)  # deterministic
+    assert np.allclose(
+        again.iloc[:, 3:].to_numpy(), table.iloc[:, 3:].to_numpy(), rtol=1e-6, atol=1e-7
+    )  # deterministic
 
 
 def test_features_cls_only_with_case_column(tmp_path, marked_ct):
     path, _ = marked_ct
     csv = tmp_path / "cases.csv"
     csv.write_text(f"case,image\nA,{path}\nB,{path.name}\n")  # absolute and relative path
-    rc = main(["features", "--data", str(csv), "--checkpoint", "random:tiny", "--features", "cls", "--out",
-               str(tmp_path / "out" / "f.csv"), *FAST])
+    rc = main(
+        [
+            "features",
+            "--data",
+            str(csv),
+            "--checkpoint",
+            "random:tiny",
+            "--features",
+            "cls",
+            "--out",
+            str(tmp_path / "out" / "f.csv"),
+            *FAST,
+        ]
+    )
     assert rc == 0
     table = pd.read_csv(tmp_path / "out" / "f.csv")
     assert list(table["case"]) == ["A", "B"] and table.shape == (2, 1 + 192)
     assert np.array_equal(table.iloc[0, 1:].to_numpy(), table.iloc[1, 1:].to_numpy())
 
 
-@pytest.mark.parametrize("content, message", [
-    ("label\n0\n", "missing column(s) image"),
-    ("image\nnowhere.nii.gz\n", "row 2: image nowhere.nii.gz does not exist"),
-    ("image,center_x\nx.nii.gz,1\n", "needs all of center_x, center_y, center_z"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("label\n0\n", "missing column(s) image"),
+        ("image\nnowhere.nii.gz\n", "row 2: image nowhere.nii.gz does not exist"),
+        ("image,center_x\nx.nii.gz,1\n", "needs all of center_x, center_y, center_z"),
+    ],
+)
 def test_bad_csv(tmp_path, capsys, content, message):
     csv = tmp_path / "bad.csv"
     csv.write_text(content)
@@ -134,8 +174,10 @@ def test_bad_csv(tmp_path, capsys, content, message):
 
 
 def test_bad_output_name(case_csv, tmp_path, capsys):
-    assert main(["features", "--data", str(case_csv), "--checkpoint", "random:tiny", "--out",
-                 str(tmp_path / "f.txt")]) == 2
+    assert (
+        main(["features", "--data", str(case_csv), "--checkpoint", "random:tiny", "--out", str(tmp_path / "f.txt")])
+        == 2
+    )
     assert ".csv or .parquet" in capsys.readouterr().err
 
 
@@ -144,8 +186,22 @@ def test_distances_score_the_features_by_label(case_csv, tmp_path, capsys):
     from smartformer.analysis.clustering import centroid_separation
 
     out = tmp_path / "f.csv"
-    assert main(["features", "--data", str(case_csv), "--checkpoint", "random:tiny", "--out", str(out),
-                 "--distances", *FAST]) == 0
+    assert (
+        main(
+            [
+                "features",
+                "--data",
+                str(case_csv),
+                "--checkpoint",
+                "random:tiny",
+                "--out",
+                str(out),
+                "--distances",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     assert "intra-cluster" in capsys.readouterr().out
     result = json.loads((tmp_path / "f.distances.json").read_text())
     table = pd.read_csv(out)
@@ -158,6 +214,20 @@ def test_distances_score_the_features_by_label(case_csv, tmp_path, capsys):
     cases = pd.read_csv(case_csv).drop(columns=["label"])
     cases["image"] = [str(case_csv.parent / image) for image in cases["image"]]
     cases.to_csv(unlabelled, index=False)
-    assert main(["features", "--data", str(unlabelled), "--checkpoint", "random:tiny", "--out",
-                 str(tmp_path / "g.csv"), "--distances", *FAST]) == 2
+    assert (
+        main(
+            [
+                "features",
+                "--data",
+                str(unlabelled),
+                "--checkpoint",
+                "random:tiny",
+                "--out",
+                str(tmp_path / "g.csv"),
+                "--distances",
+                *FAST,
+            ]
+        )
+        == 2
+    )
     assert "no label column" in capsys.readouterr().err and not (tmp_path / "g.csv").exists()

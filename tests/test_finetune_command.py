@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from downstream_cases import FAST, case_csv, tiny_checkpoint  # noqa: F401  (fixtures)
+
 from smartformer.cli import main
 from smartformer.downstream.cases import CropOptions, build_crops, read_cases
 from smartformer.downstream.features import load_encoder
@@ -19,8 +19,28 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_finetune_command(case_csv, tiny_checkpoint, tmp_path):
-    rc = main(["finetune", "--data", str(case_csv), "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path),
-               "--folds", "2", "--epochs", "2", "--patience", "1", "--lr", "3e-4", "--bootstrap", "50", *FAST])
+    rc = main(
+        [
+            "finetune",
+            "--data",
+            str(case_csv),
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--out",
+            str(tmp_path),
+            "--folds",
+            "2",
+            "--epochs",
+            "2",
+            "--patience",
+            "1",
+            "--lr",
+            "3e-4",
+            "--bootstrap",
+            "50",
+            *FAST,
+        ]
+    )
     assert rc == 0
     predictions = pd.read_csv(tmp_path / "predictions.csv")
     assert len(predictions) == 24 and predictions["case"].is_unique
@@ -54,7 +74,7 @@ def test_layer_wise_lr_groups():
         "encoder.backbone.patch_embed.proj.weight": top,
     }
     for name, steps in expected.items():
-        assert by_name[name]["lr"] == pytest.approx(lr * decay ** steps), name
+        assert by_name[name]["lr"] == pytest.approx(lr * decay**steps), name
         assert by_name[name]["layer_id"] == top - steps
     assert layer_id("encoder.backbone.mask_token", model) == 0
     assert by_name["encoder.backbone.layers1.0.blocks.0.norm1.weight"]["weight_decay"] == 0.0
@@ -70,10 +90,17 @@ def test_layer_wise_lr_groups_of_a_vit():
     by_name = {n: g for g in groups for n in g["names"]}
     assert sorted(by_name) == sorted(dict(model.named_parameters()))  # every parameter exactly once
     top = 4 + 2  # 4 blocks + final norm + head
-    assert [by_name[n]["layer_id"] for n in ("encoder.backbone.patch_embedding.patch_embeddings.weight",
-                                             "encoder.backbone.cls_token", "encoder.backbone.blocks.0.attn.qkv.weight",
-                                             "encoder.backbone.blocks.3.mlp.linear2.weight",
-                                             "encoder.backbone.norm.weight", "head.1.weight")] == [0, 0, 1, 4, 5, top]
+    assert [
+        by_name[n]["layer_id"]
+        for n in (
+            "encoder.backbone.patch_embedding.patch_embeddings.weight",
+            "encoder.backbone.cls_token",
+            "encoder.backbone.blocks.0.attn.qkv.weight",
+            "encoder.backbone.blocks.3.mlp.linear2.weight",
+            "encoder.backbone.norm.weight",
+            "head.1.weight",
+        )
+    ] == [0, 0, 1, 4, 5, top]
     assert by_name["encoder.backbone.patch_embedding.position_embeddings"]["weight_decay"] == 0.0
 
 
@@ -88,8 +115,11 @@ def test_finetune_changes_the_encoder(case_csv, tiny_checkpoint):
     train, val = np.arange(8), np.arange(8, 12)
     result = finetune(encoder, crops, labels, train, val, settings)
     after = result.model.encoder.state_dict()
-    for key in ("backbone.patch_embed.proj.weight", "backbone.layers1.0.blocks.0.attn.qkv.weight",
-                "semantic.cls_token"):
+    for key in (
+        "backbone.patch_embed.proj.weight",
+        "backbone.layers1.0.blocks.0.attn.qkv.weight",
+        "semantic.cls_token",
+    ):
         assert not torch.equal(before[key], after[key]), key
     history = result.history
     assert 1 <= result.best_epoch <= len(history) <= 4
@@ -100,11 +130,33 @@ def test_finetune_changes_the_encoder(case_csv, tiny_checkpoint):
 
 
 def test_holdout_cases_are_predicted_by_every_fold_model(case_csv, tmp_path):
-    rc = main(["finetune", "--data", str(case_csv), "--checkpoint", "random:tiny", "--out", str(tmp_path),
-               "--folds", "2", "--holdout", "0.34", "--epochs", "1", "--patience", "1", "--bootstrap", "0", *FAST])
+    rc = main(
+        [
+            "finetune",
+            "--data",
+            str(case_csv),
+            "--checkpoint",
+            "random:tiny",
+            "--out",
+            str(tmp_path),
+            "--folds",
+            "2",
+            "--holdout",
+            "0.34",
+            "--epochs",
+            "1",
+            "--patience",
+            "1",
+            "--bootstrap",
+            "0",
+            *FAST,
+        ]
+    )
     assert rc == 0
     folds = pd.read_csv(tmp_path / "folds.csv")
     test = pd.read_csv(tmp_path / "predictions.csv").query("set == 'holdout'")
     assert sorted(test["case"]) == sorted(list(folds.loc[folds["fold"] == -1, "case"]) * 2)
-    assert json.loads((tmp_path / "metrics.json").read_text())["results"]["random_tiny"]["1"]["holdout"]["n"] == \
-        (folds["fold"] == -1).sum()
+    assert (
+        json.loads((tmp_path / "metrics.json").read_text())["results"]["random_tiny"]["1"]["holdout"]["n"]
+        == (folds["fold"] == -1).sum()
+    )

@@ -57,8 +57,24 @@ def test_pretraining_logs_it_and_report_draws_it(tmp_path) -> None:
     data = tmp_path / "ph"
     write_phantoms(data, n=2, seed=0, shape=(64, 64, 48), spacing=(5.0, 5.0, 5.0), progress=False)
     run = tmp_path / "run"
-    assert main(["pretrain", "--data", str(data), "--out", str(run), "--max-steps", "2", "--no-progress",
-                 "data.num_workers=0", "train.head_distance_every=2", "train.log_every=1"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                str(data),
+                "--out",
+                str(run),
+                "--max-steps",
+                "2",
+                "--no-progress",
+                "data.num_workers=0",
+                "train.head_distance_every=2",
+                "train.log_every=1",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "head_distance_entropy_s1" in r]
     assert [r["step"] for r in logged] == [2]

@@ -23,8 +23,7 @@ from smartformer.models.smartformer import PRETRAINED, SMARTFormer, pretrained_p
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 #: Commands with a --checkpoint, as the parser has them (segment's is under `segment train`).
-CHECKPOINT_COMMANDS = ["attention", "export", "probe", "finetune", "localize", "features", "cluster",
-                       "segment train"]
+CHECKPOINT_COMMANDS = ["attention", "export", "probe", "finetune", "localize", "features", "cluster", "segment train"]
 #: The forms of a checkpoint argument, by what each test calls it.
 FORMS = ["run", "teacher", "last.pt", "step.pt", "weights", "bare weights", "shipped", "random", "random@seed"]
 
@@ -33,8 +32,23 @@ FORMS = ["run", "teacher", "last.pt", "step.pt", "weights", "bare weights", "shi
 def run(phantoms: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
     """A pretraining run after one step: config.yaml, teacher/, checkpoints/last.pt and step_0000001.pt."""
     out = tmp_path_factory.mktemp("hub") / "ct1"
-    assert main(["pretrain", "--data", str(phantoms), "--out", str(out), "--max-steps", "1", "--no-progress",
-                 *FAST, "train.checkpoint_every=1"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                str(phantoms),
+                "--out",
+                str(out),
+                "--max-steps",
+                "1",
+                "--no-progress",
+                *FAST,
+                "train.checkpoint_every=1",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -66,9 +80,17 @@ def spec_of(form: str, run: Path, exported: Path) -> str:
 def test_every_form_resolves_and_loads_an_encoder(form: str, run: Path, exported: Path) -> None:
     spec = spec_of(form, run, exported)
     checkpoint = resolve_checkpoint(spec)
-    kind = {"run": "pretrained", "teacher": "pretrained", "last.pt": "training", "step.pt": "training",
-            "weights": "weights", "bare weights": "weights", "shipped": "pretrained", "random": "random",
-            "random@seed": "random"}[form]
+    kind = {
+        "run": "pretrained",
+        "teacher": "pretrained",
+        "last.pt": "training",
+        "step.pt": "training",
+        "weights": "weights",
+        "bare weights": "weights",
+        "shipped": "pretrained",
+        "random": "random",
+        "random@seed": "random",
+    }[form]
     assert checkpoint.kind == kind and checkpoint.spec == spec
     model = load_encoder(spec)
     assert isinstance(model, SMARTFormer) and not model.training
@@ -120,18 +142,30 @@ def test_the_shipped_model_resolves_offline_and_a_path_wins(tmp_path: Path, monk
 
 def test_names_follow_one_rule(run: Path, exported: Path) -> None:
     specs = [spec_of(form, run, exported) for form in FORMS]
-    assert checkpoint_names(specs) == ["ct1", "ct1_2", "ct1_3", "ct1_step_0000001", "ct1_4", "swinvit",
-                                       PRETRAINED[0], "random_tiny", "random_tiny_seed7"]
+    assert checkpoint_names(specs) == [
+        "ct1",
+        "ct1_2",
+        "ct1_3",
+        "ct1_step_0000001",
+        "ct1_4",
+        "swinvit",
+        PRETRAINED[0],
+        "random_tiny",
+        "random_tiny_seed7",
+    ]
     assert checkpoint_names(["random:tiny"], reserved=("random_tiny",)) == ["random_tiny_2"]
 
 
-@pytest.mark.parametrize("spec, reason", [
-    ("nowhere", "does not exist, and is no shipped model"),
-    ("random:huge", "unknown preset; choose random:base"),
-    ("random:tiny@x", "the seed after @ must be a whole number"),
-    ("EMPTY_DIR", "holds no checkpoint"),
-    ("NOT_WEIGHTS", "refusing to load"),
-])
+@pytest.mark.parametrize(
+    "spec, reason",
+    [
+        ("nowhere", "does not exist, and is no shipped model"),
+        ("random:huge", "unknown preset; choose random:base"),
+        ("random:tiny@x", "the seed after @ must be a whole number"),
+        ("EMPTY_DIR", "holds no checkpoint"),
+        ("NOT_WEIGHTS", "refusing to load"),
+    ],
+)
 def test_bad_arguments_are_one_line_naming_them(spec: str, reason: str, tmp_path: Path) -> None:
     if spec == "EMPTY_DIR":
         spec = str(tmp_path)
@@ -163,6 +197,7 @@ def _subparser(parser: argparse.ArgumentParser, path: list[str]) -> argparse.Arg
 
 def test_every_checkpoint_option_is_found() -> None:
     """No command grows a --checkpoint of its own that this file would miss."""
+
     def walk(parser: argparse.ArgumentParser, path: tuple[str, ...]) -> list[str]:
         found = [" ".join(path)] if any("--checkpoint" in a.option_strings for a in parser._actions) else []
         for action in parser._actions:
@@ -182,8 +217,12 @@ def test_every_command_has_the_shared_checkpoint_option(command: str) -> None:
 
 
 @pytest.mark.parametrize("command", CHECKPOINT_COMMANDS)
-def test_every_command_refuses_a_bad_checkpoint_with_the_same_line(command: str, phantoms: Path,  # noqa: F811
-                                                                   tmp_path: Path, capsys) -> None:
+def test_every_command_refuses_a_bad_checkpoint_with_the_same_line(
+    command: str,
+    phantoms: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys,
+) -> None:
     """Each command goes through the resolver: the same one-line error, before any output."""
     ct = phantoms / "case_000" / "ct.nii.gz"
     csv = tmp_path / "cases.csv"
@@ -201,8 +240,12 @@ def test_every_command_refuses_a_bad_checkpoint_with_the_same_line(command: str,
     }[command]
     assert main([*command.split(), "--checkpoint", str(tmp_path / "nowhere"), *rest]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert err == [(f"smartformer: error: {tmp_path / 'nowhere'}: does not exist, and is no shipped model "
-                   f"({PRETRAINED[0]}) nor random:PRESET")]
+    assert err == [
+        (
+            f"smartformer: error: {tmp_path / 'nowhere'}: does not exist, and is no shipped model "
+            f"({PRETRAINED[0]}) nor random:PRESET"
+        )
+    ]
     assert not out.exists() and not (tmp_path / "w.pt").exists() and not (tmp_path / "f.csv").exists()
 
 
@@ -215,22 +258,49 @@ def test_export_takes_every_form(form: str, run: Path, exported: Path, tmp_path:
     assert state and all(k.startswith("swinViT.") for k in state)
     if form != "random@seed":
         reference = load_encoder(run).backbone.state_dict()
-        assert all(torch.equal(v, reference[k[len("swinViT."):]]) for k, v in state.items())
+        assert all(torch.equal(v, reference[k[len("swinViT.") :]]) for k, v in state.items())
 
 
 @pytest.mark.parametrize("form", ["run", "step.pt", "weights", "random@seed"])
-def test_attention_takes_every_form(form: str, run: Path, exported: Path, phantoms: Path,  # noqa: F811
-                                    tmp_path: Path) -> None:
+def test_attention_takes_every_form(
+    form: str,
+    run: Path,
+    exported: Path,
+    phantoms: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     spec = spec_of(form, run, exported)
     ct = phantoms / "case_000" / "ct.nii.gz"
-    assert main(["attention", "--checkpoint", spec, "--image", str(ct), "--out", str(tmp_path), "--spacing", "8",
-                 "--roi", "32", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "attention",
+                "--checkpoint",
+                spec,
+                "--image",
+                str(ct),
+                "--out",
+                str(tmp_path),
+                "--spacing",
+                "8",
+                "--roi",
+                "32",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "ct_mean.nii.gz").is_file()
 
 
-def test_attention_refuses_bare_encoder_weights_in_one_line(exported: Path, phantoms: Path,  # noqa: F811
-                                                            tmp_path: Path, capsys) -> None:
+def test_attention_refuses_bare_encoder_weights_in_one_line(
+    exported: Path,
+    phantoms: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys,
+) -> None:
     ct = phantoms / "case_000" / "ct.nii.gz"
     assert main(["attention", "--checkpoint", str(exported), "--image", str(ct), "--out", str(tmp_path)]) == 2
-    assert capsys.readouterr().err.strip() == (f"smartformer: error: {exported}: this model has no semantic "
-                                               "attention module (bare encoder weights)")
+    assert capsys.readouterr().err.strip() == (
+        f"smartformer: error: {exported}: this model has no semantic attention module (bare encoder weights)"
+    )

@@ -42,8 +42,24 @@ def model_dir(tmp_path_factory) -> Path:
 def test_organ_ct_clusters(image, model_dir, tmp_path):
     ct_path = ORGANS / image
     labels = ORGANS / Path(image).parts[0] / "organs.nii.gz"
-    rc = main(["cluster", "--checkpoint", str(model_dir), "--image", str(ct_path), "--labels", str(labels),
-               "--names", str(ORGANS / "labels.json"), "--out", str(tmp_path), "--tsne-points", "300", *FAST])
+    rc = main(
+        [
+            "cluster",
+            "--checkpoint",
+            str(model_dir),
+            "--image",
+            str(ct_path),
+            "--labels",
+            str(labels),
+            "--names",
+            str(ORGANS / "labels.json"),
+            "--out",
+            str(tmp_path),
+            "--tsne-points",
+            "300",
+            *FAST,
+        ]
+    )
     assert rc == 0
     report = json.loads(next(tmp_path.glob("*_clustering.json")).read_text())
     assert report["k"] >= 2 and report["tokens"] >= report["k"]
@@ -58,10 +74,25 @@ def test_organ_ct_clusters(image, model_dir, tmp_path):
 @pytest.mark.skipif(len(STS_CASES) < 2, reason="fewer than 2 STS cases found")
 def test_sts_cases_localize(model_dir, tmp_path):
     csv = tmp_path / "sts.csv"
-    csv.write_text("case,image,mask\n" + "".join(f"{c.name},{c / 'ct.nii.gz'},{c / 'tumor.nii.gz'}\n"
-                                               for c in STS_CASES))
-    rc = main(["localize", "--checkpoint", str(model_dir), "--data", str(csv), "--out", str(tmp_path / "out"),
-               "--windows", "2", "--window-mm", "80", *FAST])
+    csv.write_text(
+        "case,image,mask\n" + "".join(f"{c.name},{c / 'ct.nii.gz'},{c / 'tumor.nii.gz'}\n" for c in STS_CASES)
+    )
+    rc = main(
+        [
+            "localize",
+            "--checkpoint",
+            str(model_dir),
+            "--data",
+            str(csv),
+            "--out",
+            str(tmp_path / "out"),
+            "--windows",
+            "2",
+            "--window-mm",
+            "80",
+            *FAST,
+        ]
+    )
     assert rc == 0
     cases = pd.read_csv(tmp_path / "out" / "cases.csv")
     assert sorted(set(cases["case"])) == [c.name for c in STS_CASES]

@@ -107,7 +107,9 @@ def test_energy_and_enrichment():
     ct, lesion = _scene()
     region = L.body_region(ct, lesion)
     score = np.where(lesion, 3.0, 1.0)
-    assert L.enrichment(score, lesion, region) == pytest.approx(3.0 / ((3 * lesion.sum() + (region.sum() - lesion.sum())) / region.sum()))
+    assert L.enrichment(score, lesion, region) == pytest.approx(
+        3.0 / ((3 * lesion.sum() + (region.sum() - lesion.sum())) / region.sum())
+    )
     assert L.energy_pointing(score, lesion, region) == pytest.approx(1.0)  # minimum shifted to 0
 
 

@@ -41,8 +41,9 @@ def checkpoints(tmp_path_factory) -> list[Path]:
 
 
 def test_two_checkpoints_on_phantom_folder(phantoms, checkpoints, tmp_path, capsys):
-    rc = main(["localize", "--checkpoint", *map(str, checkpoints), "--data", str(phantoms), "--out", str(tmp_path),
-               *FAST])
+    rc = main(
+        ["localize", "--checkpoint", *map(str, checkpoints), "--data", str(phantoms), "--out", str(tmp_path), *FAST]
+    )
     assert rc == 0
     methods = ["model_a", "run_b", CENTRE, INTENSITY, RANDOM]
     cases = pd.read_csv(tmp_path / "cases.csv")
@@ -52,7 +53,8 @@ def test_two_checkpoints_on_phantom_folder(phantoms, checkpoints, tmp_path, caps
     assert list(summary["methods"]) == methods
     assert summary["methods"]["model_a"]["cases"] == 2
     assert summary["methods"][CENTRE]["auroc"]["mean"] == pytest.approx(
-        cases.loc[cases["method"] == CENTRE, "auroc"].mean())
+        cases.loc[cases["method"] == CENTRE, "auroc"].mean()
+    )
     table = (tmp_path / "comparison.md").read_text()
     assert all(f"| {m} |" in table for m in methods)
     assert (tmp_path / "montage.png").stat().st_size > 2000
@@ -63,9 +65,25 @@ def test_csv_source_and_random_windows(phantoms, checkpoints, tmp_path):
     """A CSV of image/mask pairs (relative paths) with a lesion label, scored on lesion windows."""
     csv = phantoms / "pairs.csv"
     csv.write_text("image,mask\ncase_000/ct.nii.gz,case_000/labels.nii.gz\n")
-    rc = main(["localize", "--checkpoint", str(checkpoints[0]), "--data", str(csv), "--out", str(tmp_path),
-               "--lesion-label", str(LESION_ID), "--windows", "3", "--window-mm", "120", "--no-random-baseline",
-               *FAST])
+    rc = main(
+        [
+            "localize",
+            "--checkpoint",
+            str(checkpoints[0]),
+            "--data",
+            str(csv),
+            "--out",
+            str(tmp_path),
+            "--lesion-label",
+            str(LESION_ID),
+            "--windows",
+            "3",
+            "--window-mm",
+            "120",
+            "--no-random-baseline",
+            *FAST,
+        ]
+    )
     assert rc == 0
     cases = pd.read_csv(tmp_path / "cases.csv")
     assert set(cases["method"]) == {"model_a", CENTRE, INTENSITY}

@@ -394,8 +394,12 @@ def test_local_views_join_the_cls_loss_only() -> None:
     g = torch.Generator().manual_seed(0)
     views, local = torch.rand(2, 2, 1, 32, 32, 32, generator=g), torch.rand(2, 3, 1, 32, 32, 32, generator=g)
     torch.manual_seed(0)
-    meta = SMARTMetaArch(load_config("tiny", ["data.roi=[32,32,32]", "data.local_views=3", "masking.warmup_steps=0",
-                                              "model.backbone.drop_path_rate=0"]))
+    meta = SMARTMetaArch(
+        load_config(
+            "tiny",
+            ["data.roi=[32,32,32]", "data.local_views=3", "masking.warmup_steps=0", "model.backbone.drop_path_rate=0"],
+        )
+    )
 
     def step(local_views: torch.Tensor | None):
         return meta(views, 10, 0.04, generator=torch.Generator().manual_seed(1), local_views=local_views)
@@ -417,12 +421,16 @@ def test_local_views_join_the_cls_loss_only() -> None:
     assert grads and all(gr is not None and torch.isfinite(gr).all() for gr in grads)
 
 
-@pytest.mark.parametrize("preset, overrides, needle", [
-    ("vit_tiny", ["data.local_views=2"], "Swin backbone"),
-    ("tiny", ["data.roi=[32,32,32]", "data.local_views=2", "loss.cls_weight=0"], "loss.cls_weight"),
-])
-def test_local_views_are_refused_where_nothing_would_learn_from_them(preset: str, overrides: list[str],
-                                                                    needle: str) -> None:
+@pytest.mark.parametrize(
+    "preset, overrides, needle",
+    [
+        ("vit_tiny", ["data.local_views=2"], "Swin backbone"),
+        ("tiny", ["data.roi=[32,32,32]", "data.local_views=2", "loss.cls_weight=0"], "loss.cls_weight"),
+    ],
+)
+def test_local_views_are_refused_where_nothing_would_learn_from_them(
+    preset: str, overrides: list[str], needle: str
+) -> None:
     from smartformer.config import load_config
     from smartformer.errors import ConfigError
     from smartformer.train.ssl_meta_arch import SMARTMetaArch

@@ -79,8 +79,15 @@ def test_attention_hint_reveals_a_random_subset_of_the_top_cells() -> None:
     att = _ranked_attention(2, grid, seed=8)
     top = att >= 216 - 130
     masks = [
-        generate_mask("attention_hint", grid, 2, ratio=0.6, hint_ratio=0.1, attention=att,
-                      generator=torch.Generator().manual_seed(seed))
+        generate_mask(
+            "attention_hint",
+            grid,
+            2,
+            ratio=0.6,
+            hint_ratio=0.1,
+            attention=att,
+            generator=torch.Generator().manual_seed(seed),
+        )
         for seed in (0, 1)
     ]
     for mask in masks:

@@ -37,8 +37,9 @@ def test_library_errors_name_values_and_the_cli_names_its_option(tmp_path, capsy
     from smartformer.data.builders.lesions import SamplingOptions
     from smartformer.errors import InputError, SmartformerError
 
-    error = InputError("ct.nii.gz", "cannot be used (pass {setting} to leave such files out)", setting="skip_bad",
-                       value=True)
+    error = InputError(
+        "ct.nii.gz", "cannot be used (pass {setting} to leave such files out)", setting="skip_bad", value=True
+    )
     assert str(error) == "ct.nii.gz: cannot be used (pass skip_bad=True to leave such files out)"
     assert error.reason == "cannot be used (pass skip_bad=True to leave such files out)"
     error.for_option("--skip-bad")
@@ -63,8 +64,26 @@ def test_phantom_overwrite_is_a_value_in_the_library_and_a_flag_on_the_command_l
     write_phantoms(tmp_path, n=1, **small)
     with pytest.raises(InputError, match="already exists; pass overwrite=True to replace it"):
         write_phantoms(tmp_path, n=1, **small)
-    assert main(["data", "phantom", "--out", str(tmp_path), "--shape", "24", "24", "16", "--spacing", "8", "8", "8",
-                 "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "phantom",
+                "--out",
+                str(tmp_path),
+                "--shape",
+                "24",
+                "24",
+                "16",
+                "--spacing",
+                "8",
+                "8",
+                "8",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "already exists; pass --overwrite to replace it" in capsys.readouterr().err
 
 
@@ -76,7 +95,9 @@ def test_setting_warnings_name_the_option_on_the_command_line(monkeypatch, capsy
     from smartformer.errors import SettingWarning
 
     def run(args):
-        warnings.warn(SettingWarning("odd case (pass {setting} to replace it)", setting="overwrite", value=True))
+        warnings.warn(
+            SettingWarning("odd case (pass {setting} to replace it)", setting="overwrite", value=True), stacklevel=1
+        )
         return 0
 
     monkeypatch.setattr(data_phantom, "run", run)
@@ -94,8 +115,11 @@ def test_a_used_run_directory_names_resume_as_a_value_and_as_the_option(tmp_path
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.pt").write_bytes(b"")  # refused before it is read
-    with pytest.raises(SmartformerError, match=r"holds a run already .*; pass resume=True to continue it or choose "
-                                               r"another output folder$"):
+    with pytest.raises(
+        SmartformerError,
+        match=r"holds a run already .*; pass resume=True to continue it or choose "
+        r"another output folder$",
+    ):
         pretrain(tmp_path, run, load_config("tiny"), progress=False)
     assert main(["pretrain", "--data", str(tmp_path), "--out", str(run), "--no-progress"]) == 2
     assert "; pass --resume to continue it or choose another output folder" in capsys.readouterr().err
@@ -106,7 +130,9 @@ def test_config_keys_name_the_option_of_their_last_part():
 
     parser = build_parser()
     args = parser.parse_args(["pretrain", "--data", "d", "--out", "o"])
-    assert option_for(parser, args, "data.skip_bad") == "--skip-bad" and option_for(parser, args, "resume") == "--resume"
+    assert (
+        option_for(parser, args, "data.skip_bad") == "--skip-bad" and option_for(parser, args, "resume") == "--resume"
+    )
     assert option_for(parser, args, "overwrite") is None  # pretrain has no such option: the value stays
     args = parser.parse_args(["data", "lesions", "--data", "d", "--out", "o"])
     assert option_for(parser, args, "mask_label") == "--mask-label"

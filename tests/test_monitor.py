@@ -37,7 +37,9 @@ def test_collapse_monitors_measure_sameness_and_attention_on_air() -> None:
     attn[:, :, 1] = 0.25  # all attention on the 4 air cells
     same = torch.ones(4, 8)
     monitors = collapse_monitors(volumes, 2, same, same[:, None].expand(4, 8, 8), attn, level=0.25, stride=16)
-    assert monitors["teacher_cls_cosine"] == pytest.approx(1.0) and monitors["teacher_pooled_cosine"] == pytest.approx(1.0)
+    assert monitors["teacher_cls_cosine"] == pytest.approx(1.0) and monitors["teacher_pooled_cosine"] == pytest.approx(
+        1.0
+    )
     assert monitors["attn_air_share"] == pytest.approx(1.0) and monitors["air_cell_share"] == 0.5
     apart = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [-1.0, 0.0]])  # view-major rows
     monitors = collapse_monitors(volumes, 2, apart, apart[:, None], attn.flip(2), level=0.25, stride=16)

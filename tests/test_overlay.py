@@ -42,7 +42,7 @@ def test_png_shows_the_mask_contour_and_no_map_in_the_air(tmp_path):
     assert lime.sum() > 20, "the mask contour is drawn"
     # the top-left corner of the axial panel is air: grey (the CT), not a colour of the map
     height, width = rgb.shape[:2]
-    axial = rgb[int(0.3 * height):int(0.75 * height), int(0.02 * width):int(0.3 * width)]
+    axial = rgb[int(0.3 * height) : int(0.75 * height), int(0.02 * width) : int(0.3 * width)]
     dark = axial[axial.max(axis=-1) < 0.15]
     assert len(dark) > 1000 and (np.ptp(dark, axis=-1) < 0.03).mean() > 0.95
 
@@ -88,5 +88,8 @@ def test_slice_positions_are_world_mm_with_an_affine():
     ras_mask, _ = to_ras(mask, lps)
     centre = slice_centre(image, ras_mask)
     assert slice_titles(centre, ras_affine(lps, mask.shape)) == [
-        f"axial (S {z:.1f} mm)", f"coronal (A {y:.1f} mm)", f"sagittal (R {x:.1f} mm)"]
+        f"axial (S {z:.1f} mm)",
+        f"coronal (A {y:.1f} mm)",
+        f"sagittal (R {x:.1f} mm)",
+    ]
     assert slice_titles(centre) == [f"axial (z={centre[2]})", f"coronal (y={centre[1]})", f"sagittal (x={centre[0]})"]

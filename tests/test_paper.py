@@ -42,12 +42,14 @@ def test_vit_map_is_the_head_mean_of_the_cls_row_over_the_patch_tokens() -> None
     assert torch.allclose(ref.cls, out.cls, atol=1e-5) and torch.allclose(ref.attn, out.attn, atol=1e-6)
 
 
-@pytest.mark.parametrize("stage,merged,grid", [(2, False, 16), (3, False, 8), (3, True, 4), (4, False, 4),
-                                               (4, True, 2)])
+@pytest.mark.parametrize(
+    "stage,merged,grid", [(2, False, 16), (3, False, 8), (3, True, 4), (4, False, 4), (4, True, 2)]
+)
 def test_semantic_stage_sets_the_grid_and_width(stage: int, merged: bool, grid: int) -> None:
     torch.manual_seed(0)
-    model = SMARTFormer.from_preset("tiny", semantic_form="vit", semantic_stage=stage, semantic_merged=merged,
-                                    semantic_heads=3).eval()
+    model = SMARTFormer.from_preset(
+        "tiny", semantic_form="vit", semantic_stage=stage, semantic_merged=merged, semantic_heads=3
+    ).eval()
     out = model(torch.rand(1, 1, 64, 64, 64), return_attention=True)
     stride = 64 // grid
     assert model.config.semantic_stride == stride
@@ -57,8 +59,10 @@ def test_semantic_stage_sets_the_grid_and_width(stage: int, merged: bool, grid: 
 
 
 def test_old_configs_with_semantic_stride_still_load() -> None:
-    assert (SMARTConfig.from_dict({"semantic_stride": 32}).semantic_stage,
-            SMARTConfig.from_dict({"semantic_stride": 32}).semantic_merged) == (4, True)
+    assert (
+        SMARTConfig.from_dict({"semantic_stride": 32}).semantic_stage,
+        SMARTConfig.from_dict({"semantic_stride": 32}).semantic_merged,
+    ) == (4, True)
     assert SMARTConfig.from_dict({"semantic_stride": 8}).semantic_stride == 8
     assert load_config("tiny", ["model.semantic_stride=8"]) is not None
     with pytest.raises(ConfigError, match="semantic_stage"):
@@ -84,8 +88,9 @@ def test_continue_feeds_the_sa_tokens_into_the_next_stage() -> None:
 
 def _meta(*overrides: str) -> SMARTMetaArch:
     torch.manual_seed(0)
-    return SMARTMetaArch(load_config("tiny", ["model.semantic_form=vit", "model.semantic_stage=3",
-                                              "model.semantic_heads=3", *overrides]))
+    return SMARTMetaArch(
+        load_config("tiny", ["model.semantic_form=vit", "model.semantic_stage=3", "model.semantic_heads=3", *overrides])
+    )
 
 
 def test_cls_loss_alone_reaches_the_sa_blocks_and_the_stages_below() -> None:
@@ -94,8 +99,13 @@ def test_cls_loss_alone_reaches_the_sa_blocks_and_the_stages_below() -> None:
     assert set(k for k in out.terms if k.startswith("loss_")) == {"loss_cls"}
     out.loss.backward()
     params = dict(meta.student.named_parameters())
-    for name in ("semantic.cls_token", "semantic.blocks.0.attn.qkv.weight", "semantic.blocks.1.mlp.linear1.weight",
-                 "backbone.layers3.0.blocks.1.attn.qkv.weight", "backbone.patch_embed.proj.weight"):
+    for name in (
+        "semantic.cls_token",
+        "semantic.blocks.0.attn.qkv.weight",
+        "semantic.blocks.1.mlp.linear1.weight",
+        "backbone.layers3.0.blocks.1.attn.qkv.weight",
+        "backbone.patch_embed.proj.weight",
+    ):
         assert params[name].grad is not None and params[name].grad.abs().sum() > 0, name
     # stage 4 is after the semantic attention and feeds no loss here
     assert params["backbone.layers4.0.blocks.0.attn.qkv.weight"].grad is None
@@ -144,17 +154,31 @@ def test_paper_preset_builds_the_stated_shapes() -> None:
     model_cfg = build_model_config(config)
     bb = model_cfg.backbone
     assert (bb.depths, bb.num_heads, bb.window_size, bb.patch_size, bb.embed_dim) == (
-        (2, 2, 8, 2), (4, 4, 8, 16), (4, 4, 4), 2, 48)
+        (2, 2, 8, 2),
+        (4, 4, 8, 16),
+        (4, 4, 4),
+        2,
+        48,
+    )
     assert bb.drop_path_rate == pytest.approx(0.1)
-    assert (model_cfg.semantic_form, model_cfg.semantic_stage, model_cfg.semantic_merged,
-            model_cfg.semantic_depth, model_cfg.semantic_continue) == ("vit", 3, False, 2, False)
+    assert (
+        model_cfg.semantic_form,
+        model_cfg.semantic_stage,
+        model_cfg.semantic_merged,
+        model_cfg.semantic_depth,
+        model_cfg.semantic_continue,
+    ) == ("vit", 3, False, 2, False)
     assert config.data.roi == (128, 128, 128) and config.data.spacing == (2.0, 2.0, 2.0)
     assert config.optim.lr * config.data.batch_size == pytest.approx(8e-4)
     assert config.optim.warmup_for(config.train.max_steps) == round(0.1 * config.train.max_steps)
     assert (config.teacher.noise, config.teacher.noise_ratio) == ("patch_dropout", 0.7)
     assert (config.masking.strategy, config.masking.ratio, config.masking.hint_ratio) == ("attention_hint", 0.7, 0.1)
-    assert (config.loss.recon_weight, config.loss.patch_weight, config.loss.cls_weight,
-            config.loss.global_weight) == (1.0, 0.1, 0.1, 0.1)
+    assert (config.loss.recon_weight, config.loss.patch_weight, config.loss.cls_weight, config.loss.global_weight) == (
+        1.0,
+        0.1,
+        0.1,
+        0.1,
+    )
     model_cfg.global_head = True
     model = SMARTFormer(model_cfg).eval()
     assert isinstance(model.semantic, ViTSemanticAttention) and len(model.semantic.blocks) == 2
@@ -175,7 +199,10 @@ def test_existing_presets_keep_their_method(preset: str) -> None:
     config = load_config(preset)
     model_cfg = build_model_config(config)
     assert (model_cfg.semantic_form, model_cfg.semantic_stride, model_cfg.semantic_continue) == (
-        "class_attention", 16, False)
+        "class_attention",
+        16,
+        False,
+    )
     assert config.loss.global_weight == 0 and config.optim.warmup_fraction == 0
     assert isinstance(SMARTFormer(model_cfg).semantic, SemanticAttention)
 
@@ -189,8 +216,9 @@ def test_decoder_is_one_linear_layer_per_token() -> None:
     feats = torch.randn(1, 2, 2, 2, 192)
     lin = feats @ dec.proj.weight.view(16**3, 192).T + dec.proj.bias  # (1, 2, 2, 2, 16^3)
     voxels = dec(feats)
-    assert torch.allclose(voxels[0, 0, 16:32, 0:16, 16:32].reshape(-1),
-                          lin[0, 1, 0, 1].view(16, 16, 16).reshape(-1), atol=1e-5)
+    assert torch.allclose(
+        voxels[0, 0, 16:32, 0:16, 16:32].reshape(-1), lin[0, 1, 0, 1].view(16, 16, 16).reshape(-1), atol=1e-5
+    )
 
 
 def test_gitd_center_is_saved_and_resumed(tmp_path) -> None:
@@ -207,9 +235,20 @@ def test_gitd_center_is_saved_and_resumed(tmp_path) -> None:
     write_phantoms(data, n=2, seed=0, shape=(48, 48, 40), spacing=(5.0, 5.0, 5.0), progress=False)
     run = tmp_path / "run"
     args = ["pretrain", "--data", str(data), "--out", str(run), "--no-progress"]
-    fast = ["data.roi=[32,32,32]", "data.spacing=[4.0,4.0,4.0]", "data.num_workers=0", "train.log_every=1",
-            "train.snapshot_every=1000", "train.checkpoint_every=2", "masking.warmup_steps=1", "optim.warmup_steps=1",
-            "loss.global_weight=0.1", "model.semantic_form=vit", "model.semantic_stage=3", "model.semantic_heads=3"]
+    fast = [
+        "data.roi=[32,32,32]",
+        "data.spacing=[4.0,4.0,4.0]",
+        "data.num_workers=0",
+        "train.log_every=1",
+        "train.snapshot_every=1000",
+        "train.checkpoint_every=2",
+        "masking.warmup_steps=1",
+        "optim.warmup_steps=1",
+        "loss.global_weight=0.1",
+        "model.semantic_form=vit",
+        "model.semantic_stage=3",
+        "model.semantic_heads=3",
+    ]
 
     def losses() -> dict[int, float]:
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -137,8 +137,7 @@ def test_anisotropic_grid_keeps_extent_and_anatomy() -> None:
     coarse = generate_phantom(8, SMALL_SHAPE, SMALL_SPACING, n_lesions=0)
     fine = generate_phantom(8, fine_shape, fine_spacing, n_lesions=0)
     assert fine.ct.shape == (144, 112, 56)
-    assert np.allclose(_world_extent(coarse.affine, coarse.ct.shape),
-                       _world_extent(fine.affine, fine.ct.shape))
+    assert np.allclose(_world_extent(coarse.affine, coarse.ct.shape), _world_extent(fine.affine, fine.ct.shape))
     for organ in ("lung_left", "lung_right", "heart", "liver"):
         volumes = [(p.labels == ID[organ]).sum() * np.prod(p.spacing) for p in (coarse, fine)]
         assert volumes[1] == pytest.approx(volumes[0], rel=0.05)
@@ -156,8 +155,7 @@ def test_bad_generator_arguments_raise_one_line_errors(tmp_path: Path) -> None:
 
 
 def test_written_files_match_the_generator_and_json(tmp_path: Path) -> None:
-    folders = write_phantoms(tmp_path / "set", 2, seed=1, shape=SMALL_SHAPE, spacing=SMALL_SPACING,
-                             progress=False)
+    folders = write_phantoms(tmp_path / "set", 2, seed=1, shape=SMALL_SHAPE, spacing=SMALL_SPACING, progress=False)
     assert folders == [tmp_path / "set" / "case_000", tmp_path / "set" / "case_001"]
     for index, folder in enumerate(folders):
         ct, labels = nib.load(folder / "ct.nii.gz"), nib.load(folder / "labels.nii.gz")
@@ -176,8 +174,7 @@ def test_written_files_match_the_generator_and_json(tmp_path: Path) -> None:
         assert meta["lesions"] == expected.lesions
 
 
-def test_cli_writes_cases_refuses_existing_and_overwrites(tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_writes_cases_refuses_existing_and_overwrites(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "phantoms"
     argv = ["data", "phantom", "--out", str(out), "-n", "2", "--seed", "5", *SMALL]
     assert main(argv) == 0
@@ -195,19 +192,35 @@ def test_cli_writes_cases_refuses_existing_and_overwrites(tmp_path: Path,
 
 def test_cli_anisotropic_keeps_the_field_of_view(tmp_path: Path) -> None:
     out = tmp_path / "aniso"
-    assert main(["data", "phantom", "--out", str(out), "--shape", "32", "24", "16", "--anisotropic",
-                 "--lesions", "0", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "phantom",
+                "--out",
+                str(out),
+                "--shape",
+                "32",
+                "24",
+                "16",
+                "--anisotropic",
+                "--lesions",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     ct = nib.load(out / "case_000" / "ct.nii.gz")
     assert np.allclose(ct.header.get_zooms(), ANISOTROPIC_SPACING)
     assert ct.shape == (100, 75, 16)
-    assert np.allclose(_world_extent(ct.affine, ct.shape)[1] - _world_extent(ct.affine, ct.shape)[0],
-                       [80, 60, 40])
+    assert np.allclose(_world_extent(ct.affine, ct.shape)[1] - _world_extent(ct.affine, ct.shape)[0], [80, 60, 40])
 
 
-@pytest.mark.parametrize("extra", [["-n", "0"], ["--spacing", "1", "0", "1"], ["--seed", "-2"],
-                                   ["--out-is-file"]])
-def test_cli_bad_arguments_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                extra: list[str]) -> None:
+@pytest.mark.parametrize("extra", [["-n", "0"], ["--spacing", "1", "0", "1"], ["--seed", "-2"], ["--out-is-file"]])
+def test_cli_bad_arguments_exit_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str]
+) -> None:
     out = tmp_path / "out"
     if extra == ["--out-is-file"]:
         out.write_text("not a folder")

@@ -24,9 +24,16 @@ from smartformer.train.checkpoint import RunLock, load_checkpoint
 
 # Small and fast: 32^3 views (a 2^3 grid of stride-16 cells), batch 2, no loader workers.
 FAST = [
-    "data.roi=[32,32,32]", "data.spacing=[4.0,4.0,4.0]", "data.num_workers=0", "train.log_every=1",
-    "train.snapshot_every=1000", "train.checkpoint_every=1000", "masking.warmup_steps=2",
-    "optim.warmup_steps=1", "optim.freeze_last_layer_steps=1", "loss.warmup_teacher_temp_steps=2",
+    "data.roi=[32,32,32]",
+    "data.spacing=[4.0,4.0,4.0]",
+    "data.num_workers=0",
+    "train.log_every=1",
+    "train.snapshot_every=1000",
+    "train.checkpoint_every=1000",
+    "masking.warmup_steps=2",
+    "optim.warmup_steps=1",
+    "optim.freeze_last_layer_steps=1",
+    "loss.warmup_teacher_temp_steps=2",
 ]
 
 
@@ -39,8 +46,9 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "smartformer", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "smartformer", *args], capture_output=True, text=True, cwd=cwd, env=env, check=False
+    )
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -50,16 +58,48 @@ def losses(run: Path) -> dict[int, float]:
 
 def test_run_writes_everything_and_exports_teacher(phantoms: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    rc = main(["pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "3", "--no-progress",
-               *FAST, "train.snapshot_every=3", "train.checkpoint_every=2"])
+    rc = main(
+        [
+            "pretrain",
+            "--data",
+            str(phantoms),
+            "--out",
+            str(run),
+            "--max-steps",
+            "3",
+            "--no-progress",
+            *FAST,
+            "train.snapshot_every=3",
+            "train.checkpoint_every=2",
+        ]
+    )
     assert rc == 0
     assert load_config(str(run / "config.yaml")).data.roi == (32, 32, 32)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    for key in ("loss", "loss_recon", "loss_patch", "loss_cls", "lr", "wd", "momentum", "teacher_temp",
-                "mask_ratio", "head_diversity", "steps_per_s", "volumes_per_s", "data_wait_s",
-                "teacher_cls_entropy", "teacher_patch_entropy", "teacher_cls_batch_entropy", "teacher_patch_batch_entropy", "teacher_cls_cosine",
-                "teacher_pooled_cosine", "attn_air_share", "air_cell_share"):
+    for key in (
+        "loss",
+        "loss_recon",
+        "loss_patch",
+        "loss_cls",
+        "lr",
+        "wd",
+        "momentum",
+        "teacher_temp",
+        "mask_ratio",
+        "head_diversity",
+        "steps_per_s",
+        "volumes_per_s",
+        "data_wait_s",
+        "teacher_cls_entropy",
+        "teacher_patch_entropy",
+        "teacher_cls_batch_entropy",
+        "teacher_patch_batch_entropy",
+        "teacher_cls_cosine",
+        "teacher_pooled_cosine",
+        "attn_air_share",
+        "air_cell_share",
+    ):
         assert key in rows[-1], key
     assert 0.0 < rows[-1]["teacher_cls_entropy"] < 1.0 and 0.0 < rows[-1]["teacher_patch_entropy"] < 1.0
     assert rows[0]["momentum"] == pytest.approx(0.996) and rows[-1]["momentum"] == pytest.approx(1.0)
@@ -84,7 +124,9 @@ def test_second_run_into_busy_or_used_run_dir_is_refused(phantoms: Path, tmp_pat
     with RunLock(run):
         assert main(["pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "1", *FAST]) == 2
     assert "in use" in capsys.readouterr().err
-    assert main(["pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "1", "--no-progress", *FAST]) == 0
+    assert (
+        main(["pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "1", "--no-progress", *FAST]) == 0
+    )
     assert main(["pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "2", *FAST]) == 2
     assert "--resume" in capsys.readouterr().err
 
@@ -93,12 +135,32 @@ def test_second_run_into_busy_or_used_run_dir_is_refused(phantoms: Path, tmp_pat
 def test_sigterm_then_resume_gives_the_uninterrupted_losses(phantoms: Path, tmp_path: Path) -> None:
     steps = 8
     ref = tmp_path / "ref"
-    assert cli("pretrain", "--data", str(phantoms), "--out", str(ref), "--max-steps", str(steps), "--no-progress",
-               *FAST).returncode == 0
+    assert (
+        cli(
+            "pretrain", "--data", str(phantoms), "--out", str(ref), "--max-steps", str(steps), "--no-progress", *FAST
+        ).returncode
+        == 0
+    )
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "smartformer", "pretrain", "--data", str(phantoms), "--out",
-                             str(run), "--max-steps", str(steps), "--no-progress", *FAST],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "smartformer",
+            "pretrain",
+            "--data",
+            str(phantoms),
+            "--out",
+            str(run),
+            "--max-steps",
+            str(steps),
+            "--no-progress",
+            *FAST,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and not (run / "metrics.jsonl").is_file():
         time.sleep(0.05)
@@ -118,11 +180,31 @@ def test_sigterm_then_resume_gives_the_uninterrupted_losses(phantoms: Path, tmp_
 def test_resume_restores_the_sinkhorn_queue(phantoms: Path, tmp_path: Path) -> None:
     # The queue is training state: a resumed run that lost it would normalise step 3's targets
     # over other rows and log another loss than the uninterrupted run.
-    remedies = ["loss.centering=sinkhorn", "loss.cls_queue=16", "loss.koleo_weight=0.1",
-                "data.min_body_fraction=0.3", "data.min_view_overlap=0.5", "data.local_views=2"]
+    remedies = [
+        "loss.centering=sinkhorn",
+        "loss.cls_queue=16",
+        "loss.koleo_weight=0.1",
+        "data.min_body_fraction=0.3",
+        "data.min_view_overlap=0.5",
+        "data.local_views=2",
+    ]
     run = tmp_path / "run"
-    assert cli("pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "3", "--no-progress",
-               *FAST, *remedies, "train.checkpoint_every=2").returncode == 0
+    assert (
+        cli(
+            "pretrain",
+            "--data",
+            str(phantoms),
+            "--out",
+            str(run),
+            "--max-steps",
+            "3",
+            "--no-progress",
+            *FAST,
+            *remedies,
+            "train.checkpoint_every=2",
+        ).returncode
+        == 0
+    )
     first = losses(run)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all("loss_koleo" in r for r in rows)
@@ -137,8 +219,21 @@ def test_resume_after_a_lost_checkpoint_logs_each_step_once(phantoms: Path, tmp_
     # A run killed between checkpoints has logged steps its last checkpoint does not hold; the
     # resumed run logs them again, and must replace, not duplicate, them.
     run = tmp_path / "run"
-    assert cli("pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "4", "--no-progress",
-               *FAST, "train.checkpoint_every=2").returncode == 0
+    assert (
+        cli(
+            "pretrain",
+            "--data",
+            str(phantoms),
+            "--out",
+            str(run),
+            "--max-steps",
+            "4",
+            "--no-progress",
+            *FAST,
+            "train.checkpoint_every=2",
+        ).returncode
+        == 0
+    )
     first = losses(run)
     shutil.copyfile(run / "checkpoints" / "step_0000002.pt", run / "checkpoints" / "last.pt")  # as if killed at 4
     resumed = cli("pretrain", "--data", str(phantoms), "--out", str(run), "--resume", "--no-progress")
@@ -167,22 +262,34 @@ def test_a_second_run_and_a_resumed_run_repeat_the_first_bit_for_bit(phantoms: P
 
     def run(out: Path, *args: str) -> tuple[list[dict], dict]:
         assert main(["pretrain", "--data", str(phantoms), "--out", str(out), "--no-progress", *args]) == 0
-        rows = [{k: v for k, v in json.loads(line).items() if k not in timings}
-                for line in (out / "metrics.jsonl").read_text().splitlines()]
+        rows = [
+            {k: v for k, v in json.loads(line).items() if k not in timings}
+            for line in (out / "metrics.jsonl").read_text().splitlines()
+        ]
         state = load_checkpoint(out / "checkpoints" / "last.pt")
         # The step's randomness is the per-process generator's (masks, noise) and the per-sample view
         # seeds. Torch's global generator only seeds the model (then unused: the loader draws its
         # base seed from it once per invocation); Python's and NumPy's are unused.
         state["rng"] = state["rng"]["generator"]
-        return rows, {k: state[k] for k in ("step", "student", "teacher", "optimizer", "scaler", "centers", "losses",
-                                             "rng")}
+        return rows, {
+            k: state[k] for k in ("step", "student", "teacher", "optimizer", "scaler", "centers", "losses", "rng")
+        }
 
-    args = ["--max-steps", "3", *FAST, "train.checkpoint_every=2", "optim.freeze_last_layer_steps=2",
-            "loss.centering=sinkhorn", "loss.cls_queue=16"]
+    args = [
+        "--max-steps",
+        "3",
+        *FAST,
+        "train.checkpoint_every=2",
+        "optim.freeze_last_layer_steps=2",
+        "loss.centering=sinkhorn",
+        "loss.cls_queue=16",
+    ]
     rows, state = run(tmp_path / "first", *args)
     assert [r["step"] for r in rows] == [1, 2, 3]
     again = run(tmp_path / "again", *args)
-    shutil.copyfile(tmp_path / "again" / "checkpoints" / "step_0000002.pt", tmp_path / "again" / "checkpoints" / "last.pt")
+    shutil.copyfile(
+        tmp_path / "again" / "checkpoints" / "step_0000002.pt", tmp_path / "again" / "checkpoints" / "last.pt"
+    )
     resumed = run(tmp_path / "again", "--resume")
     for other_rows, other_state in (again, resumed):
         assert other_rows == rows
@@ -196,10 +303,33 @@ def test_two_process_gloo_run_keeps_replicas_identical(phantoms: Path, tmp_path:
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "smartformer", "pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "3",
-         "--no-progress", *FAST, "train.checkpoint_every=2", "train.device=cpu", *extra],
-        capture_output=True, text=True, env=env, check=False, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "smartformer",
+            "pretrain",
+            "--data",
+            str(phantoms),
+            "--out",
+            str(run),
+            "--max-steps",
+            "3",
+            "--no-progress",
+            *FAST,
+            "train.checkpoint_every=2",
+            "train.device=cpu",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -218,19 +348,46 @@ def test_corrupt_file_is_named_or_skipped(phantoms: Path, tmp_path: Path, capsys
     bad = data / "broken.nii.gz"
     bad.write_text("this is not a NIfTI file\n")
     # a batch of 2 over 3 volumes reaches the broken one within two steps
-    rc = main(["pretrain", "--data", str(data), "--out", str(tmp_path / "a"), "--max-steps", "3", "--no-progress",
-               *FAST])
+    rc = main(
+        ["pretrain", "--data", str(data), "--out", str(tmp_path / "a"), "--max-steps", "3", "--no-progress", *FAST]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "broken.nii.gz" in err[0]
-    rc = main(["pretrain", "--data", str(data), "--out", str(tmp_path / "b"), "--max-steps", "2", "--skip-bad",
-               "--no-progress", *FAST])
+    rc = main(
+        [
+            "pretrain",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "b"),
+            "--max-steps",
+            "2",
+            "--skip-bad",
+            "--no-progress",
+            *FAST,
+        ]
+    )
     assert rc == 0
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(phantoms: Path, tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
-    rc = main(["pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "6", "--no-progress",
-               *FAST, "train.checkpoint_every=1", "optim.lr=1e37", "optim.clip_grad=1e30"])
+    rc = main(
+        [
+            "pretrain",
+            "--data",
+            str(phantoms),
+            "--out",
+            str(run),
+            "--max-steps",
+            "6",
+            "--no-progress",
+            *FAST,
+            "train.checkpoint_every=1",
+            "optim.lr=1e37",
+            "optim.clip_grad=1e30",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "non-finite loss" in err and "last good checkpoint" in err
     state = load_checkpoint(run / "checkpoints" / "last.pt")
@@ -238,25 +395,44 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(phantoms: Path, tm
 
 
 def test_config_errors_are_one_line(phantoms: Path, tmp_path: Path, capsys) -> None:
-    for override, needle in [("optim.lr=fast", "optim.lr"), ("masking.bogus=1", "masking.bogus"),
-                             ("masking.strategy=attention_high", "semantic attention")]:
+    for override, needle in [
+        ("optim.lr=fast", "optim.lr"),
+        ("masking.bogus=1", "masking.bogus"),
+        ("masking.strategy=attention_high", "semantic attention"),
+    ]:
         extra = ["model.semantic_attention=false"] if "attention_high" in override else []
-        rc = main(["pretrain", "--data", str(phantoms), "--out", str(tmp_path / "x"), "--max-steps", "1",
-                   override, *extra])
+        rc = main(
+            ["pretrain", "--data", str(phantoms), "--out", str(tmp_path / "x"), "--max-steps", "1", override, *extra]
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "x" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("ablation", [
-    ["model.semantic_attention=false", "masking.strategy=random", "teacher.noise=none"],  # SMIT-like
-    ["teacher.noise=gaussian", "masking.strategy=attention_high"],
-    ["loss.cls_weight=0", "loss.patch_weight=0", "masking.strategy=block"],
-    ["loss.recon_weight=0", "masking.strategy=attention_low"],
-])
+@pytest.mark.parametrize(
+    "ablation",
+    [
+        ["model.semantic_attention=false", "masking.strategy=random", "teacher.noise=none"],  # SMIT-like
+        ["teacher.noise=gaussian", "masking.strategy=attention_high"],
+        ["loss.cls_weight=0", "loss.patch_weight=0", "masking.strategy=block"],
+        ["loss.recon_weight=0", "masking.strategy=attention_low"],
+    ],
+)
 def test_ablation_switches_run(phantoms: Path, tmp_path: Path, ablation: list[str]) -> None:
-    rc = main(["pretrain", "--data", str(phantoms), "--out", str(tmp_path / "r"), "--max-steps", "3",
-               "--no-progress", *FAST, *ablation])
+    rc = main(
+        [
+            "pretrain",
+            "--data",
+            str(phantoms),
+            "--out",
+            str(tmp_path / "r"),
+            "--max-steps",
+            "3",
+            "--no-progress",
+            *FAST,
+            *ablation,
+        ]
+    )
     assert rc == 0
     last = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
     assert ("loss_cls" in last) == ("loss.cls_weight=0" not in ablation)
@@ -267,8 +443,17 @@ def test_uniform_teacher_targets_are_reported_once(phantoms: Path, tmp_path: Pat
     # CaiT's LayerScale start makes the [CLS] input-independent: the centered targets are
     # uniform, the collapse the engine must name. The default start must not trigger it.
     def args(run: str) -> list[str]:
-        return ["pretrain", "--data", str(phantoms), "--out", str(tmp_path / run), "--max-steps", "4",
-                "--no-progress", *FAST]
+        return [
+            "pretrain",
+            "--data",
+            str(phantoms),
+            "--out",
+            str(tmp_path / run),
+            "--max-steps",
+            "4",
+            "--no-progress",
+            *FAST,
+        ]
 
     with pytest.warns(UserWarning, match=r"cls targets are uniform") as caught:
         # center_momentum=0: the center is the last batch mean, so it catches up at once
@@ -305,8 +490,21 @@ def test_demo_main_job_end_to_end(tmp_path: Path) -> None:
 
 
 def test_bf16_autocast_and_gradient_checkpointing_run(phantoms: Path, tmp_path: Path) -> None:
-    rc = main(["pretrain", "--data", str(phantoms), "--out", str(tmp_path / "r"), "--max-steps", "2",
-               "--no-progress", *FAST, "train.precision=bf16", "train.grad_checkpointing=true"])
+    rc = main(
+        [
+            "pretrain",
+            "--data",
+            str(phantoms),
+            "--out",
+            str(tmp_path / "r"),
+            "--max-steps",
+            "2",
+            "--no-progress",
+            *FAST,
+            "train.precision=bf16",
+            "train.grad_checkpointing=true",
+        ]
+    )
     assert rc == 0
     last = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
     assert all(v == v for v in last.values())  # no NaN
@@ -319,14 +517,46 @@ def test_time_budget_stops_saves_and_counts_across_resume(phantoms: Path, tmp_pa
     counts the time already spent, so a spent budget trains no further."""
     run = tmp_path / "run"
     budget = ["train.max_minutes=0.0001"]  # 6 ms: over after the first step
-    assert main(["pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "50", "--no-progress",
-                 *FAST, *budget]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                str(phantoms),
+                "--out",
+                str(run),
+                "--max-steps",
+                "50",
+                "--no-progress",
+                *FAST,
+                *budget,
+            ]
+        )
+        == 0
+    )
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert state["step"] == 1 and state["train_seconds"] > 0.006
-    assert main(["pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "50", "--no-progress",
-                 "--resume"]) == 0
+    assert (
+        main(["pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "50", "--no-progress", "--resume"])
+        == 0
+    )
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 1
     # A larger budget on resume continues from there.
-    assert main(["pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "3", "--no-progress",
-                 "--resume", "train.max_minutes=100"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                str(phantoms),
+                "--out",
+                str(run),
+                "--max-steps",
+                "3",
+                "--no-progress",
+                "--resume",
+                "train.max_minutes=100",
+            ]
+        )
+        == 0
+    )
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 3

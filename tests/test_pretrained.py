@@ -51,8 +51,15 @@ def test_shipped_model_exports_to_monai_by_name(tmp_path: Path) -> None:
     assert main(["export", "--checkpoint", name, "--to", "monai", "--out", str(out)]) == 0
     model = SMARTFormer.from_pretrained(name)
     bb = model.config.backbone
-    net = SwinUNETR(in_channels=1, out_channels=2, feature_size=bb.embed_dim, depths=tuple(bb.depths),
-                    num_heads=tuple(bb.num_heads), window_size=tuple(bb.window_size), spatial_dims=3)
+    net = SwinUNETR(
+        in_channels=1,
+        out_channels=2,
+        feature_size=bb.embed_dim,
+        depths=tuple(bb.depths),
+        num_heads=tuple(bb.num_heads),
+        window_size=tuple(bb.window_size),
+        spatial_dims=3,
+    )
     state = {k.removeprefix("swinViT."): v for k, v in load_weights(out).items()}
     net.swinViT.load_state_dict(state, strict=True)
     assert torch.equal(net.swinViT.patch_embed.proj.weight, model.backbone.patch_embed.proj.weight)

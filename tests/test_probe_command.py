@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-
 from downstream_cases import FAST, case_csv, tiny_checkpoint  # noqa: F401  (fixtures)
+
 from smartformer.cli import main
 from smartformer.downstream.metrics import METRICS
 
@@ -18,8 +18,26 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def probe_run(case_csv, tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("probe")
-    rc = main(["probe", "--data", str(case_csv), "--checkpoint", str(tiny_checkpoint), "random:tiny", "--out", str(out),
-               "--folds", "3", "--fraction", "0.5", "1.0", "--bootstrap", "50", *FAST])
+    rc = main(
+        [
+            "probe",
+            "--data",
+            str(case_csv),
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "random:tiny",
+            "--out",
+            str(out),
+            "--folds",
+            "3",
+            "--fraction",
+            "0.5",
+            "1.0",
+            "--bootstrap",
+            "50",
+            *FAST,
+        ]
+    )
     assert rc == 0
     return out
 
@@ -35,7 +53,9 @@ def test_outputs(probe_run, tiny_checkpoint):
     assert predictions["probability"].between(0, 1).all()
     folds = pd.read_csv(out / "folds.csv").set_index("case")
     assert folds.groupby("patient")["fold"].nunique().eq(1).all()  # patient-level
-    assert (predictions["fold"].to_numpy() == folds.loc[predictions["case"], "fold"].to_numpy()).all()  # same folds for every checkpoint and fraction
+    assert (
+        predictions["fold"].to_numpy() == folds.loc[predictions["case"], "fold"].to_numpy()
+    ).all()  # same folds for every checkpoint and fraction
     comparison = pd.read_csv(out / "comparison.csv")
     assert list(comparison["checkpoint"]) == [name, name, "random_tiny", "random_tiny"]
     assert list(comparison["fraction"]) == [0.5, 1.0, 0.5, 1.0]
@@ -66,8 +86,26 @@ def test_metrics_json_and_easy_task(probe_run, tiny_checkpoint):
 
 
 def test_fixed_C_and_cls_features(case_csv, tmp_path):
-    rc = main(["probe", "--data", str(case_csv), "--checkpoint", "random:tiny", "--out", str(tmp_path), "--folds", "2",
-               "--C", "0.5", "--features", "cls", "--bootstrap", "0", *FAST])
+    rc = main(
+        [
+            "probe",
+            "--data",
+            str(case_csv),
+            "--checkpoint",
+            "random:tiny",
+            "--out",
+            str(tmp_path),
+            "--folds",
+            "2",
+            "--C",
+            "0.5",
+            "--features",
+            "cls",
+            "--bootstrap",
+            "0",
+            *FAST,
+        ]
+    )
     assert rc == 0
     report = json.loads((tmp_path / "metrics.json").read_text())
     assert report["features"] == "cls" and report["settings"]["C"] == 0.5
@@ -75,12 +113,18 @@ def test_fixed_C_and_cls_features(case_csv, tmp_path):
     assert np.isnan(report["results"]["random_tiny"]["1"]["overall"]["auc"]["ci_low"])
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda t: t.drop(columns=["label"]), "missing column(s) label"),
-    (lambda t: t.assign(image=["missing.nii.gz"] + list(t["image"][1:])), "row 2: image missing.nii.gz does not exist"),
-    (lambda t: t.assign(label=["air", "lesion", "other"] * 8), "exactly two classes, found 3"),
-    (lambda t: t.assign(center_x=["left"] + list(t["center_x"][1:])), "row 2: center_x/y/z must be three numbers"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.drop(columns=["label"]), "missing column(s) label"),
+        (
+            lambda t: t.assign(image=["missing.nii.gz"] + list(t["image"][1:])),
+            "row 2: image missing.nii.gz does not exist",
+        ),
+        (lambda t: t.assign(label=["air", "lesion", "other"] * 8), "exactly two classes, found 3"),
+        (lambda t: t.assign(center_x=["left"] + list(t["center_x"][1:])), "row 2: center_x/y/z must be three numbers"),
+    ],
+)
 def test_bad_input_writes_nothing(case_csv, tmp_path, capsys, edit, message):
     bad = case_csv.parent / f"bad_{abs(hash(message))}.csv"
     edit(pd.read_csv(case_csv, dtype=str)).to_csv(bad, index=False)
@@ -108,10 +152,25 @@ def test_scan_level_labels_use_whole_scans(case_csv, tmp_path):
     """Treatment response: a label per scan and no location -> whole-scan crops, same outputs."""
     scans = sorted(case_csv.parent.glob("case_*/ct.nii.gz"))
     csv = tmp_path / "response.csv"
-    csv.write_text("image,label\n" + "".join(f"{p},{'responder' if i % 2 else 'progressor'}\n"
-                                             for i, p in enumerate(scans)))
-    rc = main(["probe", "--data", str(csv), "--checkpoint", "random:tiny", "--out", str(tmp_path / "out"),
-               "--folds", "2", "--bootstrap", "20", *FAST])
+    csv.write_text(
+        "image,label\n" + "".join(f"{p},{'responder' if i % 2 else 'progressor'}\n" for i, p in enumerate(scans))
+    )
+    rc = main(
+        [
+            "probe",
+            "--data",
+            str(csv),
+            "--checkpoint",
+            "random:tiny",
+            "--out",
+            str(tmp_path / "out"),
+            "--folds",
+            "2",
+            "--bootstrap",
+            "20",
+            *FAST,
+        ]
+    )
     assert rc == 0
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert report["located_cases"] == 0 and report["cases"] == len(scans) == 6
@@ -122,8 +181,27 @@ def test_scan_level_labels_use_whole_scans(case_csv, tmp_path):
 
 def test_holdout_test_set_beside_the_cv(case_csv, tmp_path, capsys):
     # the SMART paper's LIDC protocol: 3-fold CV on the rest, every fold's model predicts a held-out set
-    rc = main(["probe", "--data", str(case_csv), "--checkpoint", "random:tiny", "--out", str(tmp_path), "--folds", "2",
-               "--holdout", "0.34", "--fraction", "0.5", "1.0", "--bootstrap", "0", *FAST])
+    rc = main(
+        [
+            "probe",
+            "--data",
+            str(case_csv),
+            "--checkpoint",
+            "random:tiny",
+            "--out",
+            str(tmp_path),
+            "--folds",
+            "2",
+            "--holdout",
+            "0.34",
+            "--fraction",
+            "0.5",
+            "1.0",
+            "--bootstrap",
+            "0",
+            *FAST,
+        ]
+    )
     assert rc == 0
     folds = pd.read_csv(tmp_path / "folds.csv")
     held = folds[folds["fold"] == -1]
@@ -144,5 +222,20 @@ def test_holdout_test_set_beside_the_cv(case_csv, tmp_path, capsys):
     labels = held.set_index("case").loc[mean.index, "label"].to_numpy()
     assert entry["holdout"]["overall"]["auc"]["value"] == pytest.approx(binary_metrics(labels, mean.to_numpy())["auc"])
     assert "held-out test set, random_tiny @ 1:" in capsys.readouterr().out
-    assert main(["probe", "--data", str(case_csv), "--checkpoint", "random:tiny", "--out", str(tmp_path / "x"),
-                 "--holdout", "1.5", *FAST]) == 2
+    assert (
+        main(
+            [
+                "probe",
+                "--data",
+                str(case_csv),
+                "--checkpoint",
+                "random:tiny",
+                "--out",
+                str(tmp_path / "x"),
+                "--holdout",
+                "1.5",
+                *FAST,
+            ]
+        )
+        == 2
+    )

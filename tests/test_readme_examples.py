@@ -35,8 +35,9 @@ def test_lesions_then_probe_as_in_the_readme(tmp_path, monkeypatch):
     """``data lesions --data ../shared/data/sts`` then ``probe`` on its CSV, from a working directory
     beside ``shared/``: the CSV's relative paths must resolve for probe (they did not, issue 17)."""
     sts = tmp_path / "shared" / "data" / "sts"
-    for case in write_phantoms(tmp_path / "phantoms", 6, seed=5, shape=(48, 48, 40), spacing=(4.0, 4.0, 4.0),
-                               n_lesions=1, progress=False):
+    for case in write_phantoms(
+        tmp_path / "phantoms", 6, seed=5, shape=(48, 48, 40), spacing=(4.0, 4.0, 4.0), n_lesions=1, progress=False
+    ):
         folder = sts / f"STS_{case.name[-3:]}"
         folder.mkdir(parents=True)
         (case / "ct.nii.gz").rename(folder / "ct.nii.gz")
@@ -52,7 +53,7 @@ def test_lesions_then_probe_as_in_the_readme(tmp_path, monkeypatch):
     image = csv.read_text().splitlines()[1].split(",")[0]
     assert (csv.parent / image).is_file(), f"{image} is not relative to the CSV's folder"
     probe = readme_command(f"smartformer probe --data {csv}")
-    probe[probe.index("--checkpoint") + 1:probe.index("--out")] = ["random:tiny"]  # no second model: fast
+    probe[probe.index("--checkpoint") + 1 : probe.index("--out")] = ["random:tiny"]  # no second model: fast
     assert main([*probe, *FAST_PROBE]) == 0
     assert (Path(probe[probe.index("--out") + 1]) / "metrics.json").is_file()
 
@@ -76,7 +77,7 @@ def readme_python() -> str:
     """The README's first Python example."""
     text = README.read_text()
     start = text.index("```python\n") + len("```python\n")
-    return text[start:text.index("```", start)]
+    return text[start : text.index("```", start)]
 
 
 def test_python_example_runs_as_written(tmp_path, monkeypatch):
@@ -88,8 +89,9 @@ def test_python_example_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     SMARTFormer.from_preset("tiny").save_pretrained(tmp_path / "runs" / "ct1" / "teacher")
-    (case,) = write_phantoms(tmp_path / "ph", 1, seed=1, shape=(50, 44, 36), spacing=(3.0, 3.0, 3.0), n_lesions=1,
-                             progress=False)
+    (case,) = write_phantoms(
+        tmp_path / "ph", 1, seed=1, shape=(50, 44, 36), spacing=(3.0, 3.0, 3.0), n_lesions=1, progress=False
+    )
     (case / "ct.nii.gz").rename(tmp_path / "ct.nii.gz")
     exec(readme_python(), {})  # noqa: S102 - the README's code, as a user would paste it
     mean = nib.load(str(tmp_path / "maps" / "ct_mean.nii.gz"))
@@ -105,12 +107,22 @@ def test_make_test_fast_leaves_out_slow_and_realdata_tests():
     # Under CI this test itself runs inside `make test`: the inherited MAKEFLAGS/MAKELEVEL would make the
     # inner make print "Entering/Leaving directory" lines around the recipe, so they are dropped here.
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
-    dry = subprocess.run(["make", "--no-print-directory", "-n", "test-fast"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, check=True).stdout
+    dry = subprocess.run(
+        ["make", "--no-print-directory", "-n", "test-fast"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     command = shlex.split(dry.strip().splitlines()[-1])
     assert command[1:4] == ["-m", "pytest", "-q"] and command[-2:] == ["-m", "not slow and not realdata"]
-    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *command[-2:],
-                                str(Path(__file__))], cwd=ROOT, capture_output=True, text=True).stdout
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", *command[-2:], str(Path(__file__))],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert "test_lesions_then_probe_as_in_the_readme" in collected
     assert "test_lesions_then_probe_on_the_real_sts_data" not in collected
 
@@ -155,8 +167,16 @@ def test_every_readme_command_parses():
 
 #: What the README's "Use it on your CTs" lines get appended in the test: small, fast settings.
 FAST_RUN = {
-    "pretrain": ["--max-steps", "2", "--no-progress", "data.roi=[32,32,32]", "data.spacing=[5.0,5.0,5.0]",
-                 "data.num_workers=0", "train.snapshot_every=1000", "train.log_every=1"],
+    "pretrain": [
+        "--max-steps",
+        "2",
+        "--no-progress",
+        "data.roi=[32,32,32]",
+        "data.spacing=[5.0,5.0,5.0]",
+        "data.num_workers=0",
+        "train.snapshot_every=1000",
+        "train.log_every=1",
+    ],
     "attention": ["--spacing", "5", "--roi", "32", "--no-progress"],
     "localize": ["--spacing", "5", "--roi", "32", "--no-progress"],
     "cluster": ["--spacing", "5", "--roi", "32", "--no-progress", "--tsne-points", "60"],
@@ -168,8 +188,9 @@ def test_use_it_on_your_cts_as_written(tmp_path, monkeypatch):
     """The README's "Use it on your CTs" sequence, in order, on phantoms put where its paths point
     (``/data/my_cts`` becomes a local folder; ablation, torchrun, probe and segment lines are left out)."""
     monkeypatch.chdir(tmp_path)
-    cases = write_phantoms(tmp_path / "my_cts", 2, seed=4, shape=(48, 48, 40), spacing=(5.0, 5.0, 5.0),
-                           n_lesions=1, progress=False)
+    cases = write_phantoms(
+        tmp_path / "my_cts", 2, seed=4, shape=(48, 48, 40), spacing=(5.0, 5.0, 5.0), n_lesions=1, progress=False
+    )
     ct, labels = cases[0] / "ct.nii.gz", cases[0] / "labels.nii.gz"
     (tmp_path / "ct.nii.gz").write_bytes(ct.read_bytes())
     (tmp_path / "organs.nii.gz").write_bytes(labels.read_bytes())
@@ -180,12 +201,25 @@ def test_use_it_on_your_cts_as_written(tmp_path, monkeypatch):
     (tmp_path / "cases.csv").write_text("image,mask\nct.nii.gz,tumor.nii.gz\n")
 
     text = README.read_text()
-    block = text[text.index("## Use it on your CTs"):]
-    block = block[block.index("```bash\n") + 8:block.index("```", block.index("```bash\n") + 8)]
-    wanted = [line for line in readme_command_lines() if line in {ln.split(" #")[0].strip() for ln in block.splitlines()}
-              and not any(skip in line for skip in ("cts.csv", "--config base", " probe ", " segment "))]
-    assert [line.split()[1] for line in wanted] == ["data", "pretrain", "pretrain", "export", "attention",
-                                                    "attention", "localize", "cluster", "report"]
+    block = text[text.index("## Use it on your CTs") :]
+    block = block[block.index("```bash\n") + 8 : block.index("```", block.index("```bash\n") + 8)]
+    wanted = [
+        line
+        for line in readme_command_lines()
+        if line in {ln.split(" #")[0].strip() for ln in block.splitlines()}
+        and not any(skip in line for skip in ("cts.csv", "--config base", " probe ", " segment "))
+    ]
+    assert [line.split()[1] for line in wanted] == [
+        "data",
+        "pretrain",
+        "pretrain",
+        "export",
+        "attention",
+        "attention",
+        "localize",
+        "cluster",
+        "report",
+    ]
     for line in wanted:
         argv = shlex.split(line.replace("/data/my_cts", "my_cts"))[1:]
         extra = ["--max-steps", "3", "--no-progress"] if "--resume" in argv else FAST_RUN.get(argv[0], [])

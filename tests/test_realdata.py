@@ -42,8 +42,7 @@ def _coarse(ct: MetaTensor, label: MetaTensor) -> tuple[np.ndarray, np.ndarray, 
     The volumes come already read (each file is decoded once per test), so the pipeline runs
     from the step after its ``LoadCTd``.
     """
-    pipeline = preprocess_transforms(label_keys=("label",), spacing=4.0, window="wide",
-                                     roi=(16, 16, 16))
+    pipeline = preprocess_transforms(label_keys=("label",), spacing=4.0, window="wide", roi=(16, 16, 16))
     assert isinstance(pipeline.transforms[0], LoadCTd)
     out = Compose(pipeline.transforms[1:])({"image": ct.clone(), "label": label.clone()})
     assert out["image"].shape == out["label"].shape
@@ -65,13 +64,16 @@ def test_data_check_on_sts_lists_51_valid_volumes(tmp_path, capsys):
     assert len(list_volumes(DATA / "sts")) == 51
 
 
-@pytest.mark.parametrize("relative, shape", [
-    ("chest/elastix_00.nii.gz", (486, 358, 141)),
-    ("chest/pancreas_ct_cb_001.nii.gz", (240, 140, 134)),
-    ("organs/ts_example/ct.nii.gz", (122, 101, 112)),
-    ("organs/ts_dicom_example/ct.nii.gz", (512, 512, 20)),
-    ("organs/ts_dicom_example/dicom", (512, 512, 20)),
-])
+@pytest.mark.parametrize(
+    "relative, shape",
+    [
+        ("chest/elastix_00.nii.gz", (486, 358, 141)),
+        ("chest/pancreas_ct_cb_001.nii.gz", (240, 140, 134)),
+        ("organs/ts_example/ct.nii.gz", (122, 101, 112)),
+        ("organs/ts_dicom_example/ct.nii.gz", (512, 512, 20)),
+        ("organs/ts_dicom_example/dicom", (512, 512, 20)),
+    ],
+)
 def test_real_volumes_load(relative, shape):
     image = read_ct(DATA / relative)
     assert tuple(image.shape) == (1, *shape)
@@ -99,8 +101,9 @@ def test_sts_tumour_mask_aligns_after_preprocessing(case):
     assert -150 < median < 150  # soft tissue (fatty sarcomas reach about -50 HU)
     native = native_mask[0].numpy() > 0.5
     assert abs(median - float(np.median(np.clip(native_ct[0].numpy(), *WIDE)[native]))) < 30
-    np.testing.assert_allclose(_world_centroid(tumour, affine),
-                               _world_centroid(native, native_mask.affine.numpy()), atol=2.0)
+    np.testing.assert_allclose(
+        _world_centroid(tumour, affine), _world_centroid(native, native_mask.affine.numpy()), atol=2.0
+    )
 
 
 @pytest.mark.slow

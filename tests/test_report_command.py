@@ -25,15 +25,18 @@ def _one_thread():
 
 def _fake_run(run_dir: Path) -> None:
     """metrics.jsonl (with a half-written last line), 10 snapshots, config.yaml and teacher/."""
-    lines = [json.dumps({"step": s, "loss": 2.0 / s, "loss_recon": 1.0 / s, "lr": 1e-4 * s, "momentum": 0.996})
-             for s in range(1, 21)]
+    lines = [
+        json.dumps({"step": s, "loss": 2.0 / s, "loss_recon": 1.0 / s, "lr": 1e-4 * s, "momentum": 0.996})
+        for s in range(1, 21)
+    ]
     (run_dir / "metrics.jsonl").parent.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 21, "lo')
     (run_dir / "config.yaml").write_text("preset: tiny\n")
     rng = np.random.default_rng(0)
     for step in range(0, 100, 10):
-        save_overlay_png(rng.random((16, 16, 8)), rng.random((16, 16, 8)),
-                         run_dir / "snapshots" / f"attention_step{step:07d}.png")
+        save_overlay_png(
+            rng.random((16, 16, 8)), rng.random((16, 16, 8)), run_dir / "snapshots" / f"attention_step{step:07d}.png"
+        )
     torch.manual_seed(0)
     SMARTFormer.from_preset("tiny").save_pretrained(run_dir / "teacher")
 
@@ -42,16 +45,64 @@ def test_report_gathers_everything(tmp_path):
     run_dir = tmp_path / "run"
     _fake_run(run_dir)
     phantoms = tmp_path / "phantoms"
-    (case,) = write_phantoms(phantoms, n=1, seed=2, shape=(64, 64, 48), spacing=(5.0, 5.0, 5.0), progress=False,
-                             n_lesions=1)
+    (case,) = write_phantoms(
+        phantoms, n=1, seed=2, shape=(64, 64, 48), spacing=(5.0, 5.0, 5.0), progress=False, n_lesions=1
+    )
     fast = ["--spacing", "5", "--roi", "32"]
-    assert main(["attention", "--checkpoint", str(run_dir), "--image", str(case / "ct.nii.gz"),
-                 "--out", str(run_dir / "attention"), "--mask", str(case / "labels.nii.gz"),
-                 "--mask-label", str(LESION_ID), *fast]) == 0
-    assert main(["localize", "--checkpoint", str(run_dir), "--data", str(phantoms), "--out",
-                 str(run_dir / "localize"), "--no-random-baseline", "--no-progress", *fast]) == 0
-    assert main(["cluster", "--checkpoint", str(run_dir), "--image", str(case / "ct.nii.gz"), "--labels",
-                 str(case / "labels.nii.gz"), "--out", str(run_dir / "cluster"), "--no-progress", *fast]) == 0
+    assert (
+        main(
+            [
+                "attention",
+                "--checkpoint",
+                str(run_dir),
+                "--image",
+                str(case / "ct.nii.gz"),
+                "--out",
+                str(run_dir / "attention"),
+                "--mask",
+                str(case / "labels.nii.gz"),
+                "--mask-label",
+                str(LESION_ID),
+                *fast,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "localize",
+                "--checkpoint",
+                str(run_dir),
+                "--data",
+                str(phantoms),
+                "--out",
+                str(run_dir / "localize"),
+                "--no-random-baseline",
+                "--no-progress",
+                *fast,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "cluster",
+                "--checkpoint",
+                str(run_dir),
+                "--image",
+                str(case / "ct.nii.gz"),
+                "--labels",
+                str(case / "labels.nii.gz"),
+                "--out",
+                str(run_dir / "cluster"),
+                "--no-progress",
+                *fast,
+            ]
+        )
+        == 0
+    )
 
     assert main(["report", str(run_dir)]) == 0
     page = (run_dir / "report.html").read_text(encoding="utf-8")
@@ -86,8 +137,26 @@ def test_report_takes_results_from_elsewhere_and_states_the_effective_lr(tmp_pat
     (run_dir / "config.yaml").write_text(annotate_effective_lr(config.to_yaml(), config))
     phantoms = tmp_path / "phantoms"
     write_phantoms(phantoms, n=1, seed=2, shape=(64, 64, 48), spacing=(5.0, 5.0, 5.0), progress=False, n_lesions=1)
-    assert main(["localize", "--checkpoint", str(run_dir), "--data", str(phantoms), "--out", str(tmp_path / "loc"),
-                 "--no-random-baseline", "--no-progress", "--spacing", "5", "--roi", "32"]) == 0
+    assert (
+        main(
+            [
+                "localize",
+                "--checkpoint",
+                str(run_dir),
+                "--data",
+                str(phantoms),
+                "--out",
+                str(tmp_path / "loc"),
+                "--no-random-baseline",
+                "--no-progress",
+                "--spacing",
+                "5",
+                "--roi",
+                "32",
+            ]
+        )
+        == 0
+    )
 
     assert main(["report", str(run_dir)]) == 0
     assert "Localization" not in (run_dir / "report.html").read_text(encoding="utf-8")

@@ -13,7 +13,8 @@ from smartformer.data.resample import axis_aligned_map, resample_to_grid
 
 def _monai(volume: torch.Tensor, src: np.ndarray, dst: np.ndarray, shape) -> torch.Tensor:
     out = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float64)(
-        MetaTensor(volume.double(), affine=torch.as_tensor(src)), dst_affine=torch.as_tensor(dst), spatial_size=shape)
+        MetaTensor(volume.double(), affine=torch.as_tensor(src)), dst_affine=torch.as_tensor(dst), spatial_size=shape
+    )
     return out.as_tensor().float()
 
 
@@ -29,10 +30,16 @@ def _affine(spacing, origin, axes=(0, 1, 2), flips=(1, 1, 1)) -> np.ndarray:
 CASES = {
     "upsample": (_affine((2.0, 2.0, 3.0), (0, 0, 0)), _affine((0.9, 0.8, 1.1), (-1.3, 0.4, 2.0)), (40, 31, 19)),
     "downsample_shifted": (_affine((1.0, 1.0, 1.0), (0, 0, 0)), _affine((2.5, 1.7, 3.0), (3.1, -2.0, 1.0)), (9, 11, 6)),
-    "lps_flip": (_affine((2.0, 2.0, 2.0), (0, 0, 0)), _affine((0.7, 0.7, 2.5), (30.0, 28.0, -3.0), flips=(-1, -1, 1)),
-                 (40, 37, 12)),
-    "permuted": (_affine((2.0, 2.0, 2.0), (0, 0, 0)), _affine((1.5, 0.9, 1.2), (1.0, 25.0, 2.0), axes=(2, 0, 1),
-                                                              flips=(1, -1, 1)), (20, 33, 30)),
+    "lps_flip": (
+        _affine((2.0, 2.0, 2.0), (0, 0, 0)),
+        _affine((0.7, 0.7, 2.5), (30.0, 28.0, -3.0), flips=(-1, -1, 1)),
+        (40, 37, 12),
+    ),
+    "permuted": (
+        _affine((2.0, 2.0, 2.0), (0, 0, 0)),
+        _affine((1.5, 0.9, 1.2), (1.0, 25.0, 2.0), axes=(2, 0, 1), flips=(1, -1, 1)),
+        (20, 33, 30),
+    ),
 }
 
 
@@ -67,8 +74,9 @@ def test_reversed_layout_gives_the_same_volume() -> None:
     src, dst, shape = CASES["lps_flip"]
     volume = torch.rand(2, 14, 16, 12, generator=torch.Generator().manual_seed(2))
     direct = resample_to_grid(volume, src, dst, shape)
-    reversed_ = resample_to_grid(volume.permute(0, 3, 2, 1).contiguous(), reverse_axes(src), reverse_axes(dst),
-                                 shape[::-1])
+    reversed_ = resample_to_grid(
+        volume.permute(0, 3, 2, 1).contiguous(), reverse_axes(src), reverse_axes(dst), shape[::-1]
+    )
     assert torch.allclose(reversed_.permute(0, 3, 2, 1), direct, atol=1e-6)
 
 

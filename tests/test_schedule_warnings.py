@@ -12,8 +12,15 @@ from smartformer.data.phantom import write_phantoms
 from smartformer.train.engine import build_schedules, pretrain
 from smartformer.train.schedules import annotate_effective_lr, read_effective_lr, schedule_warnings
 
-FAST = ["data.roi=[32,32,32]", "data.spacing=[5.0,5.0,5.0]", "data.num_workers=0", "train.log_every=1",
-        "train.snapshot_every=1000", "train.checkpoint_every=1000", "optim.freeze_last_layer_steps=1"]
+FAST = [
+    "data.roi=[32,32,32]",
+    "data.spacing=[5.0,5.0,5.0]",
+    "data.num_workers=0",
+    "train.log_every=1",
+    "train.snapshot_every=1000",
+    "train.checkpoint_every=1000",
+    "optim.freeze_last_layer_steps=1",
+]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,7 +33,10 @@ def _warnings(overrides: list[str], max_steps: int) -> list[str]:
 
 def test_a_50_step_tiny_run_warns_of_lr_and_masking():
     lr, masking = _warnings([], 50)
-    assert "lr only rises and ends at its peak" in lr and "effective peak lr 0.0005 = optim.lr 0.00025 x global batch 2" in lr
+    assert (
+        "lr only rises and ends at its peak" in lr
+        and "effective peak lr 0.0005 = optim.lr 0.00025 x global batch 2" in lr
+    )
     assert "attention-guided masking never switches on" in masking
     assert _warnings([], 60) == []  # the demo's 60 steps: 10 of cosine decay, attention masking from step 50
     assert _warnings([], 500) == []

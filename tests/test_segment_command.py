@@ -25,9 +25,29 @@ from smartformer.models.smartformer import SMARTFormer
 SPACING = (9.0, 9.0, 9.0)  # 40 x 32 x 32 voxels: a 360 x 288 x 288 mm field of view, the whole body
 SHAPE = (40, 32, 32)
 LABELS = (2, 3, 8)  # left lung, right lung, liver: remapped to classes 1, 2, 3 and back
-TRAIN_ARGS = ["--labels", *map(str, LABELS), "--roi", "64", "32", "32", "--spacing", "6", "--batch-size", "1",
-              "--max-steps", "12", "--val-every", "6", "--log-every", "3", "--lr", "1e-3", "--seed", "0",
-              "--no-progress"]
+TRAIN_ARGS = [
+    "--labels",
+    *map(str, LABELS),
+    "--roi",
+    "64",
+    "32",
+    "32",
+    "--spacing",
+    "6",
+    "--batch-size",
+    "1",
+    "--max-steps",
+    "12",
+    "--val-every",
+    "6",
+    "--log-every",
+    "3",
+    "--lr",
+    "1e-3",
+    "--seed",
+    "0",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +80,19 @@ def trained(tmp_path_factory: pytest.TempPathFactory, threads, encoder_dir: Path
     run = tmp_path_factory.mktemp("seg") / "run"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        rc = main(["segment", "train", "--checkpoint", str(encoder_dir), "--data", str(phantoms),
-                   "--out", str(run), *TRAIN_ARGS])
+        rc = main(
+            [
+                "segment",
+                "train",
+                "--checkpoint",
+                str(encoder_dir),
+                "--data",
+                str(phantoms),
+                "--out",
+                str(run),
+                *TRAIN_ARGS,
+            ]
+        )
     assert rc == 0
     return {"run": run, "stdout": stdout.getvalue()}
 
@@ -74,7 +105,7 @@ def test_swinvit_holds_the_checkpoint_encoder(threads, encoder_dir: Path) -> Non
     net, encoder = build_segmenter(encoder_dir, num_classes=3, roi=(64, 64, 64))
     expected = to_monai_state_dict(SMARTFormer.from_pretrained(encoder_dir).backbone.state_dict())
     got = net.swinViT.state_dict()
-    assert set(got) == {k[len(MONAI_PREFIX):] for k in expected}
+    assert set(got) == {k[len(MONAI_PREFIX) :] for k in expected}
     for key, value in got.items():
         assert torch.equal(value, expected[MONAI_PREFIX + key]), key
     # the architecture follows the checkpoint (tiny: width 24, window 4), not SwinUNETR's defaults
@@ -83,8 +114,9 @@ def test_swinvit_holds_the_checkpoint_encoder(threads, encoder_dir: Path) -> Non
     assert net.out.conv.conv.out_channels == 4  # background + 3 classes
     # and the equality is not what SwinUNETR starts with anyway: a fresh one differs
     fresh, _ = build_segmenter("random:tiny", num_classes=3, seed=1)
-    differing = [k for k, v in fresh.swinViT.state_dict().items()
-                 if v.is_floating_point() and not torch.equal(v, got[k])]
+    differing = [
+        k for k, v in fresh.swinViT.state_dict().items() if v.is_floating_point() and not torch.equal(v, got[k])
+    ]
     assert "patch_embed.proj.weight" in differing
 
 
@@ -120,8 +152,9 @@ def _lps_zyx(ras_path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     return zyx, (-float(far[0]), -float(far[1]), float(far[2]))
 
 
-def test_predict_writes_label_maps_on_each_input_grid(trained: dict, phantoms: Path, tmp_path: Path,
-                                                      write_volume, write_dicom_series, capsys) -> None:
+def test_predict_writes_label_maps_on_each_input_grid(
+    trained: dict, phantoms: Path, tmp_path: Path, write_volume, write_dicom_series, capsys
+) -> None:
     run = trained["run"]
     # an unseen case on another grid: 7.2 mm voxels (1.2 model voxels) never fall half-way between two 6 mm
     # model voxels, nor do 7.2 mm extents give half sizes, so MONAI has no ties to round differently per orientation
@@ -131,8 +164,25 @@ def test_predict_writes_label_maps_on_each_input_grid(trained: dict, phantoms: P
     lps = write_volume(tmp_path / "lps" / "ct_lps.nrrd", zyx, (7.2, 7.2, 7.2), origin)
     dicom = write_dicom_series(tmp_path / "dicom", zyx, (7.2, 7.2, 7.2), origin)
     out = tmp_path / "pred"
-    assert main(["segment", "predict", "--model", str(run), "--image", str(ras), "--image", str(lps),
-                 "--image", str(dicom), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                "predict",
+                "--model",
+                str(run),
+                "--image",
+                str(ras),
+                "--image",
+                str(lps),
+                "--image",
+                str(dicom),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "ml" in capsys.readouterr().out
 
     truth = np.asarray(nib.load(str(tmp_path / "new" / "case_000" / "labels.nii.gz")).dataobj)
@@ -160,8 +210,21 @@ def test_predict_on_the_input_grid_scores_like_validation(trained: dict, phantom
     run = trained["run"]
     config = json.loads((run / "segmentation.json").read_text())
     case = json.loads((run / "settings.json").read_text())["val_cases"][0]
-    assert main(["segment", "predict", "--model", str(run), "--image", str(phantoms / case / "ct.nii.gz"),
-                 "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                "predict",
+                "--model",
+                str(run),
+                "--image",
+                str(phantoms / case / "ct.nii.gz"),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     predicted = np.asarray(nib.load(str(tmp_path / "ct_seg.nii.gz")).dataobj)
     truth = np.asarray(nib.load(str(phantoms / case / "labels.nii.gz")).dataobj)
     for label in LABELS:
@@ -174,8 +237,7 @@ def _run_err(args: list[str], capsys) -> tuple[int, str]:
     return rc, err
 
 
-def test_bad_inputs_exit_2_with_one_line(threads, encoder_dir: Path, phantoms: Path, tmp_path: Path,
-                                         capsys) -> None:
+def test_bad_inputs_exit_2_with_one_line(threads, encoder_dir: Path, phantoms: Path, tmp_path: Path, capsys) -> None:
     import shutil
 
     out = tmp_path / "out"
@@ -208,8 +270,10 @@ def test_bad_inputs_exit_2_with_one_line(threads, encoder_dir: Path, phantoms: P
     no_weights.mkdir()
     shutil.copy(encoder_dir / "config.json", no_weights / "config.json")
     good_csv = tmp_path / "good.csv"
-    good_csv.write_text("image,label\n" + "".join(f"{phantoms}/case_00{i}/ct.nii.gz,{phantoms}/case_00{i}/labels.nii.gz\n"
-                                                  for i in range(3)))
+    good_csv.write_text(
+        "image,label\n"
+        + "".join(f"{phantoms}/case_00{i}/ct.nii.gz,{phantoms}/case_00{i}/labels.nii.gz\n" for i in range(3))
+    )
     bad_ckpt = [a if a != str(encoder_dir) else str(no_weights) for a in train]
     rc, err = _run_err([*bad_ckpt, "--data", str(good_csv)], capsys)
     assert rc == 2 and len(err.splitlines()) == 1 and str(no_weights) in err
@@ -224,8 +288,19 @@ def test_bad_inputs_exit_2_with_one_line(threads, encoder_dir: Path, phantoms: P
     assert not out.exists()
 
     # predict: a folder that is no run, an image that does not exist
-    rc, err = _run_err(["segment", "predict", "--model", str(encoder_dir), "--image", str(phantoms / "case_000" / "ct.nii.gz"),
-                        "--out", str(out)], capsys)
+    rc, err = _run_err(
+        [
+            "segment",
+            "predict",
+            "--model",
+            str(encoder_dir),
+            "--image",
+            str(phantoms / "case_000" / "ct.nii.gz"),
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     assert rc == 2 and len(err.splitlines()) == 1 and str(encoder_dir) in err and "segmentation.json" in err
 
 
@@ -249,8 +324,10 @@ def test_csv_cases_resolve_against_the_csv_and_split_by_patient(phantoms: Path, 
         shutil.copytree(phantoms / f"case_00{i}", data / f"scan{i}")
     shutil.copytree(phantoms / "case_000", data / "scan3")
     csv = data / "cases.csv"
-    csv.write_text("image,label,patient\n" + "".join(f"scan{i}/ct.nii.gz,scan{i}/labels.nii.gz,{p}\n"
-                                                     for i, p in enumerate("AABC")))
+    csv.write_text(
+        "image,label,patient\n"
+        + "".join(f"scan{i}/ct.nii.gz,scan{i}/labels.nii.gz,{p}\n" for i, p in enumerate("AABC"))
+    )
     cases = find_cases(csv)
     assert [c.image for c in cases] == [data / f"scan{i}" / "ct.nii.gz" for i in range(4)]
     assert [c.patient for c in cases] == list("AABC")
@@ -267,8 +344,26 @@ def test_frozen_encoder_keeps_its_weights_while_the_decoder_learns(threads, phan
 
     run = tmp_path / "frozen"
     args = [a for a in TRAIN_ARGS if a not in ("--max-steps", "12")]
-    assert main(["segment", "train", "--checkpoint", "random:tiny", "--data", str(phantoms), "--out", str(run),
-                 *args, "--epochs", "1", "--freeze-encoder-steps", "2"]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                "train",
+                "--checkpoint",
+                "random:tiny",
+                "--data",
+                str(phantoms),
+                "--out",
+                str(run),
+                *args,
+                "--epochs",
+                "1",
+                "--freeze-encoder-steps",
+                "2",
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in lines if "val_dice" in e] == [0, 2]
     assert all(e["encoder_frozen"] for e in lines if "loss" in e)

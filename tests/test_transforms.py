@@ -13,8 +13,8 @@ from monai.data.utils import affine_to_spacing
 
 from smartformer.config import DataConfig
 from smartformer.data.dataset import build_pretrain_dataset
-from smartformer.data.loader import build_pretrain_loader
 from smartformer.data.io import read_ct
+from smartformer.data.loader import build_pretrain_loader
 from smartformer.data.transforms import (
     preprocess_transforms,
     view_transforms,
@@ -23,8 +23,11 @@ from smartformer.data.windows import WINDOWS, parse_window
 from smartformer.errors import ConfigError, InputError, SmartformerError
 
 # Non-RAS, permuted and anisotropic: i -> left, j -> inferior, k -> posterior (LPS, row-major).
-SKEWED = {"spacing": (0.9, 2.5, 1.4), "origin": (20.0, -15.0, 35.0),
-          "direction": (1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, -1.0, 0.0)}
+SKEWED = {
+    "spacing": (0.9, 2.5, 1.4),
+    "origin": (20.0, -15.0, 35.0),
+    "direction": (1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, -1.0, 0.0),
+}
 ROI = (24, 24, 24)
 
 
@@ -36,8 +39,10 @@ def _world_centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
 @pytest.fixture
 def ct_and_label(tmp_path, write_volume, phantom_zyx) -> dict[str, str]:
     ct, label = phantom_zyx((20, 32, 28))
-    return {"image": str(write_volume(tmp_path / "ct.nii.gz", ct, **SKEWED)),
-            "label": str(write_volume(tmp_path / "label.nrrd", label, **SKEWED))}
+    return {
+        "image": str(write_volume(tmp_path / "ct.nii.gz", ct, **SKEWED)),
+        "label": str(write_volume(tmp_path / "label.nrrd", label, **SKEWED)),
+    }
 
 
 def test_parse_window():
@@ -52,8 +57,7 @@ def test_parse_window():
 
 def test_preprocessing_invariants_and_label_alignment(ct_and_label):
     original = read_ct(ct_and_label["label"])
-    out = preprocess_transforms(label_keys=("label",), spacing=1.5, window="wide", roi=ROI)(
-        ct_and_label)
+    out = preprocess_transforms(label_keys=("label",), spacing=1.5, window="wide", roi=ROI)(ct_and_label)
     image, label = out["image"], out["label"]
 
     assert image.shape == label.shape and image.shape[0] == 1
@@ -66,9 +70,11 @@ def test_preprocessing_invariants_and_label_alignment(ct_and_label):
     bright = (image[0] > (0.52 + 0.85) / 2).numpy()  # halfway between tissue and cube
     cube = (label[0] > 0.5).numpy()
     assert 2 * (bright & cube).sum() / (bright.sum() + cube.sum()) > 0.9  # Dice
-    np.testing.assert_allclose(_world_centroid(cube, label.affine.numpy()),
-                               _world_centroid(original[0].numpy() > 0.5,
-                                               original.affine.numpy()), atol=0.5)
+    np.testing.assert_allclose(
+        _world_centroid(cube, label.affine.numpy()),
+        _world_centroid(original[0].numpy() > 0.5, original.affine.numpy()),
+        atol=0.5,
+    )
     assert set(np.unique(label.numpy())) <= {0.0, 1.0}
 
 
@@ -122,19 +128,20 @@ def test_views_shape_range_and_reproducibility(ct_and_label):
 def test_views_without_augmentation_reproduce_the_volume(ct_and_label):
     sample = _preprocessed(ct_and_label)
     image = sample["image"][:, :16, :16, :16]  # a volume exactly the size of the ROI
-    views = view_transforms(roi=(16, 16, 16), num_views=2, intensity_scale=0.0,
-                            intensity_shift=0.0, flip_prob=0.0, max_scale=1.0)
+    views = view_transforms(
+        roi=(16, 16, 16), num_views=2, intensity_scale=0.0, intensity_shift=0.0, flip_prob=0.0, max_scale=1.0
+    )
     out = views({"image": image})["views"]
     assert torch.allclose(out[0], image.as_tensor()) and torch.allclose(out[1], image.as_tensor())
 
 
 # --- the cached dataset and the loader ---------------------------------------------------------
 
+
 @pytest.fixture
 def volumes(tmp_path, write_volume, phantom_zyx) -> list[dict[str, str]]:
     ct, _ = phantom_zyx((12, 30, 26))
-    return [{"image": str(write_volume(tmp_path / "src" / f"ct{i}.nii.gz", ct + 10 * i,
-                                       **SKEWED))} for i in range(3)]
+    return [{"image": str(write_volume(tmp_path / "src" / f"ct{i}.nii.gz", ct + 10 * i, **SKEWED))} for i in range(3)]
 
 
 def _cache_files(cache: Path) -> list[Path]:
@@ -180,8 +187,7 @@ def test_changing_settings_changes_the_cache_folder(tmp_path, volumes):
 def test_corrupt_volume_raises_input_error_naming_it(tmp_path, volumes):
     broken = tmp_path / "broken.nii.gz"
     broken.write_text("not a volume")
-    dataset = build_pretrain_dataset([*volumes[:1], {"image": str(broken)}], tmp_path / "c",
-                                     roi=16)
+    dataset = build_pretrain_dataset([*volumes[:1], {"image": str(broken)}], tmp_path / "c", roi=16)
     with pytest.raises(InputError) as caught:
         dataset[1]
     assert str(caught.value).startswith(f"{broken}: ")
@@ -207,8 +213,9 @@ def test_skip_bad_drops_unreadable_volumes_with_a_warning(tmp_path, volumes, wri
         build_pretrain_dataset([{"image": str(text)}], tmp_path / "c", roi=16, skip_bad=True)
 
 
-def _batches(tmp_path: Path, steps: int, seed: int = 3, workers: int = 0, rank: int = 0, world_size: int = 1,
-             start_step: int = 0) -> list[torch.Tensor]:
+def _batches(
+    tmp_path: Path, steps: int, seed: int = 3, workers: int = 0, rank: int = 0, world_size: int = 1, start_step: int = 0
+) -> list[torch.Tensor]:
     """The views of ``steps`` batches of the pretraining stream over the ``volumes`` fixture's folder."""
     settings = DataConfig(roi=(16, 16, 16), batch_size=2, num_workers=workers)
     stream = build_pretrain_loader(tmp_path / "src", settings, tmp_path / "cache", seed, rank, world_size, start_step)

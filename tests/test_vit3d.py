@@ -12,9 +12,18 @@ CFG = ViT3DConfig(img_size=(32, 64, 32), patch_size=16, hidden_size=48, mlp_dim=
 
 
 def monai_vit(cfg: ViT3DConfig, classification: bool = False) -> ViT:
-    return ViT(cfg.in_chans, cfg.img_size, cfg.patch_size, hidden_size=cfg.hidden_size, mlp_dim=cfg.mlp_dim,
-               num_layers=cfg.num_layers, num_heads=cfg.num_heads, qkv_bias=cfg.qkv_bias,
-               classification=classification, post_activation=None).eval()
+    return ViT(
+        cfg.in_chans,
+        cfg.img_size,
+        cfg.patch_size,
+        hidden_size=cfg.hidden_size,
+        mlp_dim=cfg.mlp_dim,
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        qkv_bias=cfg.qkv_bias,
+        classification=classification,
+        post_activation=None,
+    ).eval()
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -40,8 +49,9 @@ def test_cls_path_matches_monai_classification_vit() -> None:
     torch.manual_seed(0)
     ours = ViT3D(CFG).eval()
     monai = monai_vit(CFG, classification=True)
-    missing, unexpected = monai.load_state_dict({**ours.monai_state_dict(), "cls_token": ours.cls_token.data},
-                                                strict=False)
+    missing, unexpected = monai.load_state_dict(
+        {**ours.monai_state_dict(), "cls_token": ours.cls_token.data}, strict=False
+    )
     assert unexpected == [] and all(k.startswith("classification_head") for k in missing)
     x = torch.rand(1, 1, *CFG.img_size)
     with torch.no_grad():
@@ -78,9 +88,18 @@ def test_vit_tiny_preset_trains_with_attention_guided_masking(tmp_path) -> None:
     from smartformer.train.ssl_meta_arch import SMARTMetaArch
 
     torch.manual_seed(0)
-    meta = SMARTMetaArch(load_config("vit_tiny", ["model.vit.num_layers=2", "masking.warmup_steps=0",
-                                                  "masking.ratio=0.5", "masking.hint_ratio=0",
-                                                  "loss.global_weight=0.1"]))
+    meta = SMARTMetaArch(
+        load_config(
+            "vit_tiny",
+            [
+                "model.vit.num_layers=2",
+                "masking.warmup_steps=0",
+                "masking.ratio=0.5",
+                "masking.hint_ratio=0",
+                "loss.global_weight=0.1",
+            ],
+        )
+    )
     assert isinstance(meta.student.backbone, ViT3D) and meta.student.config.semantic_stride == 16
     views = torch.rand(1, 2, 1, 64, 64, 64)
     out = meta(views, step=5, teacher_temp=0.04)

@@ -18,8 +18,9 @@ from smartformer.models.swin3d import Swin3D
 
 
 def tiny_unetr() -> SwinUNETR:
-    return SwinUNETR(in_channels=1, out_channels=3, feature_size=24, depths=(2, 2, 2, 2),
-                     num_heads=(3, 6, 12, 24), window_size=4)
+    return SwinUNETR(
+        in_channels=1, out_channels=3, feature_size=24, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), window_size=4
+    )
 
 
 def test_save_and_load_pretrained_is_exact(tmp_path: Path) -> None:
@@ -56,7 +57,7 @@ def test_export_loads_into_swinunetr_strictly_and_round_trips(tmp_path: Path) ->
     ours = Swin3D.from_preset("tiny").eval()
     exported = to_monai_state_dict(ours.state_dict())
     net = tiny_unetr().eval()
-    net.swinViT.load_state_dict({k[len("swinViT."):]: v for k, v in exported.items()}, strict=True)
+    net.swinViT.load_state_dict({k[len("swinViT.") :]: v for k, v in exported.items()}, strict=True)
     missing, unexpected = net.load_state_dict(exported, strict=False)
     assert unexpected == [] and not [k for k in missing if k.startswith("swinViT.")]
     x = torch.randn(1, 1, 64, 64, 64)
@@ -72,8 +73,10 @@ def test_export_loads_into_swinunetr_strictly_and_round_trips(tmp_path: Path) ->
 
 def test_filter_maps_wrapped_and_legacy_names() -> None:
     ours = Swin3D.from_preset("tiny")
-    legacy = {"module." + k.replace("mlp.linear1", "mlp.fc1").replace("mlp.linear2", "mlp.fc2"): v
-              for k, v in ours.state_dict().items()}
+    legacy = {
+        "module." + k.replace("mlp.linear1", "mlp.fc1").replace("mlp.linear2", "mlp.fc2"): v
+        for k, v in ours.state_dict().items()
+    }
     legacy["module.head.weight"] = torch.zeros(2)
     mapped = checkpoint_filter_fn({"state_dict": legacy})
     assert set(mapped) == set(ours.state_dict())
@@ -99,14 +102,26 @@ def test_export_cli_from_pretrained_dir(tmp_path: Path) -> None:
     SMARTFormer.from_preset("tiny").save_pretrained(tmp_path / "enc")
     out = tmp_path / "swinvit.pt"
     proc = subprocess.run(
-        [sys.executable, "-m", "smartformer", "export", "--checkpoint", str(tmp_path / "enc"),
-         "--to", "monai", "--out", str(out)],
-        capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "smartformer",
+            "export",
+            "--checkpoint",
+            str(tmp_path / "enc"),
+            "--to",
+            "monai",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     state = torch.load(out, weights_only=True)
     net = tiny_unetr()
-    net.swinViT.load_state_dict({k[len("swinViT."):]: v for k, v in state.items()}, strict=True)
+    net.swinViT.load_state_dict({k[len("swinViT.") :]: v for k, v in state.items()}, strict=True)
     # safetensors output too
     assert main(["export", "--checkpoint", str(tmp_path / "enc"), "--out", str(tmp_path / "w.safetensors")]) == 0
     assert set(load_weights(tmp_path / "w.safetensors")) == set(state)
@@ -116,4 +131,3 @@ def test_export_cli_reports_missing_checkpoint(tmp_path: Path, capsys) -> None:
     assert main(["export", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o.pt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope.pt" in err[0]
-

@@ -102,8 +102,10 @@ def entropy_line(tail: list[dict]) -> str:
     cls, patch = median_of(tail, "teacher_cls_entropy"), median_of(tail, "teacher_patch_entropy")
     if math.isnan(cls) or math.isnan(patch):
         return ""
-    return (f" Median teacher target entropy over the last {len(tail)} logged steps, as a\n"
-            f"  fraction of ln K (1.0 = uniform targets, nothing to learn): [CLS] {cls:.3f}, patch {patch:.3f}.")
+    return (
+        f" Median teacher target entropy over the last {len(tail)} logged steps, as a\n"
+        f"  fraction of ln K (1.0 = uniform targets, nothing to learn): [CLS] {cls:.3f}, patch {patch:.3f}."
+    )
 
 
 def collapse_note(tail: list[dict], out_dim: int, layer_scale: float, batch: int) -> str:
@@ -115,25 +117,33 @@ def collapse_note(tail: list[dict], out_dim: int, layer_scale: float, batch: int
     the volumes per step.
     """
     entropy = median_of(tail, "teacher_cls_entropy")
-    uniform = (entropy > UNIFORM_ENTROPY if not math.isnan(entropy)
-               else abs(median_of(tail, "loss_cls") - math.log(out_dim)) < 1e-3)
+    uniform = (
+        entropy > UNIFORM_ENTROPY
+        if not math.isnan(entropy)
+        else abs(median_of(tail, "loss_cls") - math.log(out_dim)) < 1e-3
+    )
     if not uniform:
         return ""
     if layer_scale < 1e-2:
-        cause = ("  Runs of smartformer before the semantic-attention LayerScale fix (LayerScale started\n"
-                 "  at 1e-4) collapse this way: the [CLS] did not depend on the input.")
+        cause = (
+            "  Runs of smartformer before the semantic-attention LayerScale fix (LayerScale started\n"
+            "  at 1e-4) collapse this way: the [CLS] did not depend on the input."
+        )
     else:
-        cause = (f"  The [CLS] starts input-dependent, but at {batch} volumes per step its targets drift to\n"
-                 "  uniform during training, as in every run of the quality benchmark (docs/BENCHMARKS.md),\n"
-                 "  and the [CLS] ends nearly the same for every input; the patch targets stay informative\n"
-                 f"  ({median_of(tail, 'teacher_patch_entropy'):.3f} of ln K). DINO trains with hundreds of\n"
-                 "  images per step and recommends a teacher temperature of 0.04 (this recipe warms up to\n"
-                 "  0.07): a larger batch or `loss.teacher_temp=0.04` are the first things to try\n"
-                 "  (docs/BENCHMARKS.md has a first, short trial of the latter).")
-    return (f"\n- Its [CLS] targets ended near uniform (teacher entropy above {UNIFORM_ENTROPY} of ln K; the\n"
-            f"  [CLS] loss sits near ln K = {math.log(out_dim):.4f}), so the [CLS] distillation taught the\n"
-            "  [CLS] embedding little and the attention query learnt mostly through the other losses.\n"
-            + cause)
+        cause = (
+            f"  The [CLS] starts input-dependent, but at {batch} volumes per step its targets drift to\n"
+            "  uniform during training, as in every run of the quality benchmark (docs/BENCHMARKS.md),\n"
+            "  and the [CLS] ends nearly the same for every input; the patch targets stay informative\n"
+            f"  ({median_of(tail, 'teacher_patch_entropy'):.3f} of ln K). DINO trains with hundreds of\n"
+            "  images per step and recommends a teacher temperature of 0.04 (this recipe warms up to\n"
+            "  0.07): a larger batch or `loss.teacher_temp=0.04` are the first things to try\n"
+            "  (docs/BENCHMARKS.md has a first, short trial of the latter)."
+        )
+    return (
+        f"\n- Its [CLS] targets ended near uniform (teacher entropy above {UNIFORM_ENTROPY} of ln K; the\n"
+        f"  [CLS] loss sits near ln K = {math.log(out_dim):.4f}), so the [CLS] distillation taught the\n"
+        "  [CLS] embedding little and the attention query learnt mostly through the other losses.\n" + cause
+    )
 
 
 def main() -> None:
@@ -142,8 +152,13 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="the CSV (image column) the run was trained on")
     parser.add_argument("--name", default="smart-tiny-ct")
     parser.add_argument("--hardware", default="2 vCPU (AMD EPYC), no GPU, shared with other work")
-    parser.add_argument("--limit", action="append", default=[], metavar="TEXT",
-                        help="a further known-limits item for the card (measured figures, e.g. localization); repeatable")
+    parser.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a further known-limits item for the card (measured figures, e.g. localization); repeatable",
+    )
     args = parser.parse_args()
 
     from smartformer.models.smartformer import SMARTFormer
@@ -156,11 +171,13 @@ def main() -> None:
     last, tail = logged[-1], logged[-TAIL_ROWS:]
     # Training time: the checkpoint's own count, else the logged throughput summed over the logs.
     seconds = float(state.get("train_seconds", 0.0)) or sum(
-        (r["step"] - (logged[i - 1]["step"] if i else 0)) / r["steps_per_s"] for i, r in enumerate(logged))
+        (r["step"] - (logged[i - 1]["step"] if i else 0)) / r["steps_per_s"] for i, r in enumerate(logged)
+    )
     model = SMARTFormer.from_pretrained(args.run / "teacher")
     # Saved before the LayerScale start was an option: then it was CaiT's 1e-4.
     layer_scale = json.loads((args.run / "teacher" / "config.json").read_text())["model"].get(
-        "semantic_layer_scale", 1e-4)
+        "semantic_layer_scale", 1e-4
+    )
     dest = ROOT / "src" / "smartformer" / "pretrained" / args.name
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("model.safetensors", "config.json"):
@@ -172,20 +189,41 @@ def main() -> None:
         name=args.name,
         params=sum(p.numel() for p in model.parameters()),
         size_mb=(dest / "model.safetensors").stat().st_size / 2**20,
-        embed_dim=bb.embed_dim, depths=list(bb.depths), heads=list(bb.num_heads), window=list(bb.window_size),
-        sem_depth=m.semantic_depth, sem_heads=m.semantic_heads, stride=m.semantic_stride,
-        window_hu=t["data"]["window"], spacing="x".join(f"{s:g}" for s in t["data"]["spacing"]),
+        embed_dim=bb.embed_dim,
+        depths=list(bb.depths),
+        heads=list(bb.num_heads),
+        window=list(bb.window_size),
+        sem_depth=m.semantic_depth,
+        sem_heads=m.semantic_heads,
+        stride=m.semantic_stride,
+        window_hu=t["data"]["window"],
+        spacing="x".join(f"{s:g}" for s in t["data"]["spacing"]),
         roi="x".join(str(r) for r in t["data"]["roi"]),
-        n_volumes=n_volumes, steps=steps, batch=t["data"]["batch_size"], views=2,
-        hours=seconds / 3600, hardware=args.hardware,
+        n_volumes=n_volumes,
+        steps=steps,
+        batch=t["data"]["batch_size"],
+        views=2,
+        hours=seconds / 3600,
+        hardware=args.hardware,
         max_steps=t["train"]["max_steps"],
-        status="training is complete" if steps >= t["train"]["max_steps"] else
-        f"training continues (these are the step-{steps} weights; the lr has not yet decayed to its minimum)",
-        lr=t["optim"]["lr"], momentum=t["teacher"]["momentum"], noise=t["teacher"]["noise"],
-        noise_ratio=t["teacher"].get("noise_ratio", ""), masking=t["masking"]["strategy"],
-        mask_ratio=t["masking"]["ratio"], w_recon=t["loss"]["recon_weight"], w_patch=t["loss"]["patch_weight"],
-        w_cls=t["loss"]["cls_weight"], last_step=last["step"], loss=last["loss"], loss_recon=last["loss_recon"],
-        loss_patch=last["loss_patch"], loss_cls=last["loss_cls"], head_diversity=last.get("head_diversity", float("nan")),
+        status="training is complete"
+        if steps >= t["train"]["max_steps"]
+        else f"training continues (these are the step-{steps} weights; the lr has not yet decayed to its minimum)",
+        lr=t["optim"]["lr"],
+        momentum=t["teacher"]["momentum"],
+        noise=t["teacher"]["noise"],
+        noise_ratio=t["teacher"].get("noise_ratio", ""),
+        masking=t["masking"]["strategy"],
+        mask_ratio=t["masking"]["ratio"],
+        w_recon=t["loss"]["recon_weight"],
+        w_patch=t["loss"]["patch_weight"],
+        w_cls=t["loss"]["cls_weight"],
+        last_step=last["step"],
+        loss=last["loss"],
+        loss_recon=last["loss_recon"],
+        loss_patch=last["loss_patch"],
+        loss_cls=last["loss_cls"],
+        head_diversity=last.get("head_diversity", float("nan")),
         entropy_line=entropy_line(tail),
         collapse_note=collapse_note(tail, m.head_out_dim, layer_scale, t["data"]["batch_size"]),
         notes="".join("\n- " + textwrap.fill(text, 96, subsequent_indent="  ") for text in args.limit),

@@ -14,7 +14,8 @@ import contextlib
 import importlib
 import sys
 import warnings
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from smartformer import __version__
 from smartformer.errors import SettingMessage, SettingWarning, SmartformerError
@@ -34,9 +35,14 @@ COMMANDS: list[str] = [
     "smartformer.commands.finetune",
     "smartformer.commands.segment",
 ]
-DATA_COMMANDS: list[str] = ["smartformer.commands.data_check", "smartformer.commands.data_phantom",
-                            "smartformer.commands.data_lidc", "smartformer.commands.data_nodulemnist3d",
-                            "smartformer.commands.data_organmnist3d", "smartformer.commands.data_lesions"]
+DATA_COMMANDS: list[str] = [
+    "smartformer.commands.data_check",
+    "smartformer.commands.data_phantom",
+    "smartformer.commands.data_lidc",
+    "smartformer.commands.data_nodulemnist3d",
+    "smartformer.commands.data_organmnist3d",
+    "smartformer.commands.data_lesions",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,8 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"smartformer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     if DATA_COMMANDS:
-        data = sub.add_parser("data", help="read, check and synthesize CT data sets",
-                              description="Read, check and synthesize CT data sets.")
+        data = sub.add_parser(
+            "data",
+            help="read, check and synthesize CT data sets",
+            description="Read, check and synthesize CT data sets.",
+        )
         data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
         data.set_defaults(func=lambda args: _print_help(data))
         for name in DATA_COMMANDS:
@@ -96,8 +105,12 @@ def _warnings_name_options(parser: argparse.ArgumentParser, args: argparse.Names
     shown = warnings.showwarning
 
     def show(message: Any, category: type[Warning], *rest: Any, **kwargs: Any) -> None:
-        shown(name_option(message, parser, args) if issubclass(category, SettingWarning) else message,
-              category, *rest, **kwargs)
+        shown(
+            name_option(message, parser, args) if issubclass(category, SettingWarning) else message,
+            category,
+            *rest,
+            **kwargs,
+        )
 
     warnings.showwarning = show
     try:

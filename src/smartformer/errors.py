@@ -32,7 +32,7 @@ class SettingMessage:
         name = option or (self.setting if self.value is None else f"{self.setting}={self.value!r}")
         return self.template.replace("{setting}", name)
 
-    def for_option(self, option: str) -> "SettingMessage":
+    def for_option(self, option: str) -> SettingMessage:
         """Name the command line's ``option`` (e.g. ``--skip-bad``) where the message names the setting."""
         self.args = (self._render(option),)  # type: ignore[attr-defined]
         return self
@@ -55,7 +55,7 @@ class InputError(SmartformerError):
     @property
     def reason(self) -> str:
         """The message without the path in front."""
-        return str(self)[len(self.path) + 2:]
+        return str(self)[len(self.path) + 2 :]
 
 
 class CheckpointError(InputError):

@@ -25,8 +25,16 @@ import torch
 
 from smartformer.errors import OutputError
 
-__all__ = ["atomic_write", "atomic_write_bytes", "torch_bytes", "output_error", "os_reason", "make_dir",
-           "output_errors", "current_umask"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_bytes",
+    "torch_bytes",
+    "output_error",
+    "os_reason",
+    "make_dir",
+    "output_errors",
+    "current_umask",
+]
 
 _REASONS = {
     errno.ENOSPC: "no space left on the device (disk full)",

@@ -20,9 +20,9 @@ Two ways to get each window's map (``mode``):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -98,12 +98,14 @@ def attention_volume(
     roi_size = tuple(int(r) for r in as_triple(roi, "roi"))
     lo, hi = parse_window(window)
     original = ct if isinstance(ct, MetaTensor) else read_ct(ct)
-    prep = Compose([
-        Orientation(axcodes="RAS", labels=None),
-        Spacing(pixdim=as_triple(spacing, "spacing"), mode="bilinear", dtype=np.float32),
-        ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
-        SpatialPad(spatial_size=list(roi_size), value=0, method="end"),
-    ])
+    prep = Compose(
+        [
+            Orientation(axcodes="RAS", labels=None),
+            Spacing(pixdim=as_triple(spacing, "spacing"), mode="bilinear", dtype=np.float32),
+            ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
+            SpatialPad(spatial_size=list(roi_size), value=0, method="end"),
+        ]
+    )
     image: MetaTensor = prep(original.clone())
     model = model.eval().to(device)
     if mode == "auto":
@@ -113,15 +115,21 @@ def attention_volume(
     if mode == "whole":
         blended = _whole_volume(model, volume, roi_size, overlap, sw_batch_size, normalize, progress)
     else:
+
         def predictor(x: torch.Tensor) -> torch.Tensor:
             return _window_maps(model.attention_maps(x), x.shape[2:], normalize)
 
-        blended = sliding_window_inference(volume, roi_size, sw_batch_size, predictor,
-                                           overlap=overlap, mode="gaussian", progress=progress)[0].cpu()
+        blended = sliding_window_inference(
+            volume, roi_size, sw_batch_size, predictor, overlap=overlap, mode="gaussian", progress=progress
+        )[0].cpu()
     # Resampled in (heads, Z, Y, X) memory order, NIfTI's order: the (heads, X, Y, Z) result is a
     # transposed view that write_nifti stores without a transposing copy of 12 full-size volumes.
-    heads = resample_to_grid(blended.permute(0, 3, 2, 1).contiguous(), reverse_axes(np.asarray(image.affine)),
-                             reverse_axes(np.asarray(original.affine)), tuple(original.shape[1:])[::-1])
+    heads = resample_to_grid(
+        blended.permute(0, 3, 2, 1).contiguous(),
+        reverse_axes(np.asarray(image.affine)),
+        reverse_axes(np.asarray(original.affine)),
+        tuple(original.shape[1:])[::-1],
+    )
     return AttentionResult(
         heads=heads.permute(0, 3, 2, 1).numpy(),
         mean=heads.mean(0).permute(2, 1, 0).numpy(),
@@ -140,8 +148,15 @@ def _window_maps(maps: torch.Tensor, size: Sequence[int], normalize: str) -> tor
     return F.interpolate(maps, size=tuple(size), mode="trilinear", align_corners=False)
 
 
-def _whole_volume(model: SMARTFormer, volume: torch.Tensor, roi_size: tuple[int, ...], overlap: float,
-                  sw_batch_size: int, normalize: str, progress: bool) -> torch.Tensor:
+def _whole_volume(
+    model: SMARTFormer,
+    volume: torch.Tensor,
+    roi_size: tuple[int, ...],
+    overlap: float,
+    sw_batch_size: int,
+    normalize: str,
+    progress: bool,
+) -> torch.Tensor:
     """The blended (heads, D, H, W) maps of ``mode="whole"``: the backbone once over ``volume``
     (1, 1, D, H, W) padded at the end to a multiple of 32, the semantic attention per ROI window of
     its tokens, blended as MONAI's sliding window blends (Gaussian), cropped back to (D, H, W)."""
@@ -164,19 +179,39 @@ def _whole_volume(model: SMARTFormer, volume: torch.Tensor, roi_size: tuple[int,
             starts = [s.start for s in sl[2:]]
             if any(st % stride for st in starts):  # cannot happen with the steps above; never blend misaligned maps
                 raise RuntimeError(f"window at {starts} is not on the token grid (stride {stride})")
-            blocks.append(tokens[:, starts[0] // stride:(starts[0] + roi_size[0]) // stride,
-                                 starts[1] // stride:(starts[1] + roi_size[1]) // stride,
-                                 starts[2] // stride:(starts[2] + roi_size[2]) // stride])
+            blocks.append(
+                tokens[
+                    :,
+                    starts[0] // stride : (starts[0] + roi_size[0]) // stride,
+                    starts[1] // stride : (starts[1] + roi_size[1]) // stride,
+                    starts[2] // stride : (starts[2] + roi_size[2]) // stride,
+                ]
+            )
         return _window_maps(model.token_attention_maps(torch.cat(blocks)), windows.shape[2:], normalize)
 
-    blended = sliding_window_inference(padded, roi_size, sw_batch_size, predictor, overlap=overlaps,
-                                       mode="gaussian", progress=progress, with_coord=True)
+    blended = sliding_window_inference(
+        padded,
+        roi_size,
+        sw_batch_size,
+        predictor,
+        overlap=overlaps,
+        mode="gaussian",
+        progress=progress,
+        with_coord=True,
+    )
     return blended[0, :, : size[0], : size[1], : size[2]].cpu()
 
 
-def write_attention(result: AttentionResult, out_dir: str | Path, stem: str = "attention",
-                    mask: np.ndarray | None = None, title: str = "", mask_label: str = "mask") -> dict[str, Path]:
-    """Write ``<stem>_mean.nii.gz`` (16-bit scaled), ``<stem>_heads.nii.gz`` (4D, heads last, 8-bit scaled) and ``<stem>.png``.
+def write_attention(
+    result: AttentionResult,
+    out_dir: str | Path,
+    stem: str = "attention",
+    mask: np.ndarray | None = None,
+    title: str = "",
+    mask_label: str = "mask",
+) -> dict[str, Path]:
+    """Write ``<stem>_mean.nii.gz`` (16-bit scaled), ``<stem>_heads.nii.gz`` (4D, heads last, 8-bit
+    scaled) and ``<stem>.png``.
 
     The scaled maps hold integers and the factor back to the true values in the header
     (``scl_slope``; ``scl_inter`` 0), which nibabel, 3D Slicer and ITK apply on reading: the mean
@@ -192,7 +227,14 @@ def write_attention(result: AttentionResult, out_dir: str | Path, stem: str = "a
     # 8 bits with a scale factor: 1/255 of the range is finer than any viewer's colour map, and
     # the 4D file is 4x smaller and faster to write.
     heads_path = write_nifti(result.heads, result.affine, out_dir / f"{stem}_heads.nii.gz", as_uint8=True)
-    png = save_overlay_png(result.image_hu, result.mean, out_dir / f"{stem}.png", title=title, mask=mask,
-                           affine=result.affine, mask_label=mask_label,
-                           heat_label="mean attention (1 = uniform over a window)")
+    png = save_overlay_png(
+        result.image_hu,
+        result.mean,
+        out_dir / f"{stem}.png",
+        title=title,
+        mask=mask,
+        affine=result.affine,
+        mask_label=mask_label,
+        heat_label="mean attention (1 = uniform over a window)",
+    )
     return {"mean": mean_path, "heads": heads_path, "png": png}

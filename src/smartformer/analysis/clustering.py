@@ -13,9 +13,10 @@ against the spread within labels. The cluster of each token is written back on t
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -107,8 +108,15 @@ def centroid_separation(features: np.ndarray, labels: np.ndarray, min_count: int
     ids = ids[counts >= min_count]
     if ids.size < 2:
         nan = {"mean": float("nan"), "sd": float("nan")}
-        return {"mean_ratio": float("nan"), "labels": ids.tolist(), "ratio": [], "centroid_distance": [],
-                "spread": [], "intra_distance": nan, "inter_distance": nan}
+        return {
+            "mean_ratio": float("nan"),
+            "labels": ids.tolist(),
+            "ratio": [],
+            "centroid_distance": [],
+            "spread": [],
+            "intra_distance": nan,
+            "inter_distance": nan,
+        }
     centroids = np.stack([features[labels == i].mean(0) for i in ids])
     spread = np.array([np.sqrt(((features[labels == i] - c) ** 2).sum(1).mean()) for i, c in zip(ids, centroids)])
     distance = np.linalg.norm(centroids[:, None] - centroids[None], axis=-1)
@@ -138,9 +146,15 @@ def kmeans_clusters(features: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     return KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(x).astype(np.int64)
 
 
-def token_features(model: Any, ct_path: str | Path, labels_path: str | Path | None = None,
-                   spacing: float | Sequence[float] = (2.0, 2.0, 2.0), window: str | Sequence[float] = "wide",
-                   roi: int | Sequence[int] = (64, 64, 64), progress: bool = True) -> TokenFeatures:
+def token_features(
+    model: Any,
+    ct_path: str | Path,
+    labels_path: str | Path | None = None,
+    spacing: float | Sequence[float] = (2.0, 2.0, 2.0),
+    window: str | Sequence[float] = "wide",
+    roi: int | Sequence[int] = (64, 64, 64),
+    progress: bool = True,
+) -> TokenFeatures:
     """Frozen semantic-stage tokens of a whole CT on one token grid, with each token's majority label.
 
     ``labels_path`` may be on any grid (it is brought onto the CT's grid first, nearest neighbour);
@@ -159,9 +173,11 @@ def token_features(model: Any, ct_path: str | Path, labels_path: str | Path | No
     if labels_path is not None:
         labels = read_ct(labels_path)
         if tuple(labels.shape) != tuple(original.shape) or not np.allclose(
-                np.asarray(labels.affine), np.asarray(original.affine), atol=1e-3):
+            np.asarray(labels.affine), np.asarray(original.affine), atol=1e-3
+        ):
             labels = SpatialResample(mode="nearest", padding_mode="zeros", dtype=torch.float32)(
-                labels, dst_affine=original.affine, spatial_size=original.shape[1:])
+                labels, dst_affine=original.affine, spatial_size=original.shape[1:]
+            )
         labels.affine = original.affine
         labels = Spacing(pixdim=pixdim, mode="nearest", dtype=torch.float32)(to_ras(labels))
         label_vox = torch.round(labels.as_tensor()[0]).long()
@@ -175,27 +191,40 @@ def token_features(model: Any, ct_path: str | Path, labels_path: str | Path | No
 
     grid = padded // stride
     feats: np.ndarray | None = None
-    starts = [(i, j, k) for i in range(0, padded[0], roi_size[0]) for j in range(0, padded[1], roi_size[1])
-              for k in range(0, padded[2], roi_size[2])]
+    starts = [
+        (i, j, k)
+        for i in range(0, padded[0], roi_size[0])
+        for j in range(0, padded[1], roi_size[1])
+        for k in range(0, padded[2], roi_size[2])
+    ]
     model = model.eval()
     with torch.no_grad():
         for i, j, k in tqdm(starts, desc="token features", unit="window", disable=not progress):
-            crop = volume[i:i + roi_size[0], j:j + roi_size[1], k:k + roi_size[2]][None, None]
+            crop = volume[i : i + roi_size[0], j : j + roi_size[1], k : k + roi_size[2]][None, None]
             out = model.forward_features(crop)
             tokens = out["tokens"][0].reshape(*out["grid"], -1).float().numpy()
             if feats is None:
                 feats = np.zeros((*grid, tokens.shape[-1]), dtype=np.float32)
             a, b, c = i // stride, j // stride, k // stride
-            feats[a:a + tokens.shape[0], b:b + tokens.shape[1], c:c + tokens.shape[2]] = tokens
+            feats[a : a + tokens.shape[0], b : b + tokens.shape[1], c : c + tokens.shape[2]] = tokens
     assert feats is not None
     token_labels = _majority_labels(label_vox, stride)
     token_affine = np.asarray(image.affine, dtype=np.float64) @ np.array(
-        [[stride, 0, 0, (stride - 1) / 2.0], [0, stride, 0, (stride - 1) / 2.0], [0, 0, stride, (stride - 1) / 2.0],
-         [0, 0, 0, 1.0]])
-    return TokenFeatures(features=feats, labels=token_labels, token_affine=token_affine,
-                         input_affine=np.asarray(original.affine, dtype=np.float64),
-                         input_shape=tuple(int(s) for s in original.shape[1:]),  # type: ignore[arg-type]
-                         extra={"model_grid": [int(s) for s in shape]})
+        [
+            [stride, 0, 0, (stride - 1) / 2.0],
+            [0, stride, 0, (stride - 1) / 2.0],
+            [0, 0, stride, (stride - 1) / 2.0],
+            [0, 0, 0, 1.0],
+        ]
+    )
+    return TokenFeatures(
+        features=feats,
+        labels=token_labels,
+        token_affine=token_affine,
+        input_affine=np.asarray(original.affine, dtype=np.float64),
+        input_shape=tuple(int(s) for s in original.shape[1:]),  # type: ignore[arg-type]
+        extra={"model_grid": [int(s) for s in shape]},
+    )
 
 
 def _token_stride(model: Any) -> int:
@@ -223,7 +252,8 @@ def clusters_on_input(token_clusters: np.ndarray, tokens: TokenFeatures) -> np.n
     """A (d, h, w) token map (e.g. cluster id + 1, 0 = none) resampled onto the input CT's grid (nearest)."""
     src = MetaTensor(torch.as_tensor(token_clusters, dtype=torch.float32)[None], affine=tokens.token_affine)
     out = SpatialResample(mode="nearest", padding_mode="zeros", dtype=torch.float32)(
-        src, dst_affine=tokens.input_affine, spatial_size=tokens.input_shape)
+        src, dst_affine=tokens.input_affine, spatial_size=tokens.input_shape
+    )
     return np.rint(out.as_tensor()[0].numpy()).astype(np.int16)
 
 
@@ -270,8 +300,15 @@ def distinct_style(n: int) -> tuple[tuple[float, ...], str]:
     return tuple(palette[(n + n // (len(palette) * len(MARKERS))) % len(palette)]), marker
 
 
-def save_tsne_png(features: np.ndarray, labels: np.ndarray, names: dict[int, str], path: str | Path,
-                  max_points: int = 1500, seed: int = 0, title: str = "") -> Path:
+def save_tsne_png(
+    features: np.ndarray,
+    labels: np.ndarray,
+    names: dict[int, str],
+    path: str | Path,
+    max_points: int = 1500,
+    seed: int = 0,
+    title: str = "",
+) -> Path:
     """t-SNE scatter of ``features`` (N, C) by label name (a random subset of ``max_points``); each label
     gets its own colour and marker pair (:func:`distinct_style`)."""
     rng = np.random.default_rng(seed)
@@ -324,8 +361,9 @@ class OrganClustering:
         return np.unique(self.labels)
 
 
-def cluster_organs(tokens: TokenFeatures, k: int | None = None, seed: int = 0,
-                   labels_path: str | Path = "the label map") -> OrganClustering:
+def cluster_organs(
+    tokens: TokenFeatures, k: int | None = None, seed: int = 0, labels_path: str | Path = "the label map"
+) -> OrganClustering:
     """k-means (:func:`kmeans_clusters`) of the tokens with a foreground label, ``k`` clusters (default:
     the number of labels present), scored against the labels and with the labels' centroid separation.
 
@@ -337,20 +375,36 @@ def cluster_organs(tokens: TokenFeatures, k: int | None = None, seed: int = 0,
     labels = tokens.labels[kept]
     present = np.unique(labels)
     if present.size < 2:
-        raise InputError(labels_path, f"fewer than 2 foreground labels cover a token ({present.size}); "
-                                      "use a finer {setting} or a label map with more structures", setting="spacing")
+        raise InputError(
+            labels_path,
+            f"fewer than 2 foreground labels cover a token ({present.size}); "
+            "use a finer {setting} or a label map with more structures",
+            setting="spacing",
+        )
     k = k or int(present.size)
     if k > labels.size:
         raise SmartformerError(f"k={k} clusters are more than the {labels.size} labelled tokens")
     features = tokens.features[kept]
     clusters = kmeans_clusters(features, k, seed=seed)
-    return OrganClustering(tokens=tokens, k=k, clusters=clusters, scores=clustering_scores(labels, clusters),
-                           separation=centroid_separation(features, labels))
+    return OrganClustering(
+        tokens=tokens,
+        k=k,
+        clusters=clusters,
+        scores=clustering_scores(labels, clusters),
+        separation=centroid_separation(features, labels),
+    )
 
 
-def write_clustering(result: OrganClustering, names: dict[int, str], out: Path, stem: str,
-                     sources: dict[str, Any], settings: dict[str, Any], tsne_points: int = 1500,
-                     seed: int = 0) -> dict[str, Any]:
+def write_clustering(
+    result: OrganClustering,
+    names: dict[int, str],
+    out: Path,
+    stem: str,
+    sources: dict[str, Any],
+    settings: dict[str, Any],
+    tsne_points: int = 1500,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Write ``STEM_clusters.nii.gz`` (cluster id + 1 per voxel of the CT, 0 = not clustered),
     ``STEM_tsne.png`` (at most ``tsne_points`` tokens, coloured by label ``names``) and
     ``STEM_clustering.json`` into ``out``; return what the JSON holds.
@@ -361,10 +415,18 @@ def write_clustering(result: OrganClustering, names: dict[int, str], out: Path, 
     out.mkdir(parents=True, exist_ok=True)
     token_map = np.zeros(tokens.labels.shape, dtype=np.int64)
     token_map[tokens.kept()] = result.clusters + 1
-    cluster_path = write_nifti(clusters_on_input(token_map, tokens).astype(np.int16), tokens.input_affine,
-                               out / f"{stem}_clusters.nii.gz")
-    tsne = save_tsne_png(result.features, labels, names, out / f"{stem}_tsne.png", max_points=tsne_points,
-                         seed=seed, title=f"{stem}: tokens by label (NMI {scores['nmi']:.2f}, k={result.k})")
+    cluster_path = write_nifti(
+        clusters_on_input(token_map, tokens).astype(np.int16), tokens.input_affine, out / f"{stem}_clusters.nii.gz"
+    )
+    tsne = save_tsne_png(
+        result.features,
+        labels,
+        names,
+        out / f"{stem}_tsne.png",
+        max_points=tsne_points,
+        seed=seed,
+        title=f"{stem}: tokens by label (NMI {scores['nmi']:.2f}, k={result.k})",
+    )
     report = {
         **sources,
         "k": result.k,

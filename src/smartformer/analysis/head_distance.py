@@ -43,14 +43,18 @@ def head_distance_entropy(backbone: Swin3D, x: Tensor) -> dict[str, float]:
     reach: dict[int, float] = {}
     handles = []
     for k, stage in enumerate(backbone.stages, start=1):
-        stride = 2 ** k
+        stride = 2**k
         for blk in stage.blocks:
             grid: dict[str, Any] = {}
-            handles.append(blk.register_forward_pre_hook(
-                lambda _m, args, g=grid: g.__setitem__("shape", tuple(args[0].shape[1:4]))))
+            handles.append(
+                blk.register_forward_pre_hook(
+                    lambda _m, args, g=grid: g.__setitem__("shape", tuple(args[0].shape[1:4]))
+                )
+            )
 
-            def hook(attn: Any, args: tuple, _out: Tensor, blk: Any = blk, g: dict = grid, k: int = k,
-                     stride: int = stride) -> None:
+            def hook(
+                attn: Any, args: tuple, _out: Tensor, blk: Any = blk, g: dict = grid, k: int = k, stride: int = stride
+            ) -> None:
                 windows, mask = args[0], (args[1] if len(args) > 1 else None)
                 ws, _ = _effective_window(g["shape"], blk.window_size, blk.shift_size)
                 weights = attn.attention_weights(windows, mask).float()  # (BW, heads, n, n)

@@ -20,7 +20,7 @@ same network with random weights, is built by the ``localize`` command.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -47,8 +47,17 @@ __all__ = [
 ]
 
 #: Names of the values :func:`localization_metrics` returns, in table order.
-METRICS: tuple[str, ...] = ("auroc", "pointing", "dice_otsu", "iou_otsu", "dice_topk", "iou_topk", "bbox_iou",
-                            "enrichment", "energy")
+METRICS: tuple[str, ...] = (
+    "auroc",
+    "pointing",
+    "dice_otsu",
+    "iou_otsu",
+    "dice_topk",
+    "iou_topk",
+    "bbox_iou",
+    "enrichment",
+    "energy",
+)
 
 #: Soft tissue, the centre of the intensity prior (HU) and its width.
 SOFT_TISSUE_HU = 40.0
@@ -69,8 +78,13 @@ def auroc(score: np.ndarray, lesion: np.ndarray, region: np.ndarray | None = Non
     return float(roc_auc_score(truth, score[inside]))
 
 
-def pointing_game(score: np.ndarray, lesion: np.ndarray, spacing: Sequence[float], tolerance_mm: float = 10.0,
-                  region: np.ndarray | None = None) -> bool:
+def pointing_game(
+    score: np.ndarray,
+    lesion: np.ndarray,
+    spacing: Sequence[float],
+    tolerance_mm: float = 10.0,
+    region: np.ndarray | None = None,
+) -> bool:
     """True if the maximum of ``score`` in ``region`` lies within ``tolerance_mm`` of the lesion.
 
     The lesion is dilated by a Euclidean distance in mm (anisotropic voxels handled through
@@ -107,7 +121,7 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     best = int(np.argmax(between))
     # every cut between the last occupied bin of the low class and the next occupied bin is
     # equally good: take the midpoint of that gap, so a clean two-mode split lands in between
-    upper = best + 1 + int(np.argmax(counts[best + 1:] > 0))
+    upper = best + 1 + int(np.argmax(counts[best + 1 :] > 0))
     return float((centres[best] + centres[upper]) / 2.0)
 
 
@@ -140,7 +154,9 @@ def bounding_box(mask: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]] | 
     return tuple(int(w.min()) for w in where), tuple(int(w.max()) + 1 for w in where)
 
 
-def bbox_iou(box_a: tuple[Sequence[int], Sequence[int]] | None, box_b: tuple[Sequence[int], Sequence[int]] | None) -> float:
+def bbox_iou(
+    box_a: tuple[Sequence[int], Sequence[int]] | None, box_b: tuple[Sequence[int], Sequence[int]] | None
+) -> float:
     """IoU of two ``(lo, hi)`` boxes (hi exclusive); 0 when either is None or they are disjoint."""
     if box_a is None or box_b is None:
         return 0.0
@@ -177,8 +193,14 @@ def _peak_component(above: np.ndarray, score: np.ndarray) -> np.ndarray:
     return labels == labels[peak]
 
 
-def localization_metrics(score: np.ndarray, lesion: np.ndarray, image_hu: np.ndarray, spacing: Sequence[float],
-                         tolerance_mm: float = 10.0, top_k_percent: float = 5.0) -> dict[str, float]:
+def localization_metrics(
+    score: np.ndarray,
+    lesion: np.ndarray,
+    image_hu: np.ndarray,
+    spacing: Sequence[float],
+    tolerance_mm: float = 10.0,
+    top_k_percent: float = 5.0,
+) -> dict[str, float]:
     """Every metric of :data:`METRICS` for one map against one lesion, inside the body.
 
     Args:
@@ -226,14 +248,16 @@ def centre_prior(shape: Sequence[int], spacing: Sequence[float] = (1.0, 1.0, 1.0
     return np.exp(grid)
 
 
-def intensity_prior(image_hu: np.ndarray, centre_hu: float = SOFT_TISSUE_HU,
-                    width_hu: float = SOFT_TISSUE_WIDTH_HU) -> np.ndarray:
+def intensity_prior(
+    image_hu: np.ndarray, centre_hu: float = SOFT_TISSUE_HU, width_hu: float = SOFT_TISSUE_WIDTH_HU
+) -> np.ndarray:
     """Baseline map: closeness of each voxel's HU to soft tissue (a Gaussian in HU)."""
     return np.exp(-0.5 * ((np.asarray(image_hu, dtype=np.float64) - centre_hu) / width_hu) ** 2)
 
 
-def lesion_windows(lesion: np.ndarray, size: Sequence[int], n: int,
-                   rng: np.random.Generator) -> list[tuple[slice, slice, slice]]:
+def lesion_windows(
+    lesion: np.ndarray, size: Sequence[int], n: int, rng: np.random.Generator
+) -> list[tuple[slice, slice, slice]]:
     """``n`` boxes of ``size`` voxels (clipped to the volume) at random offsets, each holding lesion voxels.
 
     For lesion-centred crops (SPEC section 9): each box is placed so that a random lesion voxel

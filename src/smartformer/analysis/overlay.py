@@ -66,8 +66,9 @@ def body_mask(image: np.ndarray) -> np.ndarray:
     return body if body.any() else np.ones(image.shape, dtype=bool)
 
 
-def slice_centre(image: np.ndarray, mask: np.ndarray | None = None,
-                 spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> tuple[int, int, int]:
+def slice_centre(
+    image: np.ndarray, mask: np.ndarray | None = None, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+) -> tuple[int, int, int]:
     """The voxel the three slices pass through: the mask's centroid when the mask has voxels,
     else the body's (:func:`body_mask`); moved to the nearest voxel of that region when the
     centroid falls outside it."""
@@ -81,8 +82,9 @@ def slice_centre(image: np.ndarray, mask: np.ndarray | None = None,
 def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]]:
     """``array`` (stored in the axis order of ``affine``) reordered and flipped to RAS, without
     resampling, and the voxel size along its new axes."""
-    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
-                                                nib.orientations.axcodes2ornt("RAS"))
+    transform = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt("RAS")
+    )
     spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)[transform[:, 0].argsort()]
     ras = np.ascontiguousarray(nib.orientations.apply_orientation(array, transform))
     return ras, tuple(float(s) for s in spacing)  # type: ignore[return-value]
@@ -90,8 +92,9 @@ def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple[flo
 
 def ras_affine(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """The voxel-to-world affine of an array of ``shape`` (stored as ``affine`` says) after :func:`to_ras`."""
-    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
-                                                nib.orientations.axcodes2ornt("RAS"))
+    transform = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt("RAS")
+    )
     return np.asarray(affine) @ nib.orientations.inv_ornt_aff(transform, shape)
 
 
@@ -157,16 +160,25 @@ def save_overlay_png(
     vmax = vmax if vmax > vmin else vmin + 1.0
     lo, hi = np.percentile(image, [1, 99])
     fig = Figure(figsize=(13, 4.8))
-    grid = fig.add_gridspec(1, 4, width_ratios=[1, 1, 1, 0.04], left=0.01, right=0.94, bottom=0.12, top=0.84,
-                            wspace=0.08)
+    grid = fig.add_gridspec(
+        1, 4, width_ratios=[1, 1, 1, 0.04], left=0.01, right=0.94, bottom=0.12, top=0.84, wspace=0.08
+    )
     axes = [fig.add_subplot(grid[0, k]) for k in range(3)]
     aspects = [spacing[1] / spacing[0], spacing[2] / spacing[0], spacing[2] / spacing[1]]
     shown = None
-    for k, (ax, (name, letters, flip), aspect) in enumerate(zip(axes, _PANELS, aspects)):
+    for k, (ax, (_name, letters, flip), aspect) in enumerate(zip(axes, _PANELS, aspects)):
         img2d, heat2d, body2d = (_slices(v, centre)[k] for v in (image, heat, body))
         ax.imshow(img2d.T, cmap="gray", origin="lower", vmin=lo, vmax=hi, aspect=aspect)
-        shown = ax.imshow(np.ma.masked_where(~body2d.T, heat2d.T), cmap="jet", origin="lower", alpha=alpha,
-                          aspect=aspect, vmin=vmin, vmax=vmax, interpolation="bilinear")
+        shown = ax.imshow(
+            np.ma.masked_where(~body2d.T, heat2d.T),
+            cmap="jet",
+            origin="lower",
+            alpha=alpha,
+            aspect=aspect,
+            vmin=vmin,
+            vmax=vmax,
+            interpolation="bilinear",
+        )
         if mask is not None:
             m = _slices(mask, centre)[k]
             if m.any():
@@ -176,21 +188,34 @@ def save_overlay_png(
             ax.plot(*peak, marker="+", color="white", markersize=12, markeredgewidth=2)
         if flip:
             ax.invert_xaxis()
-        for (x, y, ha, va), letter in zip(((0.01, 0.5, "left", "center"), (0.99, 0.5, "right", "center"),
-                                           (0.5, 0.01, "center", "bottom"), (0.5, 0.99, "center", "top")),
-                                          letters if show_letters else ()):
-            ax.text(x, y, letter, transform=ax.transAxes, ha=ha, va=va, color="yellow", fontsize=11,
-                    fontweight="bold")
+        for (x, y, ha, va), letter in zip(
+            (
+                (0.01, 0.5, "left", "center"),
+                (0.99, 0.5, "right", "center"),
+                (0.5, 0.01, "center", "bottom"),
+                (0.5, 0.99, "center", "top"),
+            ),
+            letters if show_letters else (),
+        ):
+            ax.text(x, y, letter, transform=ax.transAxes, ha=ha, va=va, color="yellow", fontsize=11, fontweight="bold")
         ax.set_title(slice_titles(centre, world)[k])
         ax.axis("off")
     fig.colorbar(shown, cax=fig.add_subplot(grid[0, 3]), label=heat_label, extend="both")
-    handles = [Line2D([], [], marker="+", color="black", linestyle="none", markersize=10, markeredgewidth=2,
-                      label="highest value in the body on the slice")]
+    handles = [
+        Line2D(
+            [],
+            [],
+            marker="+",
+            color="black",
+            linestyle="none",
+            markersize=10,
+            markeredgewidth=2,
+            label="highest value in the body on the slice",
+        )
+    ]
     if mask is not None:
         handles.append(Line2D([], [], color="lime", linewidth=2, label=mask_label))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
     where = "the mask's centroid" if mask is not None and mask.any() else "the body's centre"
-    fig.suptitle((f"{title}\n" if title else "") + f"slices through {where}; map shown inside the body",
-                 fontsize=10)
+    fig.suptitle((f"{title}\n" if title else "") + f"slices through {where}; map shown inside the body", fontsize=10)
     return save_figure(fig, path, dpi=90, tight=False)
-

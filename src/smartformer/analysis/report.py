@@ -23,8 +23,18 @@ from smartformer.errors import InputError
 from smartformer.train.monitor import read_metrics
 from smartformer.train.schedules import EFFECTIVE_LR_NOTE, read_effective_lr
 
-__all__ = ["HEAD_DISTANCE_KEYS", "LOSS_KEYS", "MAX_SNAPSHOTS", "MONITOR_KEYS", "REFERENCE_KEYS", "SCHEDULE_KEYS",
-           "Report", "curves_png", "pick_snapshots", "write_report"]
+__all__ = [
+    "HEAD_DISTANCE_KEYS",
+    "LOSS_KEYS",
+    "MAX_SNAPSHOTS",
+    "MONITOR_KEYS",
+    "REFERENCE_KEYS",
+    "SCHEDULE_KEYS",
+    "Report",
+    "curves_png",
+    "pick_snapshots",
+    "write_report",
+]
 
 #: Scalars drawn in the loss panel and the schedule panel of the curves figure, when logged.
 LOSS_KEYS: tuple[str, ...] = ("loss", "loss_recon", "loss_patch", "loss_cls", "loss_global", "loss_koleo")
@@ -32,8 +42,14 @@ SCHEDULE_KEYS: tuple[str, ...] = ("lr", "momentum", "teacher_temp", "mask_ratio"
 #: The collapse monitors (third row, when logged): target entropies as fractions of ln K, the
 #: cosine between the teacher [CLS] of different volumes, the attention's share on air (dashed:
 #: the share of air cells, what a uniform map would give).
-MONITOR_KEYS: tuple[str, ...] = ("teacher_cls_entropy", "teacher_cls_batch_entropy", "teacher_patch_entropy",
-                                 "teacher_patch_batch_entropy", "teacher_cls_cosine", "attn_air_share")
+MONITOR_KEYS: tuple[str, ...] = (
+    "teacher_cls_entropy",
+    "teacher_cls_batch_entropy",
+    "teacher_patch_entropy",
+    "teacher_patch_batch_entropy",
+    "teacher_cls_cosine",
+    "attn_air_share",
+)
 #: The SMART paper's head diversity (fourth row, when logged: train.head_distance_every): the
 #: entropy of the teacher heads' attention distances per Swin stage, mean over heads.
 HEAD_DISTANCE_KEYS: tuple[str, ...] = tuple(f"head_distance_entropy_s{k}" for k in range(1, 5))
@@ -46,14 +62,17 @@ MAX_SNAPSHOTS = 8
 def _image(path: Path, caption: str, width: int = 900) -> str:
     """An ``<img>`` with ``path`` embedded as a base64 data URI, and a caption."""
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return (f'<figure><img src="data:image/png;base64,{data}" style="max-width:{width}px;width:100%">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" style="max-width:{width}px;width:100%">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
 
 
 def curves_png(rows: list[dict[str, Any]], path: Path) -> Path:
     """One panel per logged loss term (top row), per schedule (middle) and per collapse monitor (bottom,
     when logged) against the step, each on its own scale: terms that differ by orders of magnitude
     do not hide one another."""
+
     def series(key: str) -> list[tuple[float, float]]:
         return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
 
@@ -80,7 +99,7 @@ def curves_png(rows: list[dict[str, Any]], path: Path) -> Path:
             ax.set_xlabel("step", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
-        for ax in row[len(keys):]:
+        for ax in row[len(keys) :]:
             ax.axis("off")
     return save_figure(fig, path, dpi=80)
 
@@ -95,6 +114,7 @@ def pick_snapshots(paths: list[Path]) -> list[Path]:
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     """An HTML table of ``rows`` under ``header`` (floats to 4 significant digits, text escaped)."""
+
     def cell(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))  # 0.0005 stays 0.0005
 
@@ -114,11 +134,15 @@ def _name(path: Path, roots: list[Path]) -> str:
 def _localization_section(summary_path: Path, roots: list[Path]) -> str:
     """The means per method of a ``localize`` ``summary.json`` and its montage."""
     data = json.loads(summary_path.read_text())
-    rows = [[m, e.get("cases", ""), *[(e[k]["mean"] if e.get(k) else "") for k in METRICS]]
-            for m, e in data["methods"].items()]
-    parts = [f"<h3>Localization: {html.escape(_name(summary_path.parent, roots))}</h3>",
-             f"<p>data: {html.escape(str(data.get('data', '')))}; metrics inside the body, means over cases</p>",
-             _table(["method", "cases", *METRICS], rows)]
+    rows = [
+        [m, e.get("cases", ""), *[(e[k]["mean"] if e.get(k) else "") for k in METRICS]]
+        for m, e in data["methods"].items()
+    ]
+    parts = [
+        f"<h3>Localization: {html.escape(_name(summary_path.parent, roots))}</h3>",
+        f"<p>data: {html.escape(str(data.get('data', '')))}; metrics inside the body, means over cases</p>",
+        _table(["method", "cases", *METRICS], rows),
+    ]
     montage = summary_path.parent / "montage.png"
     if montage.is_file():
         parts.append(_image(montage, "axial slices through each lesion (green), one column per method"))
@@ -128,16 +152,41 @@ def _localization_section(summary_path: Path, roots: list[Path]) -> str:
 def _clustering_section(result_path: Path, roots: list[Path]) -> str:
     """The scores of a ``cluster`` result (``*_clustering.json``) and its t-SNE."""
     data = json.loads(result_path.read_text())
+
     def mean_sd(key: str) -> str:  # the paper's intra/inter-cluster distances, in results since issue 13
         value = data.get(key)
         return f"{value['mean']:.2f} ± {value['sd']:.2f}" if isinstance(value, dict) else ""
 
-    rows = [[data.get("image", ""), data.get("k", ""), data.get("tokens", ""), data.get("nmi", ""),
-             data.get("ari", ""), data.get("purity", ""), data.get("centroid_separation", ""),
-             mean_sd("intra_distance"), mean_sd("inter_distance")]]
-    parts = [f"<h3>Clustering: {html.escape(_name(result_path, roots))}</h3>",
-             _table(["image", "k", "tokens", "NMI", "ARI", "purity", "centroid separation",
-                     "intra-cluster distance", "inter-cluster distance"], rows)]
+    rows = [
+        [
+            data.get("image", ""),
+            data.get("k", ""),
+            data.get("tokens", ""),
+            data.get("nmi", ""),
+            data.get("ari", ""),
+            data.get("purity", ""),
+            data.get("centroid_separation", ""),
+            mean_sd("intra_distance"),
+            mean_sd("inter_distance"),
+        ]
+    ]
+    parts = [
+        f"<h3>Clustering: {html.escape(_name(result_path, roots))}</h3>",
+        _table(
+            [
+                "image",
+                "k",
+                "tokens",
+                "NMI",
+                "ARI",
+                "purity",
+                "centroid separation",
+                "intra-cluster distance",
+                "inter-cluster distance",
+            ],
+            rows,
+        ),
+    ]
     tsne = result_path.parent / Path(str(data.get("tsne_png", ""))).name  # beside the JSON, wherever it moved
     if data.get("tsne_png") and tsne.is_file():
         parts.append(_image(tsne, "t-SNE of the token features, coloured by label", width=700))
@@ -195,8 +244,12 @@ def write_report(run_dir: Path, results: list[Path] | None = None, out: Path | N
             last = rows[-1]
             parts.append("<h2>Training</h2>")
             parts.append(f"<p>{len(rows)} logged steps, last step {last.get('step', '?')}{_peak_lr(run_dir, rows)}</p>")
-            parts.append(_table(["scalar", "last value"],
-                                [[k, v] for k, v in last.items() if k != "step" and isinstance(v, (int, float))]))
+            parts.append(
+                _table(
+                    ["scalar", "last value"],
+                    [[k, v] for k, v in last.items() if k != "step" and isinstance(v, (int, float))],
+                )
+            )
             parts.append(_image(png, "loss terms and schedules"))
     config = run_dir / "config.yaml"
     if config.is_file():
@@ -212,11 +265,15 @@ def write_report(run_dir: Path, results: list[Path] | None = None, out: Path | N
         parts.extend(_localization_section(p, roots) for p in localizations)
         parts.extend(_clustering_section(p, roots) for p in clusterings)
 
-    style = ("body{font-family:sans-serif;max-width:1000px;margin:auto;padding:1em}"
-             "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;"
-             "font-size:12px}figure{margin:0.5em 0}figcaption{font-size:12px;color:#555}")
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>smartformer report</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+    style = (
+        "body{font-family:sans-serif;max-width:1000px;margin:auto;padding:1em}"
+        "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;"
+        "font-size:12px}figure{margin:0.5em 0}figcaption{font-size:12px;color:#555}"
+    )
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>smartformer report</title>"
+        f"<style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")  # the page says utf-8; the locale may be ASCII
     return Report(path=out, snapshots=len(snapshots), localizations=len(localizations), clusterings=len(clusterings))

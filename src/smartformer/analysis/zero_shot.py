@@ -17,9 +17,10 @@ that over cases and networks, as ``smartformer localize`` and ``smartformer demo
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
@@ -100,8 +101,9 @@ class LocalizationResult:
         return len(self.rows) // len(self.methods)
 
 
-def localization_methods(checkpoints: Sequence[str], seed: int = 0,
-                         random_weights: bool = True) -> tuple[list[str], dict[str, "SMARTFormer"], list[str]]:
+def localization_methods(
+    checkpoints: Sequence[str], seed: int = 0, random_weights: bool = True
+) -> tuple[list[str], dict[str, SMARTFormer], list[str]]:
     """The checkpoints' names, their networks (with attention maps), and every method in table order.
 
     With ``random_weights``, and unless a checkpoint is itself ``random:PRESET``, the first network's
@@ -119,9 +121,14 @@ def localization_methods(checkpoints: Sequence[str], seed: int = 0,
     return names, models, [*names, CENTRE, INTENSITY, *baseline]
 
 
-def score_case(maps: dict[str, np.ndarray], lesion: np.ndarray, image_hu: np.ndarray,
-               spacing: tuple[float, float, float], settings: ScoringSettings,
-               rng: np.random.Generator) -> dict[str, dict[str, float]]:
+def score_case(
+    maps: dict[str, np.ndarray],
+    lesion: np.ndarray,
+    image_hu: np.ndarray,
+    spacing: tuple[float, float, float],
+    settings: ScoringSettings,
+    rng: np.random.Generator,
+) -> dict[str, dict[str, float]]:
     """Metrics per method for one case: whole CT, or the mean over random lesion windows.
 
     ``maps`` holds every method but the centre prior, which is built for each scored box.
@@ -135,18 +142,27 @@ def score_case(maps: dict[str, np.ndarray], lesion: np.ndarray, image_hu: np.nda
     for box in boxes:
         for method in scores:
             crop = centre_prior(lesion[box].shape, spacing) if method == CENTRE else maps[method][box]
-            values = localization_metrics(crop, lesion[box], image_hu[box], spacing, settings.tolerance_mm,
-                                          settings.top_k_percent)
+            values = localization_metrics(
+                crop, lesion[box], image_hu[box], spacing, settings.tolerance_mm, settings.top_k_percent
+            )
             for key, v in values.items():
                 scores[method][key].append(v)
-    return {m: {k: float(np.nanmean(v)) if not np.all(np.isnan(v)) else float("nan") for k, v in d.items()}
-            for m, d in scores.items()}
+    return {
+        m: {k: float(np.nanmean(v)) if not np.all(np.isnan(v)) else float("nan") for k, v in d.items()}
+        for m, d in scores.items()
+    }
 
 
-def score_cases(models: dict[str, "SMARTFormer"], methods: list[str], cases: Sequence[Case],
-                lesion_label: int | None = None, settings: ScoringSettings | None = None,
-                inference: dict[str, Any] | None = None, seed: int = 0,
-                progress: bool = True) -> LocalizationResult:
+def score_cases(
+    models: dict[str, SMARTFormer],
+    methods: list[str],
+    cases: Sequence[Case],
+    lesion_label: int | None = None,
+    settings: ScoringSettings | None = None,
+    inference: dict[str, Any] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> LocalizationResult:
     """Score every network's mean attention, and the priors, against each case's lesion.
 
     Args:
@@ -184,8 +200,13 @@ def score_cases(models: dict[str, "SMARTFormer"], methods: list[str], cases: Seq
     return result
 
 
-def montage_panel(case: str, image_hu: np.ndarray, lesion: np.ndarray, maps: dict[str, np.ndarray],
-                  spacing: tuple[float, float, float]) -> dict[str, Any]:
+def montage_panel(
+    case: str,
+    image_hu: np.ndarray,
+    lesion: np.ndarray,
+    maps: dict[str, np.ndarray],
+    spacing: tuple[float, float, float],
+) -> dict[str, Any]:
     """The axial slice with the most lesion voxels of the CT, the lesion and every map (kept small)."""
     z = int(np.argmax(lesion.sum(axis=(0, 1))))
     lo, hi = np.percentile(image_hu, [1, 99])
@@ -210,11 +231,17 @@ def write_montage(panels: list[dict[str, Any]], methods: list[str], path: Path) 
             ax.imshow(panel["image"].T, cmap="gray", origin="lower", vmin=lo, vmax=hi, aspect=panel["aspect"])
             if name != "CT":
                 heat, vmin, vmax = panel["maps"][name]
-                ax.imshow(heat.T, cmap="jet", origin="lower", alpha=0.45, aspect=panel["aspect"], vmin=vmin,
-                          vmax=vmax if vmax > vmin else vmin + 1.0)
+                ax.imshow(
+                    heat.T,
+                    cmap="jet",
+                    origin="lower",
+                    alpha=0.45,
+                    aspect=panel["aspect"],
+                    vmin=vmin,
+                    vmax=vmax if vmax > vmin else vmin + 1.0,
+                )
             if panel["lesion"].any():
-                ax.contour(panel["lesion"].T.astype(float), levels=[0.5], colors="lime", linewidths=1.0,
-                           origin="lower")
+                ax.contour(panel["lesion"].T.astype(float), levels=[0.5], colors="lime", linewidths=1.0, origin="lower")
             ax.set_title(panel["case"] if name == "CT" else name, fontsize=8)
             ax.axis("off")
     return save_figure(fig, path, dpi=80)
@@ -229,8 +256,11 @@ def summarize(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[
         for key in METRICS:
             values = np.asarray([r[key] for r in mine], dtype=np.float64)
             values = values[np.isfinite(values)]
-            entry[key] = ({"mean": float(values.mean()), "std": float(values.std()), "median": float(np.median(values))}
-                          if values.size else None)
+            entry[key] = (
+                {"mean": float(values.mean()), "std": float(values.std()), "median": float(np.median(values))}
+                if values.size
+                else None
+            )
         summary[method] = entry
     return summary
 
@@ -251,8 +281,9 @@ def write_comparison(summary: dict[str, dict[str, Any]], out: Path) -> None:
     (out / "comparison.md").write_text("\n".join(md) + "\n")
 
 
-def write_localization(result: LocalizationResult, out: Path, checkpoints: dict[str, str], data: str,
-                       settings: dict[str, Any]) -> dict[str, Any]:
+def write_localization(
+    result: LocalizationResult, out: Path, checkpoints: dict[str, str], data: str, settings: dict[str, Any]
+) -> dict[str, Any]:
     """Write ``cases.csv``, ``summary.json``, ``comparison.csv`` / ``.md`` and ``montage.png`` into ``out``.
 
     ``checkpoints`` (name -> source), ``data`` and ``settings`` are recorded in ``summary.json``
@@ -273,8 +304,9 @@ def write_localization(result: LocalizationResult, out: Path, checkpoints: dict[
     return report
 
 
-def attention_with_baselines(case: Path, models: dict[str, tuple["SMARTFormer", str]], config: "PretrainConfig",
-                             out: Path, seed: int = 0) -> dict[str, dict[str, Any]]:
+def attention_with_baselines(
+    case: Path, models: dict[str, tuple[SMARTFormer, str]], config: PretrainConfig, out: Path, seed: int = 0
+) -> dict[str, dict[str, Any]]:
     """Attention maps (NIfTI + PNG) of each model for the phantom ``case``, and how well each map and
     two baselines (as ``smartformer localize`` has them) point at its tumour.
 
@@ -288,7 +320,10 @@ def attention_with_baselines(case: Path, models: dict[str, tuple["SMARTFormer", 
     first_name, (first, _) = next(iter(models.items()))
     random_name, random_model = random_baseline(first, seed, like=first_name)
     methods: dict[str, tuple[SMARTFormer | None, str]] = {
-        **models, random_name: (random_model, "random weights"), CENTRE: (None, "centre prior")}
+        **models,
+        random_name: (random_model, "random weights"),
+        CENTRE: (None, "centre prior"),
+    }
     entries: dict[str, dict[str, Any]] = {}
     image_hu = spacing = None
     for name, (model, what) in methods.items():
@@ -296,17 +331,30 @@ def attention_with_baselines(case: Path, models: dict[str, tuple["SMARTFormer", 
         if model is None:
             heat = centre_prior(lesion.shape, spacing)
         else:
-            result = attention_volume(model, case / "ct.nii.gz", spacing=config.data.spacing,
-                                      window=config.data.window, roi=config.data.roi, overlap=0.25)
+            result = attention_volume(
+                model,
+                case / "ct.nii.gz",
+                spacing=config.data.spacing,
+                window=config.data.window,
+                roi=config.data.roi,
+                overlap=0.25,
+            )
             image_hu, heat = result.image_hu, result.mean
             spacing = tuple(float(s) for s in np.linalg.norm(result.affine[:3, :3], axis=0))
             if name in models:
-                files = write_attention(result, out, stem=f"{case.name}_{name}", mask=lesion,
-                                        title=f"{case.name}: {what}", mask_label="tumour")
+                files = write_attention(
+                    result,
+                    out,
+                    stem=f"{case.name}_{name}",
+                    mask=lesion,
+                    title=f"{case.name}: {what}",
+                    mask_label="tumour",
+                )
                 entry.update({k: str(v) for k, v in files.items()})
         body = image_hu > BODY_HU_THRESHOLD
-        entry.update({"body_mean": float(heat[body].mean()),
-                      "air_mean": float(heat[~body].mean()) if (~body).any() else None})
+        entry.update(
+            {"body_mean": float(heat[body].mean()), "air_mean": float(heat[~body].mean()) if (~body).any() else None}
+        )
         if lesion.any():
             scores = localization_metrics(heat, lesion, image_hu, spacing)
             entry.update({"auroc": scores["auroc"], "tumour_enrichment": scores["enrichment"]})

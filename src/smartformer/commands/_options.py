@@ -43,36 +43,64 @@ CHECKPOINT_HELP = (
 
 def add_checkpoint_argument(p: argparse.ArgumentParser, many: bool = False) -> None:
     """``--checkpoint``: one checkpoint argument, or with ``many`` several to compare."""
-    p.add_argument("--checkpoint", required=True, nargs="+" if many else None, metavar="CHECKPOINT",
-                   help=CHECKPOINT_HELP + ("; several are compared side by side" if many else ""))
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        nargs="+" if many else None,
+        metavar="CHECKPOINT",
+        help=CHECKPOINT_HELP + ("; several are compared side by side" if many else ""),
+    )
 
 
 def add_spacing_window(p: argparse.ArgumentParser, what: str = "voxel size the network sees") -> None:
     """``--spacing`` and ``--window``: the grid and HU window a CT is resampled and scaled to."""
-    p.add_argument("--spacing", type=float, nargs="+", default=[2.0], metavar="MM",
-                   help=f"{what}, 1 or 3 values in mm (default: 2)")
-    p.add_argument("--window", default="wide",
-                   help="HU window: a preset (wide, lung, abdomen) or --window=LOW,HIGH in HU (default: wide)")
+    p.add_argument(
+        "--spacing",
+        type=float,
+        nargs="+",
+        default=[2.0],
+        metavar="MM",
+        help=f"{what}, 1 or 3 values in mm (default: 2)",
+    )
+    p.add_argument(
+        "--window",
+        default="wide",
+        help="HU window: a preset (wide, lung, abdomen) or --window=LOW,HIGH in HU (default: wide)",
+    )
 
 
 def add_roi(p: argparse.ArgumentParser, what: str = "sliding-window size") -> None:
     """``--roi``: the window the network reads at once."""
     from smartformer.models.swin3d import SIZE_MULTIPLE
 
-    p.add_argument("--roi", type=int, nargs="+", default=[64], metavar="VOXELS",
-                   help=f"{what}, 1 or 3 values, multiples of {SIZE_MULTIPLE} (default: 64)")
+    p.add_argument(
+        "--roi",
+        type=int,
+        nargs="+",
+        default=[64],
+        metavar="VOXELS",
+        help=f"{what}, 1 or 3 values, multiples of {SIZE_MULTIPLE} (default: 64)",
+    )
 
 
 def add_inference_arguments(p: argparse.ArgumentParser) -> None:
     """``--spacing``, ``--window``, ``--roi``, ``--overlap``, ``--normalize``: how a CT is fed to the network."""
     add_spacing_window(p)
     add_roi(p)
-    p.add_argument("--overlap", type=float, default=0.25,
-                   help="overlap of neighbouring windows, in [0, 1) (default: 0.25, as MONAI; 0.5 blends "
-                        "more smoothly for about 3x the time)")
-    p.add_argument("--normalize", choices=["uniform", "max"], default="uniform",
-                   help="how windows are made comparable before blending: relative to a uniform map "
-                        "(default), or to each window's peak (before issue 17; shows the windows as blocks)")
+    p.add_argument(
+        "--overlap",
+        type=float,
+        default=0.25,
+        help="overlap of neighbouring windows, in [0, 1) (default: 0.25, as MONAI; 0.5 blends "
+        "more smoothly for about 3x the time)",
+    )
+    p.add_argument(
+        "--normalize",
+        choices=["uniform", "max"],
+        default="uniform",
+        help="how windows are made comparable before blending: relative to a uniform map "
+        "(default), or to each window's peak (before issue 17; shows the windows as blocks)",
+    )
 
 
 def add_device_argument(p: argparse.ArgumentParser) -> None:
@@ -83,14 +111,28 @@ def add_crop_arguments(p: argparse.ArgumentParser, batch_size: int = 8) -> None:
     """``--crop``, ``--spacing``, ``--window``, ``--batch-size``, ``--device``, ``--seed``, ``--no-progress``."""
     from smartformer.models.swin3d import SIZE_MULTIPLE
 
-    p.add_argument("--crop", type=int, nargs="+", default=[64], metavar="VOXELS",
-                   help=f"crop size around the lesion, 1 or 3 values, multiples of {SIZE_MULTIPLE} (default: 64)")
+    p.add_argument(
+        "--crop",
+        type=int,
+        nargs="+",
+        default=[64],
+        metavar="VOXELS",
+        help=f"crop size around the lesion, 1 or 3 values, multiples of {SIZE_MULTIPLE} (default: 64)",
+    )
     add_spacing_window(p, "voxel size of the crop")
-    p.add_argument("--batch-size", type=int, default=batch_size,
-                   help=f"crops per forward pass or training step (default: {batch_size})")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=batch_size,
+        help=f"crops per forward pass or training step (default: {batch_size})",
+    )
     add_device_argument(p)
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of folds, label fractions, random:* weights, training and bootstrap (default: 0)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of folds, label fractions, random:* weights, training and bootstrap (default: 0)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -138,7 +180,7 @@ def inference_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def crop_options(args: argparse.Namespace) -> "CropOptions":
+def crop_options(args: argparse.Namespace) -> CropOptions:
     """The crop options of the command line; one-line errors for bad values."""
     from smartformer.data.transforms import parse_window
     from smartformer.downstream.cases import CropOptions
@@ -157,22 +199,41 @@ def add_evaluation_arguments(p: argparse.ArgumentParser, batch_size: int = 8) ->
     p.add_argument("--data", "--csv", dest="csv", required=True, type=Path, help=CSV_HELP)
     add_checkpoint_argument(p, many=True)
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--features", choices=("cls", "pooled", "both"), default="both",
-                   help="classifier input: [CLS], mean of the tokens, or both concatenated (default: both)")
+    p.add_argument(
+        "--features",
+        choices=("cls", "pooled", "both"),
+        default="both",
+        help="classifier input: [CLS], mean of the tokens, or both concatenated (default: both)",
+    )
     p.add_argument("--folds", type=int, default=5, help="patient-level stratified CV folds (default: 5)")
-    p.add_argument("--fraction", type=float, nargs="+", default=[1.0], metavar="F",
-                   help="label fractions of each training fold, e.g. 0.1 0.25 0.5 1.0 (patient-level, "
-                        "stratified, nested, seeded; the test fold is never subsampled; default: 1.0)")
-    p.add_argument("--holdout", type=float, default=0.0, metavar="F",
-                   help="patients (this fraction, stratified, seeded) held out as a test set beside the CV, as "
-                        "the SMART paper's LIDC protocol: every fold's model predicts it and metrics.json gives "
-                        "'holdout', the metrics of the fold-averaged probabilities (default: 0, none)")
-    p.add_argument("--bootstrap", type=int, default=1000,
-                   help="bootstrap resamples (patients, or cases without patient ids) for 95%% CIs (default: 1000)")
+    p.add_argument(
+        "--fraction",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        metavar="F",
+        help="label fractions of each training fold, e.g. 0.1 0.25 0.5 1.0 (patient-level, "
+        "stratified, nested, seeded; the test fold is never subsampled; default: 1.0)",
+    )
+    p.add_argument(
+        "--holdout",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="patients (this fraction, stratified, seeded) held out as a test set beside the CV, as "
+        "the SMART paper's LIDC protocol: every fold's model predicts it and metrics.json gives "
+        "'holdout', the metrics of the fold-averaged probabilities (default: 0, none)",
+    )
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        help="bootstrap resamples (patients, or cases without patient ids) for 95%% CIs (default: 1000)",
+    )
     add_crop_arguments(p, batch_size)
 
 
-def evaluation_settings(args: argparse.Namespace) -> "EvaluationSettings":
+def evaluation_settings(args: argparse.Namespace) -> EvaluationSettings:
     """The :class:`~smartformer.downstream.evaluation.EvaluationSettings` of the command line."""
     from smartformer.downstream.evaluation import EvaluationSettings
 
@@ -180,7 +241,18 @@ def evaluation_settings(args: argparse.Namespace) -> "EvaluationSettings":
         raise SmartformerError("--bootstrap must be 0 or more")
     if args.out.exists() and not args.out.is_dir():
         raise SmartformerError(f"--out {args.out}: exists and is not a directory")
-    return EvaluationSettings(csv=args.csv, checkpoints=list(args.checkpoint), out=args.out, crop=crop_options(args),
-                              features=args.features, folds=args.folds, fractions=list(args.fraction),
-                              holdout=args.holdout, bootstrap=args.bootstrap, batch_size=args.batch_size,
-                              device=args.device, seed=args.seed, progress=not args.no_progress)
+    return EvaluationSettings(
+        csv=args.csv,
+        checkpoints=list(args.checkpoint),
+        out=args.out,
+        crop=crop_options(args),
+        features=args.features,
+        folds=args.folds,
+        fractions=list(args.fraction),
+        holdout=args.holdout,
+        bootstrap=args.bootstrap,
+        batch_size=args.batch_size,
+        device=args.device,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )

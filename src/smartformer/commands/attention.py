@@ -30,13 +30,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     add_checkpoint_argument(p)
-    p.add_argument("--image", required=True, type=Path,
-                   help="the CT: NIfTI, NRRD, MetaImage file or a DICOM series folder")
+    p.add_argument(
+        "--image", required=True, type=Path, help="the CT: NIfTI, NRRD, MetaImage file or a DICOM series folder"
+    )
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--mask", type=Path, default=None,
-                   help="optional mask (e.g. a tumour) drawn as a contour; any grid, resampled to the CT's")
-    p.add_argument("--mask-label", type=int, default=None, metavar="ID",
-                   help="take only this label of --mask (e.g. 11, the phantoms' lesions); default: every voxel > 0")
+    p.add_argument(
+        "--mask",
+        type=Path,
+        default=None,
+        help="optional mask (e.g. a tumour) drawn as a contour; any grid, resampled to the CT's",
+    )
+    p.add_argument(
+        "--mask-label",
+        type=int,
+        default=None,
+        metavar="ID",
+        help="take only this label of --mask (e.g. 11, the phantoms' lesions); default: every voxel > 0",
+    )
     add_inference_arguments(p)
     p.add_argument("--name", default=None, help="file name stem of the outputs (default: from --image)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -55,8 +65,14 @@ def run(args: argparse.Namespace) -> int:
     mask = read_mask_on(args.mask, ct, args.mask_label) if args.mask is not None else None
     result = attention_volume(model, ct, **inference_kwargs(args), progress=not args.no_progress)
     stem = args.name or volume_stem(args.image)
-    files = write_attention(result, args.out, stem=stem, mask=mask, title=f"{stem}: mean semantic attention",
-                            mask_label=f"mask ({args.mask.name})" if args.mask is not None else "mask")
+    files = write_attention(
+        result,
+        args.out,
+        stem=stem,
+        mask=mask,
+        title=f"{stem}: mean semantic attention",
+        mask_label=f"mask ({args.mask.name})" if args.mask is not None else "mask",
+    )
     summary = {
         "checkpoint": resolve_checkpoint(args.checkpoint).source,
         "image": str(args.image),

@@ -32,9 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_checkpoint_argument(p)
     p.add_argument("--image", required=True, type=Path, help="the CT: NIfTI, NRRD, MetaImage or a DICOM folder")
     p.add_argument("--labels", required=True, type=Path, help="label map (any grid; resampled to the CT's)")
-    p.add_argument("--names", type=Path, default=None,
-                   help='JSON {"id": "name"} (or {"labels": {...}}); default: labels.json next to --labels or in '
-                        'the folder above it; without one the legend shows label ids, with a warning')
+    p.add_argument(
+        "--names",
+        type=Path,
+        default=None,
+        help='JSON {"id": "name"} (or {"labels": {...}}); default: labels.json next to --labels or in '
+        "the folder above it; without one the legend shows label ids, with a warning",
+    )
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("-k", "--clusters", type=int, default=None, help="number of clusters (default: labels present)")
     add_spacing_window(p)
@@ -66,28 +70,50 @@ def run(args: argparse.Namespace) -> int:
     if names_path is not None and not names_path.is_file():
         raise InputError(names_path, "does not exist")
     model = load_encoder(args.checkpoint)  # tokens only: pooled-token models too
-    tokens = token_features(model, args.image, args.labels,
-                            spacing=args.spacing[0] if len(args.spacing) == 1 else tuple(args.spacing),
-                            window=args.window, roi=args.roi[0] if len(args.roi) == 1 else tuple(args.roi),
-                            progress=not args.no_progress)
+    tokens = token_features(
+        model,
+        args.image,
+        args.labels,
+        spacing=args.spacing[0] if len(args.spacing) == 1 else tuple(args.spacing),
+        window=args.window,
+        roi=args.roi[0] if len(args.roi) == 1 else tuple(args.roi),
+        progress=not args.no_progress,
+    )
     result = cluster_organs(tokens, args.clusters, seed=args.seed, labels_path=args.labels)
     if names_path is None:
-        warnings.warn(f"{args.labels}: no labels.json beside it or in the folder above, and no --names; "
-                      "the legend shows label ids (label 1, label 2, ...)", stacklevel=1)
+        warnings.warn(
+            f"{args.labels}: no labels.json beside it or in the folder above, and no --names; "
+            "the legend shows label ids (label 1, label 2, ...)",
+            stacklevel=1,
+        )
     names = load_label_names(names_path, result.present.tolist())
     stem = args.name or volume_stem(args.image)
     report = write_clustering(
-        result, names, args.out, stem,
-        sources={"checkpoint": resolve_checkpoint(args.checkpoint).source, "image": str(args.image),
-                 "labels": str(args.labels)},
+        result,
+        names,
+        args.out,
+        stem,
+        sources={
+            "checkpoint": resolve_checkpoint(args.checkpoint).source,
+            "image": str(args.image),
+            "labels": str(args.labels),
+        },
         settings={"spacing": args.spacing, "window": args.window, "roi": args.roi, "seed": args.seed},
-        tsne_points=args.tsne_points, seed=args.seed)
+        tsne_points=args.tsne_points,
+        seed=args.seed,
+    )
     scores, separation = result.scores, result.separation
-    print(f"{report['tokens']} tokens, {result.present.size} labels, k={result.k}: NMI {scores['nmi']:.3f}  "
-          f"ARI {scores['ari']:.3f}  purity {scores['purity']:.3f}  centroid separation {separation['mean_ratio']:.2f}")
+    print(
+        f"{report['tokens']} tokens, {result.present.size} labels, k={result.k}: NMI {scores['nmi']:.3f}  "
+        f"ARI {scores['ari']:.3f}  purity {scores['purity']:.3f}  centroid separation {separation['mean_ratio']:.2f}"
+    )
     intra, inter = separation["intra_distance"], separation["inter_distance"]
-    print(f"  distances (as the SMART paper): intra-cluster {intra['mean']:.2f} +- {intra['sd']:.2f}, "
-          f"inter-cluster {inter['mean']:.2f} +- {inter['sd']:.2f}")
-    print(f"  clusters {report['clusters_nifti']}\n  t-SNE    {report['tsne_png']}\n"
-          f"  metrics  {args.out / f'{stem}_clustering.json'}")
+    print(
+        f"  distances (as the SMART paper): intra-cluster {intra['mean']:.2f} +- {intra['sd']:.2f}, "
+        f"inter-cluster {inter['mean']:.2f} +- {inter['sd']:.2f}"
+    )
+    print(
+        f"  clusters {report['clusters_nifti']}\n  t-SNE    {report['tsne_png']}\n"
+        f"  metrics  {args.out / f'{stem}_clustering.json'}"
+    )
     return 0

@@ -31,18 +31,26 @@ least one is usable), 2 if the source itself cannot be read."""
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``check`` to the ``smartformer data`` subcommands."""
     parser = subparsers.add_parser(
-        "check", help="read every volume of a source and report shape, spacing, HU range",
-        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "check",
+        help="read every volume of a source and report shape, spacing, HU range",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("source", metavar="SOURCE", help="folder, CSV, JSON datalist or image file")
-    parser.add_argument("--skip-bad", action="store_true",
-                        help="list unusable volumes but exit 0 if at least one volume is usable")
-    parser.add_argument("--json", metavar="FILE", type=Path,
-                        help="also write the per-volume report and summary to FILE as JSON")
-    parser.add_argument("--key", default="training",
-                        help="the list to read from a JSON datalist (default: training)")
-    parser.add_argument("--exclude", default=",".join(DEFAULT_EXCLUDE), metavar="PATTERNS",
-                        help="comma-separated name patterns of label maps to skip in folders "
-                             "(default: %(default)s; '' lists every image file)")
+    parser.add_argument(
+        "--skip-bad", action="store_true", help="list unusable volumes but exit 0 if at least one volume is usable"
+    )
+    parser.add_argument(
+        "--json", metavar="FILE", type=Path, help="also write the per-volume report and summary to FILE as JSON"
+    )
+    parser.add_argument("--key", default="training", help="the list to read from a JSON datalist (default: training)")
+    parser.add_argument(
+        "--exclude",
+        default=",".join(DEFAULT_EXCLUDE),
+        metavar="PATTERNS",
+        help="comma-separated name patterns of label maps to skip in folders "
+        "(default: %(default)s; '' lists every image file)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -79,24 +87,28 @@ def format_row(report: VolumeReport, width: int) -> str:
     shape = "x".join(str(n) for n in report.shape)
     spacing = "x".join(f"{s:.2f}" for s in report.spacing)
     hu = f"{report.hu_min:.0f}..{report.hu_max:.0f}"
-    return f"{report.path:<{width}}  {shape:>13}  {spacing:>16} mm  {report.orientation}  " \
-           f"HU {hu:>13}  ok" + (f" (warning: {report.warning})" if report.warning else "")
+    return f"{report.path:<{width}}  {shape:>13}  {spacing:>16} mm  {report.orientation}  HU {hu:>13}  ok" + (
+        f" (warning: {report.warning})" if report.warning else ""
+    )
 
 
 def format_summary(summary: dict[str, Any], skip_bad: bool) -> list[str]:
     """The closing lines: counts, ranges, and what happens to failed volumes."""
     lines = [f"{summary['n_ok']} ok, {summary['n_failed']} failed"]
     if summary["n_ok"]:
+
         def span(field: str, fmt: str) -> str:
             lo = "x".join(format(v, fmt) for v in summary[f"{field}_min"])
             hi = "x".join(format(v, fmt) for v in summary[f"{field}_max"])
             return lo if lo == hi else f"{lo} .. {hi}"
+
         lines.append(f"shape (voxels, per axis min .. max): {span('shape', 'd')}")
         lines.append(f"spacing (mm, per axis min .. max): {span('spacing', '.2f')}")
     if summary["n_failed"]:
-        lines.append(f"{summary['n_failed']} volume(s) cannot be used"
-                     + (" and would be skipped (--skip-bad)" if skip_bad else
-                        "; fix or remove them, or pass --skip-bad"))
+        lines.append(
+            f"{summary['n_failed']} volume(s) cannot be used"
+            + (" and would be skipped (--skip-bad)" if skip_bad else "; fix or remove them, or pass --skip-bad")
+        )
     return lines
 
 
@@ -105,5 +117,7 @@ def skipped_line(skipped: list[str], patterns: list[str], shown: int = 5) -> str
     from smartformer.wording import plural
 
     names = ", ".join(skipped[:shown]) + (f" and {len(skipped) - shown} more" if len(skipped) > shown else "")
-    return (f"skipped {plural(len(skipped), 'file')} as label maps (names matching {','.join(patterns)}; "
-            f"--exclude '' checks them too): {names}")
+    return (
+        f"skipped {plural(len(skipped), 'file')} as label maps (names matching {','.join(patterns)}; "
+        f"--exclude '' checks them too): {names}"
+    )

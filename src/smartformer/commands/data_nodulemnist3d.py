@@ -32,18 +32,37 @@ examples:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``nodulemnist3d`` to the ``smartformer data`` subcommands."""
-    register_medmnist(subparsers, "nodulemnist3d", "MedMNIST NoduleMNIST3D .npz to NIfTI crops + labels CSV",
-                      _DESCRIPTION, _EPILOG, "images/ and nodulemnist3d.csv", run)
+    register_medmnist(
+        subparsers,
+        "nodulemnist3d",
+        "MedMNIST NoduleMNIST3D .npz to NIfTI crops + labels CSV",
+        _DESCRIPTION,
+        _EPILOG,
+        "images/ and nodulemnist3d.csv",
+        run,
+    )
 
 
-def register_medmnist(subparsers: argparse._SubParsersAction, name: str, summary: str, description: str,
-                      epilog: str, writes: str, func: Any) -> None:
+def register_medmnist(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    summary: str,
+    description: str,
+    epilog: str,
+    writes: str,
+    func: Any,
+) -> None:
     """A ``data <name>`` builder of a MedMNIST 3D ``.npz`` (``--npz``, ``--hu-range``)."""
     parser = add_builder_parser(subparsers, name, summary, description, epilog, writes)
-    parser.add_argument("--npz", required=True, type=Path, metavar="FILE",
-                        help=f"the local {name}*.npz file")
-    parser.add_argument("--hu-range", type=float, nargs=2, default=[-1000.0, 400.0],
-                        metavar=("LOW", "HIGH"), help="HU that 0 and 255 map to (default: %(default)s)")
+    parser.add_argument("--npz", required=True, type=Path, metavar="FILE", help=f"the local {name}*.npz file")
+    parser.add_argument(
+        "--hu-range",
+        type=float,
+        nargs=2,
+        default=[-1000.0, 400.0],
+        metavar=("LOW", "HIGH"),
+        help="HU that 0 and 255 map to (default: %(default)s)",
+    )
     parser.set_defaults(func=func)
 
 
@@ -54,7 +73,6 @@ def run(args: argparse.Namespace) -> int:
     path, labels = build_nodulemnist3d(args.npz, args.out, args.hu_range, progress=not args.no_progress)
     for split, values in labels.items():
         n_malignant = int((values == 1).sum())
-        print(f"{split}: {len(values)} nodules ({n_malignant} malignant, "
-              f"{len(values) - n_malignant} benign)")
+        print(f"{split}: {len(values)} nodules ({n_malignant} malignant, {len(values) - n_malignant} benign)")
     print(f"wrote {path}")
     return 0

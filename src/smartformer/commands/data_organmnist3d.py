@@ -30,16 +30,24 @@ examples:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``organmnist3d`` to the ``smartformer data`` subcommands."""
-    register_medmnist(subparsers, "organmnist3d", "MedMNIST OrganMNIST3D .npz to NIfTI crops + labels CSV",
-                      _DESCRIPTION, _EPILOG, "images/, organmnist3d.csv and labels.json", run)
+    register_medmnist(
+        subparsers,
+        "organmnist3d",
+        "MedMNIST OrganMNIST3D .npz to NIfTI crops + labels CSV",
+        _DESCRIPTION,
+        _EPILOG,
+        "images/, organmnist3d.csv and labels.json",
+        run,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Convert the file and print the counts per split and organ."""
     from smartformer.data.builders.nodulemnist3d import ORGAN_CLASSES, build_medmnist3d
 
-    path, labels = build_medmnist3d(args.npz, args.out, args.hu_range, progress=not args.no_progress,
-                                    name="organmnist3d", classes=ORGAN_CLASSES)
+    path, labels = build_medmnist3d(
+        args.npz, args.out, args.hu_range, progress=not args.no_progress, name="organmnist3d", classes=ORGAN_CLASSES
+    )
     for split, values in labels.items():
         counts = ", ".join(f"{organ} {int((values == i).sum())}" for i, organ in enumerate(ORGAN_CLASSES))
         print(f"{split}: {len(values)} crops ({counts})")

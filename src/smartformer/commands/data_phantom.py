@@ -44,29 +44,59 @@ examples:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``phantom`` to the ``smartformer data`` subcommands."""
     parser = subparsers.add_parser(
-        "phantom", help="write synthetic CT phantoms with organ and lesion labels",
-        description=_DESCRIPTION, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR",
-                        help="folder to write the case folders into (created if missing)")
-    parser.add_argument("-n", "--num-cases", type=int, default=1, metavar="N",
-                        help="number of cases to write (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, metavar="S",
-                        help="seed of the set, a whole number >= 0 (default: %(default)s)")
-    parser.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE), metavar=("X", "Y", "Z"),
-                        help="voxels along x, y, z (default: %(default)s)")
+        "phantom",
+        help="write synthetic CT phantoms with organ and lesion labels",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="folder to write the case folders into (created if missing)",
+    )
+    parser.add_argument(
+        "-n", "--num-cases", type=int, default=1, metavar="N", help="number of cases to write (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, metavar="S", help="seed of the set, a whole number >= 0 (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        default=list(DEFAULT_SHAPE),
+        metavar=("X", "Y", "Z"),
+        help="voxels along x, y, z (default: %(default)s)",
+    )
     grid = parser.add_mutually_exclusive_group()
-    grid.add_argument("--spacing", type=float, nargs=3, default=list(DEFAULT_SPACING),
-                      metavar=("SX", "SY", "SZ"), help="voxel size in mm (default: %(default)s)")
-    grid.add_argument("--anisotropic", action="store_true",
-                      help="same field of view as --shape at the default spacing, resampled to "
-                           f"{' x '.join(f'{s:g}' for s in ANISOTROPIC_SPACING)} mm voxels (fine pixels, "
-                           "thick slices); about 10x the voxels and time of the default")
-    parser.add_argument("--lesions", type=int, default=None, metavar="K",
-                        help="lesions per case (default: 1-3 at random)")
-    parser.add_argument("--contrast", choices=("auto", "on", "off"), default="auto",
-                        help="contrast-enhanced cases: at random, all or none (default: %(default)s)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the files of case folders that already exist")
+    grid.add_argument(
+        "--spacing",
+        type=float,
+        nargs=3,
+        default=list(DEFAULT_SPACING),
+        metavar=("SX", "SY", "SZ"),
+        help="voxel size in mm (default: %(default)s)",
+    )
+    grid.add_argument(
+        "--anisotropic",
+        action="store_true",
+        help="same field of view as --shape at the default spacing, resampled to "
+        f"{' x '.join(f'{s:g}' for s in ANISOTROPIC_SPACING)} mm voxels (fine pixels, "
+        "thick slices); about 10x the voxels and time of the default",
+    )
+    parser.add_argument(
+        "--lesions", type=int, default=None, metavar="K", help="lesions per case (default: 1-3 at random)"
+    )
+    parser.add_argument(
+        "--contrast",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="contrast-enhanced cases: at random, all or none (default: %(default)s)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of case folders that already exist")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.set_defaults(func=run)
 
@@ -77,10 +107,20 @@ def run(args: argparse.Namespace) -> int:
     if args.anisotropic:
         shape, spacing = same_extent_shape(shape, DEFAULT_SPACING, ANISOTROPIC_SPACING), ANISOTROPIC_SPACING
     contrast = {"auto": None, "on": True, "off": False}[args.contrast]
-    cases = write_phantoms(args.out, args.num_cases, args.seed, shape=shape, spacing=spacing,
-                           overwrite=args.overwrite, progress=not args.no_progress,
-                           n_lesions=args.lesions, contrast=contrast)
+    cases = write_phantoms(
+        args.out,
+        args.num_cases,
+        args.seed,
+        shape=shape,
+        spacing=spacing,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        n_lesions=args.lesions,
+        contrast=contrast,
+    )
     folders = cases[0].name + (f" .. {cases[-1].name}" if len(cases) > 1 else "")
-    print(f"wrote {len(cases)} phantom case{'s' if len(cases) != 1 else ''} ({_grid(shape, spacing)}) "
-          f"to {args.out}/{folders}")
+    print(
+        f"wrote {len(cases)} phantom case{'s' if len(cases) != 1 else ''} ({_grid(shape, spacing)}) "
+        f"to {args.out}/{folders}"
+    )
     return 0

@@ -21,10 +21,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
     p.add_argument("-n", "--cases", type=int, default=4, help="phantom CTs to generate (default: 4)")
-    p.add_argument("--max-steps", type=int, default=60, help="pretraining steps (default: 60, a few minutes on 2 cores)")
+    p.add_argument(
+        "--max-steps", type=int, default=60, help="pretraining steps (default: 60, a few minutes on 2 cores)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of phantoms and training (default: 0)")
-    p.add_argument("--spacing", type=float, default=2.0,
-                   help="isotropic voxel size in mm for training and attention maps (default: 2; coarser is faster)")
+    p.add_argument(
+        "--spacing",
+        type=float,
+        default=2.0,
+        help="isotropic voxel size in mm for training and attention maps (default: 2; coarser is faster)",
+    )
     p.add_argument("--fresh", action="store_true", help="delete a previous demo run in --out first")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -50,17 +56,21 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(out)
     progress = not args.no_progress
     print(f"[1/3] writing {args.cases} phantom CTs to {out / 'phantoms'}")
-    cases = write_phantoms(out / "phantoms", n=args.cases, seed=args.seed, overwrite=True, progress=progress,
-                           n_lesions=None)
+    cases = write_phantoms(
+        out / "phantoms", n=args.cases, seed=args.seed, overwrite=True, progress=progress, n_lesions=None
+    )
 
     if args.spacing <= 0:
         raise SmartformerError("--spacing must be positive")
-    config = load_config("tiny", [f"train.seed={args.seed}", f"data.cache_dir={out / 'cache'}",
-                                  f"data.spacing={args.spacing}"])
+    config = load_config(
+        "tiny", [f"train.seed={args.seed}", f"data.cache_dir={out / 'cache'}", f"data.spacing={args.spacing}"]
+    )
     config.train.max_steps = args.max_steps
     resume = (run_dir / "checkpoints" / "last.pt").is_file()
-    print(f"[2/3] pretraining tiny SMARTFormer for {args.max_steps} steps in {run_dir}"
-          + (" (resuming the previous demo run)" if resume else ""))
+    print(
+        f"[2/3] pretraining tiny SMARTFormer for {args.max_steps} steps in {run_dir}"
+        + (" (resuming the previous demo run)" if resume else "")
+    )
     summary = pretrain(out / "phantoms", run_dir, config, resume=resume, progress=progress)
     if summary["status"] != "completed":
         print(f"stopped at step {summary['step']}; run the same command again to continue")
@@ -72,8 +82,10 @@ def run(args: argparse.Namespace) -> int:
         shipped: (SMARTFormer.from_pretrained(shipped), f"{shipped} (shipped, pretrained on real CT)"),
         "demo_run": (SMARTFormer.from_pretrained(run_dir / "teacher"), f"demo teacher after {summary['step']} steps"),
     }
-    print(f"[3/3] attention maps of {shipped} and of the demo teacher for {case / 'ct.nii.gz'}, "
-          "next to a centre prior and the same network with random weights")
+    print(
+        f"[3/3] attention maps of {shipped} and of the demo teacher for {case / 'ct.nii.gz'}, "
+        "next to a centre prior and the same network with random weights"
+    )
     scored = attention_with_baselines(case, models, config, out / "attention", seed=args.seed)
     report = {
         "phantoms": str(out / "phantoms"),
@@ -99,14 +111,21 @@ def run(args: argparse.Namespace) -> int:
 
 def localization_lines(entries: dict[str, dict[str, Any]]) -> list[str]:
     """The summary's table: each map's tumour AUROC and enrichment next to the baselines'."""
-    lines = ["", "  how well each map points at the tumour (inside the body; chance: AUROC 0.5, enrichment 1.0):",
-             f"  {'method':<16} {'AUROC':>6} {'enrichment':>11} {'mean in body':>13} {'mean in air':>12}"]
+    lines = [
+        "",
+        "  how well each map points at the tumour (inside the body; chance: AUROC 0.5, enrichment 1.0):",
+        f"  {'method':<16} {'AUROC':>6} {'enrichment':>11} {'mean in body':>13} {'mean in air':>12}",
+    ]
     for name, e in entries.items():
-        def number(key: str, width: int) -> str:
+
+        def number(key: str, width: int, e: dict = e) -> str:
             value = e.get(key)
             return f"{value:>{width}.3f}" if isinstance(value, float) else f"{'-':>{width}}"
-        lines.append(f"  {name:<16} {number('auroc', 6)} {number('tumour_enrichment', 11)} "
-                     f"{number('body_mean', 13)} {number('air_mean', 12)}  {e['what']}")
+
+        lines.append(
+            f"  {name:<16} {number('auroc', 6)} {number('tumour_enrichment', 11)} "
+            f"{number('body_mean', 13)} {number('air_mean', 12)}  {e['what']}"
+        )
     baselines = ", ".join(name for name, e in entries.items() if e["what"] in ("centre prior", "random weights"))
     lines.append(f"  a map localizes the tumour only where it beats both baselines ({baselines})")
     return lines

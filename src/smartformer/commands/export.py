@@ -26,15 +26,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_checkpoint_argument(p)
     p.add_argument("--to", choices=["monai"], default="monai", help="target format (default: monai)")
     p.add_argument("--out", required=True, type=Path, help="output file: .pt (torch) or .safetensors")
-    p.add_argument("--weights", choices=["teacher", "student"], default="teacher",
-                   help="which network of a training checkpoint or run directory to export (default: teacher)")
-    p.add_argument("--force", action="store_true",
-                   help="overwrite an existing --out file (never the input, nor a checkpoint of a run)")
+    p.add_argument(
+        "--weights",
+        choices=["teacher", "student"],
+        default="teacher",
+        help="which network of a training checkpoint or run directory to export (default: teacher)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite an existing --out file (never the input, nor a checkpoint of a run)",
+    )
     p.set_defaults(func=run)
 
 
-_VIT_REFUSAL = ("holds a ViT encoder; export --to monai writes the Swin encoder of SwinUNETR. A ViT's weights "
-                "load strictly into MONAI's ViT (UNETR's encoder) through ViT3D.monai_state_dict()")
+_VIT_REFUSAL = (
+    "holds a ViT encoder; export --to monai writes the Swin encoder of SwinUNETR. A ViT's weights "
+    "load strictly into MONAI's ViT (UNETR's encoder) through ViT3D.monai_state_dict()"
+)
 
 
 def _check_out(out: Path, sources: list[Path], force: bool) -> None:

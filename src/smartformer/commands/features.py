@@ -21,15 +21,26 @@ def register(sub: argparse._SubParsersAction) -> None:
             "tokens). --out ending in .csv writes CSV, in .parquet writes Parquet (needs pyarrow)."
         ),
     )
-    p.add_argument("--data", "--csv", dest="csv", required=True, type=Path, help=CSV_HELP.replace(", label,", ", label (optional),"))
+    p.add_argument(
+        "--data",
+        "--csv",
+        dest="csv",
+        required=True,
+        type=Path,
+        help=CSV_HELP.replace(", label,", ", label (optional),"),
+    )
     add_checkpoint_argument(p)
     p.add_argument("--out", required=True, type=Path, help="output table, .csv or .parquet")
-    p.add_argument("--features", choices=("cls", "pooled", "both"), default="both",
-                   help="which features to write (default: both)")
-    p.add_argument("--distances", action="store_true",
-                   help="also score the features by their labels as the SMART paper scores OrganMNIST3D: intra- "
-                        "and inter-cluster Euclidean distances (mean +- sd) and the centroid separation, printed "
-                        "and written to OUT with the suffix .distances.json (needs a label column)")
+    p.add_argument(
+        "--features", choices=("cls", "pooled", "both"), default="both", help="which features to write (default: both)"
+    )
+    p.add_argument(
+        "--distances",
+        action="store_true",
+        help="also score the features by their labels as the SMART paper scores OrganMNIST3D: intra- "
+        "and inter-cluster Euclidean distances (mean +- sd) and the centroid separation, printed "
+        "and written to OUT with the suffix .distances.json (needs a label column)",
+    )
     add_crop_arguments(p)
     p.set_defaults(func=run)
 
@@ -67,15 +78,19 @@ def run(args: argparse.Namespace) -> int:
     features = extract_features(model, crops, args.features, args.batch_size, device, progress=not args.no_progress)
     frame = feature_table(table, features, args.features, model.embed_dim)
     write_feature_table(frame, args.out)
-    print(f"{plural(len(frame), 'case')} x {plural(features.shape[1], 'feature')} of {name} ({args.features}) "
-          f"-> {args.out}")
+    print(
+        f"{plural(len(frame), 'case')} x {plural(features.shape[1], 'feature')} of {name} ({args.features}) "
+        f"-> {args.out}"
+    )
     if args.distances:
         path = args.out.with_suffix(".distances.json")
         result = write_distances(frame, frame["label"].astype(str).to_numpy(), path)
         for kind, entry in result.items():
             intra, inter = entry["intra_distance"], entry["inter_distance"]
-            print(f"  {kind}: intra-cluster {intra['mean']:.2f} +- {intra['sd']:.2f}, inter-cluster "
-                  f"{inter['mean']:.2f} +- {inter['sd']:.2f}, centroid separation {entry['centroid_separation']:.2f} "
-                  f"({len(entry['labels'])} labels)")
+            print(
+                f"  {kind}: intra-cluster {intra['mean']:.2f} +- {intra['sd']:.2f}, inter-cluster "
+                f"{inter['mean']:.2f} +- {inter['sd']:.2f}, centroid separation {entry['centroid_separation']:.2f} "
+                f"({len(entry['labels'])} labels)"
+            )
         print(f"  distances -> {path}")
     return 0

@@ -42,20 +42,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, type=Path, help="CSV (image,mask) or a folder of case folders")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     add_inference_arguments(p)
-    p.add_argument("--lesion-label", type=int, default=None, metavar="ID",
-                   help="label value of the lesion in label maps (default: 11 for labels.* files, "
-                        "every voxel > 0 for mask files and CSV masks)")
-    p.add_argument("--tolerance-mm", type=float, default=10.0,
-                   help="pointing game: distance from the lesion still counted as a hit (default: 10)")
+    p.add_argument(
+        "--lesion-label",
+        type=int,
+        default=None,
+        metavar="ID",
+        help="label value of the lesion in label maps (default: 11 for labels.* files, "
+        "every voxel > 0 for mask files and CSV masks)",
+    )
+    p.add_argument(
+        "--tolerance-mm",
+        type=float,
+        default=10.0,
+        help="pointing game: distance from the lesion still counted as a hit (default: 10)",
+    )
     p.add_argument("--top-k", type=float, default=5.0, help="percent of body voxels for top-k Dice/IoU (default: 5)")
-    p.add_argument("--windows", type=int, default=0,
-                   help="score N windows per case at random offsets that hold part of the lesion, for "
-                        "lesion-centred crops such as STS (default: 0, the whole CT)")
+    p.add_argument(
+        "--windows",
+        type=int,
+        default=0,
+        help="score N windows per case at random offsets that hold part of the lesion, for "
+        "lesion-centred crops such as STS (default: 0, the whole CT)",
+    )
     p.add_argument("--window-mm", type=float, default=100.0, help="side of those windows in mm (default: 100)")
     p.add_argument("--max-cases", type=int, default=None, help="only the first N cases")
-    p.add_argument("--no-random-baseline", action="store_true",
-                   help="skip the random-weights network (random_PRESET: the first checkpoint's architecture; "
-                        "a random:PRESET checkpoint replaces it)")
+    p.add_argument(
+        "--no-random-baseline",
+        action="store_true",
+        help="skip the random-weights network (random_PRESET: the first checkpoint's architecture; "
+        "a random:PRESET checkpoint replaces it)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and windows (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -71,24 +87,35 @@ def run(args: argparse.Namespace) -> int:
         raise SmartformerError("--tolerance-mm must be >= 0 and --top-k in (0, 100]")
     if args.windows < 0 or args.window_mm <= 0 or (args.max_cases is not None and args.max_cases < 1):
         raise SmartformerError("--windows must be >= 0, --window-mm > 0 and --max-cases >= 1")
-    names, models, methods = localization_methods(args.checkpoint, args.seed,
-                                                  random_weights=not args.no_random_baseline)
+    names, models, methods = localization_methods(
+        args.checkpoint, args.seed, random_weights=not args.no_random_baseline
+    )
     cases = find_cases(args.data)[: args.max_cases]
     kwargs = inference_kwargs(args)
-    scoring = ScoringSettings(tolerance_mm=args.tolerance_mm, top_k_percent=args.top_k, windows=args.windows,
-                              window_mm=args.window_mm)
+    scoring = ScoringSettings(
+        tolerance_mm=args.tolerance_mm, top_k_percent=args.top_k, windows=args.windows, window_mm=args.window_mm
+    )
     args.out.mkdir(parents=True, exist_ok=True)
-    result = score_cases(models, methods, cases, args.lesion_label, scoring, kwargs, seed=args.seed,
-                         progress=not args.no_progress)
+    result = score_cases(
+        models, methods, cases, args.lesion_label, scoring, kwargs, seed=args.seed, progress=not args.no_progress
+    )
     if not result.rows:
         raise SmartformerError(f"{args.data}: every mask was empty on its CT's grid; nothing to score")
     write_localization(
-        result, args.out,
+        result,
+        args.out,
         checkpoints={name: resolve_checkpoint(spec).source for name, spec in zip(names, args.checkpoint)},
         data=str(args.data),
-        settings={**{k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()},
-                  "tolerance_mm": args.tolerance_mm, "top_k_percent": args.top_k, "windows": args.windows,
-                  "window_mm": args.window_mm, "seed": args.seed, "region": "body (HU > -500) + lesion"})
+        settings={
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()},
+            "tolerance_mm": args.tolerance_mm,
+            "top_k_percent": args.top_k,
+            "windows": args.windows,
+            "window_mm": args.window_mm,
+            "seed": args.seed,
+            "region": "body (HU > -500) + lesion",
+        },
+    )
     print((args.out / "comparison.md").read_text(), end="")
     print(f"{plural(result.cases, 'case')} scored, {len(result.skipped)} skipped; results in {args.out}")
     return 0

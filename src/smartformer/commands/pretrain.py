@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Pretrain a SMARTFormer (noisy EMA teacher, attention-guided masking, reconstruction + "
             "patch + [CLS] distillation) on CT volumes. Multi-GPU / multi-node: "
-            "torchrun --standalone --nproc_per_node N -m smartformer pretrain ... (one node), or torchrun --nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT ... (several)"
+            "torchrun --standalone --nproc_per_node N -m smartformer pretrain ... (one node), "
+            "or torchrun --nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT ... (several)"
         ),
         epilog=(
             "Overrides are dotted keys, e.g. masking.strategy=random loss.cls_weight=0 "
@@ -25,17 +26,25 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Outputs in RUN_DIR: config.yaml, metrics.jsonl, tensorboard/, snapshots/, checkpoints/, teacher/."
         ),
     )
-    p.add_argument("--data", required=True, help="a folder of CTs (recursive), a CSV with an 'image' column, "
-                   "or an MSD-style JSON datalist")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="a folder of CTs (recursive), a CSV with an 'image' column, or an MSD-style JSON datalist",
+    )
     p.add_argument("--out", required=True, type=Path, help="run directory (RUN_DIR)")
-    p.add_argument("--config", default="tiny",
-                   help=f"preset ({', '.join(available_presets())}) or a YAML file (default: tiny)")
+    p.add_argument(
+        "--config", default="tiny", help=f"preset ({', '.join(available_presets())}) or a YAML file (default: tiny)"
+    )
     p.add_argument("--max-steps", type=int, help="total optimisation steps (overrides train.max_steps)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from RUN_DIR/checkpoints/last.pt (or the newest good step_N.pt if last.pt is "
-                        "damaged); refused if RUN_DIR holds no run")
-    p.add_argument("--resume-or-start", action="store_true",
-                   help="like --resume, but start a new run when RUN_DIR holds none")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from RUN_DIR/checkpoints/last.pt (or the newest good step_N.pt if last.pt is "
+        "damaged); refused if RUN_DIR holds no run",
+    )
+    p.add_argument(
+        "--resume-or-start", action="store_true", help="like --resume, but start a new run when RUN_DIR holds none"
+    )
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable volumes out (listed) instead of stopping")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
@@ -52,14 +61,18 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     has_run = (args.out / "config.yaml").is_file()
     if args.resume and not has_run and not args.resume_or_start:
-        raise SmartformerError(f"{args.out}: no run to resume there (no config.yaml); drop --resume to start one, "
-                               "or pass --resume-or-start")
+        raise SmartformerError(
+            f"{args.out}: no run to resume there (no config.yaml); drop --resume to start one, "
+            "or pass --resume-or-start"
+        )
     args.resume = args.resume or args.resume_or_start
     if args.resume and has_run:
         # Continue with the run's own resolved config; only the step and time budgets may change.
         if any(not o.startswith(RESUME_OVERRIDES) for o in overrides):
-            raise SmartformerError("--resume continues with RUN_DIR/config.yaml; overrides are not allowed "
-                                   "(only --max-steps, --skip-bad and train.max_minutes=...)")
+            raise SmartformerError(
+                "--resume continues with RUN_DIR/config.yaml; overrides are not allowed "
+                "(only --max-steps, --skip-bad and train.max_minutes=...)"
+            )
         config = load_config(str(args.out / "config.yaml"), overrides)
     else:
         config = load_config(args.config, overrides)
@@ -75,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  run directory : {summary['run_dir']}")
         print(f"  checkpoint    : {summary['checkpoint']}")
         print(f"  teacher       : {summary['teacher']}  (SMARTFormer.from_pretrained)")
-        print(f"  metrics       : {Path(summary['run_dir']) / 'metrics.jsonl'}  (tensorboard --logdir {Path(summary['run_dir']) / 'tensorboard'})")
+        run_dir = Path(summary["run_dir"])
+        print(f"  metrics       : {run_dir / 'metrics.jsonl'}  (tensorboard --logdir {run_dir / 'tensorboard'})")
         if summary["metrics"]:
             print("  last metrics  : " + json.dumps({k: round(v, 4) for k, v in summary["metrics"].items()}))
     return 0 if summary["status"] in ("completed", "time_budget") else 130

@@ -30,28 +30,34 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Writes folds.csv, predictions.csv, metrics.json (accuracy, balanced accuracy, AUC, "
             "sensitivity, specificity with bootstrap 95% intervals), roc.png and comparison.csv/.md "
             "(with a random:PRESET baseline among several checkpoints, also each one's AUC minus the "
-            "baseline's on the same cases, paired bootstrap CI). "
-            + TREATMENT_RESPONSE_HELP
+            "baseline's on the same cases, paired bootstrap CI). " + TREATMENT_RESPONSE_HELP
         ),
     )
     add_evaluation_arguments(p)
-    p.add_argument("--C", type=float, default=None,
-                   help="inverse L2 strength of the logistic regression (default: chosen by inner CV "
-                        "among 0.01, 0.1, 1, 10)")
+    p.add_argument(
+        "--C",
+        type=float,
+        default=None,
+        help="inverse L2 strength of the logistic regression (default: chosen by inner CV among 0.01, 0.1, 1, 10)",
+    )
     p.set_defaults(func=run)
 
 
-def print_evaluation(evaluation: "Evaluation", out: Path) -> None:
+def print_evaluation(evaluation: Evaluation, out: Path) -> None:
     """The comparison table, the held-out test set's AUCs and a one-line summary."""
     report = evaluation.report
     print(evaluation.markdown, end="")
     for name, by_fraction in report["results"].items():
         for fraction, entry in by_fraction.items():
             if "holdout" in entry:
-                print(f"held-out test set, {name} @ {fraction}: AUC {entry['holdout']['overall']['auc']['value']:.3f} "
-                      f"({plural(entry['holdout']['n'], 'case')}, probabilities averaged over the folds' models)")
-    print(f"{report['task']}: {plural(report['cases'], 'case')}, {plural(report['folds'], 'fold')}, "
-          f"{plural(len(report['checkpoints']), 'checkpoint')}; results in {out}")
+                print(
+                    f"held-out test set, {name} @ {fraction}: AUC {entry['holdout']['overall']['auc']['value']:.3f} "
+                    f"({plural(entry['holdout']['n'], 'case')}, probabilities averaged over the folds' models)"
+                )
+    print(
+        f"{report['task']}: {plural(report['cases'], 'case')}, {plural(report['folds'], 'fold')}, "
+        f"{plural(len(report['checkpoints']), 'checkpoint')}; results in {out}"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     if args.C is not None and args.C <= 0:
         raise SmartformerError("--C must be positive")
     settings = evaluation_settings(args)
-    evaluation = evaluate(settings, "probe", partial(probe_checkpoint, C=args.C),
-                          {"C": args.C if args.C is not None else "inner CV"})
+    evaluation = evaluate(
+        settings, "probe", partial(probe_checkpoint, C=args.C), {"C": args.C if args.C is not None else "inner CV"}
+    )
     print_evaluation(evaluation, args.out)
     return 0

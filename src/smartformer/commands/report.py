@@ -23,9 +23,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a 'smartformer pretrain' output folder")
-    p.add_argument("--results", type=Path, nargs="+", default=[], metavar="DIR",
-                   help="more folders to search for localize, cluster and attention outputs (e.g. the --out of "
-                        "'smartformer localize' when it is not inside RUN_DIR)")
+    p.add_argument(
+        "--results",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="more folders to search for localize, cluster and attention outputs (e.g. the --out of "
+        "'smartformer localize' when it is not inside RUN_DIR)",
+    )
     p.add_argument("--out", type=Path, default=None, help="HTML file to write (default: RUN_DIR/report.html)")
     p.set_defaults(func=run)
 
@@ -40,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         if not folder.is_dir():
             raise InputError(folder, "is not a folder (--results)")
     report = write_report(run_dir, args.results, args.out)
-    print(f"wrote {report.path} ({report.snapshots} snapshots, {report.localizations} localization and "
-          f"{report.clusterings} clustering results)")
+    print(
+        f"wrote {report.path} ({report.snapshots} snapshots, {report.localizations} localization and "
+        f"{report.clusterings} clustering results)"
+    )
     return 0

@@ -13,9 +13,10 @@ import math
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
@@ -65,7 +66,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is tuple:
         args = get_args(tp)
         if not isinstance(value, (list, tuple)):
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and len(args) > 1 and args[1] is not Ellipsis:
+            if (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and len(args) > 1
+                and args[1] is not Ellipsis
+            ):
                 value = [value] * len(args)  # a scalar stands for an isotropic triple
             else:
                 raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -109,9 +115,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!s}; valid keys here: {', '.join(sorted(known))}"
-        )
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s}; valid keys here: {', '.join(sorted(known))}")
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
@@ -197,8 +201,10 @@ def load_config(source: str = "tiny", overrides: Sequence[str] = ()) -> Pretrain
 #: checked for type only (and floats for being finite).
 _RANGES: dict[str, tuple[Any, str]] = {
     "data.spacing": (lambda v: all(x > 0 for x in v), "positive (mm)"),
-    "data.roi": (is_input_size,
-                 f"multiples of {SIZE_MULTIPLE} (the Swin encoder downsamples by {SIZE_MULTIPLE}), e.g. [64,64,64]"),
+    "data.roi": (
+        is_input_size,
+        f"multiples of {SIZE_MULTIPLE} (the Swin encoder downsamples by {SIZE_MULTIPLE}), e.g. [64,64,64]",
+    ),
     "data.batch_size": (lambda v: v >= 1, "at least 1"),
     "data.num_workers": (lambda v: v >= 0, "0 or more"),
     "data.intensity_scale": (lambda v: v >= 0, "0 or more"),
@@ -265,8 +271,10 @@ def validate_ranges(config: PretrainConfig) -> None:
                 shown = list(value) if isinstance(value, tuple) else value
                 raise ConfigError(f"{key}: {shown!r} is out of range; it must be {check[1]}")
     if config.data.local_views and any(lr > r for lr, r in zip(config.data.local_roi, config.data.roi)):
-        raise ConfigError(f"data.local_roi: {list(config.data.local_roi)} is out of range; it must be at most "
-                          f"data.roi {list(config.data.roi)} along every axis (local views are the smaller ones)")
+        raise ConfigError(
+            f"data.local_roi: {list(config.data.local_roi)} is out of range; it must be at most "
+            f"data.roi {list(config.data.roi)} along every axis (local views are the smaller ones)"
+        )
 
     try:
         parse_window(config.data.window)
@@ -280,11 +288,27 @@ def _each(value: Any) -> tuple:
 
 #: Range checks of the model section, by key under ``model.`` (sizes must be at least 1).
 _MODEL_RANGES: dict[str, tuple[Any, str]] = {
-    **{key: (lambda v: all(x >= 1 for x in _each(v)), "at least 1") for key in (
-        "backbone.embed_dim", "backbone.depths", "backbone.num_heads", "backbone.window_size",
-        "semantic_depth", "semantic_heads", "head_out_dim", "head_hidden_dim", "head_bottleneck_dim",
-        "head_nlayers", "patch_out_dim", "vit.patch_size", "vit.hidden_size", "vit.mlp_dim", "vit.num_layers",
-        "vit.num_heads")},
+    **{
+        key: (lambda v: all(x >= 1 for x in _each(v)), "at least 1")
+        for key in (
+            "backbone.embed_dim",
+            "backbone.depths",
+            "backbone.num_heads",
+            "backbone.window_size",
+            "semantic_depth",
+            "semantic_heads",
+            "head_out_dim",
+            "head_hidden_dim",
+            "head_bottleneck_dim",
+            "head_nlayers",
+            "patch_out_dim",
+            "vit.patch_size",
+            "vit.hidden_size",
+            "vit.mlp_dim",
+            "vit.num_layers",
+            "vit.num_heads",
+        )
+    },
     "backbone.mlp_ratio": (lambda v: v > 0, "positive"),
     "backbone.drop_path_rate": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
     "semantic_layer_scale": (lambda v: v > 0, "positive"),
@@ -333,15 +357,22 @@ def build_model_config(config: PretrainConfig) -> SMARTConfig:
             raise ConfigError(f"unknown config key model.{key}")
         if key != "backbone":
             merged[key] = _coerce(value, hints[key], f"model.{key}")
-    _check_model_ranges({**merged, **{f"backbone.{k}": v for k, v in backbone.items()},
-                         **{f"vit.{k}": v for k, v in (vit if isinstance(vit, dict) else {}).items()}})
+    _check_model_ranges(
+        {
+            **merged,
+            **{f"backbone.{k}": v for k, v in backbone.items()},
+            **{f"vit.{k}": v for k, v in (vit if isinstance(vit, dict) else {}).items()},
+        }
+    )
     try:
         bb = _build(Swin3DConfig, backbone, "model.backbone.")
         bb.grad_checkpointing = bb.grad_checkpointing or config.train.grad_checkpointing
         vit_cfg = None if vit is None else _build(ViT3DConfig, vit, "model.vit.")
         if vit_cfg is not None and config.data.roi != vit_cfg.img_size:
-            raise ConfigError(f"data.roi {list(config.data.roi)} must equal model.vit.img_size "
-                              f"{list(vit_cfg.img_size)} (the ViT's position embeddings are learnt for it)")
+            raise ConfigError(
+                f"data.roi {list(config.data.roi)} must equal model.vit.img_size "
+                f"{list(vit_cfg.img_size)} (the ViT's position embeddings are learnt for it)"
+            )
         return SMARTConfig(**{**merged, "backbone": bb, "vit": vit_cfg})
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None

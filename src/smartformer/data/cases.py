@@ -42,9 +42,17 @@ from smartformer.data.suffixes import IMAGE_SUFFIXES
 from smartformer.errors import InputError
 
 __all__ = [
-    "Case", "find_cases", "read_csv_cases", "cases_from_table", "read_table", "require_columns", "resolve_csv_path",
+    "Case",
+    "find_cases",
+    "read_csv_cases",
+    "cases_from_table",
+    "read_table",
+    "require_columns",
+    "resolve_csv_path",
     "lesion_value",
-    "IMAGE_NAMES", "MASK_NAMES", "LABEL_MAP_NAMES",
+    "IMAGE_NAMES",
+    "MASK_NAMES",
+    "LABEL_MAP_NAMES",
 ]
 
 #: Names (before the image suffix, any letter case) of the CT in a case folder, in order of preference.
@@ -84,8 +92,13 @@ def lesion_value(case: Case, lesion_label: int | None = None) -> int | None:
     return LESION_ID if case.kind == "labels" else None
 
 
-def find_cases(source: str | Path, need_mask: bool = True, image_name: str | None = None,
-               mask_name: str | None = None, prefer: str = "mask") -> list[Case]:
+def find_cases(
+    source: str | Path,
+    need_mask: bool = True,
+    image_name: str | None = None,
+    mask_name: str | None = None,
+    prefer: str = "mask",
+) -> list[Case]:
     """The cases of a CSV or a folder of case folders (see the module docstring), every file checked.
 
     Args:
@@ -108,12 +121,15 @@ def find_cases(source: str | Path, need_mask: bool = True, image_name: str | Non
     if source.is_dir():
         return _folder_cases(source, need_mask, image_name, mask_name, prefer)
     if source.name.lower().endswith(IMAGE_SUFFIXES):
-        raise InputError(source, "is an image, not a list of cases: give a CSV with image and mask columns, "
-                                 "or a folder of case folders")
+        raise InputError(
+            source,
+            "is an image, not a list of cases: give a CSV with image and mask columns, or a folder of case folders",
+        )
     return read_csv_cases(source, need_mask)
 
 
 # ------------------------------------------------------------------------------------------- CSV
+
 
 def read_table(path: Path) -> pd.DataFrame:
     """Read a CSV as strings (no NaN conversion) or raise a one-line :class:`InputError`."""
@@ -122,7 +138,9 @@ def read_table(path: Path) -> pd.DataFrame:
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, encoding="utf-8")
     except Exception as exc:  # pandas raises several parser error types
-        raise InputError(path, f"not a readable CSV ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise InputError(
+            path, f"not a readable CSV ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        ) from None
     table.columns = [str(c).strip() for c in table.columns]
     if table.empty:
         raise InputError(path, "has no rows")
@@ -130,7 +148,8 @@ def read_table(path: Path) -> pd.DataFrame:
 
 
 def resolve_csv_path(csv: Path, row: int, column: str, value: str) -> Path:
-    """A path cell of ``csv`` (line ``row``) resolved against the CSV's folder; refuses empty cells and missing files."""
+    """A path cell of ``csv`` (line ``row``) resolved against the CSV's folder; refuses empty cells
+    and missing files."""
     if not value:
         raise InputError(csv, f"row {row}: empty {column}")
     path = Path(value).expanduser()
@@ -163,7 +182,9 @@ def cases_from_table(csv: Path, table: pd.DataFrame, need_mask: bool = True) -> 
     require_columns(csv, table, ["image"])
     mask_column = "mask" if "mask" in table.columns else "label" if need_mask and "label" in table.columns else None
     if need_mask and mask_column is None:
-        raise InputError(csv, f"has no 'mask' column (nor a 'label' column of label maps); found {', '.join(table.columns)}")
+        raise InputError(
+            csv, f"has no 'mask' column (nor a 'label' column of label maps); found {', '.join(table.columns)}"
+        )
     records = [{k: str(v).strip() for k, v in record.items()} for record in table.to_dict("records")]
     images = [resolve_csv_path(csv, row, "image", record["image"]) for row, record in enumerate(records, start=2)]
     ids = _case_ids(csv, records, images)
@@ -171,9 +192,17 @@ def cases_from_table(csv: Path, table: pd.DataFrame, need_mask: bool = True) -> 
     for row, (record, image, case) in enumerate(zip(records, images, ids), start=2):
         value = record[mask_column] if mask_column else ""
         mask = resolve_csv_path(csv, row, mask_column, value) if mask_column and (value or need_mask) else None
-        cases.append(Case(case=case, image=image, patient=record.get("patient", "") or case, mask=mask,
-                          kind=None if mask is None else "mask" if mask_column == "mask" else "labels",
-                          row=row, fields=record))
+        cases.append(
+            Case(
+                case=case,
+                image=image,
+                patient=record.get("patient", "") or case,
+                mask=mask,
+                kind=None if mask is None else "mask" if mask_column == "mask" else "labels",
+                row=row,
+                fields=record,
+            )
+        )
     return cases
 
 
@@ -199,8 +228,10 @@ def _case_ids(csv: Path, records: list[dict[str, str]], images: list[Path]) -> l
 
 # ---------------------------------------------------------------------------------------- folder
 
-def _folder_cases(root: Path, need_mask: bool, image_name: str | None, mask_name: str | None,
-                  prefer: str) -> list[Case]:
+
+def _folder_cases(
+    root: Path, need_mask: bool, image_name: str | None, mask_name: str | None, prefer: str
+) -> list[Case]:
     map_names = LABEL_MAP_NAMES + MASK_NAMES if prefer == "labels" else MASK_NAMES + LABEL_MAP_NAMES
     cases: list[Case] = []
     for folder in [root, *sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))]:
@@ -218,8 +249,9 @@ def _folder_cases(root: Path, need_mask: bool, image_name: str | None, mask_name
         cases.append(Case(case=folder.name, image=image, patient=folder.name, mask=mask, kind=kind))
     if not cases:
         wanted = image_name or "/".join(IMAGE_NAMES) + ".*"
-        raise InputError(root, f"holds no case: no case folder with {wanted}"
-                               f"{' and its map' if need_mask else ''} (nor is it a CSV)")
+        raise InputError(
+            root, f"holds no case: no case folder with {wanted}{' and its map' if need_mask else ''} (nor is it a CSV)"
+        )
     seen: dict[str, Path] = {}
     for case in cases:
         if case.case in seen:

@@ -40,8 +40,9 @@ CONTENT_KEY = "content_problem"
 PREPROCESS_VERSION = 1
 
 
-def preprocess_settings(spacing: float | Sequence[float], window: str | Sequence[float],
-                        roi: int | Sequence[int]) -> dict[str, Any]:
+def preprocess_settings(
+    spacing: float | Sequence[float], window: str | Sequence[float], roi: int | Sequence[int]
+) -> dict[str, Any]:
     """The settings that determine a cached preprocessed volume, in canonical form."""
     return {
         "version": PREPROCESS_VERSION,
@@ -110,10 +111,10 @@ class PretrainDataset(PersistentDataset):
     readable one, so that a long run does not stop on one bad file.
     """
 
-    def __init__(self, data: Sequence[dict[str, Any]], transform: Compose, cache_dir: Path,
-                 skip_bad: bool = False) -> None:
-        super().__init__(data=data, transform=transform, cache_dir=cache_dir,
-                         hash_func=file_fingerprint)
+    def __init__(
+        self, data: Sequence[dict[str, Any]], transform: Compose, cache_dir: Path, skip_bad: bool = False
+    ) -> None:
+        super().__init__(data=data, transform=transform, cache_dir=cache_dir, hash_func=file_fingerprint)
         self.skip_bad = skip_bad
         self._bad: set[int] = set()
 
@@ -153,8 +154,9 @@ class PretrainDataset(PersistentDataset):
                 raise
             except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError... for damage
                 reason = " ".join(str(exc).split())[:160]
-                warnings.warn(f"{path}: its cache entry {hashfile} is unreadable ({reason}); rebuilding it",
-                              stacklevel=2)
+                warnings.warn(
+                    f"{path}: its cache entry {hashfile} is unreadable ({reason}); rebuilding it", stacklevel=2
+                )
         result = self._pre_transform(dict(item_transformed))
         data = torch_bytes(convert_to_tensor(result, convert_numeric=False, track_meta=self.track_meta))
         atomic_write_bytes(hashfile, data)
@@ -167,8 +169,12 @@ class PretrainDataset(PersistentDataset):
         if problem and self.skip_bad:
             raise InputError(path, problem)
         if problem:
-            warnings.warn(SettingWarning(f"{path}: {problem} (pass {{setting}} to leave such volumes out)",
-                                         setting="skip_bad", value=True), stacklevel=3)
+            warnings.warn(
+                SettingWarning(
+                    f"{path}: {problem} (pass {{setting}} to leave such volumes out)", setting="skip_bad", value=True
+                ),
+                stacklevel=3,
+            )
         return item
 
 
@@ -225,16 +231,26 @@ def build_pretrain_dataset(
     preprocess = preprocess_transforms(spacing=spacing, window=window, roi=roi).transforms
     roi_mm = [r * s for r, s in zip(as_triple(roi, "roi"), as_triple(spacing, "spacing"))]
     after_read = next(i for i, t in enumerate(preprocess) if isinstance(t, LoadCTd)) + 1
-    transform = Compose([
-        *preprocess[:after_read],
-        CheckContentd(roi_mm),
-        *preprocess[after_read:],
-        view_transforms(roi=roi, num_views=num_views, intensity_scale=intensity_scale,
-                        intensity_shift=intensity_shift, flip_prob=flip_prob,
-                        max_scale=max_scale, min_body_fraction=min_body_fraction,
-                        body_level=body_level(window), min_view_overlap=min_view_overlap,
-                        local_views=local_views, local_roi=local_roi),
-    ])
+    transform = Compose(
+        [
+            *preprocess[:after_read],
+            CheckContentd(roi_mm),
+            *preprocess[after_read:],
+            view_transforms(
+                roi=roi,
+                num_views=num_views,
+                intensity_scale=intensity_scale,
+                intensity_shift=intensity_shift,
+                flip_prob=flip_prob,
+                max_scale=max_scale,
+                min_body_fraction=min_body_fraction,
+                body_level=body_level(window),
+                min_view_overlap=min_view_overlap,
+                local_views=local_views,
+                local_roi=local_roi,
+            ),
+        ]
+    )
     return PretrainDataset([{"image": p} for p in paths], transform, subdir, skip_bad=skip_bad)
 
 
@@ -260,19 +276,23 @@ def check_volumes(paths: Sequence[str], skip_bad: bool = False) -> list[str]:
     if bad and not skip_bad:
         assert first is not None
         more = f"; {len(bad) - 1} more of the {len(paths)} volumes cannot be used either" if len(bad) > 1 else ""
-        raise InputError(first.path, f"{first.reason}{more} (pass {{setting}} to leave such files out)",
-                         setting="skip_bad", value=True)
+        raise InputError(
+            first.path,
+            f"{first.reason}{more} (pass {{setting}} to leave such files out)",
+            setting="skip_bad",
+            value=True,
+        )
     if bad:
-        warnings.warn(f"skipping {len(bad)} unreadable volume(s):\n  " + "\n  ".join(bad),
-                      stacklevel=3)
+        warnings.warn(f"skipping {len(bad)} unreadable volume(s):\n  " + "\n  ".join(bad), stacklevel=3)
     if not good:
-        raise SmartformerError(f"none of the {len(paths)} volumes is readable: {bad[0]}"
-                               + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+        raise SmartformerError(
+            f"none of the {len(paths)} volumes is readable: {bad[0]}"
+            + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+        )
     return good
 
 
-def content_problem(image: torch.Tensor, spacing: Sequence[float],
-                    roi_mm: Sequence[float] | None = None) -> str | None:
+def content_problem(image: torch.Tensor, spacing: Sequence[float], roi_mm: Sequence[float] | None = None) -> str | None:
     """Why a readable volume would teach pretraining nothing, or None.
 
     A constant volume (every voxel the same value), or one whose field of view fills less than
@@ -287,8 +307,7 @@ def content_problem(image: torch.Tensor, spacing: Sequence[float],
         if coverage < MIN_ROI_COVERAGE:
             size = "x".join(f"{e:.0f}" for e in extent)
             roi = "x".join(f"{r:.0f}" for r in roi_mm)
-            return (f"covers {size} mm, {coverage:.0%} of the {roi} mm ROI: its views would be mostly "
-                    "padding")
+            return f"covers {size} mm, {coverage:.0%} of the {roi} mm ROI: its views would be mostly padding"
     return None
 
 
@@ -303,8 +322,9 @@ class CheckContentd(MapTransform):
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         data = dict(data)
-        problems = [content_problem(data[key], data[key].meta["spacing"], self.roi_mm)
-                    for key in self.key_iterator(data)]
+        problems = [
+            content_problem(data[key], data[key].meta["spacing"], self.roi_mm) for key in self.key_iterator(data)
+        ]
         data[CONTENT_KEY] = "; ".join(p for p in problems if p)
         return data
 

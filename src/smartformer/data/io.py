@@ -23,10 +23,9 @@ import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
 
+from smartformer.data.suffixes import IMAGE_SUFFIXES, NIFTI_SUFFIXES
 from smartformer.errors import InputError
 from smartformer.io_utils import atomic_write
-
-from smartformer.data.suffixes import IMAGE_SUFFIXES, ITK_SUFFIXES, NIFTI_SUFFIXES
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _DICOM_MAGIC_OFFSET = 128
@@ -120,8 +119,13 @@ def validate_volume(path: str | Path, series_uid: str | None = None) -> tuple[in
     return _spatial_shape(shape)
 
 
-def write_nifti(array: np.ndarray | torch.Tensor, affine: np.ndarray | torch.Tensor,
-                path: str | Path, as_uint8: bool = False, as_uint16: bool = False) -> Path:
+def write_nifti(
+    array: np.ndarray | torch.Tensor,
+    affine: np.ndarray | torch.Tensor,
+    path: str | Path,
+    as_uint8: bool = False,
+    as_uint16: bool = False,
+) -> Path:
     """Write ``array`` with a RAS ``affine`` to a NIfTI file; returns the path written.
 
     ``array`` is (X, Y, Z), (1, X, Y, Z), or (C, X, Y, Z) with C > 1, which is written as a 4D
@@ -174,8 +178,7 @@ def write_nifti(array: np.ndarray | torch.Tensor, affine: np.ndarray | torch.Ten
     return path
 
 
-def write_gzip(path: str | Path, blocks: list[bytes | memoryview], level: int = 1,
-               chunk: int = 1 << 24) -> Path:
+def write_gzip(path: str | Path, blocks: list[bytes | memoryview], level: int = 1, chunk: int = 1 << 24) -> Path:
     """Gzip the concatenation of ``blocks`` to ``path`` (atomically), compressing chunks on all cores.
 
     Each chunk of ``chunk`` bytes becomes one gzip member; a file of several members is a
@@ -183,12 +186,13 @@ def write_gzip(path: str | Path, blocks: list[bytes | memoryview], level: int = 
     plain concatenation. zlib releases the GIL, so threads compress in parallel. Level 1, as
     nibabel uses: for maps and CTs it compresses almost as well as level 6, several times faster.
     """
+
     def member(piece: memoryview) -> bytes:
         z = zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits 31: gzip header and trailer
         return z.compress(piece) + z.flush()
 
     pieces = [memoryview(b).cast("B") for b in blocks]
-    chunks = [p[i:i + chunk] for p in pieces for i in range(0, len(p), chunk)]
+    chunks = [p[i : i + chunk] for p in pieces for i in range(0, len(p), chunk)]
     workers = min(len(chunks), torch.get_num_threads(), os.cpu_count() or 1) or 1
 
     def write(fh: Any) -> None:
@@ -212,6 +216,7 @@ def _read_array_and_affine(path: Path, series_uid: str | None) -> tuple[np.ndarr
 
 
 # --- NIfTI through nibabel ------------------------------------------------------------------
+
 
 def _load_nifti(path: Path) -> nib.Nifti1Image:
     if not path.is_file():
@@ -248,9 +253,12 @@ def _check_data_size(path: Path, needed: int, compressed: bool) -> None:
     size = path.stat().st_size
     limit = size * _MAX_EXPANSION if compressed else size
     if needed > limit:
-        raise InputError(path, f"header declares {needed / 1e6:.1f} MB of voxel data but the "
-                               f"{size}-byte file {'cannot hold' if compressed else 'holds less'}: "
-                               "corrupt header or truncated file")
+        raise InputError(
+            path,
+            f"header declares {needed / 1e6:.1f} MB of voxel data but the "
+            f"{size}-byte file {'cannot hold' if compressed else 'holds less'}: "
+            "corrupt header or truncated file",
+        )
 
 
 def _check_affine(path: Path, affine: np.ndarray, field: str) -> None:
@@ -261,8 +269,7 @@ def _check_affine(path: Path, affine: np.ndarray, field: str) -> None:
     norms = np.linalg.norm(matrix, axis=0)
     if (norms <= 0).any():
         axis = int(np.argmin(norms))
-        raise InputError(path, f"header field {field}: the affine's column for axis {axis} is zero "
-                               "(voxel size 0 mm)")
+        raise InputError(path, f"header field {field}: the affine's column for axis {axis} is zero (voxel size 0 mm)")
     if abs(np.linalg.det(matrix / norms)) < 1e-6:
         raise InputError(path, f"header field {field}: the affine is singular (two axes point the same way)")
 
@@ -284,12 +291,12 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         array = np.asarray(image.dataobj, dtype=np.float32)
     except Exception as exc:  # truncated gzip streams and short files surface here
-        raise InputError(path, f"voxel data cannot be read, file truncated or corrupt "
-                               f"({_one_line(exc)})") from None
+        raise InputError(path, f"voxel data cannot be read, file truncated or corrupt ({_one_line(exc)})") from None
     return array.reshape(array.shape[:3]), np.asarray(image.affine, dtype=np.float64)
 
 
 # --- NRRD / MetaImage / DICOM through SimpleITK ----------------------------------------------
+
 
 @contextlib.contextmanager
 def _quiet_itk() -> Iterator[None]:
@@ -385,18 +392,23 @@ def _dicom_series_files(folder: Path, series_uid: str | None) -> list[str]:
     """The slice files of the requested (or only) DICOM series in ``folder``, sorted by GDCM."""
     with _quiet_itk(), _itk_errors(folder, "DICOM folder cannot be scanned"):
         series_ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-        files = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-                 for uid in series_ids}
+        files = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series_ids}
     if not series_ids:
-        reason = "is an empty folder" if not any(folder.iterdir()) else \
-            "holds no DICOM image series (and is not an image file)"
+        reason = (
+            "is an empty folder"
+            if not any(folder.iterdir())
+            else "holds no DICOM image series (and is not an image file)"
+        )
         raise InputError(folder, reason)
     listing = ", ".join(f"{uid!r} ({len(files[uid])} slices)" for uid in series_ids)
     if series_uid is None:
         if len(series_ids) > 1:
-            raise InputError(folder, f"holds {len(series_ids)} DICOM series: {listing}; choose one "
-                                     "with read_ct(path, series_uid=...) or put each series in "
-                                     "its own folder")
+            raise InputError(
+                folder,
+                f"holds {len(series_ids)} DICOM series: {listing}; choose one "
+                "with read_ct(path, series_uid=...) or put each series in "
+                "its own folder",
+            )
         series_uid = series_ids[0]
     if series_uid not in files:
         raise InputError(folder, f"has no DICOM series {series_uid!r}; it holds {listing}")
@@ -416,8 +428,7 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[np.ndarray
 def _itk_to_array_and_affine(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     """Array in (x, y, z) order, and the LPS geometry of SimpleITK turned into a RAS affine."""
     array = sitk.GetArrayViewFromImage(image)  # (z, y, x), or with trailing singleton dims
-    array = np.ascontiguousarray(array.reshape(array.shape[-3:]).transpose(2, 1, 0),
-                                 dtype=np.float32)
+    array = np.ascontiguousarray(array.reshape(array.shape[-3:]).transpose(2, 1, 0), dtype=np.float32)
     dim = image.GetDimension()
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(dim, dim)[:3, :3]
     spacing = np.asarray(image.GetSpacing(), dtype=np.float64)[:3]
@@ -429,22 +440,30 @@ def _itk_to_array_and_affine(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]
 
 # --- common checks and output ---------------------------------------------------------------
 
+
 def _check_grid(path: Path, shape: tuple[int, ...], components: int) -> None:
     """Refuse anything but a non-empty 3D single-channel grid (trailing size-1 axes allowed)."""
     size = "x".join(str(n) for n in shape)
     if components != 1:
-        raise InputError(path, f"has {components} components per voxel (vector / multi-channel "
-                               "image); need a single-channel CT")
+        raise InputError(
+            path, f"has {components} components per voxel (vector / multi-channel image); need a single-channel CT"
+        )
     if any(n == 0 for n in shape):
         raise InputError(path, f"is an empty volume (size {size})")
     if len(shape) < 3:
         raise InputError(path, f"is a {len(shape)}D image (size {size}); need a 3D volume")
     if any(n > 1 for n in shape[3:]):
-        raise InputError(path, f"is a {len(shape)}D image (size {size}, e.g. a time series or "
-                               "multi-channel stack); need a single 3D volume")
+        raise InputError(
+            path,
+            f"is a {len(shape)}D image (size {size}, e.g. a time series or "
+            "multi-channel stack); need a single 3D volume",
+        )
     if min(shape[:3]) == 1:
-        raise InputError(path, f"is a single 2D slice (size {size}); need a 3D volume "
-                               "(for DICOM, give the folder of the series, not one file)")
+        raise InputError(
+            path,
+            f"is a single 2D slice (size {size}); need a 3D volume "
+            "(for DICOM, give the folder of the series, not one file)",
+        )
 
 
 def _spatial_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -455,8 +474,11 @@ def _to_metatensor(path: Path, array: np.ndarray, affine: np.ndarray) -> MetaTen
     _check_affine(path, affine, "geometry (spacing, orientation)")
     finite = np.isfinite(array)
     if not finite.all():
-        raise InputError(path, f"has {int(array.size - finite.sum())} non-finite voxels (NaN or infinity) "
-                               f"of {array.size}: corrupt or not a CT in HU")
+        raise InputError(
+            path,
+            f"has {int(array.size - finite.sum())} non-finite voxels (NaN or infinity) "
+            f"of {array.size}: corrupt or not a CT in HU",
+        )
     spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
     meta: dict[str, Any] = {
         "filename_or_obj": str(path),

@@ -56,8 +56,15 @@ class PretrainLoader:
     n_volumes: int  #: volumes listed by the source (before ``skip_bad`` leaves any out)
 
 
-def build_pretrain_loader(source: str | Path, settings: DataConfig, cache_dir: str | Path, seed: int,
-                          rank: int = 0, world_size: int = 1, start_step: int = 0) -> PretrainLoader:
+def build_pretrain_loader(
+    source: str | Path,
+    settings: DataConfig,
+    cache_dir: str | Path,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    start_step: int = 0,
+) -> PretrainLoader:
     """The batches of process ``rank`` of ``world_size``, from step ``start_step`` on.
 
     Every file is checked (exists, has a usable header) before the first batch unless

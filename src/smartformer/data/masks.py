@@ -15,8 +15,7 @@ from smartformer.errors import InputError
 __all__ = ["read_mask_on"]
 
 
-def read_mask_on(path: Path, reference: MetaTensor, value: int | None = None,
-                 allow_empty: bool = False) -> np.ndarray:
+def read_mask_on(path: Path, reference: MetaTensor, value: int | None = None, allow_empty: bool = False) -> np.ndarray:
     """Read a mask file as a boolean (X, Y, Z) array on the grid of ``reference`` (a :func:`read_ct` result).
 
     ``value`` picks one label of a label map (e.g. the phantoms' lesion id); without it every
@@ -25,8 +24,9 @@ def read_mask_on(path: Path, reference: MetaTensor, value: int | None = None,
     :class:`~smartformer.errors.InputError` unless ``allow_empty``.
     """
     mask = read_ct(path)
-    same_grid = (tuple(mask.shape[1:]) == tuple(reference.shape[1:])
-                 and np.allclose(np.asarray(mask.affine), np.asarray(reference.affine), atol=1e-3))
+    same_grid = tuple(mask.shape[1:]) == tuple(reference.shape[1:]) and np.allclose(
+        np.asarray(mask.affine), np.asarray(reference.affine), atol=1e-3
+    )
     if not same_grid:
         mask = SpatialResample(mode="nearest", padding_mode="zeros", dtype=torch.float32)(
             mask, dst_affine=reference.affine, spatial_size=reference.shape[1:]

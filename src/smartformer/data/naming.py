@@ -17,7 +17,13 @@ __all__ = ["DEFAULT_EXCLUDE", "output_names", "volume_stem"]
 #: that keep labels in a separate tree under image-like names (nnU-Net ``labelsTr/``), point
 #: the source at the image tree or use a JSON datalist.
 DEFAULT_EXCLUDE: tuple[str, ...] = (
-    "*label*", "*mask*", "*seg*", "*tumor*", "*tumour*", "*organs*", "*gtv*",
+    "*label*",
+    "*mask*",
+    "*seg*",
+    "*tumor*",
+    "*tumour*",
+    "*organs*",
+    "*gtv*",
 )
 
 

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -106,8 +107,9 @@ def phantom_affine(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray
     return affine
 
 
-def same_extent_shape(shape: Sequence[int], spacing: Sequence[float],
-                      new_spacing: Sequence[float]) -> tuple[int, int, int]:
+def same_extent_shape(
+    shape: Sequence[int], spacing: Sequence[float], new_spacing: Sequence[float]
+) -> tuple[int, int, int]:
     """Voxel counts that cover the field of view of ``shape`` x ``spacing`` at ``new_spacing``."""
     extent = np.asarray(shape, dtype=np.float64) * np.asarray(spacing, dtype=np.float64)
     counts = np.maximum(1, np.rint(extent / np.asarray(new_spacing, dtype=np.float64))).astype(int)
@@ -119,9 +121,13 @@ def case_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def generate_phantom(seed: int, shape: Sequence[int] = DEFAULT_SHAPE,
-                     spacing: Sequence[float] = DEFAULT_SPACING, n_lesions: int | None = None,
-                     contrast: bool | None = None) -> Phantom:
+def generate_phantom(
+    seed: int,
+    shape: Sequence[int] = DEFAULT_SHAPE,
+    spacing: Sequence[float] = DEFAULT_SPACING,
+    n_lesions: int | None = None,
+    contrast: bool | None = None,
+) -> Phantom:
     """Draw one synthetic CT case.
 
     The same seed and arguments give identical arrays. The anatomy (every organ's shape, size and
@@ -154,9 +160,16 @@ def generate_phantom(seed: int, shape: Sequence[int] = DEFAULT_SHAPE,
     placed = scene.place_lesions(n_lesions)
     ct = scene.render()
     lesions = [lesion.describe(scene.grid, scene.labels, ct, index) for index, lesion in enumerate(placed)]
-    return Phantom(ct=ct, labels=scene.labels, affine=phantom_affine(grid_shape, grid_spacing),
-                   lesions=lesions, label_names=dict(LABELS), seed=int(seed),
-                   spacing=grid_spacing, contrast=contrast)
+    return Phantom(
+        ct=ct,
+        labels=scene.labels,
+        affine=phantom_affine(grid_shape, grid_spacing),
+        lesions=lesions,
+        label_names=dict(LABELS),
+        seed=int(seed),
+        spacing=grid_spacing,
+        contrast=contrast,
+    )
 
 
 def save_phantom(phantom: Phantom, case_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -178,10 +191,17 @@ def save_phantom(phantom: Phantom, case_dir: str | Path, extra: dict[str, Any] |
     return case_dir
 
 
-def write_phantoms(out_dir: str | Path, n: int, seed: int, shape: Sequence[int] = DEFAULT_SHAPE,
-                   spacing: Sequence[float] = DEFAULT_SPACING, overwrite: bool = False,
-                   progress: bool = True, n_lesions: int | None = None,
-                   contrast: bool | None = None) -> list[Path]:
+def write_phantoms(
+    out_dir: str | Path,
+    n: int,
+    seed: int,
+    shape: Sequence[int] = DEFAULT_SHAPE,
+    spacing: Sequence[float] = DEFAULT_SPACING,
+    overwrite: bool = False,
+    progress: bool = True,
+    n_lesions: int | None = None,
+    contrast: bool | None = None,
+) -> list[Path]:
     """Generate ``n`` cases into ``out_dir/case_000``, ``case_001``, ... and return those folders.
 
     Case ``i`` is :func:`generate_phantom` with seed :func:`case_seed` ``(seed, i)``. Everything
@@ -204,8 +224,9 @@ def write_phantoms(out_dir: str | Path, n: int, seed: int, shape: Sequence[int] 
     existing = [path for path in case_dirs if path.exists()]
     if existing and not overwrite:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        raise InputError(existing[0], f"already exists{more}; pass {{setting}} to replace it", setting="overwrite",
-                         value=True)
+        raise InputError(
+            existing[0], f"already exists{more}; pass {{setting}} to replace it", setting="overwrite", value=True
+        )
     for path in existing:
         if not path.is_dir():
             raise InputError(path, "exists and is not a directory")
@@ -221,14 +242,14 @@ def _check_seed(seed: int) -> None:
         raise SmartformerError(f"seed must be a whole number of at least 0, got {seed}")
 
 
-def _checked_grid(shape: Sequence[int], spacing: Sequence[float]) -> tuple[tuple[int, int, int],
-                                                                            tuple[float, float, float]]:
+def _checked_grid(
+    shape: Sequence[int], spacing: Sequence[float]
+) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
     """``shape`` and ``spacing`` as 3-tuples, or a one-line error saying what is wrong."""
     if len(shape) != 3 or len(spacing) != 3:
         raise SmartformerError(f"shape and spacing need 3 values each, got {list(shape)} and {list(spacing)}")
     if any(int(n) != n or n < _MIN_SHAPE for n in shape):
-        raise SmartformerError(
-            f"shape must be whole numbers of at least {_MIN_SHAPE} voxels, got {list(shape)}")
+        raise SmartformerError(f"shape must be whole numbers of at least {_MIN_SHAPE} voxels, got {list(shape)}")
     if any(not math.isfinite(s) or s <= 0 for s in spacing):
         raise SmartformerError(f"spacing must be positive millimetres, got {list(spacing)}")
     x, y, z = (int(n) for n in shape)
@@ -243,8 +264,7 @@ class _Grid:
         self.shape = shape
         self.spacing = np.asarray(spacing, dtype=np.float64)
         self.origin = phantom_affine(shape, spacing)[:3, 3]
-        self.axes = [(self.origin[a] + self.spacing[a] * np.arange(n)).astype(np.float32)
-                     for a, n in enumerate(shape)]
+        self.axes = [(self.origin[a] + self.spacing[a] * np.arange(n)).astype(np.float32) for a, n in enumerate(shape)]
         self.x = self.axes[0][:, None, None]
         self.y = self.axes[1][None, :, None]
         self.z = self.axes[2][None, None, :]
@@ -262,8 +282,7 @@ class _Grid:
         """Broadcastable x, y, z coordinates of the voxels of an index box."""
         return self.x[box[0]], self.y[:, box[1]], self.z[:, :, box[2]]
 
-    def ellipsoid(self, centre: Sequence[float], semi: Sequence[float],
-                  axes: np.ndarray | None = None) -> np.ndarray:
+    def ellipsoid(self, centre: Sequence[float], semi: Sequence[float], axes: np.ndarray | None = None) -> np.ndarray:
         """Sum of squared normalised coordinates (< 1 inside) of an ellipsoid.
 
         ``axes`` rows are the unit vectors of its semi-axes; None means aligned with x, y, z.
@@ -281,8 +300,9 @@ class _Grid:
         """Unit-variance Gaussian noise smoothed over ``sigma_mm``, made on a coarser grid if it can."""
         step = np.maximum(self.spacing, sigma_mm / 2.0)
         coarse = np.ceil((np.asarray(self.shape) - 1) * self.spacing / step - 1e-6).astype(int) + 1
-        field = ndimage.gaussian_filter(rng.standard_normal(tuple(coarse), dtype=np.float32),
-                                        sigma_mm / step, mode="wrap")
+        field = ndimage.gaussian_filter(
+            rng.standard_normal(tuple(coarse), dtype=np.float32), sigma_mm / step, mode="wrap"
+        )
         if np.any(coarse != self.shape):
             field = ndimage.zoom(field, np.asarray(self.shape) / coarse, order=1)
         field /= max(float(field.std()), 1e-6)
@@ -338,7 +358,7 @@ def _fibonacci_sphere(n: int) -> np.ndarray:
     """``n`` nearly uniform unit vectors."""
     k = np.arange(n) + 0.5
     polar = np.arccos(1.0 - 2.0 * k / n)
-    azimuth = np.pi * (1.0 + 5.0 ** 0.5) * k
+    azimuth = np.pi * (1.0 + 5.0**0.5) * k
     return np.stack([np.cos(azimuth) * np.sin(polar), np.sin(azimuth) * np.sin(polar), np.cos(polar)], axis=1)
 
 
@@ -364,7 +384,7 @@ class _Lesion:
 
     def __post_init__(self) -> None:
         profile = self._profile(_fibonacci_sphere(4000))
-        self.scale = float(np.mean(profile ** 3) ** (-1.0 / 3.0))
+        self.scale = float(np.mean(profile**3) ** (-1.0 / 3.0))
         self.extent = float(self.radius * self.scale * profile.max() * 1.03)
 
     def _profile(self, u: np.ndarray) -> np.ndarray:
@@ -392,8 +412,7 @@ class _Lesion:
         assert self.centre is not None
         box, dist = self.box(grid, grid.fine)
         x, y, z = grid.local(box)
-        offset = np.stack(np.broadcast_arrays(x - self.centre[0], y - self.centre[1], z - self.centre[2]),
-                          axis=-1)
+        offset = np.stack(np.broadcast_arrays(x - self.centre[0], y - self.centre[1], z - self.centre[2]), axis=-1)
         u = offset / np.maximum(dist, 1e-6)[..., None]
         margin = self.surface(u).astype(np.float32) - dist
         weight = np.clip(0.5 + margin / grid.fine, 0.0, 1.0)
@@ -408,8 +427,11 @@ class _Lesion:
         box, dist = self.box(grid, 2.0 * float(grid.spacing.max()) + 6.0)
         inside = (labels[box] == LESION_ID) & (dist <= self.extent + grid.fine)
         near = dist - self.extent
-        shell = (labels[box] == _LABEL_ID[self.organ]) & (near > float(grid.spacing.max())) & (
-            near <= float(grid.spacing.max()) + max(6.0, 2.0 * float(grid.spacing.max())))
+        shell = (
+            (labels[box] == _LABEL_ID[self.organ])
+            & (near > float(grid.spacing.max()))
+            & (near <= float(grid.spacing.max()) + max(6.0, 2.0 * float(grid.spacing.max())))
+        )
         voxel = np.rint((self.centre - grid.origin) / grid.spacing).astype(int)
         return {
             "index": index,
@@ -433,8 +455,7 @@ class _Scene:
     Later paints win, so organs are painted from the outside in and from low to high priority.
     """
 
-    def __init__(self, grid: _Grid, geometry: np.random.Generator, fields: np.random.Generator,
-                 contrast: bool) -> None:
+    def __init__(self, grid: _Grid, geometry: np.random.Generator, fields: np.random.Generator, contrast: bool) -> None:
         self.grid = grid
         self.geometry = geometry
         self.fields = fields
@@ -492,8 +513,9 @@ class _Scene:
         self.dome_right = self.u(-12, 8)
         self.dome_left = self.dome_right - self.u(5, 15)
         self.diaphragm = np.maximum(
-            self.dome_right - 0.0055 * ((g.x[:, :, 0] - 55.0) ** 2 + y2 ** 2),
-            self.dome_left - 0.0055 * ((g.x[:, :, 0] + 55.0) ** 2 + y2 ** 2)).astype(np.float32)[:, :, None]
+            self.dome_right - 0.0055 * ((g.x[:, :, 0] - 55.0) ** 2 + y2**2),
+            self.dome_left - 0.0055 * ((g.x[:, :, 0] + 55.0) ** 2 + y2**2),
+        ).astype(np.float32)[:, :, None]
         self.thorax = self.cavity2d & (g.z > self.diaphragm)
         self.abdomen = self.cavity2d & (g.z < self.diaphragm - 5.0)
         self.paint(self.cavity2d & ~self.thorax & ~self.abdomen, 1, 45.0, 6.0)
@@ -507,8 +529,9 @@ class _Scene:
     def outline(self, angle: np.ndarray) -> np.ndarray:
         """Distance (mm) from the body axis to the skin along in-plane directions ``angle`` (rad)."""
         semi_y = np.where(np.sin(angle) >= 0, self.b_ant, self.b_post)
-        return 1.0 / (np.abs(np.cos(angle) / self.a) ** self.power
-                      + np.abs(np.sin(angle) / semi_y) ** self.power) ** (1.0 / self.power)
+        return 1.0 / (np.abs(np.cos(angle) / self.a) ** self.power + np.abs(np.sin(angle) / semi_y) ** self.power) ** (
+            1.0 / self.power
+        )
 
     def wall(self, angle: np.ndarray, muscle: bool = True) -> np.ndarray:
         """Depth (mm) below the skin of the inner edge of the fat (or, with ``muscle``, of the muscle)."""
@@ -533,8 +556,9 @@ class _Scene:
         g = self.grid
         mask = np.zeros((g.shape[0], g.shape[1], 1), dtype=bool)
         for side in (-1.0, 1.0):
-            mask |= (((g.x - side * 33.0) / (26.0 + grow)) ** 2
-                     + ((g.y - (self.canal_y - 16.0)) / (22.0 + grow)) ** 2 < 1)
+            mask |= ((g.x - side * 33.0) / (26.0 + grow)) ** 2 + (
+                (g.y - (self.canal_y - 16.0)) / (22.0 + grow)
+            ) ** 2 < 1
         return mask
 
     def _abdomen(self) -> None:
@@ -544,26 +568,37 @@ class _Scene:
         # The liver fills the right upper quadrant under the right dome; its left lobe reaches
         # across the midline anteriorly.
         self.liver_hu = self.u(54, 66)
-        liver = abdomen & (g.ellipsoid((50.0, self.yc + 8.0, self.dome_right - 72.0),
-                                       (95.0 * self.u(0.92, 1.05), 88.0, 90.0 * self.u(0.9, 1.1))) < 1)
+        liver = abdomen & (
+            g.ellipsoid(
+                (50.0, self.yc + 8.0, self.dome_right - 72.0),
+                (95.0 * self.u(0.92, 1.05), 88.0, 90.0 * self.u(0.9, 1.1)),
+            )
+            < 1
+        )
         liver &= g.x > 5.0 - 0.55 * (g.y - self.y_vb)
         self.paint(liver, 8, self.liver_hu, 7.0)
 
-        spleen = g.ellipsoid((-88.0, self.y_vb + 6.0, self.dome_left - 45.0), (45.0, 22.0, 50.0),
-                             _frame((0.5, 0.85, 0.1)))
+        spleen = g.ellipsoid(
+            (-88.0, self.y_vb + 6.0, self.dome_left - 45.0), (45.0, 22.0, 50.0), _frame((0.5, 0.85, 0.1))
+        )
         self.paint(abdomen & (spleen < 1), 1, self.u(42, 52) + (50.0 if self.contrast else 0.0), 7.0)
         # Stomach under the left dome: wall, fluid and, the patient lying supine, gas anteriorly.
         centre = np.array([-45.0, self.yc + 35.0, self.dome_left - 45.0])
         stomach = g.ellipsoid(centre, (38.0, 30.0, 42.0))
         self.paint(abdomen & (stomach < 1), 1, 45.0, 6.0)
-        self.paint(abdomen & (stomach < (1 - 5.0 / 30.0) ** 2), 1,
-                   np.where(g.y > centre[1] + self.u(0, 12), -1000.0, 15.0), 4.0)
+        self.paint(
+            abdomen & (stomach < (1 - 5.0 / 30.0) ** 2),
+            1,
+            np.where(g.y > centre[1] + self.u(0, 12), -1000.0, 15.0),
+            4.0,
+        )
 
         self.paint(self.back_muscles() & self.body2d, 1, 50.0, 8.0)
         psoas = np.zeros(g.shape, dtype=bool)
         for side in (-1.0, 1.0):
-            psoas |= (((g.x - side * (self.vb_ax + 14.0)) ** 2 + (g.y - self.y_vb) ** 2
-                       < (6.0 + 10.0 * self.lumbar) ** 2) & (self.lumbar > 0.35))
+            psoas |= (
+                (g.x - side * (self.vb_ax + 14.0)) ** 2 + (g.y - self.y_vb) ** 2 < (6.0 + 10.0 * self.lumbar) ** 2
+            ) & (self.lumbar > 0.35)
         self.paint(psoas & abdomen, 1, 48.0, 8.0)
 
         cortex_hu = self.u(140, 190) if self.contrast else self.u(38, 48)
@@ -583,9 +618,14 @@ class _Scene:
             self.paint(kidney & (across > 0.45 * semi[1]) & (np.abs(along) < 0.3 * semi[0]), 1, -80.0, 10.0)
 
         ivc = _Tubes(g)
-        ivc.polyline([(26.0, self.y_vb + 22.0, g.axes[2][0] - 10.0),
-                      (24.0, self.y_vb + 26.0, self.dome_right),
-                      (18.0, self.y_vb + 32.0, self.dome_right + 20.0)], [10.0, 12.0, 12.0])
+        ivc.polyline(
+            [
+                (26.0, self.y_vb + 22.0, g.axes[2][0] - 10.0),
+                (24.0, self.y_vb + 26.0, self.dome_right),
+                (18.0, self.y_vb + 32.0, self.dome_right + 20.0),
+            ],
+            [10.0, 12.0, 12.0],
+        )
         self.paint(ivc.inside() & self.cavity2d, 1, self.u(120, 160) if self.contrast else self.blood, 4.0)
 
     def _thorax(self) -> None:
@@ -609,8 +649,10 @@ class _Scene:
         self.carina = self.dome_left + self.u(95, 110)
         y_trachea = self.y_vb + 32.0
         carina = np.array([xm + 6.0, y_trachea, self.carina])
-        hila = {1.0: np.array([xm + 55.0, self.y_vb + 36.0, self.carina - 25.0]),
-                -1.0: np.array([xm - 52.0, self.y_vb + 34.0, self.carina - 32.0])}
+        hila = {
+            1.0: np.array([xm + 55.0, self.y_vb + 36.0, self.carina - 25.0]),
+            -1.0: np.array([xm - 52.0, self.y_vb + 34.0, self.carina - 32.0]),
+        }
         airway = _Tubes(g)
         airway.segment(np.array([xm + 6.0, y_trachea + 4.0, g.axes[2][-1] + 10.0]), carina, 9.0, 9.0)
         for hilum in hila.values():
@@ -620,24 +662,38 @@ class _Scene:
         ascending = np.array([xm + 8.0, self.yc + 20.0, self.carina + 4.0])
         descending = np.array([xm - 30.0, self.y_vb + 6.0, self.carina + 4.0])
         middle = (ascending + descending) / 2.0
-        arch = [middle + (ascending - middle) * math.cos(phi) + np.array([-10.0, 0.0, 22.0]) * math.sin(phi)
-                for phi in np.linspace(0, math.pi, 9)]
+        arch = [
+            middle + (ascending - middle) * math.cos(phi) + np.array([-10.0, 0.0, 22.0]) * math.sin(phi)
+            for phi in np.linspace(0, math.pi, 9)
+        ]
         aorta = _Tubes(g)
-        aorta.polyline([np.array([xm + 4.0, self.yc + 28.0, self.dome_left + 55.0]), *arch,
-                        np.array([xm - 26.0, self.y_vb + 10.0, self.dome_left - 20.0]),
-                        np.array([xm - 14.0, self.y_vb + 24.0, g.axes[2][0] - 10.0])],
-                       [15.0] + [14.5 - 0.25 * a for a in range(9)] + [11.0, 10.0])
+        aorta.polyline(
+            [
+                np.array([xm + 4.0, self.yc + 28.0, self.dome_left + 55.0]),
+                *arch,
+                np.array([xm - 26.0, self.y_vb + 10.0, self.dome_left - 20.0]),
+                np.array([xm - 14.0, self.y_vb + 24.0, g.axes[2][0] - 10.0]),
+            ],
+            [15.0] + [14.5 - 0.25 * a for a in range(9)] + [11.0, 10.0],
+        )
         oesophagus = _Tubes(g)
-        oesophagus.segment(np.array([xm + 2.0, self.y_vb + 22.0, g.axes[2][-1] + 10.0]),
-                           np.array([xm - 8.0, self.y_vb + 24.0, self.dome_left - 15.0]), 7.5, 7.5)
+        oesophagus.segment(
+            np.array([xm + 2.0, self.y_vb + 22.0, g.axes[2][-1] + 10.0]),
+            np.array([xm - 8.0, self.y_vb + 24.0, self.dome_left - 15.0]),
+            7.5,
+            7.5,
+        )
 
         # Lungs fill the thoracic cavity below the apices, apart from the mediastinum (a wedge,
         # narrow behind the sternum, with a wavy edge) and the spine.
         apex = self.u(112, 128) - 0.016 * ((np.abs(g.x) - 45.0) ** 2 + (g.y - self.yc + 5.0) ** 2)
         front, back = self.yc + self.b_ant, self.yc - self.b_post
         mediastinum = np.abs(g.x - xm) < 7.0 + 0.2 * np.maximum(front - 40.0 - g.y, 0.0) + 5.0 * self.mix
-        spine = ((g.x / (self.vb_ax + 7.0)) ** 2 + ((g.y - self.y_vb) / (self.vb_ay + 7.0)) ** 2 < 1) | (
-            g.x ** 2 + (g.y - self.canal_y) ** 2 < 22.0 ** 2) | self.back_muscles(4.0)
+        spine = (
+            ((g.x / (self.vb_ax + 7.0)) ** 2 + ((g.y - self.y_vb) / (self.vb_ay + 7.0)) ** 2 < 1)
+            | (g.x**2 + (g.y - self.canal_y) ** 2 < 22.0**2)
+            | self.back_muscles(4.0)
+        )
         lungs = self.thorax & self.lung_wall2d & (g.z < apex) & ~spine & ~near_heart
         lungs &= ~(mediastinum & (g.z > self.dome_left - 10.0))
         lungs &= ~aorta.inside(4.0) & ~oesophagus.inside(4.0) & ~airway.inside(3.0)
@@ -649,8 +705,7 @@ class _Scene:
         # curves where two smooth random fields are both near zero), blended in as partial volume.
         vessels = _Tubes(g)
         for side, hilum in hila.items():
-            for aim in ((0.3, 0.1, 1.0), (1.0, 0.2, 0.2), (0.6, -0.6, -0.7), (0.5, 0.8, -0.4),
-                        (0.5, -0.4, 0.5)):
+            for aim in ((0.3, 0.1, 1.0), (1.0, 0.2, 0.2), (0.6, -0.6, -0.7), (0.5, 0.8, -0.4), (0.5, -0.4, 0.5)):
                 self._vessel_tree(vessels, hilum, _unit((side * aim[0], aim[1], aim[2])), 30.0, 5.5, 6)
         network = g.smooth_noise(self.fields, 4.0) ** 2 + g.smooth_noise(self.fields, 4.0) ** 2
         blend = np.maximum(np.clip(0.5 - vessels.sd / g.fine, 0.0, 1.0), 0.4 * np.exp(-network / 0.05))
@@ -662,8 +717,9 @@ class _Scene:
         self.paint(airway.inside(), 12, 40.0, 4.0)
         self.paint(airway.inside(-1.5), 12, -1000.0, 0.0)
 
-    def _vessel_tree(self, tubes: _Tubes, start: np.ndarray, direction: np.ndarray, length: float,
-                     radius: float, levels: int) -> None:
+    def _vessel_tree(
+        self, tubes: _Tubes, start: np.ndarray, direction: np.ndarray, length: float, radius: float, levels: int
+    ) -> None:
         """A vessel of ``levels`` binary generations, each shorter, thinner and turned at random."""
         end = start + direction * length * self.u(0.8, 1.2)
         tubes.segment(start, end, radius, radius * 0.85)
@@ -689,16 +745,19 @@ class _Scene:
         self.paint(body & ~disc & cortex, 6, self.cortical, 40.0)
 
         posterior = 0.5 * (self.cancellous + self.cortical)
-        ring = np.sqrt(g.x ** 2 + (g.y - self.canal_y) ** 2)
+        ring = np.sqrt(g.x**2 + (g.y - self.canal_y) ** 2)
         self.paint((ring < 15.0) & (g.y < self.canal_y + 6.0) & ~disc, 6, posterior, 40.0)
         self.paint(ring < 8.5, 1, 15.0, 4.0)
         processes = _Tubes(g)
         self.rib_roots: list[tuple[float, float, np.ndarray]] = []
-        for k in range(math.floor((g.axes[2][0] - 60.0 - self.phase) / self.period),
-                       math.ceil((g.axes[2][-1] + 60.0 - self.phase) / self.period) + 1):
+        for k in range(
+            math.floor((g.axes[2][0] - 60.0 - self.phase) / self.period),
+            math.ceil((g.axes[2][-1] + 60.0 - self.phase) / self.period) + 1,
+        ):
             zc = self.phase + k * self.period
-            processes.segment(np.array([0.0, self.canal_y - 12.0, zc]),
-                              np.array([0.0, self.canal_y - 34.0, zc - 14.0]), 4.5, 3.5)
+            processes.segment(
+                np.array([0.0, self.canal_y - 12.0, zc]), np.array([0.0, self.canal_y - 34.0, zc - 14.0]), 4.5, 3.5
+            )
             for side in (-1.0, 1.0):
                 tip = np.array([side * 30.0, self.canal_y - 6.0, zc + 2.0])
                 processes.segment(np.array([side * 10.0, self.canal_y, zc]), tip, 5.0, 4.0)
@@ -719,21 +778,30 @@ class _Scene:
             t = np.linspace(0.0, 1.0, 18)
             angle = math.radians(-62.0) + t * (end - math.radians(-62.0))
             radial = self.outline(angle) - (self.wall(angle) - 5.0)
-            points = np.stack([side * radial * np.cos(angle), self.yc + radial * np.sin(angle),
-                               zc + 4.0 * np.sin(np.pi * t) - drop * t ** 1.2], axis=1)
+            points = np.stack(
+                [
+                    side * radial * np.cos(angle),
+                    self.yc + radial * np.sin(angle),
+                    zc + 4.0 * np.sin(np.pi * t) - drop * t**1.2,
+                ],
+                axis=1,
+            )
             points = np.concatenate([tip[None], points])
             bone_end = len(points) if floating else len(points) - 3
             ribs.polyline(points[:bone_end], np.full(bone_end, 4.5))
             if not floating:
-                cartilage.polyline(points[bone_end - 1:], np.full(len(points) - bone_end + 1, 4.5))
+                cartilage.polyline(points[bone_end - 1 :], np.full(len(points) - bone_end + 1, 4.5))
         marrow = self.u(200, 300)
         self.paint(cartilage.inside() & self.body2d, 1, 120.0, 10.0)
         self.paint(ribs.inside() & self.body2d, 7, self.cortical, 40.0)
         self.paint(ribs.inside(-1.6) & self.body2d, 7, marrow, 30.0)
 
         front = self.yc + self.b_ant - self.wall(math.pi / 2) + 4.0
-        sternum = (((g.x - self.xm) / 14.0) ** 2 + ((g.y - front) / 6.0) ** 2 < 1) & (
-            g.z > self.dome_right + 5.0) & (g.z < self.carina + 35.0)
+        sternum = (
+            (((g.x - self.xm) / 14.0) ** 2 + ((g.y - front) / 6.0) ** 2 < 1)
+            & (g.z > self.dome_right + 5.0)
+            & (g.z < self.carina + 35.0)
+        )
         self.paint(sternum, 7, self.cortical, 40.0)
         inner = ((g.x - self.xm) / 12.0) ** 2 + ((g.y - front) / 4.0) ** 2 < 1
         self.paint(sternum & inner, 7, marrow, 30.0)
@@ -775,8 +843,9 @@ class _Scene:
             return False
         for pick in self.fields.choice(len(candidates), size=min(50, len(candidates)), replace=False):
             centre = g.origin + g.spacing * (candidates[pick] + offset)
-            if all(np.linalg.norm(centre - other.centre) > lesion.extent + other.extent + clearance
-                   for other in placed):
+            if all(
+                np.linalg.norm(centre - other.centre) > lesion.extent + other.extent + clearance for other in placed
+            ):
                 lesion.centre = centre
                 return True
         return False
@@ -787,8 +856,7 @@ class _Scene:
         mask = self.labels == label
         if not mask.any():
             return None
-        bounds = [np.flatnonzero(mask.any(axis=tuple(b for b in range(3) if b != a)))[[0, -1]]
-                  for a in range(3)]
+        bounds = [np.flatnonzero(mask.any(axis=tuple(b for b in range(3) if b != a)))[[0, -1]] for a in range(3)]
         box = tuple(slice(low, high + 1) for low, high in bounds)
         depth = ndimage.distance_transform_edt(np.pad(mask[box], 1), sampling=self.grid.spacing)
         return np.array([low for low, _ in bounds]), depth[1:-1, 1:-1, 1:-1]
@@ -800,18 +868,25 @@ class _Scene:
         radius = 0.5 * math.exp(self.u(math.log(3.0 if in_lung else 8.0), math.log(25.0)))
         kinds = ("spherical", "lobulated", "spiculated") if in_lung else ("spherical", "lobulated")
         kind = str(rng.choice(kinds))
-        bumps, spikes = {"spherical": (0, 0), "lobulated": (int(rng.integers(3, 7)), 0),
-                         "spiculated": (int(rng.integers(2, 4)), int(rng.integers(6, 15)))}[kind]
+        bumps, spikes = {
+            "spherical": (0, 0),
+            "lobulated": (int(rng.integers(3, 7)), 0),
+            "spiculated": (int(rng.integers(2, 4)), int(rng.integers(6, 15))),
+        }[kind]
         mild = 0.15 if kind == "spiculated" else 0.4
         directions = _fibonacci_sphere(64)[rng.choice(64, bumps + spikes, replace=False)]
         heights = np.concatenate([rng.uniform(0.1, mild, bumps), rng.uniform(0.5, 1.2, spikes)])
         sharpness = np.concatenate([rng.uniform(3.0, 6.0, bumps), rng.uniform(60.0, 150.0, spikes)])
         if in_lung:
-            density, hu, texture = (("ground_glass", self.u(-650, -400), 30.0) if rng.random() < 0.25
-                                    else ("solid", self.u(20, 60), 8.0))
+            density, hu, texture = (
+                ("ground_glass", self.u(-650, -400), 30.0) if rng.random() < 0.25 else ("solid", self.u(20, 60), 8.0)
+            )
         else:
-            density, hu, texture = (("hyperdense", self.liver_hu + self.u(25, 45), 6.0) if rng.random() < 0.25
-                                    else ("hypodense", self.liver_hu - self.u(25, 55), 6.0))
+            density, hu, texture = (
+                ("hyperdense", self.liver_hu + self.u(25, 45), 6.0)
+                if rng.random() < 0.25
+                else ("hypodense", self.liver_hu - self.u(25, 55), 6.0)
+            )
         return _Lesion(organ, kind, density, hu, texture, radius, directions, heights, sharpness)
 
     def render(self) -> np.ndarray:
@@ -821,7 +896,6 @@ class _Scene:
         in_plane = rng.uniform(0.8, 1.2)
         psf = np.array([in_plane, in_plane, 0.45 * g.spacing[2]])
         hu = ndimage.gaussian_filter(hu, psf / g.spacing, truncate=3.0)
-        noise = ndimage.gaussian_filter(rng.standard_normal(g.shape, dtype=np.float32),
-                                        (0.6, 0.6, 0.0), truncate=3.0)
+        noise = ndimage.gaussian_filter(rng.standard_normal(g.shape, dtype=np.float32), (0.6, 0.6, 0.0), truncate=3.0)
         hu += noise * np.float32(rng.uniform(10, 20) / max(float(noise.std()), 1e-6))
         return np.clip(np.rint(hu), _HU_MIN, _HU_MAX).astype(np.int16)

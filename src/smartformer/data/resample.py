@@ -22,8 +22,9 @@ from torch import Tensor
 __all__ = ["resample_to_grid", "axis_aligned_map", "reverse_axes"]
 
 
-def axis_aligned_map(src_affine: np.ndarray, dst_affine: np.ndarray,
-                     tol: float = 1e-6) -> tuple[list[int], np.ndarray, np.ndarray] | None:
+def axis_aligned_map(
+    src_affine: np.ndarray, dst_affine: np.ndarray, tol: float = 1e-6
+) -> tuple[list[int], np.ndarray, np.ndarray] | None:
     """How destination voxel indices map to source voxel indices, if the grids are axis-aligned.
 
     Returns ``(perm, scale, offset)`` such that source axis ``j`` reads destination axis
@@ -62,8 +63,9 @@ def _take(volume: Tensor, dim: int, index: Tensor) -> Tensor:
     return torch.gather(volume, dim, index.expand(*volume.shape[:-1], index.numel()))
 
 
-def resample_to_grid(volume: Tensor, src_affine: np.ndarray, dst_affine: np.ndarray,
-                     dst_shape: Sequence[int]) -> Tensor:
+def resample_to_grid(
+    volume: Tensor, src_affine: np.ndarray, dst_affine: np.ndarray, dst_shape: Sequence[int]
+) -> Tensor:
     """Trilinear resampling of ``volume`` (C, X, Y, Z) on ``src_affine`` onto ``dst_shape`` on ``dst_affine``.
 
     Equal, to float rounding, to MONAI's ``SpatialResample(mode="bilinear",
@@ -73,8 +75,11 @@ def resample_to_grid(volume: Tensor, src_affine: np.ndarray, dst_affine: np.ndar
     mapping = axis_aligned_map(src_affine, dst_affine)
     if mapping is None:
         resampler = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float32)
-        out = resampler(MetaTensor(volume, affine=torch.as_tensor(src_affine)),
-                        dst_affine=torch.as_tensor(dst_affine), spatial_size=dst_shape)
+        out = resampler(
+            MetaTensor(volume, affine=torch.as_tensor(src_affine)),
+            dst_affine=torch.as_tensor(dst_affine),
+            spatial_size=dst_shape,
+        )
         return out.as_tensor()
     perm, scale, offset = mapping
     out = volume.float()

@@ -25,8 +25,7 @@ from smartformer.errors import InputError
 PATH_KEYS: tuple[str, ...] = ("image", "label")
 
 
-def list_volumes(src: str | Path, key: str = "training",
-                 exclude: Sequence[str] | None = None) -> list[dict[str, Any]]:
+def list_volumes(src: str | Path, key: str = "training", exclude: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """List the volumes of a data source as ``[{"image": path, ...}, ...]``.
 
     Args:
@@ -62,8 +61,9 @@ def list_volumes(src: str | Path, key: str = "training",
     elif name.endswith(IMAGE_SUFFIXES):
         items = [{"image": str(src)}]
     else:
-        raise InputError(src, "is neither a folder, a .csv or .json list, nor an image file "
-                              f"({', '.join(IMAGE_SUFFIXES)})")
+        raise InputError(
+            src, f"is neither a folder, a .csv or .json list, nor an image file ({', '.join(IMAGE_SUFFIXES)})"
+        )
     if not items:
         raise InputError(src, _nothing_found(src.is_dir(), patterns))
     return items
@@ -72,10 +72,8 @@ def list_volumes(src: str | Path, key: str = "training",
 def _nothing_found(is_dir: bool, patterns: tuple[str, ...]) -> str:
     if not is_dir:
         return "lists no volumes"
-    excluded = f"; names matching {', '.join(patterns)} are skipped as label maps" \
-        if patterns else ""
-    return (f"holds no image volumes (looked for {', '.join(IMAGE_SUFFIXES)} files and DICOM "
-            f"folders{excluded})")
+    excluded = f"; names matching {', '.join(patterns)} are skipped as label maps" if patterns else ""
+    return f"holds no image volumes (looked for {', '.join(IMAGE_SUFFIXES)} files and DICOM folders{excluded})"
 
 
 def _scan_folder(root: Path, patterns: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -171,8 +169,7 @@ def _read_json(path: Path, key: str) -> list[dict[str, Any]]:
             raise InputError(path, f"has no {key!r} list (keys: {', '.join(map(str, content))})")
         content = content[key]
     if not isinstance(content, list):
-        raise InputError(path, "the datalist must be a list of items, got "
-                               f"{type(content).__name__}")
+        raise InputError(path, f"the datalist must be a list of items, got {type(content).__name__}")
     items = []
     for index, entry in enumerate(content):
         item = {"image": entry} if isinstance(entry, str) else entry

@@ -110,15 +110,23 @@ def preprocess_transforms(
     all_keys = keys + label_keys
     lo, hi = parse_window(window)
     modes = ["bilinear"] * len(keys) + ["nearest"] * len(label_keys)
-    return Compose([
-        LoadCTd(all_keys),
-        Orientationd(all_keys, axcodes="RAS", labels=None),  # labels from meta "space" (RAS)
-        CropForegroundd(all_keys, source_key=keys[0], select_fn=BodySelect(body_threshold),
-                        allow_smaller=True, start_coord_key=None, end_coord_key=None),
-        Spacingd(all_keys, pixdim=as_triple(spacing, "spacing"), mode=modes, dtype=np.float32),
-        ScaleIntensityRanged(keys, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
-        SpatialPadd(all_keys, spatial_size=[int(r) for r in as_triple(roi, "roi")], value=0),
-    ])
+    return Compose(
+        [
+            LoadCTd(all_keys),
+            Orientationd(all_keys, axcodes="RAS", labels=None),  # labels from meta "space" (RAS)
+            CropForegroundd(
+                all_keys,
+                source_key=keys[0],
+                select_fn=BodySelect(body_threshold),
+                allow_smaller=True,
+                start_coord_key=None,
+                end_coord_key=None,
+            ),
+            Spacingd(all_keys, pixdim=as_triple(spacing, "spacing"), mode=modes, dtype=np.float32),
+            ScaleIntensityRanged(keys, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
+            SpatialPadd(all_keys, spatial_size=[int(r) for r in as_triple(roi, "roi")], value=0),
+        ]
+    )
 
 
 class RandGlobalViewsd(Randomizable, Transform):
@@ -153,23 +161,37 @@ class RandGlobalViewsd(Randomizable, Transform):
     ``RandomState``, shared with the MONAI sub-transforms.
     """
 
-    def __init__(self, roi: int | Sequence[int] = (96, 96, 96), num_views: int = 2,
-                 max_scale: float = 1.5, intensity_scale: float = 0.1,
-                 intensity_shift: float = 0.1, flip_prob: float = 0.5,
-                 image_key: str = "image", views_key: str = "views", min_body_fraction: float = 0.0,
-                 body_level: float = 0.25, min_view_overlap: float = 0.0, max_tries: int = 10,
-                 local_views: int = 0, local_roi: int | Sequence[int] = (32, 32, 32),
-                 local_views_key: str = "local_views") -> None:
+    def __init__(
+        self,
+        roi: int | Sequence[int] = (96, 96, 96),
+        num_views: int = 2,
+        max_scale: float = 1.5,
+        intensity_scale: float = 0.1,
+        intensity_shift: float = 0.1,
+        flip_prob: float = 0.5,
+        image_key: str = "image",
+        views_key: str = "views",
+        min_body_fraction: float = 0.0,
+        body_level: float = 0.25,
+        min_view_overlap: float = 0.0,
+        max_tries: int = 10,
+        local_views: int = 0,
+        local_roi: int | Sequence[int] = (32, 32, 32),
+        local_views_key: str = "local_views",
+    ) -> None:
         if num_views < 1 or max_scale < 1.0:
-            raise ConfigError(f"views: need num_views >= 1 and max_scale >= 1, got {num_views} "
-                              f"and {max_scale}")
+            raise ConfigError(f"views: need num_views >= 1 and max_scale >= 1, got {num_views} and {max_scale}")
         if not 0.0 <= min_body_fraction <= 1.0 or not 0.0 <= min_view_overlap <= 1.0:
-            raise ConfigError(f"views: min_body_fraction and min_view_overlap must lie in [0, 1], got "
-                              f"{min_body_fraction} and {min_view_overlap}")
+            raise ConfigError(
+                f"views: min_body_fraction and min_view_overlap must lie in [0, 1], got "
+                f"{min_body_fraction} and {min_view_overlap}"
+            )
         self.local_roi = tuple(int(r) for r in as_triple(local_roi, "local_roi"))
         if local_views < 0 or (local_views and any(lr > r for lr, r in zip(self.local_roi, as_triple(roi, "roi")))):
-            raise ConfigError(f"views: need local_views >= 0 and local_roi {list(self.local_roi)} no larger than "
-                              f"roi {[int(r) for r in as_triple(roi, 'roi')]}, got local_views={local_views}")
+            raise ConfigError(
+                f"views: need local_views >= 0 and local_roi {list(self.local_roi)} no larger than "
+                f"roi {[int(r) for r in as_triple(roi, 'roi')]}, got local_views={local_views}"
+            )
         self.local_views, self.local_views_key = int(local_views), local_views_key
         self._local_resize = Resize(self.local_roi, mode="trilinear")
         self.min_body_fraction = min_body_fraction
@@ -187,8 +209,7 @@ class RandGlobalViewsd(Randomizable, Transform):
         self._boxes: list[tuple[list[int], list[int]]] = []
         self.set_random_state()
 
-    def set_random_state(self, seed: int | None = None,
-                         state: np.random.RandomState | None = None) -> RandGlobalViewsd:
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> RandGlobalViewsd:
         super().set_random_state(seed, state)
         for sub in (*self._flips, self._scale, self._shift):
             sub.set_random_state(state=self.R)
@@ -226,8 +247,9 @@ class RandGlobalViewsd(Randomizable, Transform):
             assert best is not None
             self._boxes.append(best)
 
-    def _draw(self, shape: Sequence[int], anchor: tuple[list[int], list[int]] | None,
-              centre: Sequence[int] | None = None) -> tuple[list[int], list[int]]:
+    def _draw(
+        self, shape: Sequence[int], anchor: tuple[list[int], list[int]] | None, centre: Sequence[int] | None = None
+    ) -> tuple[list[int], list[int]]:
         """A random box; it overlaps ``anchor`` by ``min_view_overlap`` or is centred near ``centre``."""
         scale = self.R.uniform(1.0, self.max_scale, size=3)
         size = [min(int(round(r * s)), n) for r, s, n in zip(self.roi, scale, shape)]
@@ -253,11 +275,12 @@ class RandGlobalViewsd(Randomizable, Transform):
         image = convert_to_tensor(data[self.image_key], track_meta=False)
         self.randomize(image.shape[1:], image)
         views = [self._view(image, start, end) for start, end in self._boxes]
-        d[self.views_key] = convert_to_tensor(torch.stack(views), dtype=torch.float32,
-                                              track_meta=False)
+        d[self.views_key] = convert_to_tensor(torch.stack(views), dtype=torch.float32, track_meta=False)
         if self.local_views:
-            local = [self._view(image, *self._local_box(self._boxes[0]), resize=self._local_resize)
-                     for _ in range(self.local_views)]
+            local = [
+                self._view(image, *self._local_box(self._boxes[0]), resize=self._local_resize)
+                for _ in range(self.local_views)
+            ]
             d[self.local_views_key] = convert_to_tensor(torch.stack(local), dtype=torch.float32, track_meta=False)
         return d
 
@@ -268,8 +291,9 @@ class RandGlobalViewsd(Randomizable, Transform):
         start = [int(self.R.randint(a, b - z + 1)) for a, b, z in zip(lo, hi, size)]
         return start, [a + z for a, z in zip(start, size)]
 
-    def _view(self, image: torch.Tensor, start: list[int], end: list[int],
-              resize: Resize | None = None) -> torch.Tensor:
+    def _view(
+        self, image: torch.Tensor, start: list[int], end: list[int], resize: Resize | None = None
+    ) -> torch.Tensor:
         view = (resize or self._resize)(SpatialCrop(roi_start=start, roi_end=end)(image))
         for flip in self._flips:
             view = flip(view)
@@ -277,18 +301,35 @@ class RandGlobalViewsd(Randomizable, Transform):
         return torch.clamp(view, 0.0, 1.0)
 
 
-def view_transforms(roi: int | Sequence[int] = (96, 96, 96), num_views: int = 2,
-                    intensity_scale: float = 0.1, intensity_shift: float = 0.1,
-                    flip_prob: float = 0.5, max_scale: float = 1.5, min_body_fraction: float = 0.0,
-                    body_level: float = 0.25, min_view_overlap: float = 0.0, local_views: int = 0,
-                    local_roi: int | Sequence[int] = (32, 32, 32)) -> RandGlobalViewsd:
+def view_transforms(
+    roi: int | Sequence[int] = (96, 96, 96),
+    num_views: int = 2,
+    intensity_scale: float = 0.1,
+    intensity_shift: float = 0.1,
+    flip_prob: float = 0.5,
+    max_scale: float = 1.5,
+    min_body_fraction: float = 0.0,
+    body_level: float = 0.25,
+    min_view_overlap: float = 0.0,
+    local_views: int = 0,
+    local_roi: int | Sequence[int] = (32, 32, 32),
+) -> RandGlobalViewsd:
     """The random part: a preprocessed ``{"image": (1, X, Y, Z)}`` dict to ``{"views": ...}``.
 
     Returns a :class:`RandGlobalViewsd` (callable, MONAI ``Randomizable``); see there for the
     view recipe. ``views`` has shape ``(num_views, 1, *roi)``, float32 in [0, 1]; with
     ``local_views`` > 0, ``local_views`` has shape ``(local_views, 1, *local_roi)``.
     """
-    return RandGlobalViewsd(roi=roi, num_views=num_views, max_scale=max_scale,
-                            intensity_scale=intensity_scale, intensity_shift=intensity_shift,
-                            flip_prob=flip_prob, min_body_fraction=min_body_fraction, body_level=body_level,
-                            min_view_overlap=min_view_overlap, local_views=local_views, local_roi=local_roi)
+    return RandGlobalViewsd(
+        roi=roi,
+        num_views=num_views,
+        max_scale=max_scale,
+        intensity_scale=intensity_scale,
+        intensity_shift=intensity_shift,
+        flip_prob=flip_prob,
+        min_body_fraction=min_body_fraction,
+        body_level=body_level,
+        min_view_overlap=min_view_overlap,
+        local_views=local_views,
+        local_roi=local_roi,
+    )

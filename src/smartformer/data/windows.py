@@ -36,8 +36,9 @@ def parse_window(spec: str | Sequence[float]) -> tuple[float, float]:
     try:
         lo, hi = (float(p) for p in parts)
     except (TypeError, ValueError):
-        raise ConfigError(f"window {spec!r}: give a preset ({', '.join(WINDOWS)}) or 'lo,hi' in "
-                          "HU, e.g. '-1000,400'") from None
+        raise ConfigError(
+            f"window {spec!r}: give a preset ({', '.join(WINDOWS)}) or 'lo,hi' in HU, e.g. '-1000,400'"
+        ) from None
     if not lo < hi:
         raise ConfigError(f"window {spec!r}: the lower bound must be below the upper bound")
     return lo, hi

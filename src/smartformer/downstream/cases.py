@@ -88,12 +88,12 @@ class CaseTable:
     """The CSV's column names."""
 
     @property
-    def labels(self) -> "np.ndarray":
+    def labels(self) -> np.ndarray:
         """(N,) int array of 0/1 labels (only for a labelled table)."""
         return np.asarray([c.label for c in self.cases], dtype=np.int64)
 
     @property
-    def patients(self) -> "np.ndarray":
+    def patients(self) -> np.ndarray:
         """(N,) array of patient ids."""
         return np.asarray([c.patient for c in self.cases], dtype=object)
 
@@ -160,10 +160,20 @@ def read_cases(path: str | Path, require_labels: bool = True) -> CaseTable:
     for case in cases_from_table(path, table, need_mask=False):
         centre = _centre(path, case.row, case.fields) if present_centre else None  # type: ignore[arg-type]
         raw = case.fields["label"] if has_labels else None
-        cases.append(LabelledCase(case=case.case, image=case.image, patient=case.patient, row=case.row,
-                                  label=classes.index(raw) if raw is not None else None, raw_label=raw,
-                                  center_mm=centre, mask=case.mask if centre is None else None,
-                                  kind=case.kind if centre is None else None, fields=case.fields))
+        cases.append(
+            LabelledCase(
+                case=case.case,
+                image=case.image,
+                patient=case.patient,
+                row=case.row,
+                label=classes.index(raw) if raw is not None else None,
+                raw_label=raw,
+                center_mm=centre,
+                mask=case.mask if centre is None else None,
+                kind=case.kind if centre is None else None,
+                fields=case.fields,
+            )
+        )
     return CaseTable(path=path, cases=cases, classes=classes, columns=columns)
 
 
@@ -196,7 +206,8 @@ def _centre(csv: Path, row: int, record: Mapping[str, str]) -> tuple[float, floa
 
 # ----------------------------------------------------------------------------------------- crops
 
-def prepare_volume(image: Path, options: CropOptions, whole_scan: bool = False) -> "MetaTensor":
+
+def prepare_volume(image: Path, options: CropOptions, whole_scan: bool = False) -> MetaTensor:
     """A CT as the encoder sees it: RAS, resampled to ``options.spacing``, HU windowed to [0, 1].
 
     ``whole_scan`` first crops to the body (voxels above -500 HU, as for pretraining), so that a scan
@@ -221,7 +232,7 @@ def mask_centre_mm(mask: Path) -> tuple[float, float, float]:
     return float(world[0]), float(world[1]), float(world[2])
 
 
-def lesion_crop(volume: "MetaTensor", centre_mm: Sequence[float], size: Sequence[int], where: Path) -> "np.ndarray":
+def lesion_crop(volume: MetaTensor, centre_mm: Sequence[float], size: Sequence[int], where: Path) -> np.ndarray:
     """The box of ``size`` voxels centred on ``centre_mm`` in a prepared volume, padded with 0 at its border.
 
     Raises:
@@ -240,7 +251,7 @@ def lesion_crop(volume: "MetaTensor", centre_mm: Sequence[float], size: Sequence
     return np.asarray(crop.as_tensor().numpy(), dtype=np.float32)
 
 
-def whole_scan_crop(volume: "MetaTensor", size: Sequence[int]) -> "np.ndarray":
+def whole_scan_crop(volume: MetaTensor, size: Sequence[int]) -> np.ndarray:
     """A prepared (body-cropped) volume scaled by one factor to fit inside ``size``, centred and padded with 0."""
     shape = np.asarray(volume.shape[1:], dtype=np.float64)
     factor = float(np.min(np.asarray(size, dtype=np.float64) / shape))
@@ -250,7 +261,7 @@ def whole_scan_crop(volume: "MetaTensor", size: Sequence[int]) -> "np.ndarray":
     return np.asarray(padded.as_tensor().numpy(), dtype=np.float32)
 
 
-def build_crops(table: CaseTable, options: CropOptions, progress: bool = True) -> "np.ndarray":
+def build_crops(table: CaseTable, options: CropOptions, progress: bool = True) -> np.ndarray:
     """Every case's encoder input, computed once per run: (N, 1, *options.size) float16.
 
     Cases sharing an image reuse its prepared volume (one resampling per scan). Stored as float16 to
@@ -261,7 +272,7 @@ def build_crops(table: CaseTable, options: CropOptions, progress: bool = True) -
     """
     crops = np.zeros((len(table.cases), 1, *options.size), dtype=np.float16)
     order = sorted(range(len(table.cases)), key=lambda i: (str(table.cases[i].image), table.cases[i].located))
-    cached: tuple[tuple[Path, bool], "MetaTensor"] | None = None
+    cached: tuple[tuple[Path, bool], MetaTensor] | None = None
     for i in tqdm(order, desc="crops", unit="case", disable=not progress):
         case = table.cases[i]
         key = (case.image, not case.located)

@@ -110,8 +110,9 @@ class Evaluation:
 CheckpointRunner = Callable[[Study, str, str], "tuple[list[dict[str, Any]], list[dict[str, Any]]]"]
 
 
-def evaluate(settings: EvaluationSettings, task: str, run_checkpoint: CheckpointRunner,
-             method_settings: dict[str, Any]) -> Evaluation:
+def evaluate(
+    settings: EvaluationSettings, task: str, run_checkpoint: CheckpointRunner, method_settings: dict[str, Any]
+) -> Evaluation:
     """Check everything, then run ``run_checkpoint`` per checkpoint and write the outputs to ``settings.out``.
 
     No output is written before the CSV, the images, the crops, the checkpoints and the splits have
@@ -132,15 +133,26 @@ def evaluate(settings: EvaluationSettings, task: str, run_checkpoint: Checkpoint
         predicted, details[name] = run_checkpoint(study, spec, name)
         for row in predicted:
             case = table.cases[row["index"]]
-            rows.append({"case": case.case, "patient": case.patient, "fold": row["fold"], "fraction": row["fraction"],
-                         "checkpoint": name, "label": case.label, "probability": row["probability"],
-                         "set": "holdout" if held[row["index"]] else "cv"})
-    every = pd.DataFrame(rows, columns=["case", "patient", "fold", "fraction", "checkpoint", "label",
-                                        "probability", "set"])
+            rows.append(
+                {
+                    "case": case.case,
+                    "patient": case.patient,
+                    "fold": row["fold"],
+                    "fraction": row["fraction"],
+                    "checkpoint": name,
+                    "label": case.label,
+                    "probability": row["probability"],
+                    "set": "holdout" if held[row["index"]] else "cv",
+                }
+            )
+    every = pd.DataFrame(
+        rows, columns=["case", "patient", "fold", "fraction", "checkpoint", "label", "probability", "set"]
+    )
     predictions = every[every["set"] == "cv"]
     s.out.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"case": table.ids, "patient": table.patients, "label": table.labels,
-                  "fold": folds}).to_csv(s.out / "folds.csv", index=False)
+    pd.DataFrame({"case": table.ids, "patient": table.patients, "label": table.labels, "fold": folds}).to_csv(
+        s.out / "folds.csv", index=False
+    )
     (every if held.any() else predictions.drop(columns="set")).to_csv(s.out / "predictions.csv", index=False)
     results = summarize(predictions, details, s.bootstrap, s.seed)
     if held.any():
@@ -172,20 +184,32 @@ def evaluate(settings: EvaluationSettings, task: str, run_checkpoint: Checkpoint
     return Evaluation(report=report, markdown=write_comparison(results, s.out))
 
 
-def summarize(predictions: pd.DataFrame, details: dict[str, list[dict[str, Any]]], n_boot: int,
-              seed: int) -> dict[str, dict[str, Any]]:
+def summarize(
+    predictions: pd.DataFrame, details: dict[str, list[dict[str, Any]]], n_boot: int, seed: int
+) -> dict[str, dict[str, Any]]:
     """Per checkpoint and fraction: out-of-fold metrics with bootstrap CIs, and per-fold metrics + details."""
     results: dict[str, dict[str, Any]] = {}
     for (name, fraction), group in predictions.groupby(["checkpoint", "fraction"], sort=False):
         per_fold = []
         for fold, part in group.groupby("fold"):
             extra = [d for d in details.get(name, []) if d["fold"] == fold and d["fraction"] == fraction]
-            per_fold.append({"fold": int(fold), "n_test": len(part), **(extra[0] if extra else {}),
-                             **binary_metrics(part["label"].to_numpy(), part["probability"].to_numpy())})
+            per_fold.append(
+                {
+                    "fold": int(fold),
+                    "n_test": len(part),
+                    **(extra[0] if extra else {}),
+                    **binary_metrics(part["label"].to_numpy(), part["probability"].to_numpy()),
+                }
+            )
         results.setdefault(name, {})[f"{fraction:g}"] = {
             "n": len(group),
-            "overall": metrics_with_ci(group["label"].to_numpy(), group["probability"].to_numpy(),
-                                       group["patient"].to_numpy(), n=n_boot, seed=seed),
+            "overall": metrics_with_ci(
+                group["label"].to_numpy(),
+                group["probability"].to_numpy(),
+                group["patient"].to_numpy(),
+                n=n_boot,
+                seed=seed,
+            ),
             "per_fold": per_fold,
         }
     return results
@@ -198,33 +222,49 @@ def summarize_holdout(held: pd.DataFrame, results: dict[str, dict[str, Any]], n_
         mean = group.groupby(["case", "patient", "label"], sort=False)["probability"].mean().reset_index()
         results[name][f"{fraction:g}"]["holdout"] = {
             "n": len(mean),
-            "overall": metrics_with_ci(mean["label"].to_numpy(), mean["probability"].to_numpy(),
-                                       mean["patient"].to_numpy(), n=n_boot, seed=seed),
-            "per_fold": [{"fold": int(fold), **binary_metrics(part["label"].to_numpy(), part["probability"].to_numpy())}
-                         for fold, part in group.groupby("fold")],
+            "overall": metrics_with_ci(
+                mean["label"].to_numpy(),
+                mean["probability"].to_numpy(),
+                mean["patient"].to_numpy(),
+                n=n_boot,
+                seed=seed,
+            ),
+            "per_fold": [
+                {"fold": int(fold), **binary_metrics(part["label"].to_numpy(), part["probability"].to_numpy())}
+                for fold, part in group.groupby("fold")
+            ],
         }
 
 
-def compare_to_baseline(predictions: pd.DataFrame, results: dict[str, dict[str, Any]], baseline: str, n_boot: int,
-                        seed: int) -> None:
+def compare_to_baseline(
+    predictions: pd.DataFrame, results: dict[str, dict[str, Any]], baseline: str, n_boot: int, seed: int
+) -> None:
     """Add ``auc_vs_baseline`` (AUC minus the baseline's on the same cases, paired bootstrap CI) to ``results``."""
-    table = predictions.pivot_table(index=["fraction", "case", "patient", "label"], columns="checkpoint",
-                                    values="probability").reset_index()
+    table = predictions.pivot_table(
+        index=["fraction", "case", "patient", "label"], columns="checkpoint", values="probability"
+    ).reset_index()
     for name, by_fraction in results.items():
         if name == baseline:
             continue
         for fraction, entry in by_fraction.items():
             rows = table[table["fraction"].map(lambda f: f"{f:g}") == fraction]
-            entry["auc_vs_baseline"] = paired_difference(rows["label"].to_numpy(), rows[name].to_numpy(),
-                                                         rows[baseline].to_numpy(), rows["patient"].to_numpy(),
-                                                         n=n_boot, seed=seed)
+            entry["auc_vs_baseline"] = paired_difference(
+                rows["label"].to_numpy(),
+                rows[name].to_numpy(),
+                rows[baseline].to_numpy(),
+                rows["patient"].to_numpy(),
+                n=n_boot,
+                seed=seed,
+            )
 
 
 def write_roc(predictions: pd.DataFrame, path: Path, task: str) -> Path:
     """roc.png: one out-of-fold ROC curve per checkpoint and fraction."""
     several = predictions["fraction"].nunique() > 1
-    curves = {(f"{name} @ {fraction:g}" if several else name): (g["label"].to_numpy(), g["probability"].to_numpy())
-              for (name, fraction), g in predictions.groupby(["checkpoint", "fraction"], sort=False)}
+    curves = {
+        (f"{name} @ {fraction:g}" if several else name): (g["label"].to_numpy(), g["probability"].to_numpy())
+        for (name, fraction), g in predictions.groupby(["checkpoint", "fraction"], sort=False)
+    }
     return plot_roc(curves, path, title=f"{task}: out-of-fold ROC")
 
 
@@ -234,6 +274,7 @@ def write_comparison(results: dict[str, dict[str, Any]], out: Path) -> str:
     One row per checkpoint and fraction; with a ``random:`` baseline among several checkpoints, a last
     column gives each one's AUC minus the baseline's on the same cases (paired bootstrap CI).
     """
+
     def cell(entry: dict[str, float]) -> str:
         return f"{entry['value']:.3f} [{entry['ci_low']:.3f}, {entry['ci_high']:.3f}]"
 
@@ -242,15 +283,29 @@ def write_comparison(results: dict[str, dict[str, Any]], out: Path) -> str:
     rows, md = [], ["| checkpoint | fraction | n | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
     for name, by_fraction in results.items():
         for fraction, entry in by_fraction.items():
-            values = {**entry["overall"], **({"auc_vs_baseline": entry["auc_vs_baseline"]}
-                                             if "auc_vs_baseline" in entry else {})}
+            values = {
+                **entry["overall"],
+                **({"auc_vs_baseline": entry["auc_vs_baseline"]} if "auc_vs_baseline" in entry else {}),
+            }
             row: dict[str, Any] = {"checkpoint": name, "fraction": float(fraction), "n": entry["n"]}
             for metric in columns:
                 value = values.get(metric, {"value": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")})
-                row.update({metric: value["value"], f"{metric}_low": value["ci_low"], f"{metric}_high": value["ci_high"]})
+                row.update(
+                    {metric: value["value"], f"{metric}_low": value["ci_low"], f"{metric}_high": value["ci_high"]}
+                )
             rows.append(row)
-            md.append("| " + " | ".join([name, fraction, str(entry["n"]),
-                                         *(cell(values[m]) if m in values else "baseline" for m in columns)]) + " |")
+            md.append(
+                "| "
+                + " | ".join(
+                    [
+                        name,
+                        fraction,
+                        str(entry["n"]),
+                        *(cell(values[m]) if m in values else "baseline" for m in columns),
+                    ]
+                )
+                + " |"
+            )
     pd.DataFrame(rows).to_csv(out / "comparison.csv", index=False)
     text = "\n".join(md) + "\n"
     (out / "comparison.md").write_text(text)
@@ -265,5 +320,7 @@ def test_indices(study: Study, fold: int) -> np.ndarray:
 def training_indices(study: Study, fold: int) -> dict[float, np.ndarray]:
     """Training cases of a fold at each label fraction (nested, patient-level, stratified)."""
     train = np.flatnonzero((study.folds != fold) & (study.folds != HOLDOUT))
-    return {f: subsample(train, study.table.labels, study.table.patients, f, study.settings.seed, fold)
-            for f in study.fractions}
+    return {
+        f: subsample(train, study.table.labels, study.table.patients, f, study.settings.seed, fold)
+        for f in study.fractions
+    }

@@ -25,14 +25,24 @@ if TYPE_CHECKING:
     from smartformer.downstream.cases import CaseTable
     from smartformer.models.smartformer import SMARTFormer
 
-__all__ = ["FEATURE_KINDS", "encode", "extract_features", "feature_columns", "feature_distances", "feature_table",
-           "load_encoder", "pick_device", "write_distances", "write_feature_table"]
+__all__ = [
+    "FEATURE_KINDS",
+    "encode",
+    "extract_features",
+    "feature_columns",
+    "feature_distances",
+    "feature_table",
+    "load_encoder",
+    "pick_device",
+    "write_distances",
+    "write_feature_table",
+]
 
 #: Which features a classifier reads: the semantic [CLS], the mean of the tokens, or both concatenated.
 FEATURE_KINDS: tuple[str, ...] = ("cls", "pooled", "both")
 
 
-def pick_device(name: str | None) -> "torch.device":
+def pick_device(name: str | None) -> torch.device:
     """``name`` as a device, or CUDA when available and else the CPU."""
     if name:
         try:
@@ -42,7 +52,7 @@ def pick_device(name: str | None) -> "torch.device":
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def encode(model: "SMARTFormer", batch: "torch.Tensor", kind: str = "both") -> "torch.Tensor":
+def encode(model: SMARTFormer, batch: torch.Tensor, kind: str = "both") -> torch.Tensor:
     """(B, D) features of a (B, 1, *crop) batch: [CLS], the mean of the tokens, or both concatenated.
 
     Shared by the probe (frozen) and fine-tuning (trained), so both read the same features.
@@ -55,9 +65,15 @@ def encode(model: "SMARTFormer", batch: "torch.Tensor", kind: str = "both") -> "
     return torch.cat(parts[kind], dim=1)
 
 
-def extract_features(model: "SMARTFormer", crops: "np.ndarray", kind: str = "both", batch_size: int = 8,
-                     device: "torch.device | str | None" = None, progress: bool = True,
-                     desc: str = "features") -> "np.ndarray":
+def extract_features(
+    model: SMARTFormer,
+    crops: np.ndarray,
+    kind: str = "both",
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    desc: str = "features",
+) -> np.ndarray:
     """Frozen features (N, D) float32 of (N, 1, *crop) crops, in batches under ``torch.inference_mode``.
 
     The model is moved to ``device`` (default: :func:`pick_device`) and left in eval mode.
@@ -68,7 +84,7 @@ def extract_features(model: "SMARTFormer", crops: "np.ndarray", kind: str = "bot
     starts = range(0, len(crops), batch_size)
     with torch.inference_mode():
         for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
-            batch = torch.from_numpy(np.asarray(crops[start:start + batch_size], dtype=np.float32)).to(device)
+            batch = torch.from_numpy(np.asarray(crops[start : start + batch_size], dtype=np.float32)).to(device)
             chunks.append(encode(model, batch, kind).float().cpu().numpy())
     return np.concatenate(chunks, axis=0)
 
@@ -79,7 +95,7 @@ def feature_columns(kind: str, width: int) -> list[str]:
     return [f"{p}_{i}" for p in prefixes for i in range(width)]
 
 
-def feature_table(table: "CaseTable", features: "np.ndarray", kind: str, width: int) -> "pd.DataFrame":
+def feature_table(table: CaseTable, features: np.ndarray, kind: str, width: int) -> pd.DataFrame:
     """One row per case of ``table``: ``case``, the CSV's ``label`` (as written) and ``patient`` where the CSV
     has them, then the (N, D) ``features`` in the columns of :func:`feature_columns` (``width``: the encoder's C)."""
     frame = pd.DataFrame({"case": table.ids})
@@ -90,7 +106,7 @@ def feature_table(table: "CaseTable", features: "np.ndarray", kind: str, width: 
     return pd.concat([frame, values], axis=1)
 
 
-def write_feature_table(frame: "pd.DataFrame", path: Path) -> None:
+def write_feature_table(frame: pd.DataFrame, path: Path) -> None:
     """``frame`` to ``path``: CSV for a ``.csv`` name, else Parquet (needs pyarrow); the folder is created."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".csv":
@@ -99,7 +115,7 @@ def write_feature_table(frame: "pd.DataFrame", path: Path) -> None:
         frame.to_parquet(path, index=False)
 
 
-def feature_distances(values: "pd.DataFrame", labels: "np.ndarray") -> dict[str, Any]:
+def feature_distances(values: pd.DataFrame, labels: np.ndarray) -> dict[str, Any]:
     """Intra/inter-cluster distances and centroid separation of each feature kind by ``labels``.
 
     The kinds are the ``cls_*`` and ``pooled_*`` columns of ``values`` (those present); each gets
@@ -113,12 +129,16 @@ def feature_distances(values: "pd.DataFrame", labels: "np.ndarray") -> dict[str,
         if not columns:
             continue
         sep = centroid_separation(values[columns].to_numpy(), labels)
-        result[kind] = {"intra_distance": sep["intra_distance"], "inter_distance": sep["inter_distance"],
-                        "centroid_separation": sep["mean_ratio"], "labels": [str(x) for x in sep["labels"]]}
+        result[kind] = {
+            "intra_distance": sep["intra_distance"],
+            "inter_distance": sep["inter_distance"],
+            "centroid_separation": sep["mean_ratio"],
+            "labels": [str(x) for x in sep["labels"]],
+        }
     return result
 
 
-def write_distances(values: "pd.DataFrame", labels: "np.ndarray", path: Path) -> dict[str, Any]:
+def write_distances(values: pd.DataFrame, labels: np.ndarray, path: Path) -> dict[str, Any]:
     """:func:`feature_distances` of ``values`` by ``labels``, written to ``path`` as JSON; returns them."""
     result = feature_distances(values, labels)
     path.write_text(json.dumps(result, indent=2) + "\n")

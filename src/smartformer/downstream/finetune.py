@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 class Classifier(nn.Module):
     """An encoder and a linear head (after a LayerNorm) on its [CLS], pooled or both features: one logit."""
 
-    def __init__(self, encoder: "SMARTFormer", kind: str = "both") -> None:
+    def __init__(self, encoder: SMARTFormer, kind: str = "both") -> None:
         super().__init__()
         self.encoder = encoder
         self.kind = kind
@@ -82,7 +82,7 @@ def layer_id(name: str, model: Classifier) -> int:
             return 0
     if name.startswith("encoder.backbone.layers"):
         parts = name.split(".")  # encoder.backbone.layers{stage}.0.blocks.{block}... or .downsample...
-        stage = int(parts[2][len("layers"):]) - 1
+        stage = int(parts[2][len("layers") :]) - 1
         before = sum(depths[:stage])
         if parts[4] == "blocks":
             return before + int(parts[5]) + 1
@@ -91,12 +91,12 @@ def layer_id(name: str, model: Classifier) -> int:
 
 
 def _no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    return param.ndim <= 1 or name.endswith(("mask_token", "cls_token", "relative_position_bias_table",
-                                             "position_embeddings"))
+    return param.ndim <= 1 or name.endswith(
+        ("mask_token", "cls_token", "relative_position_bias_table", "position_embeddings")
+    )
 
 
-def param_groups_lrd(model: Classifier, lr: float, weight_decay: float = 0.05,
-                     layer_decay: float = 0.75) -> list[dict]:
+def param_groups_lrd(model: Classifier, lr: float, weight_decay: float = 0.05, layer_decay: float = 0.75) -> list[dict]:
     """AdamW parameter groups with layer-wise lr decay (one group per layer and decay/no-decay).
 
     Each group carries ``lr`` (already scaled), ``weight_decay``, ``layer_id`` and ``lr_scale``.
@@ -111,8 +111,14 @@ def param_groups_lrd(model: Classifier, lr: float, weight_decay: float = 0.05,
         key = (layer, decay)
         if key not in groups:
             scale = layer_decay ** (top - layer)
-            groups[key] = {"params": [], "names": [], "layer_id": layer, "lr_scale": scale, "lr": lr * scale,
-                           "weight_decay": weight_decay if decay else 0.0}
+            groups[key] = {
+                "params": [],
+                "names": [],
+                "layer_id": layer,
+                "lr_scale": scale,
+                "lr": lr * scale,
+                "weight_decay": weight_decay if decay else 0.0,
+            }
         groups[key]["params"].append(param)
         groups[key]["names"].append(name)
     return [groups[k] for k in sorted(groups)]
@@ -134,11 +140,15 @@ class FinetuneSettings:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
-            raise SmartformerError(f"epochs, batch size and patience must be at least 1, got {self.epochs}, "
-                                   f"{self.batch_size} and {self.patience}")
+            raise SmartformerError(
+                f"epochs, batch size and patience must be at least 1, got {self.epochs}, "
+                f"{self.batch_size} and {self.patience}"
+            )
         if self.lr <= 0 or not 0 < self.layer_decay <= 1 or self.weight_decay < 0:
-            raise SmartformerError(f"the learning rate must be > 0 (got {self.lr:g}), the layer decay in (0, 1] "
-                                   f"(got {self.layer_decay:g}) and the weight decay >= 0 (got {self.weight_decay:g})")
+            raise SmartformerError(
+                f"the learning rate must be > 0 (got {self.lr:g}), the layer decay in (0, 1] "
+                f"(got {self.layer_decay:g}) and the weight decay >= 0 (got {self.weight_decay:g})"
+            )
 
 
 @dataclass
@@ -160,13 +170,14 @@ def _flip(batch: torch.Tensor, prob: float, generator: torch.Generator) -> torch
     return batch
 
 
-def _batch(crops: "np.ndarray", index: "np.ndarray", device: torch.device) -> torch.Tensor:
+def _batch(crops: np.ndarray, index: np.ndarray, device: torch.device) -> torch.Tensor:
     """float32 tensor of ``crops[index]`` (crops are cached as float16)."""
     return torch.from_numpy(np.asarray(crops[index], dtype=np.float32)).to(device)
 
 
-def _logits(model: Classifier, crops: "np.ndarray", index: "np.ndarray", batch_size: int,
-            device: torch.device | str) -> torch.Tensor:
+def _logits(
+    model: Classifier, crops: np.ndarray, index: np.ndarray, batch_size: int, device: torch.device | str
+) -> torch.Tensor:
     """(len(index),) float32 CPU logits in eval mode.
 
     Uses ``torch.no_grad`` rather than ``inference_mode``: the backbone caches shifted-window masks,
@@ -176,19 +187,28 @@ def _logits(model: Classifier, crops: "np.ndarray", index: "np.ndarray", batch_s
     out: list[torch.Tensor] = []
     with torch.no_grad():
         for start in range(0, len(index), batch_size):
-            out.append(model(_batch(crops, index[start:start + batch_size], torch.device(device))).float().cpu())
+            out.append(model(_batch(crops, index[start : start + batch_size], torch.device(device))).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def predict_probabilities(model: Classifier, crops: "np.ndarray", index: "np.ndarray", batch_size: int = 8,
-                          device: torch.device | str = "cpu") -> "np.ndarray":
+def predict_probabilities(
+    model: Classifier, crops: np.ndarray, index: np.ndarray, batch_size: int = 8, device: torch.device | str = "cpu"
+) -> np.ndarray:
     """P(class 1) for ``crops[index]``, in eval mode."""
     return torch.sigmoid(_logits(model, crops, index, batch_size, device)).numpy()
 
 
-def finetune(encoder: "SMARTFormer", crops: "np.ndarray", labels: "np.ndarray", train: "np.ndarray",
-             val: "np.ndarray", settings: FinetuneSettings, device: torch.device | str = "cpu", fold: int = 0,
-             progress: bool = False) -> FinetuneResult:
+def finetune(
+    encoder: SMARTFormer,
+    crops: np.ndarray,
+    labels: np.ndarray,
+    train: np.ndarray,
+    val: np.ndarray,
+    settings: FinetuneSettings,
+    device: torch.device | str = "cpu",
+    fold: int = 0,
+    progress: bool = False,
+) -> FinetuneResult:
     """Fine-tune ``encoder`` (modified in place) with a new head on ``crops[train]``.
 
     Early stopping watches the loss on ``crops[val]``; with an empty ``val`` every epoch runs and the
@@ -212,7 +232,7 @@ def finetune(encoder: "SMARTFormer", crops: "np.ndarray", labels: "np.ndarray", 
         order = torch.randperm(len(train), generator=generator).numpy()
         losses: list[float] = []
         for start in range(0, len(order), settings.batch_size):
-            index = train[order[start:start + settings.batch_size]]
+            index = train[order[start : start + settings.batch_size]]
             batch = _flip(_batch(crops, index, torch.device("cpu")), settings.flip_prob, generator).to(device)
             loss = loss_fn(model(batch), torch.from_numpy(y[index]).to(device))
             optimizer.zero_grad(set_to_none=True)
@@ -239,8 +259,9 @@ def finetune(encoder: "SMARTFormer", crops: "np.ndarray", labels: "np.ndarray", 
     return FinetuneResult(model=model, best_epoch=best_epoch, history=history)
 
 
-def finetune_checkpoint(study: Study, spec: str, name: str, settings: FinetuneSettings,
-                        val_fraction: float = 0.2) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def finetune_checkpoint(
+    study: Study, spec: str, name: str, settings: FinetuneSettings, val_fraction: float = 0.2
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Fine-tuning as a :data:`~smartformer.downstream.evaluation.CheckpointRunner`: a fresh copy of the
     checkpoint ``spec`` fine-tuned per fold and fraction (early stopping on ``val_fraction`` of the
     training fold's patients; 0: none), then scored on the test fold."""
@@ -250,14 +271,36 @@ def finetune_checkpoint(study: Study, spec: str, name: str, settings: FinetuneSe
     for fold in range(s.folds):
         test = test_indices(study, fold)
         for fraction, subset in training_indices(study, fold).items():
-            train, val = (validation_split(subset, table.labels, table.patients, val_fraction, s.seed, fold)
-                          if val_fraction > 0 else (subset, subset[:0]))
-            result = finetune(load_encoder(spec, s.seed), study.crops, table.labels, train, val, settings,
-                              device, fold=fold, progress=s.progress)
+            train, val = (
+                validation_split(subset, table.labels, table.patients, val_fraction, s.seed, fold)
+                if val_fraction > 0
+                else (subset, subset[:0])
+            )
+            result = finetune(
+                load_encoder(spec, s.seed),
+                study.crops,
+                table.labels,
+                train,
+                val,
+                settings,
+                device,
+                fold=fold,
+                progress=s.progress,
+            )
             probs = predict_probabilities(result.model, study.crops, test, s.batch_size, device)
-            rows += [{"index": int(i), "fold": fold, "fraction": fraction, "probability": float(p)}
-                     for i, p in zip(test, probs)]
-            details.append({"fold": fold, "fraction": fraction, "n_train": len(train), "n_val": len(val),
-                            "best_epoch": result.best_epoch, "epochs_run": len(result.history),
-                            "history": result.history})
+            rows += [
+                {"index": int(i), "fold": fold, "fraction": fraction, "probability": float(p)}
+                for i, p in zip(test, probs)
+            ]
+            details.append(
+                {
+                    "fold": fold,
+                    "fraction": fraction,
+                    "n_train": len(train),
+                    "n_val": len(val),
+                    "best_epoch": result.best_epoch,
+                    "epochs_run": len(result.history),
+                    "history": result.history,
+                }
+            )
     return rows, details

@@ -29,7 +29,7 @@ from smartformer.analysis.overlay import save_figure
 METRICS: tuple[str, ...] = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity")
 
 
-def auc_score(labels: "np.ndarray", scores: "np.ndarray") -> float:
+def auc_score(labels: np.ndarray, scores: np.ndarray) -> float:
     """ROC AUC of ``scores`` for 0/1 ``labels`` via mid-ranks; NaN when a class is missing."""
     labels = np.asarray(labels)
     n_pos = int(labels.sum())
@@ -40,8 +40,9 @@ def auc_score(labels: "np.ndarray", scores: "np.ndarray") -> float:
     return float((ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def binary_metrics(labels: Sequence[int] | "np.ndarray", probabilities: Sequence[float] | "np.ndarray",
-                   threshold: float = 0.5) -> dict[str, float]:
+def binary_metrics(
+    labels: Sequence[int] | np.ndarray, probabilities: Sequence[float] | np.ndarray, threshold: float = 0.5
+) -> dict[str, float]:
     """The :data:`METRICS` of one set of predictions (NaN where undefined, e.g. AUC with one class)."""
     y = np.asarray(labels, dtype=np.int64)
     p = np.asarray(probabilities, dtype=np.float64)
@@ -60,9 +61,15 @@ def binary_metrics(labels: Sequence[int] | "np.ndarray", probabilities: Sequence
     }
 
 
-def bootstrap_intervals(labels: Sequence[int] | "np.ndarray", probabilities: Sequence[float] | "np.ndarray",
-                        groups: Sequence[object] | "np.ndarray | None" = None, n: int = 1000, seed: int = 0,
-                        level: float = 0.95, threshold: float = 0.5) -> dict[str, tuple[float, float]]:
+def bootstrap_intervals(
+    labels: Sequence[int] | np.ndarray,
+    probabilities: Sequence[float] | np.ndarray,
+    groups: Sequence[object] | np.ndarray | None = None,
+    n: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    threshold: float = 0.5,
+) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap interval of every metric: ``{metric: (low, high)}`` (NaN with ``n = 0``).
 
     ``groups`` (e.g. patient ids) makes the resampling unit the group instead of the case.
@@ -76,12 +83,13 @@ def bootstrap_intervals(labels: Sequence[int] | "np.ndarray", probabilities: Seq
     return {metric: percentile_interval(values, level) for metric, values in draws.items()}
 
 
-def resamples(n_cases: int, groups: Sequence[object] | "np.ndarray | None", n: int, seed: int) -> "Iterator[np.ndarray]":
+def resamples(n_cases: int, groups: Sequence[object] | np.ndarray | None, n: int, seed: int) -> Iterator[np.ndarray]:
     """``n`` bootstrap resamples of case indices: whole groups (or single cases) drawn with replacement."""
     if n <= 0 or n_cases == 0:
         return
-    _, unit = np.unique(np.asarray(groups if groups is not None else np.arange(n_cases), dtype=object).astype(str),
-                        return_inverse=True)
+    _, unit = np.unique(
+        np.asarray(groups if groups is not None else np.arange(n_cases), dtype=object).astype(str), return_inverse=True
+    )
     members = [np.flatnonzero(unit == u) for u in range(unit.max() + 1)]
     rng = np.random.default_rng(seed)
     for _ in range(n):
@@ -99,10 +107,16 @@ def percentile_interval(values: Sequence[float], level: float = 0.95) -> tuple[f
     return float(np.percentile(finite, tail)), float(np.percentile(finite, 100 - tail))
 
 
-def paired_difference(labels: Sequence[int] | "np.ndarray", probabilities_a: Sequence[float] | "np.ndarray",
-                      probabilities_b: Sequence[float] | "np.ndarray",
-                      groups: Sequence[object] | "np.ndarray | None" = None, n: int = 1000, seed: int = 0,
-                      metric: str = "auc", level: float = 0.95) -> dict[str, float]:
+def paired_difference(
+    labels: Sequence[int] | np.ndarray,
+    probabilities_a: Sequence[float] | np.ndarray,
+    probabilities_b: Sequence[float] | np.ndarray,
+    groups: Sequence[object] | np.ndarray | None = None,
+    n: int = 1000,
+    seed: int = 0,
+    metric: str = "auc",
+    level: float = 0.95,
+) -> dict[str, float]:
     """``metric(a) - metric(b)`` of two models on the same cases, with a paired bootstrap interval.
 
     Both models are scored on the same resample each time, so the interval reflects the difference
@@ -111,15 +125,22 @@ def paired_difference(labels: Sequence[int] | "np.ndarray", probabilities_a: Seq
     y = np.asarray(labels, dtype=np.int64)
     a, b = np.asarray(probabilities_a, dtype=np.float64), np.asarray(probabilities_b, dtype=np.float64)
     value = binary_metrics(y, a)[metric] - binary_metrics(y, b)[metric]
-    draws = [binary_metrics(y[i], a[i])[metric] - binary_metrics(y[i], b[i])[metric]
-             for i in resamples(len(y), groups, n, seed)]
+    draws = [
+        binary_metrics(y[i], a[i])[metric] - binary_metrics(y[i], b[i])[metric]
+        for i in resamples(len(y), groups, n, seed)
+    ]
     low, high = percentile_interval(draws, level)
     return {"value": value, "ci_low": low, "ci_high": high}
 
 
-def paired_mean_difference(values_a: Sequence[float] | "np.ndarray", values_b: Sequence[float] | "np.ndarray",
-                           groups: Sequence[object] | "np.ndarray | None" = None, n: int = 2000, seed: int = 0,
-                           level: float = 0.95) -> dict[str, float]:
+def paired_mean_difference(
+    values_a: Sequence[float] | np.ndarray,
+    values_b: Sequence[float] | np.ndarray,
+    groups: Sequence[object] | np.ndarray | None = None,
+    n: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, float]:
     """Mean of ``a - b`` over paired per-case scores (e.g. Dice per patient), with a paired bootstrap interval.
 
     Cases (or whole ``groups``) are resampled with replacement and the mean difference recomputed;
@@ -136,22 +157,26 @@ def paired_mean_difference(values_a: Sequence[float] | "np.ndarray", values_b: S
     return {"value": float(diff.mean()), "ci_low": low, "ci_high": high, "cases": int(diff.size)}
 
 
-def metrics_with_ci(labels: Sequence[int] | "np.ndarray", probabilities: Sequence[float] | "np.ndarray",
-                    groups: Sequence[object] | "np.ndarray | None" = None, n: int = 1000,
-                    seed: int = 0) -> dict[str, dict[str, float]]:
+def metrics_with_ci(
+    labels: Sequence[int] | np.ndarray,
+    probabilities: Sequence[float] | np.ndarray,
+    groups: Sequence[object] | np.ndarray | None = None,
+    n: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
     """``{metric: {"value", "ci_low", "ci_high"}}``: the point estimate and its bootstrap interval."""
     point = binary_metrics(labels, probabilities)
     ci = bootstrap_intervals(labels, probabilities, groups, n=n, seed=seed)
     return {m: {"value": point[m], "ci_low": ci[m][0], "ci_high": ci[m][1]} for m in METRICS}
 
 
-def roc_points(labels: "np.ndarray", scores: "np.ndarray") -> tuple["np.ndarray", "np.ndarray"]:
+def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(false positive rate, true positive rate) of the ROC curve, from (0, 0) to (1, 1)."""
     fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
     return fpr, tpr
 
 
-def plot_roc(curves: Mapping[str, tuple["np.ndarray", "np.ndarray"]], path: str | Path, title: str = "ROC") -> Path:
+def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "ROC") -> Path:
     """Draw one ROC curve per entry ``name -> (labels, probabilities)`` (AUC in the legend) to a PNG."""
     fig = Figure(figsize=(5.5, 5.0))
     ax = fig.subplots()

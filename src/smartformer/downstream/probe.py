@@ -29,13 +29,15 @@ C_GRID: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
 INNER_FOLDS = 3
 
 
-def _pipeline(C: float, seed: int) -> "Pipeline":
-    return make_pipeline(StandardScaler(),
-                         LogisticRegression(C=C, class_weight="balanced", max_iter=2000, random_state=seed))
+def _pipeline(C: float, seed: int) -> Pipeline:
+    return make_pipeline(
+        StandardScaler(), LogisticRegression(C=C, class_weight="balanced", max_iter=2000, random_state=seed)
+    )
 
 
-def fit_probe(features: "np.ndarray", labels: "np.ndarray", patients: "np.ndarray", C: float | None = None,
-              seed: int = 0) -> tuple["Pipeline", float]:
+def fit_probe(
+    features: np.ndarray, labels: np.ndarray, patients: np.ndarray, C: float | None = None, seed: int = 0
+) -> tuple[Pipeline, float]:
     """Fit the probe on training features; returns the fitted pipeline and the C it used.
 
     With ``C=None``, C is chosen by inner CV (see the module docstring), falling back to 1.0 when a
@@ -46,8 +48,13 @@ def fit_probe(features: "np.ndarray", labels: "np.ndarray", patients: "np.ndarra
         if min(int((strata == 0).sum()), int((strata == 1).sum())) >= INNER_FOLDS:
             inner = StratifiedGroupKFold(n_splits=INNER_FOLDS, shuffle=True, random_state=seed)
             splits = list(inner.split(features, labels, groups=patients))
-            search = GridSearchCV(_pipeline(1.0, seed), {"logisticregression__C": list(C_GRID)},
-                                  scoring="neg_log_loss", cv=splits, error_score=np.nan)
+            search = GridSearchCV(
+                _pipeline(1.0, seed),
+                {"logisticregression__C": list(C_GRID)},
+                scoring="neg_log_loss",
+                cv=splits,
+                error_score=np.nan,
+            )
             search.fit(features, labels)
             C = float(search.best_params_["logisticregression__C"])
         else:
@@ -55,27 +62,44 @@ def fit_probe(features: "np.ndarray", labels: "np.ndarray", patients: "np.ndarra
     return _pipeline(C, seed).fit(features, labels), C
 
 
-def probe_probabilities(train_x: "np.ndarray", train_y: "np.ndarray", train_patients: "np.ndarray",
-                        test_x: "np.ndarray", C: float | None = None, seed: int = 0) -> tuple["np.ndarray", float]:
+def probe_probabilities(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    train_patients: np.ndarray,
+    test_x: np.ndarray,
+    C: float | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, float]:
     """Fit on the training cases and return P(class 1) for the test cases, and the C used."""
     model, used = fit_probe(train_x, train_y, train_patients, C=C, seed=seed)
     return model.predict_proba(test_x)[:, 1], used
 
 
-def probe_checkpoint(study: Study, spec: str, name: str,
-                     C: float | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def probe_checkpoint(
+    study: Study, spec: str, name: str, C: float | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The probe as a :data:`~smartformer.downstream.evaluation.CheckpointRunner`: frozen features of the
     checkpoint ``spec`` once, then a logistic regression per fold and fraction (``C``: see :func:`fit_probe`)."""
     s, table = study.settings, study.table
-    features = extract_features(load_encoder(spec, s.seed), study.crops, s.features, s.batch_size,
-                                pick_device(s.device), progress=s.progress, desc=f"features {name}")
+    features = extract_features(
+        load_encoder(spec, s.seed),
+        study.crops,
+        s.features,
+        s.batch_size,
+        pick_device(s.device),
+        progress=s.progress,
+        desc=f"features {name}",
+    )
     rows, details = [], []
     for fold in range(s.folds):
         test = test_indices(study, fold)
         for fraction, train in training_indices(study, fold).items():
-            probs, used = probe_probabilities(features[train], table.labels[train], table.patients[train],
-                                              features[test], C=C, seed=s.seed)
-            rows += [{"index": int(i), "fold": fold, "fraction": fraction, "probability": float(p)}
-                     for i, p in zip(test, probs)]
+            probs, used = probe_probabilities(
+                features[train], table.labels[train], table.patients[train], features[test], C=C, seed=s.seed
+            )
+            rows += [
+                {"index": int(i), "fold": fold, "fraction": fraction, "probability": float(p)}
+                for i, p in zip(test, probs)
+            ]
             details.append({"fold": fold, "fraction": fraction, "n_train": len(train), "C": used})
     return rows, details

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["organ_probe", "position_probe", "slab_groups"]
 
 
-def slab_groups(labels_grid: "np.ndarray", n_blocks: int, axis: int = 2) -> "np.ndarray":
+def slab_groups(labels_grid: np.ndarray, n_blocks: int, axis: int = 2) -> np.ndarray:
     """Group id (0..n_blocks-1) of every token of a (d, h, w) grid: contiguous slabs along ``axis``."""
     size = labels_grid.shape[axis]
     if not 2 <= n_blocks <= size:
@@ -40,8 +40,9 @@ def slab_groups(labels_grid: "np.ndarray", n_blocks: int, axis: int = 2) -> "np.
     return np.broadcast_to(slab.reshape(shape), labels_grid.shape).copy()
 
 
-def organ_probe(tokens: "TokenFeatures", n_blocks: int = 4, min_tokens: int = 5, C: float = 1.0,
-                seed: int = 0, axis: int = 2) -> dict[str, Any]:
+def organ_probe(
+    tokens: TokenFeatures, n_blocks: int = 4, min_tokens: int = 5, C: float = 1.0, seed: int = 0, axis: int = 2
+) -> dict[str, Any]:
     """Out-of-fold organ identity from frozen tokens, with spatially blocked folds.
 
     Args:
@@ -82,8 +83,12 @@ def organ_probe(tokens: "TokenFeatures", n_blocks: int = 4, min_tokens: int = 5,
     }
 
 
-def position_probe(features: "np.ndarray", positions: "np.ndarray", groups: "np.ndarray",
-                   alphas: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0)) -> dict[str, Any]:
+def position_probe(
+    features: np.ndarray,
+    positions: np.ndarray,
+    groups: np.ndarray,
+    alphas: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0),
+) -> dict[str, Any]:
     """Out-of-group R^2 of the relative crop position (N, 3) from crop features (N, C).
 
     Leave-one-group-out (one CT per group): standardised features, ``RidgeCV`` over ``alphas``
@@ -99,5 +104,9 @@ def position_probe(features: "np.ndarray", positions: "np.ndarray", groups: "np.
         model = make_pipeline(StandardScaler(), RidgeCV(alphas=alphas))
         predicted[test] = model.fit(features[~test], positions[~test]).predict(features[test])
     per_axis = [float(r2_score(positions[:, a], predicted[:, a])) for a in range(positions.shape[1])]
-    return {"r2": float(np.mean(per_axis)), "r2_per_axis": per_axis, "crops": int(len(positions)),
-            "groups": int(len(np.unique(groups)))}
+    return {
+        "r2": float(np.mean(per_axis)),
+        "r2_per_axis": per_axis,
+        "crops": int(len(positions)),
+        "groups": int(len(np.unique(groups))),
+    }

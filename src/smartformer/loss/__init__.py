@@ -7,5 +7,14 @@ from smartformer.loss.ibot_patch_loss import iBOTPatchLoss
 from smartformer.loss.koleo_loss import KoLeoLoss
 from smartformer.loss.reconstruction_loss import masked_l1_loss, upsample_mask
 
-__all__ = ["CENTERINGS", "CenteredTeacherLoss", "DINOLoss", "KoLeoLoss", "all_reduce_mean_", "iBOTPatchLoss",
-           "masked_l1_loss", "sinkhorn_knopp", "upsample_mask"]
+__all__ = [
+    "CENTERINGS",
+    "CenteredTeacherLoss",
+    "DINOLoss",
+    "KoLeoLoss",
+    "all_reduce_mean_",
+    "iBOTPatchLoss",
+    "masked_l1_loss",
+    "sinkhorn_knopp",
+    "upsample_mask",
+]

@@ -98,9 +98,15 @@ class CenteredTeacherLoss(nn.Module):
     queue: Tensor
     queue_filled: Tensor
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
-                 centering: Literal["ema", "sinkhorn"] = "ema", queue_size: int = 0,
-                 sinkhorn_iterations: int = 3) -> None:
+    def __init__(
+        self,
+        out_dim: int,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        centering: Literal["ema", "sinkhorn"] = "ema",
+        queue_size: int = 0,
+        sinkhorn_iterations: int = 3,
+    ) -> None:
         super().__init__()
         if out_dim < 1:
             raise ValueError(f"out_dim must be positive, got {out_dim}")

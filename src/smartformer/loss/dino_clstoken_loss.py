@@ -39,7 +39,10 @@ class DINOLoss(CenteredTeacherLoss):
     """
 
     def forward(
-        self, student_logits: Sequence[Tensor], teacher_logits: Sequence[Tensor], teacher_temp: float,
+        self,
+        student_logits: Sequence[Tensor],
+        teacher_logits: Sequence[Tensor],
+        teacher_temp: float,
         targets: Tensor | None = None,
     ) -> Tensor:
         """Cross-view DINO loss.
@@ -57,9 +60,7 @@ class DINOLoss(CenteredTeacherLoss):
         n_s, n_t = len(student_logits), len(teacher_logits)
         n_pairs = n_s * n_t - min(n_s, n_t)
         if n_pairs < 1:
-            raise ValueError(
-                f"DINO loss needs at least one cross-view pair; got {n_s} student and {n_t} teacher views"
-            )
+            raise ValueError(f"DINO loss needs at least one cross-view pair; got {n_s} student and {n_t} teacher views")
         device = student_logits[0].device
         with torch.autocast(device_type=device.type, enabled=False):
             log_p_s = torch.stack(

@@ -70,8 +70,10 @@ class iBOTPatchLoss(CenteredTeacherLoss):
             )
         b, n, _ = student_patch_logits.shape
         if mask.dtype != torch.bool or mask.shape[0] != b or mask[0].numel() != n:
-            raise ValueError(f"mask must be a bool (B, N) or (B, d, h, w) tensor with B={b}, N={n}; "
-                             f"got {mask.dtype} {tuple(mask.shape)}")
+            raise ValueError(
+                f"mask must be a bool (B, N) or (B, d, h, w) tensor with B={b}, N={n}; "
+                f"got {mask.dtype} {tuple(mask.shape)}"
+            )
         m = mask.reshape(b, n).to(device=student_patch_logits.device, dtype=torch.float32)
         with torch.autocast(device_type=student_patch_logits.device.type, enabled=False):
             log_p_s = F.log_softmax(student_patch_logits.float() / self.student_temp, dim=-1)

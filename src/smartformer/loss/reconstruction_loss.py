@@ -14,9 +14,7 @@ def _factors(cell_grid: Sequence[int], size: Sequence[int]) -> tuple[int, int, i
         raise ValueError(f"expected 3-D grid and size, got {tuple(cell_grid)} and {tuple(size)}")
     for c, s in zip(cell_grid, size, strict=True):
         if c < 1 or s % c != 0:
-            raise ValueError(
-                f"voxel size {tuple(size)} is not an integer multiple of the mask grid {tuple(cell_grid)}"
-            )
+            raise ValueError(f"voxel size {tuple(size)} is not an integer multiple of the mask grid {tuple(cell_grid)}")
     return size[0] // cell_grid[0], size[1] // cell_grid[1], size[2] // cell_grid[2]
 
 
@@ -57,8 +55,9 @@ def masked_l1_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
             f"pred and target must both be (B, C, D, H, W); got {tuple(pred.shape)} and {tuple(target.shape)}"
         )
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[0] != pred.shape[0]:
-        raise ValueError(f"mask must be a bool (B, d, h, w) tensor with B={pred.shape[0]}; "
-                         f"got {mask.dtype} {tuple(mask.shape)}")
+        raise ValueError(
+            f"mask must be a bool (B, d, h, w) tensor with B={pred.shape[0]}; got {mask.dtype} {tuple(mask.shape)}"
+        )
     b, c, depth, height, width = pred.shape
     d, h, w = mask.shape[1:]
     fd, fh, fw = _factors((d, h, w), (depth, height, width))

@@ -73,7 +73,9 @@ def window_attention_weights(q: Tensor, k: Tensor, bias: Tensor, mask: Tensor | 
     return attn.softmax(-1)
 
 
-def window_attention_reference(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+def window_attention_reference(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None, scale: float
+) -> Tensor:
     """Explicit softmax attention, the definition that :func:`window_attention` computes."""
     return window_attention_weights(q, k, bias, mask, scale) @ v
 
@@ -120,11 +122,11 @@ def _flash_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor |
     out = q.new_empty(bw, n, h, hd).transpose(1, 2)
     lse = None
     for r0, r1, m in blocks:
-        o, l = _FLASH_FWD(q[r0:r1], k[r0:r1], v[r0:r1], attn_mask=m, scale=scale)
+        o, block_lse = _FLASH_FWD(q[r0:r1], k[r0:r1], v[r0:r1], attn_mask=m, scale=scale)
         if lse is None:
-            lse = l.new_empty(bw, n, h).transpose(1, 2)
+            lse = block_lse.new_empty(bw, n, h).transpose(1, 2)
         out[r0:r1].copy_(o)
-        lse[r0:r1].copy_(l)
+        lse[r0:r1].copy_(block_lse)
     return out, lse
 
 

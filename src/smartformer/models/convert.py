@@ -13,8 +13,8 @@
 from __future__ import annotations
 
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from safetensors.torch import load_file, save
@@ -51,8 +51,9 @@ def load_weights(path: str | Path) -> dict:
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported object"
         raise InputError(
-            path, "refusing to load: the file holds pickled Python objects, not just tensors "
-            f"({first}). Re-save it as a plain state dict or safetensors."
+            path,
+            "refusing to load: the file holds pickled Python objects, not just tensors "
+            f"({first}). Re-save it as a plain state dict or safetensors.",
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise InputError(path, f"not a readable PyTorch weights file ({exc})") from None
@@ -97,7 +98,7 @@ def checkpoint_filter_fn(state: Mapping, keep_mask_token: bool = True) -> dict[s
             changed = False
             for prefix in _STRIP:
                 if k.startswith(prefix):
-                    k, changed = k[len(prefix):], True
+                    k, changed = k[len(prefix) :], True
         k = k.replace("mlp.fc1.", "mlp.linear1.").replace("mlp.fc2.", "mlp.linear2.")
         if k.startswith(("patch_embed.", "layers1.", "layers2.", "layers3.", "layers4.")) or (
             keep_mask_token and k == "mask_token"

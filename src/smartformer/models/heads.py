@@ -71,4 +71,3 @@ class ReconstructionDecoder(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: channels-last (B, d, h, w, C) features -> voxels (B, out_chans, d*s, h*s, w*s)."""
         return pixel_shuffle_3d(self.proj(x.permute(0, 4, 1, 2, 3)), self.stride)
-

@@ -65,8 +65,18 @@ Which = Literal["teacher", "student"]
 #: Keys of the parts an encoder never uses downstream (projection heads, the reconstruction decoder).
 _HEAD_PREFIXES = ("cls_head.", "patch_head.", "decoder.", "global_head.", "global_norm.")
 #: Config fields that leave the encoder's architecture and initialisation as they are.
-_NOT_ENCODER = ("heads", "global_head", "head_out_dim", "head_hidden_dim", "head_bottleneck_dim", "head_nlayers",
-                "patch_out_dim", "shared_head", "decoder", "decoder_stride")
+_NOT_ENCODER = (
+    "heads",
+    "global_head",
+    "head_out_dim",
+    "head_hidden_dim",
+    "head_bottleneck_dim",
+    "head_nlayers",
+    "patch_out_dim",
+    "shared_head",
+    "decoder",
+    "decoder_stride",
+)
 _RUN_TIME = ("drop_path_rate", "fused_attn", "grad_checkpointing")
 
 
@@ -148,8 +158,9 @@ class Checkpoint:
         assert self.run is not None
         newest = last_checkpoint(self.run) or next(iter(step_checkpoints(self.run)), None)
         if newest is None:
-            raise CheckpointError(self.spec, "holds no training checkpoint (checkpoints/last.pt), whose student "
-                                             "was asked for")
+            raise CheckpointError(
+                self.spec, "holds no training checkpoint (checkpoints/last.pt), whose student was asked for"
+            )
         return Checkpoint(self.spec, "training", newest, run=self.run).load(which="student")
 
 
@@ -168,8 +179,9 @@ def resolve_checkpoint(spec: str | Path) -> Checkpoint:
         shipped = pretrained_path(text)
         if shipped is not None:
             return Checkpoint(text, "pretrained", shipped)
-        raise CheckpointError(text, "does not exist, and is no shipped model (" + ", ".join(PRETRAINED)
-                              + ") nor random:PRESET")
+        raise CheckpointError(
+            text, "does not exist, and is no shipped model (" + ", ".join(PRETRAINED) + ") nor random:PRESET"
+        )
     if path.is_file():
         run = path.parent.parent if path.parent.name == CHECKPOINT_DIR else None
         if path.suffix == ".safetensors" or (path.parent / CONFIG_NAME).is_file():
@@ -182,12 +194,16 @@ def resolve_checkpoint(spec: str | Path) -> Checkpoint:
     newest = last_checkpoint(path) or next(iter(step_checkpoints(path)), None)
     if newest is not None:
         return Checkpoint(text, "training", newest, run=path)
-    raise CheckpointError(text, f"holds no checkpoint: a folder needs {WEIGHTS_NAME} + {CONFIG_NAME} "
-                                "(save_pretrained), or teacher/ or checkpoints/last.pt (a pretraining run)")
+    raise CheckpointError(
+        text,
+        f"holds no checkpoint: a folder needs {WEIGHTS_NAME} + {CONFIG_NAME} "
+        "(save_pretrained), or teacher/ or checkpoints/last.pt (a pretraining run)",
+    )
 
 
-def load_encoder(spec: str | Path, seed: int = 0, which: Which = "teacher",
-                 need_attention: bool = False) -> SMARTFormer:
+def load_encoder(
+    spec: str | Path, seed: int = 0, which: Which = "teacher", need_attention: bool = False
+) -> SMARTFormer:
     """The network of a checkpoint argument (any form; see :func:`resolve_checkpoint` and
     :meth:`Checkpoint.load`), without projection heads or decoder, in eval mode.
 
@@ -197,8 +213,11 @@ def load_encoder(spec: str | Path, seed: int = 0, which: Which = "teacher",
     checkpoint = resolve_checkpoint(spec)
     model = checkpoint.load(seed=seed, which=which)
     if need_attention and not model.has_attention:
-        reason = ("bare encoder weights" if checkpoint.kind == "weights" and _is_bare(checkpoint)
-                  else "built with semantic_attention=False")
+        reason = (
+            "bare encoder weights"
+            if checkpoint.kind == "weights" and _is_bare(checkpoint)
+            else "built with semantic_attention=False"
+        )
         raise CheckpointError(checkpoint.spec, f"this model has no semantic attention module ({reason})")
     return model
 
@@ -223,6 +242,7 @@ def checkpoint_names(specs: list[str] | list[Path], reserved: tuple[str, ...] = 
 def preset_of(config: SMARTConfig) -> str | None:
     """The model preset whose encoder ``config`` builds (heads, decoder and run-time switches such as
     drop path aside), else None."""
+
     def encoder(c: SMARTConfig) -> str:
         data = {k: v for k, v in c.to_dict().items() if k not in _NOT_ENCODER}
         data["backbone"] = {k: v for k, v in data["backbone"].items() if k not in _RUN_TIME}
@@ -254,22 +274,22 @@ def infer_swin_config(backbone: Mapping[str, Any]) -> Swin3DConfig:
         embed_dim = int(backbone["patch_embed.proj.weight"].shape[0])
         depths, heads, window = [], [], None
         for stage in range(1, 5):
-            blocks = {int(m.group(1)) for k in backbone
-                      if (m := re.match(rf"layers{stage}\.0\.blocks\.(\d+)\.", k))}
+            blocks = {int(m.group(1)) for k in backbone if (m := re.match(rf"layers{stage}\.0\.blocks\.(\d+)\.", k))}
             table = backbone[f"layers{stage}.0.blocks.0.attn.relative_position_bias_table"]
             depths.append(max(blocks) + 1)
             heads.append(int(table.shape[1]))
             side = round(table.shape[0] ** (1 / 3))
             window = (side + 1) // 2
-        return Swin3DConfig(embed_dim=embed_dim, depths=tuple(depths), num_heads=tuple(heads),
-                            window_size=(window,) * 3)
+        return Swin3DConfig(
+            embed_dim=embed_dim, depths=tuple(depths), num_heads=tuple(heads), window_size=(window,) * 3
+        )
     except (KeyError, ValueError, IndexError) as exc:
         raise SmartformerError(f"cannot tell the encoder architecture from the weights (missing {exc})") from None
 
 
 # ------------------------------------------------------------------------------------ the forms
 def _random(text: str) -> Checkpoint:
-    preset, _, seed = text[len(RANDOM_PREFIX):].partition("@")
+    preset, _, seed = text[len(RANDOM_PREFIX) :].partition("@")
     if preset not in MODEL_PRESETS:
         raise CheckpointError(text, "unknown preset; choose " + ", ".join(f"random:{p}" for p in sorted(MODEL_PRESETS)))
     if seed and not seed.isdigit():
@@ -294,15 +314,20 @@ def _encoder_config(config: SMARTConfig) -> SMARTConfig:
     return SMARTConfig.from_dict({**config.to_dict(), "heads": False, "decoder": False, "global_head": False})
 
 
-def _fit(model: SMARTFormer | torch.nn.Module, state: Mapping[str, Any], config: str, weights: Path,
-         leave_out: tuple[str, ...] = ()) -> Any:
+def _fit(
+    model: SMARTFormer | torch.nn.Module,
+    state: Mapping[str, Any],
+    config: str,
+    weights: Path,
+    leave_out: tuple[str, ...] = (),
+) -> Any:
     """Load ``state`` strictly into ``model`` (but for the keys ``leave_out``); a misfit is one line naming
     the weights, where the architecture came from, and the first tensor that differs."""
     expected = {k: v for k, v in model.state_dict().items() if k not in leave_out}
     try:
         check_state_fits(expected, state, config, str(weights))
     except SmartformerError as exc:  # "WEIGHTS does not fit CONFIG: ..."
-        raise CheckpointError(weights, str(exc)[len(str(weights)):].lstrip()) from None
+        raise CheckpointError(weights, str(exc)[len(str(weights)) :].lstrip()) from None
     model.load_state_dict(state, strict=not leave_out)
     return model
 
@@ -313,17 +338,24 @@ def _load_pretrained(config_path: Path, weights: Path) -> SMARTFormer:
         config = SMARTConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8"))["model"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise InputError(config_path, f"not a valid smartformer config ({exc})") from None
-    return _fit(SMARTFormer(_encoder_config(config)), _encoder_state(load_weights(weights)), str(config_path),
-                weights)
+    return _fit(SMARTFormer(_encoder_config(config)), _encoder_state(load_weights(weights)), str(config_path), weights)
 
 
 def _load_training(state: Any, source: Path, which: Which) -> SMARTFormer:
     """A training checkpoint: the network ``which``, built from the run's config stored with it."""
-    if not isinstance(state, dict) or not isinstance(state.get(which), dict) or not isinstance(state.get("config"), dict):
+    if (
+        not isinstance(state, dict)
+        or not isinstance(state.get(which), dict)
+        or not isinstance(state.get("config"), dict)
+    ):
         raise InputError(source, f"not a smartformer training checkpoint (no {which} weights and config)")
     config = build_model_config(config_from_dict(state["config"]))
-    return _fit(SMARTFormer(_encoder_config(config)), _encoder_state(state[which]),
-                f"the run config stored with it ({which} weights)", source)
+    return _fit(
+        SMARTFormer(_encoder_config(config)),
+        _encoder_state(state[which]),
+        f"the run config stored with it ({which} weights)",
+        source,
+    )
 
 
 def _is_bare(checkpoint: Checkpoint) -> bool:
@@ -341,11 +373,13 @@ def _load_weights_file(checkpoint: Checkpoint, which: Which) -> SMARTFormer:
     if isinstance(state, dict) and isinstance(state.get(which), dict) and isinstance(state.get("config"), dict):
         return _load_training(state, checkpoint.path, which)  # a training checkpoint kept outside its run
     if isinstance(state, dict) and any(str(k).startswith(("semantic.", "backbone.cls_token")) for k in state):
-        raise InputError(checkpoint.path, f"holds a whole SMARTFormer but no {CONFIG_NAME} beside it; give the "
-                                          "save_pretrained directory it came from")
+        raise InputError(
+            checkpoint.path,
+            f"holds a whole SMARTFormer but no {CONFIG_NAME} beside it; give the "
+            "save_pretrained directory it came from",
+        )
     backbone = checkpoint_filter_fn(state, keep_mask_token=False)
-    config = SMARTConfig(backbone=infer_swin_config(backbone), semantic_attention=False, heads=False,
-                         decoder=False)
+    config = SMARTConfig(backbone=infer_swin_config(backbone), semantic_attention=False, heads=False, decoder=False)
     model = SMARTFormer(config)
     # all but the mask token, which no export has
     _fit(model.backbone, backbone, "the Swin encoder its tensors imply", checkpoint.path, leave_out=("mask_token",))

@@ -21,8 +21,15 @@ from torch import Tensor, nn
 
 from smartformer.models.swin3d import Mlp
 
-__all__ = ["ClassAttention", "ClassAttentionBlock", "SemanticAttention", "SemanticOutput", "SelfAttention",
-           "ViTBlock", "ViTSemanticAttention"]
+__all__ = [
+    "ClassAttention",
+    "ClassAttentionBlock",
+    "SemanticAttention",
+    "SemanticOutput",
+    "SelfAttention",
+    "ViTBlock",
+    "ViTSemanticAttention",
+]
 
 
 def _head_scale(dim: int, num_heads: int) -> float:
@@ -191,8 +198,9 @@ class ViTBlock(nn.Module):
     Parameter names are those of MONAI's ``TransformerBlock`` (less its unused ``norm_cross_attn``).
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 fused_attn: bool = True) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, fused_attn: bool = True
+    ) -> None:
         super().__init__()
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.norm1 = nn.LayerNorm(dim)
@@ -222,8 +230,15 @@ class ViTSemanticAttention(nn.Module):
         out = sa(tokens)  # tokens (B, d, h, w, 96) -> out.cls (B, 96), out.attn (B, 8, d, h, w)
     """
 
-    def __init__(self, dim: int, num_heads: int, depth: int = 2, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 fused_attn: bool = True) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        depth: int = 2,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        fused_attn: bool = True,
+    ) -> None:
         super().__init__()
         self.dim = dim
         self.num_heads = num_heads

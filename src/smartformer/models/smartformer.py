@@ -28,8 +28,15 @@ from smartformer.models.swin3d import PRESETS as BACKBONE_PRESETS
 from smartformer.models.swin3d import Swin3D, Swin3DConfig
 from smartformer.models.vit3d import VIT_PRESETS, ViT3D, ViT3DConfig
 
-__all__ = ["SMARTConfig", "SMARTFormer", "MODEL_PRESETS", "CONFIG_NAME", "WEIGHTS_NAME", "PRETRAINED",
-           "pretrained_path"]
+__all__ = [
+    "SMARTConfig",
+    "SMARTFormer",
+    "MODEL_PRESETS",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "PRETRAINED",
+    "pretrained_path",
+]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -111,13 +118,17 @@ class SMARTConfig:
         if self.semantic_stage not in (1, 2, 3, 4):
             raise ValueError(f"semantic_stage must be 1, 2, 3 or 4, got {self.semantic_stage}")
         if self.semantic_continue and self.semantic_form != "vit":
-            raise ValueError("semantic_continue needs semantic_form=vit (class attention leaves the patch tokens unchanged)")
+            raise ValueError(
+                "semantic_continue needs semantic_form=vit (class attention leaves the patch tokens unchanged)"
+            )
         if self.semantic_continue and self.semantic_stride == 32:
             raise ValueError("semantic_continue: nothing follows stage 4's patch merging")
         width = self.backbone.embed_dim * self.semantic_stride // 2
         if self.semantic_attention and self.vit is None and width % self.semantic_heads:
-            raise ValueError(f"semantic_heads {self.semantic_heads} does not divide the width {width} at stride "
-                             f"{self.semantic_stride}")
+            raise ValueError(
+                f"semantic_heads {self.semantic_heads} does not divide the width {width} at stride "
+                f"{self.semantic_stride}"
+            )
         if self.decoder_stride not in (4, 8, 16, 32):
             raise ValueError(f"decoder_stride must be 4, 8, 16 or 32, got {self.decoder_stride}")
         if self.shared_head and self.patch_out_dim not in (None, self.head_out_dim):
@@ -140,7 +151,7 @@ class SMARTConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SMARTConfig":
+    def from_dict(cls, data: dict[str, Any]) -> SMARTConfig:
         try:
             data = cls.upgrade(data)
         except ValueError as exc:
@@ -180,16 +191,25 @@ MODEL_PRESETS: dict[str, SMARTConfig] = {
         head_bottleneck_dim=256,
     ),
     # The ViT variant the paper reports (their Table 2): 12 blocks, 768, 8 heads, at 128^3.
-    "paper_vit": SMARTConfig(vit=VIT_PRESETS["paper"], head_out_dim=8192, head_hidden_dim=2048,
-                             head_bottleneck_dim=256),
+    "paper_vit": SMARTConfig(
+        vit=VIT_PRESETS["paper"], head_out_dim=8192, head_hidden_dim=2048, head_bottleneck_dim=256
+    ),
     # A ViT for a 2-core CPU (64^3 views).
     "vit_tiny": SMARTConfig(vit=VIT_PRESETS["tiny"]),
 }
 
 #: The visiting order of the token maps in a forward pass: (stride, merged); merged=False is the
 #: output of the blocks that run at that stride, True the output of the patch merging into it.
-_TAPS: tuple[tuple[int, bool], ...] = ((2, False), (4, True), (4, False), (8, True), (8, False),
-                                        (16, True), (16, False), (32, True))
+_TAPS: tuple[tuple[int, bool], ...] = (
+    (2, False),
+    (4, True),
+    (4, False),
+    (8, True),
+    (8, False),
+    (16, True),
+    (16, False),
+    (32, True),
+)
 
 
 class SMARTFormer(nn.Module):
@@ -213,12 +233,17 @@ class SMARTFormer(nn.Module):
         if config.vit is not None:
             pass  # the ViT's own [CLS] is the semantic attention
         elif config.semantic_attention and config.semantic_form == "vit":
-            self.semantic = ViTSemanticAttention(dim, config.semantic_heads, depth=config.semantic_depth,
-                                                 fused_attn=config.backbone.fused_attn)
+            self.semantic = ViTSemanticAttention(
+                dim, config.semantic_heads, depth=config.semantic_depth, fused_attn=config.backbone.fused_attn
+            )
         elif config.semantic_attention:
-            self.semantic = SemanticAttention(dim, config.semantic_heads, depth=config.semantic_depth,
-                                              init_values=config.semantic_layer_scale,
-                                              fused_attn=config.backbone.fused_attn)
+            self.semantic = SemanticAttention(
+                dim,
+                config.semantic_heads,
+                depth=config.semantic_depth,
+                init_values=config.semantic_layer_scale,
+                fused_attn=config.backbone.fused_attn,
+            )
         else:
             self.pool_norm = nn.LayerNorm(dim)
         self.cls_head: DINOHead | None = None
@@ -226,8 +251,11 @@ class SMARTFormer(nn.Module):
         self.global_norm: nn.LayerNorm | None = None
         self.global_head: DINOHead | None = None
         if config.heads:
-            head_kw = dict(hidden_dim=config.head_hidden_dim, bottleneck_dim=config.head_bottleneck_dim,
-                           nlayers=config.head_nlayers)
+            head_kw = dict(
+                hidden_dim=config.head_hidden_dim,
+                bottleneck_dim=config.head_bottleneck_dim,
+                nlayers=config.head_nlayers,
+            )
             self.cls_head = DINOHead(dim, config.head_out_dim, **head_kw)
             self.patch_head = (
                 self.cls_head
@@ -246,7 +274,7 @@ class SMARTFormer(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "SMARTFormer":
+    def from_preset(cls, name: str, **overrides: Any) -> SMARTFormer:
         """Build from a preset (``tiny``, ``base``, ``smit``, ``paper``, ``paper_vit``, ``vit_tiny``); keyword
         overrides replace fields."""
         if name not in MODEL_PRESETS:
@@ -325,8 +353,13 @@ class SMARTFormer(nn.Module):
         assert isinstance(self.backbone, ViT3D)
         f = self.backbone.forward_features(x, mask, return_attention=return_attention)
         tokens = f["tokens"]
-        out = {"cls": f["cls"], "tokens": tokens.flatten(1, 3), "grid": tuple(tokens.shape[1:4]), "attn": f["attn"],
-               "final": tokens if self.decoder is not None else None}
+        out = {
+            "cls": f["cls"],
+            "tokens": tokens.flatten(1, 3),
+            "grid": tuple(tokens.shape[1:4]),
+            "attn": f["attn"],
+            "final": tokens if self.decoder is not None else None,
+        }
         if self.global_norm is not None:
             out["pooled"] = self.global_norm(tokens).mean(dim=(1, 2, 3))
         return out
@@ -365,8 +398,13 @@ class SMARTFormer(nn.Module):
         return self.decoder(features["final"])
 
     def forward(
-        self, x: Tensor, mask: Tensor | None = None, return_attention: bool = False, heads: bool = True,
-        reconstruct: bool = True, local: Tensor | None = None,
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        return_attention: bool = False,
+        heads: bool = True,
+        reconstruct: bool = True,
+        local: Tensor | None = None,
     ) -> dict[str, Any]:
         """Features, head logits and reconstruction in one call (one call per step keeps DDP simple).
 
@@ -425,8 +463,10 @@ class SMARTFormer(nn.Module):
     def _check_swin_attention(self) -> None:
         self._check_attention()
         if isinstance(self.backbone, ViT3D):
-            raise SmartformerError("semantic attention over token windows needs a Swin backbone (a ViT attends "
-                                   "globally; use attention_maps on whole windows)")
+            raise SmartformerError(
+                "semantic attention over token windows needs a Swin backbone (a ViT attends "
+                "globally; use attention_maps on whole windows)"
+            )
 
     # ------------------------------------------------------------------ weights in and out
     def save_pretrained(self, directory: str | Path, include_heads: bool = False) -> Path:
@@ -437,8 +477,11 @@ class SMARTFormer(nn.Module):
         state = self.state_dict()
         if not include_heads:
             config.update(heads=False, decoder=False, global_head=False)
-            state = {k: v for k, v in state.items()
-                     if not k.startswith(("cls_head.", "patch_head.", "decoder.", "global_head.", "global_norm."))}
+            state = {
+                k: v
+                for k, v in state.items()
+                if not k.startswith(("cls_head.", "patch_head.", "decoder.", "global_head.", "global_norm."))
+            }
         # safetensors refuses shared storage (a shared head appears twice) and non-contiguous tensors.
         seen: set[int] = set()
         tensors: dict[str, Tensor] = {}
@@ -447,15 +490,17 @@ class SMARTFormer(nn.Module):
             tensors[k] = v.detach().clone().contiguous() if key in seen else v.detach().contiguous()
             seen.add(key)
         # atomic, and with the umask's mode like every other file (save_file would make it 0600)
-        atomic_write_bytes(directory / WEIGHTS_NAME,
-                           save(tensors, metadata={"format": "pt", "smartformer_format": str(FORMAT_VERSION)}))
+        atomic_write_bytes(
+            directory / WEIGHTS_NAME,
+            save(tensors, metadata={"format": "pt", "smartformer_format": str(FORMAT_VERSION)}),
+        )
         (directory / CONFIG_NAME).write_text(
             json.dumps({"format_version": FORMAT_VERSION, "model": config}, indent=2) + "\n"
         )
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "SMARTFormer":
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> SMARTFormer:
         """Load a model written by :meth:`save_pretrained`, or a shipped one by name (``"smart-tiny-ct"``).
 
         A path that exists wins over a shipped name. Weights are safetensors: no code is ever unpickled.

@@ -21,9 +21,8 @@ Stage naming: the backbone has a patch embedding (stride 2) and four stages. Sta
 
 from __future__ import annotations
 
-import itertools
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +66,10 @@ def check_input_size(size: Sequence[int], what: str = "input size") -> tuple[int
         SmartformerError: naming ``what`` and its value.
     """
     if not is_input_size(size):
-        raise SmartformerError(f"{what} {[int(s) for s in size]}: every side must be a positive multiple of "
-                               f"{SIZE_MULTIPLE} (the Swin encoder downsamples {SIZE_MULTIPLE}x)")
+        raise SmartformerError(
+            f"{what} {[int(s) for s in size]}: every side must be a positive multiple of "
+            f"{SIZE_MULTIPLE} (the Swin encoder downsamples {SIZE_MULTIPLE}x)"
+        )
     return tuple(int(s) for s in size)
 
 
@@ -172,7 +173,9 @@ class WindowAttention(nn.Module):
         self.scale = (dim // num_heads) ** -0.5
         self.fused_attn = fused_attn
         wd, wh, ww = self.window_size
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wd - 1) * (2 * wh - 1) * (2 * ww - 1), num_heads))
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * wd - 1) * (2 * wh - 1) * (2 * ww - 1), num_heads)
+        )
         coords = torch.stack(torch.meshgrid(torch.arange(wd), torch.arange(wh), torch.arange(ww), indexing="ij"))
         coords = coords.flatten(1)
         rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).contiguous()
@@ -392,7 +395,9 @@ def upsample_cell_mask(mask: Tensor, grid: Sequence[int]) -> Tensor:
     return mask
 
 
-def pad_to_multiple(x: Tensor, multiple: int = SIZE_MULTIPLE, value: float = 0.0) -> tuple[Tensor, tuple[int, int, int]]:
+def pad_to_multiple(
+    x: Tensor, multiple: int = SIZE_MULTIPLE, value: float = 0.0
+) -> tuple[Tensor, tuple[int, int, int]]:
     """Pad (B, C, D, H, W) at the far end of each axis to a multiple; returns the original size."""
     size = tuple(x.shape[2:])
     pads = [(-s) % multiple for s in size]
@@ -435,7 +440,7 @@ class Swin3D(nn.Module):
             self.add_module(f"layers{i + 1}", nn.ModuleList([layer]))
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "Swin3D":
+    def from_preset(cls, name: str, **overrides) -> Swin3D:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(Swin3DConfig(**{**PRESETS[name].to_dict(), **overrides}))

@@ -54,7 +54,9 @@ class ViT3DConfig:
         size = self.img_size
         self.img_size = (int(size),) * 3 if isinstance(size, int) else tuple(int(s) for s in size)  # type: ignore[assignment]
         if len(self.img_size) != 3 or any(s % self.patch_size for s in self.img_size):
-            raise ValueError(f"img_size {self.img_size} must be 3 sides, each a multiple of patch_size {self.patch_size}")
+            raise ValueError(
+                f"img_size {self.img_size} must be 3 sides, each a multiple of patch_size {self.patch_size}"
+            )
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads")
 
@@ -81,8 +83,9 @@ class _PatchEmbedding(nn.Module):
     def __init__(self, cfg: ViT3DConfig) -> None:
         super().__init__()
         n = cfg.grid[0] * cfg.grid[1] * cfg.grid[2]
-        self.patch_embeddings = nn.Conv3d(cfg.in_chans, cfg.hidden_size, kernel_size=cfg.patch_size,
-                                          stride=cfg.patch_size)
+        self.patch_embeddings = nn.Conv3d(
+            cfg.in_chans, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size
+        )
         self.position_embeddings = nn.Parameter(torch.zeros(1, n, cfg.hidden_size))
         nn.init.trunc_normal_(self.position_embeddings, std=0.02)
 
@@ -112,8 +115,10 @@ class ViT3D(nn.Module):
         """(B, [1 +] N, C) tokens: patches (mask token where ``mask``), position embeddings, [CLS] first."""
         cfg = self.config
         if x.ndim != 5 or x.shape[1] != cfg.in_chans or tuple(x.shape[2:]) != cfg.img_size:
-            raise ValueError(f"expected input (B, {cfg.in_chans}, {', '.join(map(str, cfg.img_size))}), "
-                             f"got {tuple(x.shape)} (the position embeddings are learnt for that size)")
+            raise ValueError(
+                f"expected input (B, {cfg.in_chans}, {', '.join(map(str, cfg.img_size))}), "
+                f"got {tuple(x.shape)} (the position embeddings are learnt for that size)"
+            )
         t = self.patch_embedding.patch_embeddings(x).flatten(2).transpose(1, 2)
         if mask is not None:
             m = upsample_cell_mask(mask.bool(), cfg.grid).flatten(1).unsqueeze(-1).to(t.dtype)
@@ -121,8 +126,9 @@ class ViT3D(nn.Module):
         t = t + self.patch_embedding.position_embeddings
         return torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], 1) if cls else t
 
-    def forward_features(self, x: Tensor, mask: Tensor | None = None, return_attention: bool = False,
-                         cls: bool = True) -> dict[str, Any]:
+    def forward_features(
+        self, x: Tensor, mask: Tensor | None = None, return_attention: bool = False, cls: bool = True
+    ) -> dict[str, Any]:
         """Run the ViT.
 
         Args:
@@ -150,8 +156,12 @@ class ViT3D(nn.Module):
                 attn = (patches / patches.sum(-1, keepdim=True)).reshape(t.shape[0], -1, *self.config.grid)
         t = self.norm(t)
         patches = t[:, 1:] if cls else t
-        return {"cls": t[:, 0] if cls else None, "tokens": patches.reshape(t.shape[0], *self.config.grid, -1),
-                "attn": attn, "hidden_states": hidden}
+        return {
+            "cls": t[:, 0] if cls else None,
+            "tokens": patches.reshape(t.shape[0], *self.config.grid, -1),
+            "attn": attn,
+            "hidden_states": hidden,
+        }
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """MONAI ``ViT(classification=False)``'s outputs: normed patch tokens (B, N, C) and the blocks' outputs."""
@@ -175,8 +185,9 @@ class ViT3D(nn.Module):
         Raises:
             ValueError: a missing or unexpected weight, named.
         """
-        keep = {k: v for k, v in state.items()
-                if ".norm_cross_attn." not in k and not k.startswith("classification_head.")}
+        keep = {
+            k: v for k, v in state.items() if ".norm_cross_attn." not in k and not k.startswith("classification_head.")
+        }
         missing, unexpected = self.load_state_dict(keep, strict=False)
         missing = [k for k in missing if k not in ("mask_token", "cls_token")]
         if missing or unexpected:

@@ -22,8 +22,18 @@ from smartformer.errors import SmartformerError
 from smartformer.io_utils import atomic_write_bytes, make_dir, output_errors, torch_bytes
 from smartformer.models.convert import load_weights
 
-__all__ = ["RunLock", "save_checkpoint", "load_checkpoint", "last_checkpoint", "resume_checkpoint",
-           "step_checkpoints", "is_run_checkpoint", "check_state_fits", "rng_state", "set_rng_state"]
+__all__ = [
+    "RunLock",
+    "save_checkpoint",
+    "load_checkpoint",
+    "last_checkpoint",
+    "resume_checkpoint",
+    "step_checkpoints",
+    "is_run_checkpoint",
+    "check_state_fits",
+    "rng_state",
+    "set_rng_state",
+]
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
@@ -60,7 +70,7 @@ class RunLock:
         self.path = run_dir / ".lock"
         self._fh: Any = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         make_dir(self.path.parent)
         with output_errors(self.path, "cannot create the run lock"):
             fh = open(self.path, "a+")
@@ -109,8 +119,13 @@ def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any], generator: torch.Generator | None = None) -> None:
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
     np.random.set_state(
-        ("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
-         int(state["numpy_gauss"][0]), float(state["numpy_gauss"][1]))
+        (
+            "MT19937",
+            state["numpy"].numpy().astype(np.uint32),
+            state["numpy_pos"],
+            int(state["numpy_gauss"][0]),
+            float(state["numpy_gauss"][1]),
+        )
     )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -174,12 +189,18 @@ def resume_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
             problems.append(text if len(text) <= 200 else text[:197] + "...")  # torch's reasons run long
             continue
         if problems:
-            warnings.warn(f"{problems[0]}; resuming from {path.name} (step {int(state['step'])}), the newest "
-                          "checkpoint that loads", stacklevel=2)
+            warnings.warn(
+                f"{problems[0]}; resuming from {path.name} (step {int(state['step'])}), the newest "
+                "checkpoint that loads",
+                stacklevel=2,
+            )
         return path, state
     if problems:
-        raise SmartformerError(f"{run_dir}: no checkpoint of this run loads ({problems[0]}"
-                               + (f"; and {len(problems) - 1} more" if len(problems) > 1 else "") + ")")
+        raise SmartformerError(
+            f"{run_dir}: no checkpoint of this run loads ({problems[0]}"
+            + (f"; and {len(problems) - 1} more" if len(problems) > 1 else "")
+            + ")"
+        )
     return None
 
 
@@ -197,16 +218,21 @@ def check_state_fits(expected: Mapping[str, Any], state: Mapping[str, Any], conf
     Raises:
         SmartformerError: naming both, how many tensors disagree, and the first disagreement.
     """
-    wrong = [(k, tuple(v.shape), tuple(state[k].shape)) for k, v in expected.items()
-             if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
+    wrong = [
+        (k, tuple(v.shape), tuple(state[k].shape))
+        for k, v in expected.items()
+        if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)
+    ]
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if not (wrong or missing or unexpected):
         return
     if wrong:
         key, want, got = wrong[0]
-        detail = f"{len(wrong)} tensor(s) differ in shape, e.g. {key} is {list(got)} in the checkpoint, " \
-                 f"{list(want)} for the config"
+        detail = (
+            f"{len(wrong)} tensor(s) differ in shape, e.g. {key} is {list(got)} in the checkpoint, "
+            f"{list(want)} for the config"
+        )
     elif missing:
         detail = f"{len(missing)} tensor(s) of the config are missing from the checkpoint, e.g. {missing[0]}"
     else:

@@ -44,8 +44,11 @@ class CompiledWithFallback:
         except Exception as exc:  # any compiler failure: dynamo, inductor, a missing toolchain
             self.compiled = None
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            warnings.warn(f"train.compile: torch.compile failed ({type(exc).__name__}: {first[:300]}); "
-                          "training continues without it", stacklevel=2)
+            warnings.warn(
+                f"train.compile: torch.compile failed ({type(exc).__name__}: {first[:300]}); "
+                "training continues without it",
+                stacklevel=2,
+            )
             return self.module(*args, **kwargs)
         self._first = False
         return out
@@ -62,6 +65,8 @@ def compile_student(student: nn.Module, enabled: bool) -> Any:
     try:
         return CompiledWithFallback(student)
     except Exception as exc:  # torch.compile itself refused (e.g. an unsupported Python version)
-        warnings.warn(f"train.compile: torch.compile is unavailable ({type(exc).__name__}: {exc}); "
-                      "training continues without it", stacklevel=2)
+        warnings.warn(
+            f"train.compile: torch.compile is unavailable ({type(exc).__name__}: {exc}); training continues without it",
+            stacklevel=2,
+        )
         return student

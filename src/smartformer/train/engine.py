@@ -31,6 +31,8 @@ from smartformer.analysis.head_distance import head_distance_entropy
 from smartformer.config import OptimConfig, PretrainConfig
 from smartformer.data.loader import build_pretrain_loader, default_cache_dir
 from smartformer.errors import ConfigError, SmartformerError
+from smartformer.io_utils import make_dir, output_errors
+from smartformer.models.swin3d import Swin3D
 from smartformer.train.checkpoint import (
     RunLock,
     check_state_fits,
@@ -41,8 +43,6 @@ from smartformer.train.checkpoint import (
     set_rng_state,
     step_checkpoints,
 )
-from smartformer.io_utils import make_dir, output_errors
-from smartformer.models.swin3d import Swin3D
 from smartformer.train.compile import compile_student
 from smartformer.train.monitor import MetricsWriter, attention_snapshot, collapse_message
 from smartformer.train.schedules import (
@@ -135,7 +135,7 @@ class _StopFlag:
         if self.verbose:
             tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping")
 
-    def __enter__(self) -> "_StopFlag":
+    def __enter__(self) -> _StopFlag:
         try:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._old[sig] = signal.signal(sig, self._handler)
@@ -179,8 +179,12 @@ def _checkpoint_to_resume(out: Path, resume: bool, ctx: DistContext) -> tuple[Pa
     """
     existing = last_checkpoint(out) or next(iter(step_checkpoints(out)), None)
     if existing is not None and not resume:
-        raise SmartformerError(f"{out}: holds a run already (checkpoints/{existing.name}); pass {{setting}} to "
-                               "continue it or choose another output folder", setting="resume", value=True)
+        raise SmartformerError(
+            f"{out}: holds a run already (checkpoints/{existing.name}); pass {{setting}} to "
+            "continue it or choose another output folder",
+            setting="resume",
+            value=True,
+        )
     found = resume_checkpoint(out) if resume else None  # verified; falls back to the newest good step_N.pt
     if resume and found is None and ctx.is_main:
         warnings.warn(f"{out}: no checkpoint to resume from yet; starting at step 0", stacklevel=1)
@@ -197,12 +201,16 @@ def _checkpoint_state(training: _Training, step: int, config: PretrainConfig, tr
         "student": meta.student.state_dict(),
         "teacher": meta.teacher.state_dict(),
         "centers": {"cls": meta.dino_loss.center.clone(), "patch": meta.ibot_loss.center.clone()},
-        "losses": {"cls": meta.dino_loss.state_dict(), "patch": meta.ibot_loss.state_dict(),  # + Sinkhorn queue
-                   **({"global": meta.gitd_loss.state_dict()} if meta.gitd_loss is not None else {})},
+        "losses": {
+            "cls": meta.dino_loss.state_dict(),
+            "patch": meta.ibot_loss.state_dict(),  # + Sinkhorn queue
+            **({"global": meta.gitd_loss.state_dict()} if meta.gitd_loss is not None else {}),
+        },
         "optimizer": training.optimizer.state_dict(),
         "scaler": training.scaler.state_dict(),
-        "schedules": {k: torch.from_numpy(getattr(training.schedules, k).copy())
-                      for k in ("lr", "wd", "momentum", "teacher_temp")},
+        "schedules": {
+            k: torch.from_numpy(getattr(training.schedules, k).copy()) for k in ("lr", "wd", "momentum", "teacher_temp")
+        },
         "rng": rng_state(training.generator),
         "config": config.to_dict(),
     }
@@ -215,7 +223,9 @@ def _restore(training: _Training, state: dict[str, Any], path: Path, config: Pre
         SmartformerError: the checkpoint's weights do not fit this config's model (one line).
     """
     meta = training.meta
-    model_config = f"the model of this config (preset {config.preset!r}, model overrides {dict(config.model) or 'none'})"
+    model_config = (
+        f"the model of this config (preset {config.preset!r}, model overrides {dict(config.model) or 'none'})"
+    )
     for net in ("student", "teacher"):
         check_state_fits(getattr(meta, net).state_dict(), state[net], model_config, f"{path} ({net})")
     meta.student.load_state_dict(state["student"])
@@ -233,14 +243,21 @@ def _restore(training: _Training, state: dict[str, Any], path: Path, config: Pre
     return int(state["step"]), float(state.get("train_seconds", 0.0))
 
 
-def _write_run_config(out: Path, config: PretrainConfig, training: _Training, world_size: int, start_step: int,
-                      saved: dict[str, Any] | None) -> None:
+def _write_run_config(
+    out: Path,
+    config: PretrainConfig,
+    training: _Training,
+    world_size: int,
+    start_step: int,
+    saved: dict[str, Any] | None,
+) -> None:
     """``config.yaml`` (with the effective lr), and the warnings about schedules that would surprise."""
     make_dir(out)
     with output_errors(out / "config.yaml"):
         (out / "config.yaml").write_text(annotate_effective_lr(config.to_yaml(), config, world_size))
-    for message in schedule_warnings(config, training.schedules, world_size, start_step,
-                                     saved["schedules"] if saved is not None else None):
+    for message in schedule_warnings(
+        config, training.schedules, world_size, start_step, saved["schedules"] if saved is not None else None
+    ):
         warnings.warn(message, stacklevel=1)
 
 
@@ -265,8 +282,9 @@ def _views_of(sample: dict[str, Any]) -> torch.Tensor:
     """A batch's (or one volume's) views; a bad file it met is raised as its one-line error."""
     if "error" in sample:
         if sample["bad_file"]:
-            raise SmartformerError(sample["error"] + " (pass {setting} to leave such files out)",
-                                   setting="data.skip_bad", value=True)
+            raise SmartformerError(
+                sample["error"] + " (pass {setting} to leave such files out)", setting="data.skip_bad", value=True
+            )
         raise SmartformerError(sample["error"])
     return sample["views"]
 
@@ -309,8 +327,15 @@ class _Clock:
         return self.max_minutes > 0 and self.seconds() >= 60.0 * self.max_minutes
 
 
-def _check_step(terms: dict[str, float], step: int, stop: _StopFlag, clock: _Clock, out: Path, ctx: DistContext,
-                device: torch.device) -> tuple[bool, bool]:
+def _check_step(
+    terms: dict[str, float],
+    step: int,
+    stop: _StopFlag,
+    clock: _Clock,
+    out: Path,
+    ctx: DistContext,
+    device: torch.device,
+) -> tuple[bool, bool]:
     """Whether any process was asked to stop, and whether the time budget is spent (all agree).
 
     Raises:
@@ -321,8 +346,9 @@ def _check_step(terms: dict[str, float], step: int, stop: _StopFlag, clock: _Clo
     )
     if bad:
         good = last_checkpoint(out)
+        losses = ", ".join(f"{k}={v:.4g}" for k, v in terms.items() if k.startswith("loss"))
         raise SmartformerError(
-            f"non-finite loss at step {step} ({', '.join(f'{k}={v:.4g}' for k, v in terms.items() if k.startswith('loss'))}); "
+            f"non-finite loss at step {step} ({losses}); "
             f"stopped without saving: the last good checkpoint is {good or 'none (no checkpoint yet)'}"
         )
     return bool(stop_requested), bool(time_up)
@@ -347,12 +373,19 @@ class _RunLog:
         self.compute += compute
         self.window_steps += 1
 
-    def row(self, step: int, terms: dict[str, float], scheduled: dict[str, float], grad_norm: torch.Tensor,
-            masking_attention: bool) -> None:
+    def row(
+        self,
+        step: int,
+        terms: dict[str, float],
+        scheduled: dict[str, float],
+        grad_norm: torch.Tensor,
+        masking_attention: bool,
+    ) -> None:
         """One row of ``metrics.jsonl``: the loss terms, schedules, grad norm and the throughput since the last."""
         elapsed = self.data_wait + self.compute
         self.last = {
-            **terms, **scheduled,
+            **terms,
+            **scheduled,
             "grad_norm": float(grad_norm),
             "steps_per_s": self.window_steps / elapsed,
             "volumes_per_s": self.window_steps * self.volumes_per_step / elapsed,
@@ -375,13 +408,24 @@ class _RunLog:
         if tc.head_distance_every and step % tc.head_distance_every == 0 and isinstance(meta.teacher.backbone, Swin3D):
             self.writer.write(step, head_distance_entropy(meta.teacher.backbone, volume))
         if (step % tc.snapshot_every == 0 or step == tc.max_steps) and meta.teacher.has_attention:
-            png = attention_snapshot(meta.teacher, volume, self.out / "snapshots" / f"attention_step{step:07d}.png",
-                                     title=f"teacher attention, step {step}")
+            png = attention_snapshot(
+                meta.teacher,
+                volume,
+                self.out / "snapshots" / f"attention_step{step:07d}.png",
+                title=f"teacher attention, step {step}",
+            )
             self.writer.image("attention/teacher", png, step)
 
 
-def _save(training: _Training, step: int, config: PretrainConfig, clock: _Clock, out: Path, ctx: DistContext,
-          log: _RunLog | None) -> None:
+def _save(
+    training: _Training,
+    step: int,
+    config: PretrainConfig,
+    clock: _Clock,
+    out: Path,
+    ctx: DistContext,
+    log: _RunLog | None,
+) -> None:
     """Check the replicas agree, then (rank 0) ``checkpoints/last.pt`` (+ ``step_N.pt``) and ``teacher/``.
 
     Raises:
@@ -440,8 +484,9 @@ def pretrain(
         return _run(data, out, config, resume, progress, ctx, device)
 
 
-def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, ctx: DistContext,
-         device: torch.device) -> dict[str, Any]:
+def _run(
+    data, out: Path, config: PretrainConfig, resume: bool, progress: bool, ctx: DistContext, device: torch.device
+) -> dict[str, Any]:
     tc = config.train
     checkpoint_path, saved = _checkpoint_to_resume(out, resume, ctx)
     if tc.threads > 0:
@@ -456,8 +501,15 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
 
     # The data first (every file checked): a run that cannot start leaves no config.yaml, so it
     # is no run that --resume would take up.
-    stream = build_pretrain_loader(data, config.data, config.data.cache_dir or default_cache_dir(out),
-                                   tc.seed, ctx.rank, ctx.world_size, start_step)
+    stream = build_pretrain_loader(
+        data,
+        config.data,
+        config.data.cache_dir or default_cache_dir(out),
+        tc.seed,
+        ctx.rank,
+        ctx.world_size,
+        start_step,
+    )
     if ctx.is_main:
         _write_run_config(out, config, training, ctx.world_size, start_step, saved)
     autocast = _autocast(device, precision)
@@ -492,8 +544,15 @@ def _run(data, out: Path, config: PretrainConfig, resume: bool, progress: bool, 
                     snapshot_volume = _views_of(stream.views[0])[:1].to(device)
                 scheduled = training.schedules.at(step)
                 _apply_schedules(training.optimizer, scheduled)
-                result = meta(views, step, scheduled["teacher_temp"], generator=training.generator, student=student,
-                              autocast=autocast, local_views=local_views)
+                result = meta(
+                    views,
+                    step,
+                    scheduled["teacher_temp"],
+                    generator=training.generator,
+                    student=student,
+                    autocast=autocast,
+                    local_views=local_views,
+                )
                 stop_requested, time_up = _check_step(result.terms, step, stop, clock, out, ctx, device)
                 grad_norm = _optimizer_step(training, result.loss, step, config.optim)
                 meta.after_step(result, scheduled["momentum"])  # teacher EMA, centers

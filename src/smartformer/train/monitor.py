@@ -39,8 +39,9 @@ class MetricsWriter:
             self.path.write_text("".join(kept))
         self._tb = None
         if tensorboard:
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
-                                     purge_step=None if resume_step is None else resume_step + 1)
+            self._tb = SummaryWriter(
+                log_dir=str(run_dir / "tensorboard"), purge_step=None if resume_step is None else resume_step + 1
+            )
 
     def write(self, step: int, values: dict[str, float]) -> None:
         record = {"step": step, **{k: (round(v, 7) if isinstance(v, float) else v) for k, v in values.items()}}
@@ -74,17 +75,26 @@ def collapse_message(values: dict[str, float]) -> str | None:
       batch-mean target, below :data:`ONE_HOT_ENTROPY`: every input (token) of the step gets the
       same sharp target.
     """
-    uniform = [k.removeprefix("teacher_").removesuffix("_entropy") for k in ("teacher_cls_entropy", "teacher_patch_entropy")
-               if values.get(k, 0.0) > UNIFORM_ENTROPY]
+    uniform = [
+        k.removeprefix("teacher_").removesuffix("_entropy")
+        for k in ("teacher_cls_entropy", "teacher_patch_entropy")
+        if values.get(k, 0.0) > UNIFORM_ENTROPY
+    ]
     if uniform:
-        return (f"the teacher's {' and '.join(uniform)} targets are uniform (entropy > {UNIFORM_ENTROPY} ln K): "
-                "that distillation branch has collapsed and teaches nothing; try a lower loss.teacher_temp, "
-                "loss.koleo_weight=0.1 or a larger batch")
-    one_hot = [branch for branch in ("cls", "patch") if values.get(f"teacher_{branch}_batch_entropy", 1.0) < ONE_HOT_ENTROPY]
+        return (
+            f"the teacher's {' and '.join(uniform)} targets are uniform (entropy > {UNIFORM_ENTROPY} ln K): "
+            "that distillation branch has collapsed and teaches nothing; try a lower loss.teacher_temp, "
+            "loss.koleo_weight=0.1 or a larger batch"
+        )
+    one_hot = [
+        branch for branch in ("cls", "patch") if values.get(f"teacher_{branch}_batch_entropy", 1.0) < ONE_HOT_ENTROPY
+    ]
     if one_hot:
-        return (f"every input gets the same one-hot {' and '.join(one_hot)} target (batch-mean entropy < "
-                f"{ONE_HOT_ENTROPY} ln K): that branch has collapsed; try a higher loss.teacher_temp, "
-                "loss.centering=sinkhorn or loss.koleo_weight=0.1")
+        return (
+            f"every input gets the same one-hot {' and '.join(one_hot)} target (batch-mean entropy < "
+            f"{ONE_HOT_ENTROPY} ln K): that branch has collapsed; try a higher loss.teacher_temp, "
+            "loss.centering=sinkhorn or loss.koleo_weight=0.1"
+        )
     return None
 
 

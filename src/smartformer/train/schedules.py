@@ -129,8 +129,10 @@ def effective_lr(config: Any, world_size: int = 1) -> float:
 
 
 def _lr_note(config: Any, world_size: int) -> str:
-    return (f"{EFFECTIVE_LR_NOTE} {effective_lr(config, world_size):.6g} = optim.lr {config.optim.lr:.6g} x global "
-            f"batch {config.data.batch_size * world_size} ({config.data.batch_size} per process x {world_size})")
+    return (
+        f"{EFFECTIVE_LR_NOTE} {effective_lr(config, world_size):.6g} = optim.lr {config.optim.lr:.6g} x global "
+        f"batch {config.data.batch_size * world_size} ({config.data.batch_size} per process x {world_size})"
+    )
 
 
 def annotate_effective_lr(text: str, config: Any, world_size: int = 1) -> str:
@@ -151,8 +153,9 @@ def read_effective_lr(text: str) -> float | None:
     return float(found.group(1)) if found else None
 
 
-def schedule_warnings(config: Any, schedules: Schedules, world_size: int = 1, start_step: int = 0,
-                      previous: dict[str, Any] | None = None) -> list[str]:
+def schedule_warnings(
+    config: Any, schedules: Schedules, world_size: int = 1, start_step: int = 0, previous: dict[str, Any] | None = None
+) -> list[str]:
     """One line for each way the run's schedules will surprise: a warm-up that fills the whole
     run (the lr only rises; attention-guided masking never starts) and, when resuming, schedules
     re-stretched to a changed ``train.max_steps``. (The teacher temperature's warm-up is shortened
@@ -168,24 +171,34 @@ def schedule_warnings(config: Any, schedules: Schedules, world_size: int = 1, st
     steps, o, m = config.train.max_steps, config.optim, config.masking
     out: list[str] = []
     if o.warmup_fraction == 0 and o.warmup_steps >= steps - 1:
-        out.append(f"optim.warmup_steps={o.warmup_steps} spans the whole run of train.max_steps={steps}: the lr only "
-                   f"rises and ends at its peak, {_lr_note(config, world_size)}; give more steps or a shorter "
-                   "warm-up for a cosine decay")
+        out.append(
+            f"optim.warmup_steps={o.warmup_steps} spans the whole run of train.max_steps={steps}: the lr only "
+            f"rises and ends at its peak, {_lr_note(config, world_size)}; give more steps or a shorter "
+            "warm-up for a cosine decay"
+        )
     if m.strategy.startswith("attention") and m.warmup_steps >= steps:
-        out.append(f"masking.strategy={m.strategy} starts after masking.warmup_steps={m.warmup_steps}, but the run "
-                   f"has train.max_steps={steps}: it masks at random throughout (attention-guided masking never "
-                   "switches on)")
+        out.append(
+            f"masking.strategy={m.strategy} starts after masking.warmup_steps={m.warmup_steps}, but the run "
+            f"has train.max_steps={steps}: it masks at random throughout (attention-guided masking never "
+            "switches on)"
+        )
     if previous is not None and start_step > 0:
         old_length = len(previous["lr"])
         if old_length != steps:
+
             def at(values: Any, step: int) -> float:
                 return float(values[min(step, len(values) - 1)])
 
             now = schedules.at(start_step)
-            changes = [f"{name} {at(previous[name], start_step):.6g} -> {now[name]:.6g}"
-                       for name in ("lr", "momentum", "teacher_temp", "wd") if name in previous
-                       and not math.isclose(at(previous[name], start_step), now[name], rel_tol=1e-9, abs_tol=1e-12)]
-            out.append(f"resuming at step {start_step} with train.max_steps={steps} instead of {old_length}: every "
-                       f"schedule is stretched over the new length" + (f" ({', '.join(changes)} at this step)"
-                                                                       if changes else ""))
+            changes = [
+                f"{name} {at(previous[name], start_step):.6g} -> {now[name]:.6g}"
+                for name in ("lr", "momentum", "teacher_temp", "wd")
+                if name in previous
+                and not math.isclose(at(previous[name], start_step), now[name], rel_tol=1e-9, abs_tol=1e-12)
+            ]
+            out.append(
+                f"resuming at step {start_step} with train.max_steps={steps} instead of {old_length}: every "
+                f"schedule is stretched over the new length"
+                + (f" ({', '.join(changes)} at this step)" if changes else "")
+            )
     return out

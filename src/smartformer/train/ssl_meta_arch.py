@@ -51,8 +51,9 @@ def _mean_cross_cosine(x: Tensor, views: int) -> float | None:
 
 
 @torch.no_grad()
-def collapse_monitors(volumes: Tensor, views: int, cls: Tensor, tokens: Tensor, attn: Tensor | None,
-                      level: float, stride: int) -> dict[str, float]:
+def collapse_monitors(
+    volumes: Tensor, views: int, cls: Tensor, tokens: Tensor, attn: Tensor | None, level: float, stride: int
+) -> dict[str, float]:
     """What tells a collapsing run from a learning one, beyond the loss.
 
     Args:
@@ -121,27 +122,47 @@ class SMARTMetaArch(nn.Module):
         if loss.cls_queue and loss.centering != "sinkhorn":
             raise ConfigError("loss.cls_queue needs loss.centering=sinkhorn (EMA centering keeps no queue)")
         if config.data.local_views and model_cfg.vit is not None:
-            raise ConfigError("data.local_views needs the Swin backbone (the ViT's position embeddings fit data.roi only)")
+            raise ConfigError(
+                "data.local_views needs the Swin backbone (the ViT's position embeddings fit data.roi only)"
+            )
         if config.data.local_views and loss.cls_weight <= 0:
             raise ConfigError("data.local_views needs loss.cls_weight > 0 (local views train only the [CLS] loss)")
         if loss.koleo_weight > 0 and config.data.batch_size < 2:
             raise ConfigError("loss.koleo_weight needs data.batch_size >= 2 (it spreads the volumes of a step apart)")
-        self.dino_loss = DINOLoss(model_cfg.head_out_dim, loss.student_temp, loss.center_momentum,
-                                  centering=loss.centering, queue_size=loss.cls_queue)
-        self.ibot_loss = iBOTPatchLoss(model_cfg.patch_out_dim or model_cfg.head_out_dim, loss.student_temp,
-                                       loss.center_momentum, centering=loss.centering)
+        self.dino_loss = DINOLoss(
+            model_cfg.head_out_dim,
+            loss.student_temp,
+            loss.center_momentum,
+            centering=loss.centering,
+            queue_size=loss.cls_queue,
+        )
+        self.ibot_loss = iBOTPatchLoss(
+            model_cfg.patch_out_dim or model_cfg.head_out_dim,
+            loss.student_temp,
+            loss.center_momentum,
+            centering=loss.centering,
+        )
         # GITD: the same centering and sharpening as the [CLS] loss, with a center of its own.
         # Built only when used, so that the other runs' state dicts are unchanged.
-        self.gitd_loss = (DINOLoss(model_cfg.head_out_dim, loss.student_temp, loss.center_momentum,
-                                   centering=loss.centering, queue_size=loss.cls_queue)
-                          if loss.global_weight > 0 else None)
+        self.gitd_loss = (
+            DINOLoss(
+                model_cfg.head_out_dim,
+                loss.student_temp,
+                loss.center_momentum,
+                centering=loss.centering,
+                queue_size=loss.cls_queue,
+            )
+            if loss.global_weight > 0
+            else None
+        )
         self.koleo_loss = KoLeoLoss()
         # the patch branch follows the [CLS] temperature schedule, scaled (loss.patch_teacher_temp)
-        self.patch_temp_scale = (loss.patch_teacher_temp / loss.teacher_temp
-                                 if loss.patch_teacher_temp is not None else 1.0)
+        self.patch_temp_scale = (
+            loss.patch_teacher_temp / loss.teacher_temp if loss.patch_teacher_temp is not None else 1.0
+        )
         self.body_level = body_level(config.data.window)
 
-    def train(self, mode: bool = True) -> "SMARTMetaArch":
+    def train(self, mode: bool = True) -> SMARTMetaArch:
         super().train(mode)
         self.teacher.eval()  # the teacher never uses dropout / drop-path
         return self
@@ -172,8 +193,7 @@ class SMARTMetaArch(nn.Module):
         # and for the head-diversity log.
         with torch.no_grad(), ctx:
             x_teacher, drop = self.noise(x, grid, generator=generator)
-            t_out = self.teacher(x_teacher, mask=drop, return_attention=self.teacher.has_attention,
-                                 reconstruct=False)
+            t_out = self.teacher(x_teacher, mask=drop, return_attention=self.teacher.has_attention, reconstruct=False)
         attn = t_out["attn"]
         mask = self.masker(step, grid, v * b, attention=attn, generator=generator, device=x.device)
 
@@ -198,14 +218,14 @@ class SMARTMetaArch(nn.Module):
             if cfg.patch_weight > 0:
                 patch_temp = teacher_temp * self.patch_temp_scale
                 patch_targets = self.ibot_loss.targets(t_patch, patch_temp)
-                terms["patch"] = self.ibot_loss(s_out["patch_logits"], t_patch, mask, patch_temp,
-                                                targets=patch_targets)
+                terms["patch"] = self.ibot_loss(s_out["patch_logits"], t_patch, mask, patch_temp, targets=patch_targets)
                 entropies["teacher_patch_entropy"] = self.ibot_loss.entropy_fraction(patch_targets)
                 entropies["teacher_patch_batch_entropy"] = self.ibot_loss.batch_entropy(patch_targets)
             if cfg.cls_weight > 0:
                 cls_targets = self.dino_loss.view_targets(t_cls, teacher_temp)
-                terms["cls"] = self.dino_loss([*s_out["cls_logits"].chunk(v), *s_local_cls], t_cls, teacher_temp,
-                                              targets=cls_targets)
+                terms["cls"] = self.dino_loss(
+                    [*s_out["cls_logits"].chunk(v), *s_local_cls], t_cls, teacher_temp, targets=cls_targets
+                )
                 entropies["teacher_cls_entropy"] = self.dino_loss.entropy_fraction(cls_targets)
                 entropies["teacher_cls_batch_entropy"] = self.dino_loss.batch_entropy(cls_targets)
             if self.gitd_loss is not None:
@@ -213,8 +233,13 @@ class SMARTMetaArch(nn.Module):
                 terms["global"] = self.gitd_loss(list(s_out["global_logits"].chunk(v)), t_global, teacher_temp)
         if cfg.koleo_weight > 0:
             terms["koleo"] = torch.stack([self.koleo_loss(c) for c in s_out["cls"].chunk(v)]).mean()
-        weights = {"recon": cfg.recon_weight, "patch": cfg.patch_weight, "cls": cfg.cls_weight,
-                   "global": cfg.global_weight, "koleo": cfg.koleo_weight}
+        weights = {
+            "recon": cfg.recon_weight,
+            "patch": cfg.patch_weight,
+            "cls": cfg.cls_weight,
+            "global": cfg.global_weight,
+            "koleo": cfg.koleo_weight,
+        }
         total = sum(weights[k] * t for k, t in terms.items())
         values = {f"loss_{k}": float(t.detach()) for k, t in terms.items()}
         values["loss"] = float(total.detach())
@@ -242,8 +267,9 @@ class SMARTMetaArch(nn.Module):
         for name, p in self.student.named_parameters():
             if not p.requires_grad:
                 continue
-            skip = p.ndim <= 1 or name.endswith(("mask_token", "cls_token", "relative_position_bias_table",
-                                                  "position_embeddings"))
+            skip = p.ndim <= 1 or name.endswith(
+                ("mask_token", "cls_token", "relative_position_bias_table", "position_embeddings")
+            )
             (no_decay if skip else decay).append(p)
         return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
 

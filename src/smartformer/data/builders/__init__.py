@@ -59,8 +59,7 @@ def csv_path(path: str | Path, csv_dir: str | Path) -> str:
     return os.path.relpath(os.path.abspath(path), os.path.abspath(csv_dir))
 
 
-def write_csv_atomic(path: str | Path, rows: Iterable[Mapping[str, Any]],
-                     columns: Sequence[str]) -> Path:
+def write_csv_atomic(path: str | Path, rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> Path:
     """Write ``rows`` (dicts; missing keys empty) to ``path`` under a temporary name, then rename.
 
     A reader never sees a half-written table: the file either keeps its old content or has the

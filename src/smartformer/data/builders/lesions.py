@@ -45,8 +45,18 @@ from smartformer.data.io import read_ct
 from smartformer.errors import InputError, SmartformerError
 from smartformer.wording import plural
 
-COLUMNS: tuple[str, ...] = ("image", "label", "patient", *CENTER_COLUMNS, "kind", "mask",
-                            "component", "lesion_voxels", "distance_mm", "hu")
+COLUMNS: tuple[str, ...] = (
+    "image",
+    "label",
+    "patient",
+    *CENTER_COLUMNS,
+    "kind",
+    "mask",
+    "component",
+    "lesion_voxels",
+    "distance_mm",
+    "hu",
+)
 """Columns of ``lesions.csv``. ``component``: the lesion component's number (1 = largest) for
 positives, empty for negatives; ``lesion_voxels``: that component's size; ``distance_mm``: for
 negatives, the distance to the nearest lesion voxel (empty when the case has no lesion);
@@ -85,19 +95,23 @@ class SamplingOptions:
     def check(self) -> None:
         """Raise a one-line SmartformerError for values that make no sense."""
         if self.negatives_per_case < 0:
-            raise SmartformerError(f"{{setting}} must be >= 0, got {self.negatives_per_case}",
-                                   setting="negatives_per_case")
+            raise SmartformerError(
+                f"{{setting}} must be >= 0, got {self.negatives_per_case}", setting="negatives_per_case"
+            )
         if not np.isfinite(self.min_distance_mm) or self.min_distance_mm < 0:
-            raise SmartformerError(f"{{setting}} must be >= 0 mm, got {self.min_distance_mm}",
-                                   setting="min_distance_mm")
+            raise SmartformerError(
+                f"{{setting}} must be >= 0 mm, got {self.min_distance_mm}", setting="min_distance_mm"
+            )
         if self.min_lesion_voxels < 1:
-            raise SmartformerError(f"{{setting}} must be >= 1, got {self.min_lesion_voxels}",
-                                   setting="min_lesion_voxels")
+            raise SmartformerError(
+                f"{{setting}} must be >= 1, got {self.min_lesion_voxels}", setting="min_lesion_voxels"
+            )
         if int(self.seed) != self.seed or self.seed < 0:
             raise SmartformerError(f"{{setting}} must be a whole number >= 0, got {self.seed}", setting="seed")
 
 
 # --- sampling one case ------------------------------------------------------------------------
+
 
 def case_seed(seed: int, patient: str) -> list[int]:
     """The seed sequence of a case's negatives: the set's seed and a checksum of its id."""
@@ -116,17 +130,25 @@ def load_case(case: Case, mask_label: int | None) -> tuple[np.ndarray, np.ndarra
     ct, values = image[0].numpy(), mask_image[0].numpy()
     affine = image.affine.numpy()
     if ct.shape != values.shape:
-        raise InputError(case.mask, f"grid {'x'.join(map(str, values.shape))} differs from the "
-                                    f"CT's {'x'.join(map(str, ct.shape))} ({case.image})")
+        raise InputError(
+            case.mask,
+            f"grid {'x'.join(map(str, values.shape))} differs from the "
+            f"CT's {'x'.join(map(str, ct.shape))} ({case.image})",
+        )
     if not np.allclose(mask_image.affine.numpy(), affine, atol=1e-2):
-        raise InputError(case.mask, f"voxel-to-world affine differs from the CT's ({case.image}); "
-                                    "resample the mask onto the CT grid first")
+        raise InputError(
+            case.mask,
+            f"voxel-to-world affine differs from the CT's ({case.image}); resample the mask onto the CT grid first",
+        )
     if mask_label is None:
         present = np.unique(values)
         if present.size > 2:
             shown = ", ".join(f"{v:g}" for v in present[:8]) + (" ..." if present.size > 8 else "")
-            raise InputError(case.mask, f"is a label map with {present.size} values ({shown}); "
-                                        "pass {setting} with the lesion's value", setting="mask_label")
+            raise InputError(
+                case.mask,
+                f"is a label map with {present.size} values ({shown}); pass {{setting}} with the lesion's value",
+                setting="mask_label",
+            )
         return ct, values > 0, affine
     return ct, values == mask_label, affine
 
@@ -144,23 +166,46 @@ def sample_case(case: Case, options: SamplingOptions) -> CaseResult:
     result.n_components = len(order)
     for rank, index in enumerate(order[:1] if options.largest_only else order, start=1):
         voxel = inside_centroid(components == index, spacing)
-        result.rows.append({**base, **_centre(affine, voxel), "label": 1, "kind": "lesion",
-                            "component": rank, "lesion_voxels": int(sizes[index - 1]),
-                            "distance_mm": 0.0, "hu": float(ct[voxel])})
+        result.rows.append(
+            {
+                **base,
+                **_centre(affine, voxel),
+                "label": 1,
+                "kind": "lesion",
+                "component": rank,
+                "lesion_voxels": int(sizes[index - 1]),
+                "distance_mm": 0.0,
+                "hu": float(ct[voxel]),
+            }
+        )
 
     rng = np.random.default_rng(case_seed(options.seed, case.patient))
     chosen, distance = _draw_negatives(ct > options.body_hu, lesion, spacing, options, rng)
     for index, voxel in enumerate(zip(*np.unravel_index(chosen, ct.shape))):
-        result.rows.append({**base, **_centre(affine, voxel), "label": 0, "kind": "normal",
-                            "component": "", "lesion_voxels": "",
-                            "distance_mm": "" if distance is None else float(distance[index]),
-                            "hu": float(ct[voxel])})
+        result.rows.append(
+            {
+                **base,
+                **_centre(affine, voxel),
+                "label": 0,
+                "kind": "normal",
+                "component": "",
+                "lesion_voxels": "",
+                "distance_mm": "" if distance is None else float(distance[index]),
+                "hu": float(ct[voxel]),
+            }
+        )
     return result
 
 
-def _draw_negatives(body: np.ndarray, lesion: np.ndarray, spacing: np.ndarray,
-                    options: SamplingOptions, rng: np.random.Generator,
-                    batch: int = 4096, tries: int = 16) -> tuple[np.ndarray, np.ndarray | None]:
+def _draw_negatives(
+    body: np.ndarray,
+    lesion: np.ndarray,
+    spacing: np.ndarray,
+    options: SamplingOptions,
+    rng: np.random.Generator,
+    batch: int = 4096,
+    tries: int = 16,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Flat indices of up to ``negatives_per_case`` body voxels far enough from the lesion, and
     their distances (mm) to the nearest lesion voxel (None without a lesion).
 
@@ -174,11 +219,14 @@ def _draw_negatives(body: np.ndarray, lesion: np.ndarray, spacing: np.ndarray,
     wanted = options.negatives_per_case
     flat = np.flatnonzero(body & ~lesion)
     if not lesion.any() or wanted == 0 or flat.size == 0:
-        return np.sort(rng.choice(flat, size=min(wanted, flat.size), replace=False)), \
-            None if not lesion.any() else np.zeros(0)
+        return np.sort(
+            rng.choice(flat, size=min(wanted, flat.size), replace=False)
+        ), None if not lesion.any() else np.zeros(0)
 
-    box = tuple(slice(max(lo - 1, 0), hi + 2) for lo, hi in
-                zip(np.argwhere(lesion).min(axis=0), np.argwhere(lesion).max(axis=0)))
+    box = tuple(
+        slice(max(lo - 1, 0), hi + 2)
+        for lo, hi in zip(np.argwhere(lesion).min(axis=0), np.argwhere(lesion).max(axis=0))
+    )
     inner = lesion[box] & ~ndimage.binary_erosion(lesion[box])
     tree = cKDTree((np.argwhere(inner) + [b.start for b in box]) * spacing)
 
@@ -199,7 +247,7 @@ def _draw_negatives(body: np.ndarray, lesion: np.ndarray, spacing: np.ndarray,
         chosen = {}
         order = rng.permutation(flat)
         for start in range(0, order.size, batch * 16):
-            indices, distance = far(order[start:start + batch * 16])
+            indices, distance = far(order[start : start + batch * 16])
             chosen.update(zip(indices.tolist(), distance.tolist()))
             if len(chosen) >= wanted:
                 break
@@ -224,9 +272,15 @@ def _centre(affine: np.ndarray, voxel: Sequence[int]) -> dict[str, float]:
 
 # --- the whole set ----------------------------------------------------------------------------
 
-def build_lesion_set(data: str | Path, out: str | Path, options: SamplingOptions = SamplingOptions(),
-                     image_name: str | None = None, mask_name: str | None = None,
-                     progress: bool = True) -> tuple[Path, list[CaseResult]]:
+
+def build_lesion_set(
+    data: str | Path,
+    out: str | Path,
+    options: SamplingOptions = SamplingOptions(),
+    image_name: str | None = None,
+    mask_name: str | None = None,
+    progress: bool = True,
+) -> tuple[Path, list[CaseResult]]:
     """Sample every case of ``data`` and write ``out/lesions.csv``; return it and per-case results.
 
     Every case is read and sampled before the table is written (then atomically), so a bad case
@@ -239,11 +293,15 @@ def build_lesion_set(data: str | Path, out: str | Path, options: SamplingOptions
     options.check()
     cases = find_cases(data, image_name=image_name, mask_name=mask_name)
     out = prepare_out_dir(out)
-    results = [sample_case(case, options)
-               for case in tqdm(cases, desc="lesions", unit="case", file=sys.stderr,
-                                disable=not progress, dynamic_ncols=True)]
-    rows = ({**row, "image": csv_path(row["image"], out), "mask": csv_path(row["mask"], out)}
-            for r in results for row in r.rows)  # readers resolve relative cells against the CSV's folder
+    results = [
+        sample_case(case, options)
+        for case in tqdm(cases, desc="lesions", unit="case", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    ]
+    rows = (
+        {**row, "image": csv_path(row["image"], out), "mask": csv_path(row["mask"], out)}
+        for r in results
+        for row in r.rows
+    )  # readers resolve relative cells against the CSV's folder
     path = write_csv_atomic(out / "lesions.csv", rows, COLUMNS)
     return path, results
 
@@ -252,15 +310,19 @@ def summarize(results: Sequence[CaseResult], negatives_per_case: int) -> list[st
     """Closing lines: counts of cases, positives and negatives, and cases that fell short."""
     n_pos = sum(r.n_positive for r in results)
     n_neg = sum(r.n_negative for r in results)
-    lines = [f"{plural(len(results), 'case')}: {plural(n_pos, 'lesion sample')} (label 1), "
-             f"{plural(n_neg, 'normal-tissue sample')} (label 0)"]
+    lines = [
+        f"{plural(len(results), 'case')}: {plural(n_pos, 'lesion sample')} (label 1), "
+        f"{plural(n_neg, 'normal-tissue sample')} (label 0)"
+    ]
     no_lesion = [r.case.patient for r in results if r.n_components == 0]
     if no_lesion:
         lines.append(f"{plural(len(no_lesion), 'case')} without a lesion component: {_ids(no_lesion)}")
     short = [r.case.patient for r in results if r.n_negative < negatives_per_case]
     if short:
-        lines.append(f"{plural(len(short), 'case')} with fewer than {negatives_per_case} normal-tissue "
-                     f"voxels far enough from the lesion: {_ids(short)}")
+        lines.append(
+            f"{plural(len(short), 'case')} with fewer than {negatives_per_case} normal-tissue "
+            f"voxels far enough from the lesion: {_ids(short)}"
+        )
     return lines
 
 

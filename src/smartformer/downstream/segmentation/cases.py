@@ -29,8 +29,7 @@ if TYPE_CHECKING:
     from monai.data import MetaTensor
 
 
-def split_cases(cases: Sequence[Case], val_fraction: float = 0.2,
-                seed: int = 0) -> tuple[list[Case], list[Case]]:
+def split_cases(cases: Sequence[Case], val_fraction: float = 0.2, seed: int = 0) -> tuple[list[Case], list[Case]]:
     """Seeded patient-level ``(train, validation)`` split: ``round(fraction * patients)`` patients,
     at least one, to validation, at least one kept for training; no patient on both sides.
 
@@ -48,8 +47,9 @@ def split_cases(cases: Sequence[Case], val_fraction: float = 0.2,
     return [c for c in cases if c.patient not in held], [c for c in cases if c.patient in held]
 
 
-def _preprocess(spacing: Sequence[float], window: str | Sequence[float], roi: Sequence[int],
-                with_label: bool) -> Callable[[dict], dict]:
+def _preprocess(
+    spacing: Sequence[float], window: str | Sequence[float], roi: Sequence[int], with_label: bool
+) -> Callable[[dict], dict]:
     """:func:`preprocess_transforms` for volumes already read by ``read_ct`` (its loader left out)."""
     steps = preprocess_transforms(["image"], ["label"] if with_label else [], spacing, window, roi).transforms
     if not isinstance(steps[0], LoadCTd):  # pragma: no cover - guards a change of preprocess_transforms
@@ -57,12 +57,13 @@ def _preprocess(spacing: Sequence[float], window: str | Sequence[float], roi: Se
     return Compose(list(steps[1:]))
 
 
-def _same_grid(a: "MetaTensor", b: "MetaTensor", atol: float = 1e-3) -> bool:
+def _same_grid(a: MetaTensor, b: MetaTensor, atol: float = 1e-3) -> bool:
     return tuple(a.shape[1:]) == tuple(b.shape[1:]) and bool(
-        np.allclose(np.asarray(a.affine), np.asarray(b.affine), atol=atol))
+        np.allclose(np.asarray(a.affine), np.asarray(b.affine), atol=atol)
+    )
 
 
-def _grid_text(volume: "MetaTensor") -> str:
+def _grid_text(volume: MetaTensor) -> str:
     shape = "x".join(str(int(n)) for n in volume.shape[1:])
     origin = ", ".join(f"{v:.1f}" for v in np.asarray(volume.affine)[:3, 3])
     return f"{shape} voxels, {volume.meta.get('orientation', '?')}, origin ({origin}) mm"
@@ -80,11 +81,14 @@ def check_label_grids(cases: Sequence[Case]) -> None:
         image_shape = validate_volume(case.image)
         label_shape = validate_volume(case.mask)
         if image_shape != label_shape:
-            raise InputError(case.mask, f"is on a different grid than its image {case.image} "
-                                         f"({'x'.join(map(str, label_shape))} vs {'x'.join(map(str, image_shape))} voxels)")
+            raise InputError(
+                case.mask,
+                f"is on a different grid than its image {case.image} "
+                f"({'x'.join(map(str, label_shape))} vs {'x'.join(map(str, image_shape))} voxels)",
+            )
 
 
-def remap_labels(label: "torch.Tensor", label_ids: Sequence[int]) -> "torch.Tensor":
+def remap_labels(label: torch.Tensor, label_ids: Sequence[int]) -> torch.Tensor:
     """``label_ids[k]`` -> ``k + 1``, every other value -> 0, as uint8 (``len(label_ids) <= 255``)."""
     values = torch.round(label)
     out = torch.zeros(label.shape, dtype=torch.uint8)
@@ -93,8 +97,13 @@ def remap_labels(label: "torch.Tensor", label_ids: Sequence[int]) -> "torch.Tens
     return out
 
 
-def load_case(case: Case, spacing: Sequence[float], window: str | Sequence[float],
-              roi: Sequence[int], label_ids: Sequence[int] | None = None) -> dict[str, Any]:
+def load_case(
+    case: Case,
+    spacing: Sequence[float],
+    window: str | Sequence[float],
+    roi: Sequence[int],
+    label_ids: Sequence[int] | None = None,
+) -> dict[str, Any]:
     """Read, check and preprocess one pair: ``{"case", "image" (1, X, Y, Z) float32, "label", "ids"}``.
 
     ``label`` is the raw label map (float) on the preprocessed grid when ``label_ids`` is None, else
@@ -106,8 +115,10 @@ def load_case(case: Case, spacing: Sequence[float], window: str | Sequence[float
     """
     image, label = read_ct(case.image), read_ct(case.mask)
     if not _same_grid(image, label):
-        raise InputError(case.mask, f"is on a different grid than its image {case.image} "
-                                     f"({_grid_text(label)} vs {_grid_text(image)})")
+        raise InputError(
+            case.mask,
+            f"is on a different grid than its image {case.image} ({_grid_text(label)} vs {_grid_text(image)})",
+        )
     if not torch.equal(label.as_tensor(), torch.round(label.as_tensor())):
         raise InputError(case.mask, "is not a label map (it holds non-integer values)")
     out = _preprocess(spacing, window, roi, with_label=True)({"image": image, "label": label})

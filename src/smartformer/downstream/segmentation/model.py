@@ -48,13 +48,16 @@ FORMAT_VERSION = 1
 _FIXED_IN_OLD_MONAI = {"window_size": (7, 7, 7), "patch_size": 2, "mlp_ratio": 4.0, "qkv_bias": True}
 
 
-def _encoder_args(encoder: "Swin3DConfig") -> dict[str, Any]:
-    return {"window_size": tuple(encoder.window_size), "patch_size": encoder.patch_size,
-            "mlp_ratio": encoder.mlp_ratio, "qkv_bias": encoder.qkv_bias}
+def _encoder_args(encoder: Swin3DConfig) -> dict[str, Any]:
+    return {
+        "window_size": tuple(encoder.window_size),
+        "patch_size": encoder.patch_size,
+        "mlp_ratio": encoder.mlp_ratio,
+        "qkv_bias": encoder.qkv_bias,
+    }
 
 
-def swinunetr_kwargs(encoder: "Swin3DConfig", num_classes: int,
-                     roi: Sequence[int] = (64, 64, 64)) -> dict[str, Any]:
+def swinunetr_kwargs(encoder: Swin3DConfig, num_classes: int, roi: Sequence[int] = (64, 64, 64)) -> dict[str, Any]:
     """``SwinUNETR`` keyword arguments for ``encoder``'s architecture, as far as this MONAI takes them.
 
     MONAI 1.4 wants ``img_size`` (deprecated; given ``roi``) and has no ``window_size``,
@@ -65,12 +68,16 @@ def swinunetr_kwargs(encoder: "Swin3DConfig", num_classes: int,
         SmartformerError: an encoder width SwinUNETR's decoder cannot take (not a multiple of 12).
     """
     if encoder.embed_dim % 12:
-        raise SmartformerError(f"encoder width {encoder.embed_dim} cannot be a MONAI SwinUNETR "
-                               "(its feature_size must be a multiple of 12)")
+        raise SmartformerError(
+            f"encoder width {encoder.embed_dim} cannot be a MONAI SwinUNETR (its feature_size must be a multiple of 12)"
+        )
     params = inspect.signature(SwinUNETR.__init__).parameters
     kwargs: dict[str, Any] = dict(
-        in_channels=encoder.in_chans, out_channels=num_classes + 1, feature_size=encoder.embed_dim,
-        depths=tuple(encoder.depths), num_heads=tuple(encoder.num_heads),
+        in_channels=encoder.in_chans,
+        out_channels=num_classes + 1,
+        feature_size=encoder.embed_dim,
+        depths=tuple(encoder.depths),
+        num_heads=tuple(encoder.num_heads),
         dropout_path_rate=encoder.drop_path_rate,
     )
     kwargs.update({k: v for k, v in _encoder_args(encoder).items() if k in params})
@@ -79,30 +86,45 @@ def swinunetr_kwargs(encoder: "Swin3DConfig", num_classes: int,
     return kwargs
 
 
-def swinunetr_recipe(encoder: "Swin3DConfig", weights: Path) -> tuple[dict[str, Any], str]:
+def swinunetr_recipe(encoder: Swin3DConfig, weights: Path) -> tuple[dict[str, Any], str]:
     """How to use exported ``swinViT`` weights: the ``SwinUNETR`` arguments they need, as a JSON-ready
     dict and as the Python lines to type (a default ``SwinUNETR`` has window 7 and refuses them).
 
     ``out_channels`` is left to the user (the task's classes + background); every other argument is
     what this MONAI's ``SwinUNETR`` takes for ``encoder`` (:func:`swinunetr_kwargs`).
     """
-    kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in swinunetr_kwargs(encoder, 1).items()
-              if k != "out_channels"}
-    loader = ("safetensors.torch.load_file(WEIGHTS)" if weights.suffix == ".safetensors"
-              else "torch.load(WEIGHTS, weights_only=True)")
-    load = (f"net.load_state_dict({loader.replace('WEIGHTS', repr(str(weights)))}, strict=False)  "
-            "# every swinViT key loads; the decoder stays random")
+    kwargs = {
+        k: (list(v) if isinstance(v, tuple) else v)
+        for k, v in swinunetr_kwargs(encoder, 1).items()
+        if k != "out_channels"
+    }
+    loader = (
+        "safetensors.torch.load_file(WEIGHTS)"
+        if weights.suffix == ".safetensors"
+        else "torch.load(WEIGHTS, weights_only=True)"
+    )
+    load = (
+        f"net.load_state_dict({loader.replace('WEIGHTS', repr(str(weights)))}, strict=False)  "
+        "# every swinViT key loads; the decoder stays random"
+    )
     arguments = ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v!r}" for k, v in kwargs.items())
     imports = "import safetensors.torch" if weights.suffix == ".safetensors" else "import torch"
-    text = (f"{imports}\nfrom monai.networks.nets import SwinUNETR\n"
-            f"net = SwinUNETR({arguments}, out_channels=N_CLASSES + 1)\n{load}")
-    recipe = {"class": "monai.networks.nets.SwinUNETR", "kwargs": kwargs,
-              "out_channels": "your classes + 1 (background)", "weights": weights.name,
-              "load": load, "monai_version": monai.__version__}
+    text = (
+        f"{imports}\nfrom monai.networks.nets import SwinUNETR\n"
+        f"net = SwinUNETR({arguments}, out_channels=N_CLASSES + 1)\n{load}"
+    )
+    recipe = {
+        "class": "monai.networks.nets.SwinUNETR",
+        "kwargs": kwargs,
+        "out_channels": "your classes + 1 (background)",
+        "weights": weights.name,
+        "load": load,
+        "monai_version": monai.__version__,
+    }
     return recipe, text
 
 
-def write_swinunetr_recipe(encoder: "Swin3DConfig", weights: Path) -> tuple[Path, str]:
+def write_swinunetr_recipe(encoder: Swin3DConfig, weights: Path) -> tuple[Path, str]:
     """Write the :func:`swinunetr_recipe` of ``weights`` to ``<stem>.swinunetr.json`` beside them (a default
     ``SwinUNETR`` refuses them: window 7, not the encoder's); return the JSON's path and the Python lines."""
     recipe, text = swinunetr_recipe(encoder, weights)
@@ -111,7 +133,7 @@ def write_swinunetr_recipe(encoder: "Swin3DConfig", weights: Path) -> tuple[Path
     return path, text
 
 
-def check_monai_layout(monai_state: dict[str, "Tensor"], encoder: "Swin3DConfig", source: str) -> None:
+def check_monai_layout(monai_state: dict[str, Tensor], encoder: Swin3DConfig, source: str) -> None:
     """Refuse a swinViT state dict whose keys or shapes differ from MONAI's for ``encoder``.
 
     Raises:
@@ -121,7 +143,7 @@ def check_monai_layout(monai_state: dict[str, "Tensor"], encoder: "Swin3DConfig"
     check_state_fits(expected, monai_state, "MONAI SwinUNETR.swinViT for its architecture", str(source))
 
 
-def monai_swinvit_state(model: "SMARTFormer", source: str) -> dict[str, "Tensor"]:
+def monai_swinvit_state(model: SMARTFormer, source: str) -> dict[str, Tensor]:
     """The Swin encoder of ``model`` under MONAI ``SwinUNETR``'s ``swinViT.*`` keys, every one of them, checked
     against MONAI's layout for its architecture (:func:`check_monai_layout`; ``source`` names the weights
     in the error). A ViT encoder has no such layout: its weights go to MONAI's ``ViT`` through
@@ -131,7 +153,7 @@ def monai_swinvit_state(model: "SMARTFormer", source: str) -> dict[str, "Tensor"
     return monai_state
 
 
-def new_swinunetr(encoder: "Swin3DConfig", num_classes: int, roi: Sequence[int] = (64, 64, 64)) -> "SwinUNETR":
+def new_swinunetr(encoder: Swin3DConfig, num_classes: int, roi: Sequence[int] = (64, 64, 64)) -> SwinUNETR:
     """A randomly initialised ``SwinUNETR`` whose ``swinViT`` has exactly ``encoder``'s architecture."""
     kwargs = swinunetr_kwargs(encoder, num_classes, roi)
     with warnings.catch_warnings():
@@ -141,15 +163,25 @@ def new_swinunetr(encoder: "Swin3DConfig", num_classes: int, roi: Sequence[int] 
     if any(name not in kwargs and value != _FIXED_IN_OLD_MONAI[name] for name, value in wanted.items()):
         # Older MONAI: same SwinTransformer class and arguments as SwinUNETR builds, the encoder's values.
         net.swinViT = SwinTransformer(
-            in_chans=encoder.in_chans, embed_dim=encoder.embed_dim, window_size=wanted["window_size"],
-            patch_size=(encoder.patch_size,) * 3, depths=tuple(encoder.depths), num_heads=tuple(encoder.num_heads),
-            mlp_ratio=encoder.mlp_ratio, qkv_bias=encoder.qkv_bias, drop_path_rate=encoder.drop_path_rate,
-            spatial_dims=3, downsample="merging", use_v2=False)
+            in_chans=encoder.in_chans,
+            embed_dim=encoder.embed_dim,
+            window_size=wanted["window_size"],
+            patch_size=(encoder.patch_size,) * 3,
+            depths=tuple(encoder.depths),
+            num_heads=tuple(encoder.num_heads),
+            mlp_ratio=encoder.mlp_ratio,
+            qkv_bias=encoder.qkv_bias,
+            drop_path_rate=encoder.drop_path_rate,
+            spatial_dims=3,
+            downsample="merging",
+            use_v2=False,
+        )
     return net
 
 
-def build_segmenter(checkpoint: str | Path, num_classes: int, roi: Sequence[int] = (64, 64, 64),
-                    seed: int = 0) -> tuple["SwinUNETR", "Swin3DConfig"]:
+def build_segmenter(
+    checkpoint: str | Path, num_classes: int, roi: Sequence[int] = (64, 64, 64), seed: int = 0
+) -> tuple[SwinUNETR, Swin3DConfig]:
     """A ``SwinUNETR`` for ``num_classes`` foreground classes whose encoder is ``checkpoint``'s.
 
     ``checkpoint`` is a save_pretrained directory, a pretraining run directory (its ``teacher/``) or
@@ -162,17 +194,23 @@ def build_segmenter(checkpoint: str | Path, num_classes: int, roi: Sequence[int]
         SmartformerError: an architecture ``SwinUNETR`` cannot take, or weights that do not fit it.
     """
     encoder_model = load_encoder(str(checkpoint), seed=seed)
-    return segmenter_from_encoder(encoder_model, num_classes, roi, seed, source=str(checkpoint)), \
-        encoder_model.config.backbone
+    return segmenter_from_encoder(
+        encoder_model, num_classes, roi, seed, source=str(checkpoint)
+    ), encoder_model.config.backbone
 
 
-def segmenter_from_encoder(encoder_model: "SMARTFormer", num_classes: int, roi: Sequence[int] = (64, 64, 64),
-                           seed: int = 0, source: str = "encoder") -> "SwinUNETR":
+def segmenter_from_encoder(
+    encoder_model: SMARTFormer,
+    num_classes: int,
+    roi: Sequence[int] = (64, 64, 64),
+    seed: int = 0,
+    source: str = "encoder",
+) -> SwinUNETR:
     """:func:`build_segmenter` for a network already loaded (``source`` names it in errors)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = new_swinunetr(encoder_model.config.backbone, num_classes, roi)
-    state = {k[len(MONAI_PREFIX):]: v for k, v in to_monai_state_dict(encoder_model.backbone.state_dict()).items()}
+    state = {k[len(MONAI_PREFIX) :]: v for k, v in to_monai_state_dict(encoder_model.backbone.state_dict()).items()}
     try:
         net.swinViT.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -201,12 +239,19 @@ class SegmentationConfig:
     def num_classes(self) -> int:
         return len(self.label_ids)
 
-    def encoder_config(self) -> "Swin3DConfig":
+    def encoder_config(self) -> Swin3DConfig:
         return Swin3DConfig(**self.encoder)
 
 
-def _sliding_logits(net: "torch.nn.Module", image: "torch.Tensor", roi: Sequence[int], overlap: float,
-                    device: "torch.device", sw_batch_size: int = 2) -> "torch.Tensor":
+def _sliding_logits(
+    net: torch.nn.Module,
+    image: torch.Tensor,
+    roi: Sequence[int],
+    overlap: float,
+    device: torch.device,
+    sw_batch_size: int = 2,
+) -> torch.Tensor:
     """(1, K+1, X, Y, Z) logits of a (1, X, Y, Z) volume, blended over overlapping ROI windows."""
-    return sliding_window_inference(image[None].to(device), tuple(roi), sw_batch_size, net, overlap=overlap,
-                                    mode="gaussian", progress=False)
+    return sliding_window_inference(
+        image[None].to(device), tuple(roi), sw_batch_size, net, overlap=overlap, mode="gaussian", progress=False
+    )

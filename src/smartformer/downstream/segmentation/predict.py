@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from monai.networks.nets import SwinUNETR
 
 
-def load_segmenter(run_dir: str | Path, device: "torch.device | str" = "cpu") -> tuple["SwinUNETR", SegmentationConfig]:
+def load_segmenter(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[SwinUNETR, SegmentationConfig]:
     """The trained network of a run folder (``segmentation.json`` + ``best.safetensors``), in eval mode.
 
     Raises:
@@ -45,8 +45,11 @@ def load_segmenter(run_dir: str | Path, device: "torch.device | str" = "cpu") ->
         raise InputError(run_dir, "does not exist" if not run_dir.exists() else "is not a folder")
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise InputError(run_dir, f"not a segmentation run: {path.name} is missing "
-                                      f"(expected {CONFIG_FILE} + {WEIGHTS_FILE} from 'smartformer segment train')")
+            raise InputError(
+                run_dir,
+                f"not a segmentation run: {path.name} is missing "
+                f"(expected {CONFIG_FILE} + {WEIGHTS_FILE} from 'smartformer segment train')",
+            )
     try:
         config = SegmentationConfig(**json.loads(config_path.read_text()))
         encoder = config.encoder_config()
@@ -60,7 +63,9 @@ def load_segmenter(run_dir: str | Path, device: "torch.device | str" = "cpu") ->
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise InputError(weights_path, f"weights do not match {CONFIG_FILE} ({' '.join(str(exc).split())[:300]})") from None
+        raise InputError(
+            weights_path, f"weights do not match {CONFIG_FILE} ({' '.join(str(exc).split())[:300]})"
+        ) from None
     return net.to(device).eval(), config
 
 
@@ -68,8 +73,8 @@ def load_segmenter(run_dir: str | Path, device: "torch.device | str" = "cpu") ->
 class LabelPrediction:
     """A label map on the input CT's grid: ``labels`` (X, Y, Z) with the original ids, ``affine`` RAS."""
 
-    labels: "np.ndarray"
-    affine: "np.ndarray"
+    labels: np.ndarray
+    affine: np.ndarray
     label_ids: list[int]
 
     def volumes_ml(self) -> dict[int, float]:
@@ -79,9 +84,14 @@ class LabelPrediction:
         return {i: float(counts[i]) * voxel_ml for i in self.label_ids}
 
 
-def predict_labels(net: "torch.nn.Module", config: SegmentationConfig, ct: "str | Path | MetaTensor",
-                   overlap: float | None = None, device: "torch.device | str" = "cpu",
-                   sw_batch_size: int = 2) -> LabelPrediction:
+def predict_labels(
+    net: torch.nn.Module,
+    config: SegmentationConfig,
+    ct: str | Path | MetaTensor,
+    overlap: float | None = None,
+    device: torch.device | str = "cpu",
+    sw_batch_size: int = 2,
+) -> LabelPrediction:
     """Segment one CT (a path in any supported format, or a :func:`read_ct` volume) on its own grid.
 
     Preprocessed as in training (RAS, body crop, spacing, window, pad), sliding-window logits and
@@ -89,18 +99,28 @@ def predict_labels(net: "torch.nn.Module", config: SegmentationConfig, ct: "str 
     (voxels outside the body crop are background) and mapped back to the original label ids.
     """
     original = ct if isinstance(ct, MetaTensor) else read_ct(ct)
-    image = _preprocess(config.spacing, config.window, config.roi, with_label=False)({"image": original.clone()})["image"]
+    image = _preprocess(config.spacing, config.window, config.roi, with_label=False)({"image": original.clone()})[
+        "image"
+    ]
     net = net.eval().to(device)
     with torch.no_grad():
-        logits = _sliding_logits(net, image.as_tensor(), config.roi, config.overlap if overlap is None else overlap,
-                                 torch.device(device), sw_batch_size)
+        logits = _sliding_logits(
+            net,
+            image.as_tensor(),
+            config.roi,
+            config.overlap if overlap is None else overlap,
+            torch.device(device),
+            sw_batch_size,
+        )
     classes = logits[0].argmax(0, keepdim=True).cpu().to(torch.float32)
     on_input = SpatialResample(mode="nearest", padding_mode="zeros", dtype=torch.float32)(
-        MetaTensor(classes, affine=image.affine), dst_affine=original.affine, spatial_size=original.shape[1:])
+        MetaTensor(classes, affine=image.affine), dst_affine=original.affine, spatial_size=original.shape[1:]
+    )
     lut = np.asarray([0, *config.label_ids], dtype=np.uint8 if max(config.label_ids) <= 255 else np.uint16)
     labels = lut[np.rint(on_input.as_tensor()[0].numpy()).astype(np.int64)]
-    return LabelPrediction(labels=labels, affine=np.asarray(original.affine, dtype=np.float64),
-                           label_ids=list(config.label_ids))
+    return LabelPrediction(
+        labels=labels, affine=np.asarray(original.affine, dtype=np.float64), label_ids=list(config.label_ids)
+    )
 
 
 def write_labels(prediction: LabelPrediction, path: str | Path) -> Path:

@@ -90,26 +90,41 @@ def check_settings(s: SegmentationSettings) -> None:
     parse_window(s.window)
     check_input_size(s.roi, "ROI")  # SwinUNETR downsamples by the same factor as the Swin encoder
     if math.prod(r // SIZE_MULTIPLE for r in s.roi) < 2:
-        raise SmartformerError(f"ROI {list(s.roi)}: too small to train (the {SIZE_MULTIPLE}x-downsampled patch must "
-                               "have more than one voxel for instance norm); use e.g. 64 or 64 x 32 x 32")
+        raise SmartformerError(
+            f"ROI {list(s.roi)}: too small to train (the {SIZE_MULTIPLE}x-downsampled patch must "
+            "have more than one voxel for instance norm); use e.g. 64 or 64 x 32 x 32"
+        )
     if s.label_ids is not None:
-        if not s.label_ids or len(set(s.label_ids)) != len(s.label_ids) or any(i <= 0 or i > 65535 for i in s.label_ids):
+        if (
+            not s.label_ids
+            or len(set(s.label_ids)) != len(s.label_ids)
+            or any(i <= 0 or i > 65535 for i in s.label_ids)
+        ):
             raise SmartformerError(f"label ids {list(s.label_ids)}: give distinct label ids in 1..65535")
         if len(s.label_ids) > 255:
             raise SmartformerError(f"{len(s.label_ids)} label ids: at most 255 classes")
-    positive = {"max_steps": s.max_steps, "val_every": s.val_every, "batch_size": s.batch_size, "log_every": s.log_every}
+    positive = {
+        "max_steps": s.max_steps,
+        "val_every": s.val_every,
+        "batch_size": s.batch_size,
+        "log_every": s.log_every,
+    }
     for name, value in positive.items():
         if value < 1:
             raise SmartformerError(f"{name} must be at least 1, got {value}")
     if s.lr <= 0 or s.weight_decay < 0 or s.warmup_steps < 0 or s.freeze_encoder_steps < 0:
-        raise SmartformerError(f"lr must be positive (got {s.lr:g}); weight_decay, warmup_steps and "
-                               f"freeze_encoder_steps >= 0 (got {s.weight_decay:g}, {s.warmup_steps}, "
-                               f"{s.freeze_encoder_steps})")
+        raise SmartformerError(
+            f"lr must be positive (got {s.lr:g}); weight_decay, warmup_steps and "
+            f"freeze_encoder_steps >= 0 (got {s.weight_decay:g}, {s.warmup_steps}, "
+            f"{s.freeze_encoder_steps})"
+        )
     if s.warmup_steps > s.max_steps:
         raise SmartformerError(f"warmup_steps {s.warmup_steps} exceeds the {s.max_steps} training steps")
     if any(a not in (0, 1, 2) for a in s.flip_axes) or not 0.0 <= s.flip_prob <= 1.0:
-        raise SmartformerError(f"flip axes take 0, 1, 2 (RAS x, y, z), got {list(s.flip_axes)}, and the flip "
-                               f"probability is in [0, 1], got {s.flip_prob:g}")
+        raise SmartformerError(
+            f"flip axes take 0, 1, 2 (RAS x, y, z), got {list(s.flip_axes)}, and the flip "
+            f"probability is in [0, 1], got {s.flip_prob:g}"
+        )
     if not 0.0 <= s.overlap < 1.0:
         raise SmartformerError(f"sliding-window overlap must be in [0, 1), got {s.overlap:g}")
 
@@ -129,20 +144,34 @@ def _atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _save_model(net: "torch.nn.Module", config: SegmentationConfig, out_dir: Path) -> None:
+def _save_model(net: torch.nn.Module, config: SegmentationConfig, out_dir: Path) -> None:
     """``best.safetensors`` then ``segmentation.json``, each written atomically with the umask's
     permissions (safetensors' own ``save_file`` makes 0600 files a colleague cannot read)."""
-    atomic_write_bytes(out_dir / WEIGHTS_FILE,
-                       save({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
-                            metadata={"format": "pt", "smartformer_segmentation": str(FORMAT_VERSION)}))
+    atomic_write_bytes(
+        out_dir / WEIGHTS_FILE,
+        save(
+            {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
+            metadata={"format": "pt", "smartformer_segmentation": str(FORMAT_VERSION)},
+        ),
+    )
     _atomic_write_text(out_dir / CONFIG_FILE, json.dumps(asdict(config), indent=2) + "\n")
 
 
 def _train_transforms(s: SegmentationSettings) -> Any:
     keys = ["image", "label"]
-    steps: list[Any] = [RandCropByPosNegLabeld(keys, label_key="label", spatial_size=list(s.roi), pos=1, neg=1,
-                                               num_samples=1, image_key="image", image_threshold=0.0,
-                                               allow_smaller=True)]
+    steps: list[Any] = [
+        RandCropByPosNegLabeld(
+            keys,
+            label_key="label",
+            spatial_size=list(s.roi),
+            pos=1,
+            neg=1,
+            num_samples=1,
+            image_key="image",
+            image_threshold=0.0,
+            allow_smaller=True,
+        )
+    ]
     steps += [RandFlipd(keys, prob=s.flip_prob, spatial_axis=axis) for axis in s.flip_axes]
     steps += [RandScaleIntensityd("image", factors=0.1, prob=0.5), RandShiftIntensityd("image", offsets=0.1, prob=0.5)]
     return Compose(steps, lazy=False).set_random_state(seed=s.seed)
@@ -168,8 +197,14 @@ class _Batches:
         return picked
 
 
-def dice_per_case(net: "torch.nn.Module", cases: Sequence[dict[str, Any]], label_ids: Sequence[int],
-                  roi: Sequence[int], overlap: float = 0.25, device: "torch.device | str" = "cpu") -> list[dict[str, float]]:
+def dice_per_case(
+    net: torch.nn.Module,
+    cases: Sequence[dict[str, Any]],
+    label_ids: Sequence[int],
+    roi: Sequence[int],
+    overlap: float = 0.25,
+    device: torch.device | str = "cpu",
+) -> list[dict[str, float]]:
     """Dice per class of each case (preprocessed, remapped), keyed by original label id.
 
     MONAI ``DiceMetric`` (background left out) on the preprocessed grid, one dict per case; a class
@@ -191,8 +226,14 @@ def dice_per_case(net: "torch.nn.Module", cases: Sequence[dict[str, Any]], label
     return [{str(i): float(v) for i, v in zip(label_ids, row)} for row in rows]
 
 
-def validate(net: "torch.nn.Module", cases: Sequence[dict[str, Any]], label_ids: Sequence[int],
-             roi: Sequence[int], overlap: float = 0.25, device: "torch.device | str" = "cpu") -> dict[str, float]:
+def validate(
+    net: torch.nn.Module,
+    cases: Sequence[dict[str, Any]],
+    label_ids: Sequence[int],
+    roi: Sequence[int],
+    overlap: float = 0.25,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
     """Mean Dice per class over ``cases`` (:func:`dice_per_case`), keyed by original label id.
 
     A class absent from a case's label map does not count for that case, and is NaN when absent
@@ -211,10 +252,16 @@ def _mean(dice: dict[str, float]) -> float:
     return sum(finite) / len(finite) if finite else float("nan")
 
 
-def train_segmentation(checkpoint: str | Path, train_cases: Sequence[Case], val_cases: Sequence[Case],
-                       out_dir: str | Path, settings: SegmentationSettings | None = None,
-                       device: "torch.device | str | None" = None, progress: bool = True,
-                       log: Callable[[str], None] = print) -> TrainResult:
+def train_segmentation(
+    checkpoint: str | Path,
+    train_cases: Sequence[Case],
+    val_cases: Sequence[Case],
+    out_dir: str | Path,
+    settings: SegmentationSettings | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
     """Fine-tune ``SwinUNETR`` (encoder from ``checkpoint``) on ``train_cases``, validating on ``val_cases``.
 
     Everything is read and checked before ``out_dir`` is touched. Validation (sliding window,
@@ -235,38 +282,63 @@ def train_segmentation(checkpoint: str | Path, train_cases: Sequence[Case], val_
     encoder = encoder_model.config.backbone
     swinunetr_kwargs(encoder, 1, s.roi)  # ... or on an encoder width SwinUNETR cannot take
 
-    loaded = [load_case(c, s.spacing, s.window, s.roi) for c in tqdm(
-        [*train_cases, *val_cases], desc="cases", unit="case", disable=not progress)]
-    label_ids = list(s.label_ids) if s.label_ids is not None else sorted(
-        {i for case in loaded[:len(train_cases)] for i in case["ids"] if i != 0})
+    loaded = [
+        load_case(c, s.spacing, s.window, s.roi)
+        for c in tqdm([*train_cases, *val_cases], desc="cases", unit="case", disable=not progress)
+    ]
+    label_ids = (
+        list(s.label_ids)
+        if s.label_ids is not None
+        else sorted({i for case in loaded[: len(train_cases)] for i in case["ids"] if i != 0})
+    )
     if not label_ids:
         raise InputError(train_cases[0].mask, "no foreground label in any training label map")
-    present = {i for case in loaded[:len(train_cases)] for i in case["ids"]}
+    present = {i for case in loaded[: len(train_cases)] for i in case["ids"]}
     absent = [i for i in label_ids if i not in present]
     if absent:
-        raise InputError(train_cases[0].mask, f"label id(s) {absent} occur in no training label map "
-                                               f"(found {sorted(present - {0})})")
+        raise InputError(
+            train_cases[0].mask, f"label id(s) {absent} occur in no training label map (found {sorted(present - {0})})"
+        )
     if len(label_ids) > 255:
         raise SmartformerError(f"{len(label_ids)} label ids found; at most 255 classes can be segmented, choose some")
     for case in loaded:
         case["label"] = remap_labels(case["label"], label_ids)
-    train_data, val_data = loaded[:len(train_cases)], loaded[len(train_cases):]
+    train_data, val_data = loaded[: len(train_cases)], loaded[len(train_cases) :]
 
     net = segmenter_from_encoder(encoder_model, len(label_ids), s.roi, seed=s.seed, source=str(checkpoint))
-    log(f"encoder: {checkpoint} -> SwinUNETR.swinViT, {len(net.swinViT.state_dict())} tensors loaded strictly "
+    log(
+        f"encoder: {checkpoint} -> SwinUNETR.swinViT, {len(net.swinViT.state_dict())} tensors loaded strictly "
         f"(feature size {encoder.embed_dim}, depths {list(encoder.depths)}, heads {list(encoder.num_heads)}, "
-        f"window {list(encoder.window_size)}); {plural(len(label_ids), 'class', 'classes')}: label ids {label_ids}")
+        f"window {list(encoder.window_size)}); {plural(len(label_ids), 'class', 'classes')}: label ids {label_ids}"
+    )
     net = net.to(device).train()
-    config = SegmentationConfig(label_ids=label_ids, encoder=encoder.to_dict(), spacing=list(s.spacing),
-                                window=s.window if isinstance(s.window, str) else list(s.window),
-                                roi=list(s.roi), overlap=s.overlap, checkpoint=str(checkpoint))
+    config = SegmentationConfig(
+        label_ids=label_ids,
+        encoder=encoder.to_dict(),
+        spacing=list(s.spacing),
+        window=s.window if isinstance(s.window, str) else list(s.window),
+        roi=list(s.roi),
+        overlap=s.overlap,
+        checkpoint=str(checkpoint),
+    )
 
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / METRICS_FILE
     metrics_path.write_text("")
-    _atomic_write_text(out / "settings.json", json.dumps(
-        {"settings": asdict(s), "label_ids": label_ids, "checkpoint": str(checkpoint),
-         "train_cases": [c.case for c in train_cases], "val_cases": [c.case for c in val_cases]}, indent=2) + "\n")
+    _atomic_write_text(
+        out / "settings.json",
+        json.dumps(
+            {
+                "settings": asdict(s),
+                "label_ids": label_ids,
+                "checkpoint": str(checkpoint),
+                "train_cases": [c.case for c in train_cases],
+                "val_cases": [c.case for c in val_cases],
+            },
+            indent=2,
+        )
+        + "\n",
+    )
 
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.AdamW(net.parameters(), lr=s.lr, weight_decay=s.weight_decay)
@@ -303,8 +375,9 @@ def train_segmentation(checkpoint: str | Path, train_cases: Sequence[Case], val_
             frozen = False
         for group in optimizer.param_groups:
             group["lr"] = float(lrs[step - 1])
-        samples = [augment({"image": train_data[i]["image"], "label": train_data[i]["label"]})[0]
-                   for i in batches.next()]
+        samples = [
+            augment({"image": train_data[i]["image"], "label": train_data[i]["label"]})[0] for i in batches.next()
+        ]
         image = torch.stack([torch.as_tensor(x["image"]) for x in samples]).to(device)
         label = torch.stack([torch.as_tensor(x["label"]) for x in samples]).to(device)
         loss = loss_fn(net(image), label)
@@ -314,13 +387,19 @@ def train_segmentation(checkpoint: str | Path, train_cases: Sequence[Case], val_
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", best_dice=f"{max(best_mean, 0.0):.3f}")
         if step % s.log_every == 0 or step == s.max_steps:
-            record({"step": step, "loss": float(loss.item()), "lr": float(lrs[step - 1]),
-                    "encoder_frozen": frozen, "elapsed_s": round(time.perf_counter() - start, 2)})
+            record(
+                {
+                    "step": step,
+                    "loss": float(loss.item()),
+                    "lr": float(lrs[step - 1]),
+                    "encoder_frozen": frozen,
+                    "elapsed_s": round(time.perf_counter() - start, 2),
+                }
+            )
         if step % s.val_every == 0 or step == s.max_steps:
             run_validation(step)
     bar.close()
     if best_step == 0 and not (out / WEIGHTS_FILE).exists():  # every validation was NaN: keep the last model
         config.step = s.max_steps
         _save_model(net, config, out)
-    return TrainResult(out_dir=out, best_step=best_step, best_dice=best_dice, best_mean_dice=best_mean,
-                       history=history)
+    return TrainResult(out_dir=out, best_step=best_step, best_dice=best_dice, best_mean_dice=best_mean, history=history)
