@@ -207,3 +207,21 @@ def test_normalize_option_reaches_the_maps_and_the_json(phantom, checkpoint, tmp
     peak = np.asarray(nib.load(str(tmp_path / "max" / "ct_mean.nii.gz")).dataobj)
     uniform = np.asarray(nib.load(str(tmp_path / "uniform" / "ct_mean.nii.gz")).dataobj)
     assert peak.max() <= 1.0 + 1e-3 < uniform.max()
+
+
+def test_mode_option_reaches_the_maps_and_the_json(phantom, checkpoint, tmp_path):
+    """--mode picks how the network meets the CT; the CLI's maps are the library's for that mode."""
+    import json
+
+    from smartformer.analysis.attention import attention_volume
+
+    model = SMARTFormer.from_pretrained(checkpoint / "teacher").eval()
+    means = {}
+    for mode in ("whole", "sliding"):
+        assert _attention(checkpoint, phantom / "ct.nii.gz", tmp_path / mode, "--mode", mode, "--no-progress") == 0
+        assert json.loads((tmp_path / mode / "ct.json").read_text())["mode"] == mode
+        means[mode] = np.asarray(nib.load(str(tmp_path / mode / "ct_mean.nii.gz")).dataobj, dtype=np.float32)
+        expected = attention_volume(model, phantom / "ct.nii.gz", spacing=5.0, roi=32, mode=mode).mean
+        step = float(expected.max()) / 65535  # the 16-bit storage: max / 65535 per level
+        np.testing.assert_allclose(means[mode], expected, atol=step)
+    assert not np.allclose(means["whole"], means["sliding"], atol=1e-3)  # two ways, two maps

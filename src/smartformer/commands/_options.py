@@ -84,7 +84,8 @@ def add_roi(p: argparse.ArgumentParser, what: str = "sliding-window size") -> No
 
 
 def add_inference_arguments(p: argparse.ArgumentParser) -> None:
-    """``--spacing``, ``--window``, ``--roi``, ``--overlap``, ``--normalize``: how a CT is fed to the network."""
+    """``--spacing``, ``--window``, ``--roi``, ``--overlap``, ``--normalize``, ``--mode``: how a CT is fed to the
+    network."""
     add_spacing_window(p)
     add_roi(p)
     p.add_argument(
@@ -100,6 +101,14 @@ def add_inference_arguments(p: argparse.ArgumentParser) -> None:
         default="uniform",
         help="how windows are made comparable before blending: relative to a uniform map "
         "(default), or to each window's peak (before issue 17; shows the windows as blocks)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=["auto", "whole", "sliding"],
+        default="auto",
+        help="whole: the backbone runs once over the whole CT and the semantic attention on each ROI "
+        "window of its tokens (faster); sliding: the whole network on each ROI window (MONAI's sliding "
+        "window); auto (default): whole for Swin models on CTs that fit its memory, else sliding",
     )
 
 
@@ -177,6 +186,7 @@ def inference_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "roi": args.roi[0] if len(args.roi) == 1 else tuple(args.roi),
         "overlap": args.overlap,
         "normalize": args.normalize,
+        "mode": args.mode,
     }
 
 

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="semantic attention maps of a CT (NIfTI on the CT's grid + PNG)",
         description=(
             "Compute the teacher's per-head and mean semantic attention for a CT of any size "
-            "(sliding window with overlap and Gaussian blending), resampled back onto the input "
+            "(ROI windows with overlap and Gaussian blending; see --mode), resampled back onto the input "
             "grid. Writes NAME_mean.nii.gz (exactly the input's shape and affine, so it overlays in "
             "3D Slicer), NAME_heads.nii.gz (4D, one volume per head), NAME.png (axial, coronal and "
             "sagittal slices through the mask's centroid, or the body's centre, with the map over the CT inside "
