@@ -65,6 +65,13 @@ TRIALS: dict[str, list[str]] = {
     "prototypes_256": ["model.head_out_dim=256"],  # fewer prototypes for small data and batch
     "sinkhorn_queue": ["loss.centering=sinkhorn", "loss.cls_queue=2048"],  # SwAV's small-batch remedy
     "multicrop": ["data.local_views=4"],  # DINO's multi-crop: 4 local 32^3 views per volume for the student
+    # the sharpening that kept the [CLS] targets informative, with the local views that taught position
+    "cls_temp_0.02_multicrop": [
+        "loss.teacher_temp=0.02",
+        "loss.warmup_teacher_temp=0.02",
+        "loss.patch_teacher_temp=0.07",
+        "data.local_views=4",
+    ],
 }
 #: Every trial: the same budget, seed and logging; one thread, so a trial runs beside other work.
 COMMON = [
