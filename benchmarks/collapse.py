@@ -43,6 +43,8 @@ from typing import Any
 # the same corpus, crops and token probes as the quality benchmark (this folder is on sys.path)
 from quality import cached, central_crop, corpus, organ_probes, position_probe_of
 
+from smartformer.analysis.report import MONITOR_KEYS
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results" / "collapse.json"
@@ -136,19 +138,9 @@ def _finished_step(run: Path) -> int:
 # ---------------------------------------------------------------------------- measurements
 def log_medians(
     run: Path,
-    keys: tuple[str, ...] = (
-        "teacher_cls_entropy",
-        "teacher_cls_batch_entropy",
-        "teacher_patch_entropy",
-        "teacher_patch_batch_entropy",
-        "teacher_cls_cosine",
-        "attn_air_share",
-        "air_cell_share",
-        "loss_cls",
-        "head_diversity",
-    ),
+    keys: tuple[str, ...] = (*MONITOR_KEYS, "air_cell_share", "loss_cls", "head_diversity"),
 ) -> dict[str, float]:
-    """Median of each monitor over the last fifth of the logged steps."""
+    """Median of each monitor (the ones ``report`` draws, and more) over the last fifth of the logged steps."""
     from smartformer.train.monitor import read_metrics
 
     rows = read_metrics(run / "metrics.jsonl")
