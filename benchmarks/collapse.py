@@ -138,7 +138,7 @@ def _finished_step(run: Path) -> int:
 # ---------------------------------------------------------------------------- measurements
 def log_medians(
     run: Path,
-    keys: tuple[str, ...] = (*MONITOR_KEYS, "air_cell_share", "loss_cls", "head_diversity"),
+    keys: tuple[str, ...] = (*MONITOR_KEYS, "air_cell_share", "loss_cls", "loss_recon", "head_diversity"),
 ) -> dict[str, float]:
     """Median of each monitor (the ones ``report`` draws, and more) over the last fifth of the logged steps."""
     from smartformer.train.monitor import read_metrics
