@@ -171,16 +171,19 @@ def mean_pairwise_cosine(x: Any) -> float:
     return float(sum(float(z[i] @ z[j]) for i, j in pairs) / len(pairs))
 
 
-def probe_measures(run: Path | None, crops: Any, seed: int = 0) -> dict[str, float]:
-    """[CLS] cosine, target entropies and air share of the final teacher (``run=None``: random weights)."""
+def probe_measures(run: Path | None, crops: Any, seed: int = 0, config: Any = None) -> dict[str, float]:
+    """[CLS] cosine, target entropies and air share of the final teacher (``run=None``: random weights).
+
+    ``config`` is the run's; by default the trial's of the same name.
+    """
     import torch
 
     from smartformer.config import load_config
     from smartformer.train.checkpoint import load_checkpoint
     from smartformer.train.ssl_meta_arch import SMARTMetaArch, collapse_monitors
 
-    name = run.name if run is not None else "baseline"
-    config = load_config("tiny", [*COMMON, *TRIALS[name]])
+    if config is None:
+        config = load_config("tiny", [*COMMON, *TRIALS[run.name if run is not None else "baseline"]])
     torch.manual_seed(seed)
     meta = SMARTMetaArch(config).eval()
     temp = config.loss.teacher_temp

@@ -51,8 +51,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-RESULTS = ROOT / "benchmarks" / "results" / "quality.json"
-PLOT = ROOT / "docs" / "quality.png"
+RESULTS = ROOT / "benchmarks" / "results"
+PLOTS = ROOT / "docs"
 
 #: The published paper's method on the tiny backbone (see docs/PAPER.md).
 PAPER = [
@@ -63,6 +63,8 @@ PAPER = [
     "masking.ratio=0.7",
     "masking.hint_ratio=0.1",
 ]
+#: The sharper [CLS] teacher temperature of issue 14, the patch branch left at DINO's 0.07.
+CLS_TEMP_0_02 = ["loss.teacher_temp=0.02", "loss.warmup_teacher_temp=0.02", "loss.patch_teacher_temp=0.07"]
 #: Config overrides of each variant (``None``: no pretraining, the random-init baseline).
 VARIANTS: dict[str, list[str] | None] = {
     "random_init": None,
@@ -76,6 +78,13 @@ VARIANTS: dict[str, list[str] | None] = {
     # uniform targets at once -- SMART with a dead [CLS] branch and a fixed random query (the
     # default before the fix; kept as the ablation it turned out to be).
     "smart_layerscale_1e-4": ["model.semantic_layer_scale=0.0001"],
+    # -- issue 14's candidate recipes (`--suite issue14`), from the collapse trials
+    # (benchmarks/collapse.py): the 0.02 [CLS] temperature kept its targets informative at batch
+    # 2, the patch branch kept at 0.07 avoids its one-hot collapse, and DINO's multi-crop (four
+    # 32^3 local views per volume) was the one trial whose features placed a crop in its body
+    # better than random weights.
+    "smart_cls0.02": [*CLS_TEMP_0_02],
+    "smart_cls0.02_multicrop": [*CLS_TEMP_0_02, "data.local_views=4"],
     # -- the published paper's ablations (issue 13; `--suite paper`), on the tiny backbone: its
     # method is ViT semantic attention in stage 3 (stride 8), GITD, noise 0.7, mask 0.7 / hint 0.1.
     **{
@@ -122,6 +131,32 @@ ORDER = [
     "smit_like:1",
     "random_init:1",
 ]
+#: ``--suite issue14``: the candidate recipe at the issue's budget, three pretraining seeds (the
+#: localization is averaged over them) against three random inits; the costly few-label
+#: segmentation runs on seed 0 of each (``"all"``), the other seeds get the rest (``"probes"``).
+ISSUE14 = {
+    "random_init:0": "all",
+    "smart_cls0.02_multicrop:0": "all",
+    "smart_cls0.02_multicrop:1": "probes",
+    "smart_cls0.02_multicrop:2": "probes",
+    "random_init:1": "probes",
+    "random_init:2": "probes",
+}
+#: Each suite: its runs in order, a fixed step budget (None: calibrated from ``--budget-minutes``),
+#: and where its report goes.
+SUITES: dict[str, dict[str, Any]] = {
+    "issue7": {"order": ORDER, "steps": None, "results": "quality.json", "plot": "quality.png"},
+    "paper": {"order": PAPER_ORDER, "steps": None, "results": "quality.json", "plot": "quality.png"},
+    # Issue 14's budget is at most 2 CPU-hours of pretraining per run: 1500 steps of the recipe
+    # take about 1.6 hours on one thread of this machine (3.9 s each, multi-crop included).
+    "issue14": {
+        "order": list(ISSUE14),
+        "steps": 1500,
+        "evaluations": ISSUE14,
+        "results": "quality_issue14.json",
+        "plot": "quality_issue14.png",
+    },
+}
 #: Few-label segmentation: seeded patient splits, training-set sizes, and the fine-tuning schedule.
 SEG_SPLITS = (0, 1, 2)
 SEG_TRAIN_SIZES = (5, 10)
@@ -143,7 +178,7 @@ EVALUATIONS = {
     "probes": ("localize", "cluster", "probe", "diversity", "tokens"),
 }
 #: Evaluations added after the first runs, by the key they write: an eval.json without it is completed.
-NEWER_KEYS = {"tokens": "organ_probe", "segmentation": "fewlabel"}
+NEWER_KEYS = {"tokens": "cls_probe", "segmentation": "fewlabel"}
 COMMON = [
     "data.roi=[64,64,64]",
     "data.num_workers=1",
@@ -276,8 +311,11 @@ def checkpoint_of(work: Path, name: str, seed: int) -> Path:
     return path
 
 
-def pretrain(work: Path, name: str, seed: int, steps: int) -> dict[str, Any]:
-    """Pretrain one variant for ``steps`` steps (resuming an interrupted run); cached."""
+def pretrain(work: Path, name: str, seed: int, steps: int, threads: int | None = None) -> dict[str, Any]:
+    """Pretrain one variant for ``steps`` steps (resuming an interrupted run); cached.
+
+    ``threads`` sets ``train.threads`` (the run's results do not depend on it, only its speed).
+    """
     run = work / "runs" / f"{name}-s{seed}"
     done = run / "pretrain.json"
     if done.is_file():
@@ -294,6 +332,7 @@ def pretrain(work: Path, name: str, seed: int, steps: int) -> dict[str, Any]:
             if resume
             else ["--config", "tiny", f"train.seed={seed}", f"data.cache_dir={work / 'cache'}", *COMMON, *overrides]
         )
+        args += [f"train.threads={threads}"] if threads else []
         print(f"[{name}:{seed}] pretraining {steps} steps" + (" (resuming)" if resume else ""), flush=True)
         smartformer(*args, log=run.parent / f"{name}-s{seed}.log")
         from smartformer.train.checkpoint import load_checkpoint
@@ -405,6 +444,7 @@ def evaluate(work: Path, name: str, seed: int, which: tuple[str, ...] = EVALUATI
     result["probe"] = json.loads((ev / "probe" / "metrics.json").read_text())
     result["head_diversity"] = head_diversity(work, ckpt) if semantic else None
     if "tokens" in which:
+        result["cls_probe"] = cached(ev / "cls_probe.json", lambda: cls_probe(work, name, seed))
         result["organ_probe"] = cached(ev / "organ_probe.json", lambda: organ_probes(ckpt))
         result["position_probe"] = cached(ev / "position_probe.json", lambda: position_probe_of(ckpt))
     if "segmentation" in which:
@@ -418,6 +458,19 @@ def cached(path: Path, compute: Any) -> Any:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(compute(), indent=2) + "\n")
     return json.loads(path.read_text())
+
+
+def cls_probe(work: Path, name: str, seed: int) -> dict[str, float]:
+    """Issue 14's collapse goals on the final teacher: the [CLS] cosine between the central 64^3
+    crops of five different CTs, and the entropy of its [CLS] targets on them (``collapse.py``)."""
+    from collapse import probe_crops, probe_measures
+
+    from smartformer.config import load_config
+
+    if VARIANTS[name] is None:  # random weights of the same seed
+        return probe_measures(None, probe_crops(), seed)
+    run = work / "runs" / f"{name}-s{seed}"
+    return probe_measures(run, probe_crops(), seed, config=load_config(str(run / "config.yaml")))
 
 
 def organ_probes(ckpt: Path) -> dict[str, Any]:
@@ -582,6 +635,8 @@ METRICS = {
         else None
     ),
     "position probe R2": lambda r: r["position_probe"]["r2"] if r.get("position_probe") else None,
+    "[CLS] cosine, 5 CTs": lambda r: (r.get("cls_probe") or {}).get("cls_cosine_5ct"),
+    "[CLS] target entropy, 5 CTs": lambda r: (r.get("cls_probe") or {}).get("cls_entropy_5ct"),
     **{f"tumour Dice, {n} patients": (lambda r, n=n: fewlabel_mean(r, n)) for n in SEG_TRAIN_SIZES},
 }
 
@@ -631,9 +686,11 @@ def slim(evaluation: dict[str, Any]) -> dict[str, Any]:
     return {**evaluation, "clustering": clustering}
 
 
-def report(work: Path, step_seconds: dict[str, float], budget: float) -> dict[str, Any]:
+def report(work: Path, step_seconds: dict[str, float], budget: float, suite: str = "issue7") -> dict[str, Any]:
+    """Write the table of the suite's finished runs (issue 7's and the paper's share one file)."""
+    keys = [k for name, s in SUITES.items() if s["results"] == SUITES[suite]["results"] for k in s["order"]]
     rows: dict[str, Any] = {}
-    for key in ORDER + PAPER_ORDER:
+    for key in dict.fromkeys(keys):
         name, seed = key.split(":")
         run = work / "runs" / f"{name}-s{seed}"
         if not (run / "eval.json").is_file():
@@ -666,18 +723,27 @@ def report(work: Path, step_seconds: dict[str, float], budget: float) -> dict[st
         for r in row["runs"]:  # paired with the random init of the same seed (else seed 0's)
             ref = reference.get(r["seed"], reference.get(0, next(iter(reference.values()))))
             r["fewlabel_vs_random"] = {str(n): fewlabel_vs(r["eval"], ref, n) for n in SEG_TRAIN_SIZES}
-    result = {
-        "budget_minutes_idle": budget,
-        "step_seconds_idle": step_seconds,
-        "variants": rows,
-        "complete": set(ORDER) <= {f"{n}:{r['seed']}" for n, v in rows.items() for r in v["runs"]},
-        "complete_paper": set(PAPER_ORDER) <= {f"{n}:{r['seed']}" for n, v in rows.items() for r in v["runs"]},
-    }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    finished = {f"{n}:{r['seed']}" for n, v in rows.items() for r in v["runs"]}
+    if SUITES[suite]["steps"] is None:
+        result = {
+            "budget_minutes_idle": budget,
+            "step_seconds_idle": step_seconds,
+            "variants": rows,
+            "complete": set(ORDER) <= finished,
+            "complete_paper": set(PAPER_ORDER) <= finished,
+        }
+    else:
+        result = {
+            "steps": SUITES[suite]["steps"],
+            "variants": rows,
+            "complete": set(SUITES[suite]["order"]) <= finished,
+        }
+    path = RESULTS / SUITES[suite]["results"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
     if rows:
-        plot(result)
+        plot(result, PLOTS / SUITES[suite]["plot"])
     return result
 
 
@@ -721,7 +787,7 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict[str, Any]) -> None:
+def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -760,8 +826,8 @@ def plot(result: dict[str, Any]) -> None:
             *axes.flat[0].get_legend_handles_labels(), loc="center", fontsize=9, title="localization baselines"
         )
     fig.tight_layout()
-    PLOT.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PLOT, dpi=110)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -777,9 +843,13 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, metavar="VARIANT:SEED")
     parser.add_argument(
         "--suite",
-        choices=("issue7", "paper"),
+        choices=list(SUITES),
         default="issue7",
-        help="the runs to do: issue 7's ablations (default) or the published paper's (issue 13)",
+        help="the runs to do: issue 7's ablations (default), the published paper's (issue 13), or issue 14's "
+        "recipe at a fixed 1500-step budget, 3 seeds",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="threads of each pretraining run (default: the CLI's)"
     )
     parser.add_argument("--report", action="store_true", help="only write the report from finished runs")
     parser.add_argument("--pretrain-only", action="store_true", help="pretrain the runs, evaluate none")
@@ -793,23 +863,30 @@ def main() -> None:
     if not DATA.is_dir():
         raise SystemExit(f"{DATA}: not found; this benchmark needs ../shared/data")
     args.work.mkdir(parents=True, exist_ok=True)
-    step_seconds = calibrate(args.work)
+    suite = SUITES[args.suite]
+    # a fixed step budget needs no calibration (whose cache a suite's fresh --work would lack)
+    step_seconds = calibrate(args.work) if suite["steps"] is None else {}
     if not args.report:
-        for key in args.only or (PAPER_ORDER if args.suite == "paper" else ORDER):
+        for key in args.only or suite["order"]:
             name, seed = key.split(":")
-            steps = (
-                0 if VARIANTS[name] is None else int(args.budget_minutes * 60 / step_seconds[SAME_COST.get(name, name)])
-            )
-            pretrain(args.work, name, int(seed), steps)
+            if VARIANTS[name] is None:
+                steps = 0
+            elif suite["steps"] is not None:
+                steps = suite["steps"]
+            else:
+                steps = int(args.budget_minutes * 60 / step_seconds[SAME_COST.get(name, name)])
+            pretrain(args.work, name, int(seed), steps, args.threads)
             done = args.work / "runs" / f"{name}-s{seed}" / "eval.json"
-            which = EVALUATIONS[args.evaluations]
+            # a suite may plan the evaluations of each run; --evaluations probes leaves segmentation out
+            planned = suite.get("evaluations", {}).get(key, "all")
+            which = EVALUATIONS["probes" if args.evaluations == "probes" else planned]
             needed = [key for evaluation, key in NEWER_KEYS.items() if evaluation in which]
             missing = not done.is_file() or any(k not in json.loads(done.read_text()) for k in needed)
             if missing and not args.pretrain_only:  # each evaluation is cached: only the missing ones run
                 print(f"[{name}:{seed}] evaluating", flush=True)
                 result = evaluate(args.work, name, int(seed), which)
                 done.write_text(json.dumps(result, indent=2) + "\n")
-    report(args.work, step_seconds, args.budget_minutes)
+    report(args.work, step_seconds, args.budget_minutes, args.suite)
 
 
 if __name__ == "__main__":
