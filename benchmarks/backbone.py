@@ -16,7 +16,11 @@ squares of the five normalised stage outputs). In one process and one run it mea
   + backward of the explicit-softmax path on the meta device (the same count for both models;
   the recomputation that the fused attention does in its backward is not counted, as in MFU);
 * ``Swin3D`` with gradient checkpointing (``set_grad_checkpointing(True)``): throughput and
-  memory, to compare activation memory with checkpointing on and off.
+  memory, to compare activation memory with checkpointing on and off;
+* with ``--profile``: where the time of one forward + backward goes, per model, from
+  ``torch.profiler`` self times grouped into phases (:data:`PHASES`): window attention, linear
+  layers, normalisation, data movement (pad, roll, window partition/reverse copies, cat), other
+  element-wise work.
 
 Usage::
 
@@ -173,6 +177,71 @@ def time_interleaved(preset: str, batch: int, size: int, device: str, repeats: i
     return times
 
 
+#: Profiler op names by phase (the first phase whose pattern an op's name contains wins). The
+#: attention's batched products (``bmm``) are told from the linears' 2-D ones (``addmm``, ``mm``);
+#: the element-wise work inside the attention (exp, masks) counts as element-wise.
+PHASES = {
+    "window attention": ("flash_attention", "bmm", "softmax"),
+    "linear layers": ("addmm", "aten::mm", "aten::linear"),
+    "normalisation": ("layer_norm",),
+    "data movement": (
+        "copy_",
+        "clone",
+        "contiguous",
+        "cat",
+        "roll",
+        "pad",
+        "index",
+        "scatter",
+        "gather",
+        "slice",
+        "select",
+        "narrow",
+        "stack",
+        "fill_",
+        "zero_",
+        "empty",
+        "as_strided",
+        "reshape",
+        "view",
+        "permute",
+        "transpose",
+    ),
+}
+
+
+def phase_of(op: str) -> str:
+    """The phase (a key of :data:`PHASES`, else ``"element-wise and other"``) of a profiler op."""
+    for phase, patterns in PHASES.items():
+        if any(p in op for p in patterns):
+            return phase
+    return "element-wise and other"
+
+
+def profile_phases(preset: str, batch: int, size: int, device: str, names) -> dict[str, dict[str, float]]:
+    """Seconds of one profiled forward + backward per phase (self times), per model."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = make_input(batch, size, device)
+    result = {}
+    for name in names:
+        model = build(name, preset, device)
+        train_step(model, x)  # warm-up
+        sync(device)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            train_step(model, x)
+            sync(device)
+        phases: dict[str, float] = {}
+        for event in prof.key_averages():
+            phase = phase_of(event.key)
+            phases[phase] = phases.get(phase, 0.0) + event.self_cpu_time_total / 1e6
+        phases["total"] = sum(phases.values())
+        result[name] = phases
+        print(f"  {size}^3 {name} profile: " + ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()), flush=True)
+        del model
+    return result
+
+
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -311,6 +380,7 @@ def main(argv=None) -> dict:
     p.add_argument("--json", default=str(Path(__file__).resolve().parent / "results" / "backbone.json"))
     p.add_argument("--no-memory", action="store_true", help="skip the subprocess memory measurements")
     p.add_argument("--no-checkpointing", action="store_true", help="skip Swin3D with gradient checkpointing")
+    p.add_argument("--profile", action="store_true", help="also profile where each model's step goes, by phase")
     p.add_argument("--child", choices=MODELS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
@@ -366,6 +436,8 @@ def main(argv=None) -> dict:
         for name in names:
             entry[name] = summarize(times[name], args.batch)
             entry[name]["gflops_per_s"] = flops["monai"] / entry[name]["best_s"] / 1e9
+        if args.profile:
+            entry["profile_s"] = profile_phases(args.preset, args.batch, size, args.device, ["swin3d", "monai"])
         if not args.no_memory:
             for name in names:
                 entry[name]["memory"] = memory_subprocess(name, args.preset, args.batch, size, args.device)

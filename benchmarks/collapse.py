@@ -115,11 +115,9 @@ def pretrain(work: Path, name: str, steps: int) -> Path:
         "--max-steps",
         str(steps),
         "--no-progress",
-        *COMMON,
-        *TRIALS[name],
     ]
-    if done.is_file():
-        command.insert(command.index("--no-progress"), "--resume")
+    # a resumed run continues with its own config.yaml, which the CLI does not let overrides change
+    command += ["--resume"] if done.is_file() else [*COMMON, *TRIALS[name]]
     run.parent.mkdir(parents=True, exist_ok=True)
     with open(work / f"{name}.log", "a") as log:
         rc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
