@@ -1,14 +1,16 @@
-"""Benchmark: real training steps of the ``paper`` preset (128^3 views) on this machine (issue 13).
+"""Benchmark: real training steps of a preset (``paper``: 128^3 views) on this machine (issues 13, 15).
 
-Runs ``smartformer pretrain --config paper`` on the CTs of ../shared/data for ``--steps`` steps in a
-temporary run directory and reports the seconds per step (from the run's own ``steps_per_s``, so
-the one-off start-up and data caching are left out) and the peak resident memory of the training
-process (``getrusage`` of the child). Results go to ``benchmarks/results/paper_step.json``.
+Runs ``smartformer pretrain --config PRESET`` on the CTs of ../shared/data for ``--steps`` steps in
+a temporary run directory and reports the pretraining throughput, steps/s and volumes/s (from the
+run's own ``steps_per_s``, so the one-off start-up and data caching are left out), and the peak
+resident memory of the training process (``getrusage`` of the child). Results go to
+``benchmarks/results/PRESET_step.json``.
 
 Usage::
 
     python benchmarks/paper_step.py                    # 1 step at 128^3, batch 2, 1 thread
     python benchmarks/paper_step.py --steps 2 --threads 2
+    python benchmarks/paper_step.py --preset tiny --steps 20 --threads 2
 """
 
 from __future__ import annotations
@@ -23,16 +25,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-RESULTS = ROOT / "benchmarks" / "results" / "paper_step.json"
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="paper", help="the preset to train (default: paper)")
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/PRESET_step.json")
     parser.add_argument(
         "--cache-dir",
         type=Path,
@@ -54,7 +59,7 @@ def main() -> None:
             "--out",
             str(run),
             "--config",
-            "paper",
+            args.preset,
             "--max-steps",
             str(args.steps),
             "--no-progress",
@@ -72,14 +77,17 @@ def main() -> None:
             raise SystemExit(f"pretrain failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         last = [r for r in rows if "steps_per_s" in r][-1]
+        data = yaml.safe_load((run / "config.yaml").read_text())["data"]
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # kilobytes on Linux
     result = {
-        "preset": "paper",
-        "roi": [128, 128, 128],
-        "batch_size": 2,
+        "preset": args.preset,
+        "roi": data["roi"],
+        "batch_size": data["batch_size"],
         "steps": args.steps,
         "threads": args.threads,
         "seconds_per_step": 1.0 / last["steps_per_s"],
+        "steps_per_s": last["steps_per_s"],
+        "volumes_per_s": last["volumes_per_s"],
         "peak_rss_gb": peak_kb / 1024**2,
         "wall_seconds": wall,
         "loss": last["loss"],
@@ -87,8 +95,9 @@ def main() -> None:
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out = args.out or RESULTS / f"{args.preset}_step.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 
