@@ -74,6 +74,10 @@ TRIALS: dict[str, list[str]] = {
         "loss.patch_teacher_temp=0.07",
         "data.local_views=4",
     ],
+    # more distinct volumes per step at smaller views: 8 volumes of 32^3 (half the voxels of 2 x 64^3)
+    "batch_8_roi_32": ["data.batch_size=8", "data.roi=[32,32,32]"],
+    # the published paper's fourth loss (GITD, weight 0.1) and its stronger teacher noise (patch drop 0.7)
+    "paper_gitd_noise": ["loss.global_weight=0.1", "teacher.noise_ratio=0.7"],
 }
 #: Every trial: the same budget, seed and logging; one thread, so a trial runs beside other work.
 COMMON = [
