@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from smartformer.analysis.overlay import save_overlay_png
+from smartformer.io_utils import atomic_write_bytes
 
 __all__ = ["MetricsWriter", "attention_snapshot", "collapse_message"]
 
@@ -36,7 +37,8 @@ class MetricsWriter:
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.is_file():
             kept = [json.dumps(r) + "\n" for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(kept))
+            # atomically: a crash while trimming must not leave the run's log cut short
+            atomic_write_bytes(self.path, "".join(kept).encode())
         self._tb = None
         if tensorboard:
             self._tb = SummaryWriter(
