@@ -2,7 +2,10 @@
 
 :func:`window_attention` computes ``softmax(scale * q @ k^T + bias + mask) @ v`` for the windows
 of a Swin block, where ``bias`` (heads, n, n) is the (trainable) relative-position bias and
-``mask`` (nW, n, n) the constant additive mask of shifted windows.
+``mask`` the constant additive mask of shifted windows: a :class:`ShiftMask` (its distinct
+(n, n) patterns and each window's pattern; a shifted Swin block has at most 8 patterns, and most
+windows, those off the last slab of every shifted axis, have the all-zero one) or a full
+(nW, n, n) tensor.
 
 Why a custom autograd function: PyTorch's CPU flash kernel
 (``aten::_scaled_dot_product_flash_attention_for_cpu``) only runs when ``attn_mask`` does not
@@ -11,8 +14,10 @@ falls back to the unfused math path, which is no faster than an explicit softmax
 
 * the forward runs the flash kernel on a detached bias + mask and saves only the output and
   the row log-sum-exp ``lse`` (no (windows, heads, n, n) tensor is kept, and none is ever
-  materialised: the combined bias + shift mask is built for chunks of windows and shared by
-  the batch elements);
+  materialised): the windows of one mask pattern are taken as a few strided runs
+  (:meth:`ShiftMask.runs`, views, no copies), each run one kernel call with a (1, heads, n, n)
+  attention mask: the bias alone for the all-zero pattern, bias + pattern (built once per
+  pattern) for the others;
 * the backward recomputes, a few windows at a time (:func:`_bias_grad`),
   ``P = exp(scale * q @ k^T + bias + mask - lse)`` and ``dS = P * (dO @ V^T - rowsum(dO * O))``,
   accumulates ``d(bias) = sum over windows of dS`` and, from the same P and dS,
@@ -32,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "ShiftMask",
     "window_attention",
     "window_attention_qkv",
     "window_attention_reference",
@@ -47,9 +53,8 @@ except (AttributeError, RuntimeError):  # pragma: no cover - older / stripped bu
 
 _FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-# Elements of one chunk of the combined bias + shift mask handed to the flash kernels
-# (windows x heads x n x n; 2**21 floats = 8 MiB), and 8x the elements of one chunk of the
-# (head_dim + 1)-column operands of the bias-gradient pass.
+# 8x the elements of one chunk of the (head_dim + 1)-column operands of the bias-gradient pass
+# (2**21 floats = 8 MiB).
 CHUNK_ELEMENTS = 2**21
 # Attention entries (windows x heads x n x n) per step of the bias-gradient pass.
 GROUP_ELEMENTS = 2**19
@@ -60,22 +65,121 @@ def flash_cpu_available() -> bool:
     return _FLASH_FWD is not None and _FLASH_BWD is not None
 
 
-def window_attention_weights(q: Tensor, k: Tensor, bias: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+class ShiftMask:
+    """Compact additive mask of shifted windows: distinct patterns and each window's pattern.
+
+    ``patterns`` (P, n, n) holds the distinct masks, ``index`` (nW,) the pattern of each window
+    of one batch element; the full mask is ``patterns[index]`` (:meth:`dense`), never built
+    here. Its memory is O(P n^2), where the full mask is O(nW n^2) (1.5 GB on a whole CT).
+    """
+
+    def __init__(self, patterns: Tensor, index: Tensor) -> None:
+        if patterns.ndim != 3 or index.ndim != 1:
+            raise ValueError(
+                f"patterns must be (P, n, n) and index (nW,), got {tuple(patterns.shape)}, {tuple(index.shape)}"
+            )
+        self.patterns = patterns
+        self.index = index
+        nonzero = torch.count_nonzero(patterns.flatten(1), 1).tolist()
+        # Per window: its pattern, or -1 where that pattern is all zero (the bias alone).
+        self._keys = [p if nonzero[p] else -1 for p in index.tolist()]
+        self._runs: dict[int, list[tuple[int, list[slice]]]] = {}
+
+    @classmethod
+    def from_dense(cls, mask: Tensor) -> ShiftMask:
+        """The full (nW, n, n) mask as a ShiftMask of nW patterns (views of ``mask``, no copy)."""
+        return cls(mask, torch.arange(mask.shape[0], device=mask.device))
+
+    @property
+    def num_windows(self) -> int:
+        """Windows of one batch element."""
+        return self.index.shape[0]
+
+    @property
+    def masked(self) -> list[bool]:
+        """Per window of one batch element: whether its pattern is not all zero."""
+        return [k >= 0 for k in self._keys]
+
+    def to(self, dtype: torch.dtype) -> ShiftMask:
+        """The same mask with patterns in ``dtype`` (self if they already are)."""
+        if self.patterns.dtype == dtype:
+            return self
+        out = ShiftMask.__new__(ShiftMask)
+        out.patterns, out.index, out._keys, out._runs = self.patterns.to(dtype), self.index, self._keys, self._runs
+        return out
+
+    def detach(self) -> ShiftMask:
+        """The same mask, its patterns out of any autograd graph (the mask is a constant)."""
+        return self if not self.patterns.requires_grad else ShiftMask(self.patterns.detach(), self.index)
+
+    def dense(self) -> Tensor:
+        """The full (nW, n, n) mask."""
+        return self.patterns[self.index]
+
+    def runs(self, batch: int) -> list[tuple[int, list[slice]]]:
+        """(pattern, slices) per pattern, -1 for the all-zero one, over ``batch`` elements.
+
+        The (B * nW) rows of each pattern, split greedily into arithmetic progressions, as
+        ``slice(start, stop, step)``: the interior windows of a (d, h, w) raster are runs of a
+        row of windows, the windows of a last slab progressions of stride a row or a plane,
+        so a pattern takes a handful of kernel calls on views, with no gather.
+        """
+        if batch not in self._runs:
+            nw = self.num_windows
+            rows: dict[int, list[int]] = {}
+            for b in range(batch):
+                for w, key in enumerate(self._keys):
+                    rows.setdefault(key, []).append(b * nw + w)
+            self._runs[batch] = [(key, _progressions(r)) for key, r in sorted(rows.items())]
+        return self._runs[batch]
+
+
+def _progressions(rows: list[int]) -> list[slice]:
+    """Sorted distinct ``rows`` as maximal (greedy) arithmetic progressions."""
+    out, i = [], 0
+    while i < len(rows):
+        j = i + 1
+        if j < len(rows):
+            step = rows[j] - rows[i]
+            while j + 1 < len(rows) and rows[j + 1] - rows[j] == step:
+                j += 1
+            j += 1
+        else:
+            step = 1
+        out.append(slice(rows[i], rows[j - 1] + 1, step))
+        i = j
+    return out
+
+
+MaskLike = ShiftMask | Tensor | None
+
+
+def as_shift_mask(mask: MaskLike) -> ShiftMask | None:
+    """``mask`` as a detached :class:`ShiftMask` (a full (nW, n, n) tensor is wrapped, not copied)."""
+    if mask is None or isinstance(mask, ShiftMask):
+        return None if mask is None else mask.detach()
+    return ShiftMask.from_dense(mask.detach())
+
+
+def window_attention_weights(q: Tensor, k: Tensor, bias: Tensor, mask: MaskLike, scale: float) -> Tensor:
     """The explicit attention weights ``softmax(scale * q @ k^T + bias + mask)``, (B * nW, heads, n, n).
 
-    Shapes as in :func:`window_attention`; bias and mask are added in ``q``'s dtype.
+    Shapes as in :func:`window_attention`; bias and mask are added in ``q``'s dtype, the mask
+    only to the windows whose pattern is not all zero.
     """
     bw, h, n, _ = q.shape
     attn = (q * scale) @ k.transpose(-2, -1) + bias.to(q.dtype).unsqueeze(0)
+    mask = as_shift_mask(mask)
     if mask is not None:
-        nw = mask.shape[0]
-        attn = (attn.view(bw // nw, nw, h, n, n) + mask.to(q.dtype).unsqueeze(1).unsqueeze(0)).view(bw, h, n, n)
+        nw = mask.num_windows
+        sel = torch.tensor([w for w, m in enumerate(mask.masked) if m], dtype=torch.long, device=q.device)
+        add = mask.patterns[mask.index[sel]].to(q.dtype)  # (masked windows, n, n)
+        attn = attn.view(bw // nw, nw, h, n, n).index_add(1, sel, add[None, :, None].expand(bw // nw, -1, h, -1, -1))
+        attn = attn.view(bw, h, n, n)
     return attn.softmax(-1)
 
 
-def window_attention_reference(
-    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None, scale: float
-) -> Tensor:
+def window_attention_reference(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: MaskLike, scale: float) -> Tensor:
     """Explicit softmax attention, the definition that :func:`window_attention` computes."""
     return window_attention_weights(q, k, bias, mask, scale) @ v
 
@@ -84,49 +188,38 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _row_blocks(bw: int, n: int, h: int, bias: Tensor, mask: Tensor | None, whole: bool = False):
-    """Yield (r0, r1, m): rows r0:r1 of the (B*nW) windows and their 4-D additive mask.
+def _row_blocks(bw: int, bias: Tensor, mask: ShiftMask | None):
+    """Yield (rows, m): a slice (possibly strided) of the B*nW windows and their 4-D additive mask.
 
-    ``m`` is ``bias`` (1, heads, n, n) without a shift mask, else ``bias + mask`` for the
-    windows of the block (chunk, heads, n, n), built once per chunk of windows and shared by
-    the batch elements. Blocks hold at most ``CHUNK_ELEMENTS // (heads * n * n)`` windows
-    (with a shift mask, or unless ``whole``).
+    ``m`` (1, heads, n, n) is shared by the windows of ``rows``: ``bias`` for all windows
+    without a shift mask or with its all-zero pattern, else ``bias + pattern``, built once per
+    pattern.
     """
-    step = max(1, CHUNK_ELEMENTS // (h * n * n))
-    if mask is None and whole:
-        yield 0, bw, bias.unsqueeze(0)
-        return
+    b = bias.unsqueeze(0)
     if mask is None:
-        m = bias.unsqueeze(0)
-        for r0 in range(0, bw, step):
-            yield r0, min(bw, r0 + step), m
+        yield slice(0, bw), b
         return
-    nw = mask.shape[0]
-    for w0 in range(0, nw, step):
-        w1 = min(nw, w0 + step)
-        m = torch.add(bias.unsqueeze(0), mask[w0:w1].unsqueeze(1))
-        for r in range(0, bw, nw):
-            yield r + w0, r + w1, m
+    for pattern, rows in mask.runs(bw // mask.num_windows):
+        m = b if pattern < 0 else torch.add(b, mask.patterns[pattern])
+        for r in rows:
+            yield r, m
 
 
-def _flash_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None, scale: float):
+def _flash_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: ShiftMask | None, scale: float):
     """Flash CPU forward on windows; returns (out, lse) with out (B*nW, heads, n, hd)."""
     bw, h, n, hd = q.shape
     if mask is None:
         return _FLASH_FWD(q, k, v, attn_mask=bias.unsqueeze(0), scale=scale)
-    blocks = list(_row_blocks(bw, n, h, bias, mask))
-    if len(blocks) == 1:
-        return _FLASH_FWD(q, k, v, attn_mask=blocks[0][2], scale=scale)
     # (B*nW, n, heads, hd) storage: the kernel's own output layout, which the output
     # projection reads without a copy.
     out = q.new_empty(bw, n, h, hd).transpose(1, 2)
     lse = None
-    for r0, r1, m in blocks:
-        o, block_lse = _FLASH_FWD(q[r0:r1], k[r0:r1], v[r0:r1], attn_mask=m, scale=scale)
+    for rows, m in _row_blocks(bw, bias, mask):
+        o, block_lse = _FLASH_FWD(q[rows], k[rows], v[rows], attn_mask=m, scale=scale)
         if lse is None:
             lse = block_lse.new_empty(bw, n, h).transpose(1, 2)
-        out[r0:r1].copy_(o)
-        lse[r0:r1].copy_(block_lse)
+        out[rows].copy_(o)
+        lse[rows].copy_(block_lse)
     return out, lse
 
 
@@ -139,12 +232,13 @@ class _FlashWindowAttention(torch.autograd.Function):
     """Inputs either q, k, v or (packed) qkv, None, None; see :func:`window_attention_qkv`."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor | None, v: Tensor | None, bias: Tensor, mask: Tensor | None, scale: float):
+    def forward(ctx, q: Tensor, k: Tensor | None, v: Tensor | None, bias: Tensor, mask: ShiftMask | None, scale: float):
         packed = k is None
         with torch.autocast("cpu", enabled=False):
             bias_d = bias.detach().to(_acc_dtype(q.dtype))
             out, lse = _flash_forward(*(_unpack(q) if packed else (q, k, v)), bias_d, mask, scale)
-        ctx.save_for_backward(*((q,) if packed else (q, k, v)), bias_d, mask, out, lse)
+        ctx.save_for_backward(*((q,) if packed else (q, k, v)), bias_d, out, lse)
+        ctx.mask = mask
         ctx.packed = packed
         ctx.scale = scale
         ctx.bias_dtype = bias.dtype
@@ -153,11 +247,11 @@ class _FlashWindowAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: Tensor):
         if ctx.packed:
-            qkv, bias, mask, out, lse = ctx.saved_tensors
+            qkv, bias, out, lse = ctx.saved_tensors
             q, k, v = _unpack(qkv)
             need_qkv = ctx.needs_input_grad[0]
         else:
-            q, k, v, bias, mask, out, lse = ctx.saved_tensors
+            q, k, v, bias, out, lse = ctx.saved_tensors
             need_qkv = any(ctx.needs_input_grad[:3])
         need_bias = ctx.needs_input_grad[3]
         grads = None
@@ -171,7 +265,7 @@ class _FlashWindowAttention(torch.autograd.Function):
             else:
                 grads = tuple(torch.empty(bw, h, n, hd, dtype=dtype, device=q.device) for _ in range(3))
         with torch.autocast("cpu", enabled=False):
-            dbias = _flash_backward(dout, q, k, v, bias, mask, out, lse, ctx.scale, grads, need_bias)
+            dbias = _flash_backward(dout, q, k, v, bias, ctx.mask, out, lse, ctx.scale, grads, need_bias)
         if dbias is not None:
             dbias = dbias.to(ctx.bias_dtype)
         if grads is None:
@@ -199,8 +293,7 @@ def _flash_backward(dout, q, k, v, bias, mask, out, lse, scale, grads, need_bias
     """Fills ``grads`` (dq, dk, dv: (B*nW, heads, n, hd) views, or None) and returns d(bias)."""
     bw, h, n, hd = q.shape
     if grads is not None and not (need_bias and not USE_FLASH_BACKWARD):
-        for r0, r1, m in _row_blocks(bw, n, h, bias, mask, whole=True):
-            rows = slice(r0, r1)
+        for rows, m in _row_blocks(bw, bias, mask):
             g = _FLASH_BWD(
                 dout[rows], q[rows], k[rows], v[rows], out[rows], lse[rows], 0.0, False, attn_mask=m, scale=scale
             )
@@ -230,12 +323,12 @@ def _bias_grad(dout, q, k, v, out, lse, bias, mask, scale, grads=None) -> Tensor
     acc = bias.dtype
     dev = q.device
     floor = _EXP2_FLOOR[acc]
-    nw = bw if mask is None else mask.shape[0]  # groups do not cross batch elements
+    nw = bw if mask is None else mask.num_windows  # groups do not cross batch elements
     g = max(1, min(nw, GROUP_ELEMENTS // (h * n * n)))
-    # Windows whose shift mask is not all zero (the others need no clamp).
-    masked = None if mask is None else (mask != 0).flatten(1).any(1)
+    # Windows whose shift mask is not all zero (the others need neither the mask nor a clamp).
+    masked = None if mask is None else mask.masked
     bias2 = (bias * _LOG2E).unsqueeze(0)
-    mask2 = None if mask is None else (mask * _LOG2E).unsqueeze(1)
+    patterns2 = None if mask is None else mask.patterns * _LOG2E
     dbias = torch.zeros(h, n, n, dtype=acc, device=dev)
     pbuf = torch.empty(g, h, n, n, dtype=acc, device=dev)
     dsbuf = torch.empty_like(pbuf)
@@ -262,13 +355,14 @@ def _bias_grad(dout, q, k, v, out, lse, bias, mask, scale, grads=None) -> Tensor
             j = min(c, i + g, i + nw - w0)  # stop at the end of a batch element
             m = j - i
             p, ds = pbuf[:m], dsbuf[:m]
-            if mask2 is None:
-                p.copy_(bias2.expand(m, h, n, n))
+            with_mask = masked is not None and any(masked[w0 : w0 + m])
+            if with_mask:
+                torch.add(bias2, patterns2[mask.index[w0 : w0 + m]].unsqueeze(1), out=p)
             else:
-                torch.add(bias2, mask2[w0 : w0 + m], out=p)
+                p.copy_(bias2.expand(m, h, n, n))
             p3 = p.view(m * h, n, n)
             p3.baddbmm_(qa[i * h : j * h], kt[i * h : j * h])
-            if masked is not None and bool(masked[w0 : w0 + m].any()):
+            if with_mask:
                 p3.clamp_min_(floor)
             p3.exp2_()
             torch.bmm(da[i * h : j * h], vt[i * h : j * h], out=ds.view(m * h, n, n))
@@ -300,7 +394,7 @@ def _bias_grad(dout, q, k, v, out, lse, bias, mask, scale, grads=None) -> Tensor
 
 
 def window_attention(
-    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None = None, scale: float | None = None
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: MaskLike = None, scale: float | None = None
 ) -> Tensor:
     """Attention within windows with an additive relative-position bias and shifted-window mask.
 
@@ -308,7 +402,8 @@ def window_attention(
         q, k, v: (B * nW, heads, n, head_dim), windows of one batch element contiguous
             (batch-major, as produced by window partitioning).
         bias: (heads, n, n) relative-position bias; may require grad.
-        mask: (nW, n, n) additive shifted-window mask (a constant), or None.
+        mask: additive shifted-window mask (a constant) of the nW windows of one batch element:
+            a :class:`ShiftMask`, a full (nW, n, n) tensor, or None.
         scale: softmax scale, ``head_dim ** -0.5`` by default.
 
     Returns:
@@ -317,7 +412,7 @@ def window_attention(
     return _window_attention(q, k, v, bias, mask, scale)
 
 
-def window_attention_qkv(qkv: Tensor, bias: Tensor, mask: Tensor | None = None, scale: float | None = None) -> Tensor:
+def window_attention_qkv(qkv: Tensor, bias: Tensor, mask: MaskLike = None, scale: float | None = None) -> Tensor:
     """:func:`window_attention` on the packed output of a qkv projection.
 
     ``qkv`` is (B * nW, n, 3, heads, head_dim) (the ``qkv`` linear's output viewed); its
@@ -333,10 +428,9 @@ def _window_attention(q, k, v, bias, mask, scale) -> Tensor:
     if scale is None:
         scale = q_.shape[-1] ** -0.5
     bw = q_.shape[0]
-    if mask is not None:
-        mask = mask.detach()
-        if bw % mask.shape[0]:
-            raise ValueError(f"{bw} windows are not a multiple of the mask's {mask.shape[0]} windows")
+    mask = as_shift_mask(mask)
+    if mask is not None and bw % mask.num_windows:
+        raise ValueError(f"{bw} windows are not a multiple of the mask's {mask.num_windows} windows")
     dev = q.device.type
     if dev == "cuda" or not flash_cpu_available() or dev != "cpu" or q.dtype not in _FLASH_DTYPES:
         if packed:
@@ -358,13 +452,14 @@ def _window_attention(q, k, v, bias, mask, scale) -> Tensor:
         return _flash_forward(*(_unpack(q) if packed else (q, k, v)), bias.detach().to(acc), mask, scale)[0]
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: MaskLike, scale: float) -> Tensor:
     """SDPA with the bias as attn_mask (its gradient flows through SDPA; fine on CUDA)."""
     bias = bias.to(q.dtype)
+    mask = as_shift_mask(mask)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), scale=scale)
-    nw = mask.shape[0]
-    full = bias.unsqueeze(0) + mask.unsqueeze(1).to(q.dtype)  # (nW, heads, n, n)
+    nw = mask.num_windows
+    full = bias.unsqueeze(0) + mask.dense().unsqueeze(1).to(q.dtype)  # (nW, heads, n, n)
     # One call per batch element: 4-D inputs (which the fused kernels need) without a
     # (B * nW, heads, n, n) copy of the mask.
     outs = [
