@@ -86,10 +86,10 @@ def test_matches_explicit_softmax(ws, heads, batch, shifted, flash_backward, api
 @needs_flash
 @pytest.mark.parametrize("shifted", [False, True], ids=["plain", "shifted"])
 def test_chunked_paths(monkeypatch, shifted, flash_backward):
-    """Small chunks: several flash calls per batch element and several row blocks in d(bias)."""
+    """Small chunks: several row blocks and several steps per block in d(bias)."""
     attn, qkv, mask = _case(4, 3, 3, shifted)
     ref = _run(window_attention_reference, attn, qkv, mask)
-    monkeypatch.setattr(A, "CHUNK_ELEMENTS", 3 * 64 * 64 * 3)  # 3 windows per flash call
+    monkeypatch.setattr(A, "CHUNK_ELEMENTS", 3 * 64 * 64 * 3)  # row blocks of a few windows
     monkeypatch.setattr(A, "GROUP_ELEMENTS", 3 * 64 * 64 * 3)  # and per bias-gradient step
     for fn in (window_attention, _packed):
         for a, b in zip(_run(fn, attn, qkv, mask), ref):
@@ -215,3 +215,121 @@ def test_explicit_path_runs_a_bfloat16_model():
     for a, b in zip(got, ref):
         assert a.dtype == torch.bfloat16
         assert ((a.float() - b).norm() / b.norm()).item() < 0.05
+
+
+def _grads_qkv_bias(fn, q, k, v, bias, mask, scale: float, packed: bool = False):
+    """Output and d(q, k, v, bias) of ``fn`` under a fixed random output gradient."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, bias)]
+    if packed:  # as the module calls it: q, k, v views of one (B * nW, n, 3, heads, hd) tensor
+        qkv = torch.stack(leaves[:3]).permute(1, 3, 0, 2, 4)  # (B*nW, n, 3, heads, hd)
+        out = window_attention_qkv(qkv, leaves[3], mask, scale)
+    else:
+        out = fn(*leaves[:3], leaves[3], mask, scale)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype)
+    (out * g).sum().backward()
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+@needs_flash
+@pytest.mark.parametrize(
+    "grid,ws,ss",
+    [((12, 8, 16), (4, 4, 4), (2, 2, 2)), ((8, 12, 4), (4, 4, 4), (2, 2, 0)), ((14, 21, 7), (7, 7, 7), (3, 3, 3))],
+    ids=["3-axes", "2-axes", "n343"],
+)
+@pytest.mark.parametrize("api", ["qkv", "q_k_v"])
+def test_compact_shift_mask_equals_the_full_mask(grid, ws, ss, api, flash_backward):
+    """The model's compact mask (patterns + per-window index) gives the explicit softmax with the
+    full (nW, n, n) mask: output and the gradients of q, k, v and the bias; so does a full mask
+    passed by a caller, and the explicit paths accept either."""
+    from smartformer.models.swin3d import _shift_windows
+
+    compact = _shift_windows(grid, ws, ss, torch.device("cpu"))
+    full = _shift_mask(grid, ws, ss, torch.device("cpu"))
+    assert torch.equal(compact.dense(), full)
+    # One pattern per subset of the shifted axes with a last slab apart from the body (the empty
+    # subset: the all-zero pattern); on (14, 21, 7) every window is in the w axis's last slab.
+    assert compact.patterns.shape[0] == 2 ** sum(s > 0 and g > w for g, w, s in zip(grid, ws, ss))
+    torch.manual_seed(0)
+    heads, hd, batch, n, nw = 2, 4, 2, full.shape[1], full.shape[0]
+    q, k, v = (torch.randn(batch * nw, heads, n, hd) for _ in range(3))
+    bias = torch.randn(heads, n, n)
+    scale = 0.7
+    ref = _grads_qkv_bias(window_attention_reference, q, k, v, bias, full, scale)
+    assert ref[4].abs().max() > 1e-2
+    for mask in (compact, full):
+        got = _grads_qkv_bias(window_attention, q, k, v, bias, mask, scale, packed=api == "qkv")
+        for name, a, b in zip(("out", "dq", "dk", "dv", "dbias"), got, ref):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+    explicit = _grads_qkv_bias(window_attention_reference, q, k, v, bias, compact, scale)
+    for a, b in zip(explicit, ref):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    weights = A.window_attention_weights(q, k, bias, compact, scale)
+    torch.testing.assert_close(weights, A.window_attention_weights(q, k, bias, full, scale), atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(window_attention(q, k, v, bias, compact, scale), ref[0], atol=1e-5, rtol=1e-5)
+
+
+def test_runs_cover_each_window_once_with_its_pattern():
+    """The strided runs of the flash calls: every row of every batch element exactly once, in a
+    run of its own pattern; the all-zero windows of a raster row share one run."""
+    from smartformer.models.swin3d import _shift_windows
+
+    mask = _shift_windows((12, 8, 16), (4, 4, 4), (2, 2, 2), torch.device("cpu"))
+    nw, batch = mask.num_windows, 3
+    zero = [bool((p == 0).all()) for p in mask.patterns]
+    seen = []
+    for pattern, runs in mask.runs(batch):
+        for r in runs:
+            rows = list(range(nw * batch))[r]
+            seen += rows
+            for row in rows:
+                p = int(mask.index[row % nw])
+                assert (pattern < 0 and zero[p]) or pattern == p
+    assert sorted(seen) == list(range(nw * batch))
+    zero_runs = dict(mask.runs(batch))[-1]
+    assert len(zero_runs) == batch * 2 * 1 and all(r.step == 1 and r.stop - r.start == 3 for r in zero_runs)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "explicit"])
+def test_stage_on_a_padded_grid_matches_the_full_mask(fused):
+    """A stage whose grid needs padding on every axis (10 x 7 x 13 tokens, windows of 4): its
+    cached compact mask gives the same output and gradients as the explicit path fed the full mask."""
+    from smartformer.models.swin3d import BasicLayer
+
+    torch.manual_seed(0)
+    layer = BasicLayer(16, 2, 2, (4, 4, 4), [0.0, 0.0], fused_attn=fused)
+    with torch.no_grad():
+        for blk in layer.blocks:
+            blk.attn.relative_position_bias_table.normal_(0.0, 0.5)
+    x = torch.randn(2, 10, 7, 13, 16)
+    g = torch.randn(2, 10, 7, 13, 16, generator=torch.Generator().manual_seed(1))
+
+    def run(mask_of):
+        layer.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        y = xi
+        for blk in layer.blocks:
+            y = blk(y, mask_of())
+        (y * g).sum().backward()
+        return [y.detach(), xi.grad] + [p.grad for p in layer.blocks.parameters()]
+
+    got = run(lambda: layer.shift_mask((10, 7, 13), x.device))
+    full = _shift_mask((12, 8, 16), (4, 4, 4), (2, 2, 2), torch.device("cpu"))
+    layer.blocks.apply(lambda m: setattr(m, "fused_attn", False) if isinstance(m, WindowAttention) else None)
+    ref = run(lambda: full)
+    assert len(got) == len(ref) > 10
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_cached_shift_mask_is_compact_on_a_whole_ct_grid():
+    """Stage 1 of the base preset on a whole CT (128 x 96 x 80 tokens, 3192 windows of 343):
+    the cached mask holds 8 patterns and an index, not the 1.5 GB (nW, n, n) tensor."""
+    model = Swin3D.from_preset("base")
+    mask = model.stages[0].shift_mask((128, 96, 80), torch.device("cpu"))
+    n = 343
+    assert mask.num_windows == 19 * 14 * 12 and tuple(mask.patterns.shape) == (8, n, n)
+    held = sum(t.numel() * t.element_size() for t in vars(mask).values() if isinstance(t, torch.Tensor))
+    assert held <= 8 * n * n * 4 + 8 * mask.num_windows  # 3.8 MB
+    assert sum(mask.masked) == 19 * 14 * 12 - 18 * 13 * 11  # the last slab of each axis
+    assert model.stages[0].shift_mask((128, 96, 80), torch.device("cpu")) is mask  # cached

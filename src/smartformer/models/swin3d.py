@@ -31,7 +31,13 @@ from torch.utils.checkpoint import checkpoint
 
 from smartformer.errors import SmartformerError
 
-from .attention import window_attention_qkv, window_attention_reference, window_attention_weights
+from .attention import (
+    MaskLike,
+    ShiftMask,
+    window_attention_qkv,
+    window_attention_reference,
+    window_attention_weights,
+)
 
 __all__ = [
     "PRESETS",
@@ -140,12 +146,15 @@ def _window_reverse(windows: Tensor, ws: Sequence[int], b: int, d: int, h: int, 
     return x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, d, h, w, -1)
 
 
-def _shift_mask(grid: Sequence[int], ws: Sequence[int], ss: Sequence[int], device: torch.device) -> Tensor:
-    """Additive attention mask (nW, n, n) for shifted windows: 0 within a region, -100 across.
+def _shift_windows(grid: Sequence[int], ws: Sequence[int], ss: Sequence[int], device: torch.device) -> ShiftMask:
+    """Additive mask of shifted windows, compact: 0 within a region, -100 across.
 
     A token's region along an axis is the body, the last window's strip that the roll brings
-    from the far side, or the last ``s`` tokens (one region where the axis does not shift); the
-    (nW, n, n) result is built in one pass (on a whole CT it is gigabytes: no temporaries of its size).
+    from the far side, or the last ``s`` tokens (one region where the axis does not shift).
+    Windows off the last slab of every shifted axis lie in one region (the all-zero pattern);
+    the others have one of at most 7 more patterns. The (P, n, n) patterns are built from the
+    distinct region labellings of the windows, so a whole CT's mask takes megabytes, not the
+    1.5 GB of the full (nW, n, n) one.
     """
     labels = []
     for g, w, s in zip(grid, ws, ss):
@@ -156,8 +165,14 @@ def _shift_mask(grid: Sequence[int], ws: Sequence[int], ss: Sequence[int], devic
         labels.append(label)
     region = labels[0].view(-1, 1, 1) * 9 + labels[1].view(1, -1, 1) * 3 + labels[2].view(1, 1, -1)
     win = _window_partition(region.view(1, *grid, 1), ws).squeeze(-1)  # (nW, n)
+    distinct, index = torch.unique(win, dim=0, return_inverse=True)  # (P, n), (nW,)
     zero = torch.zeros((), device=device)
-    return torch.where(win.unsqueeze(1) != win.unsqueeze(2), zero - 100.0, zero)
+    return ShiftMask(torch.where(distinct.unsqueeze(1) != distinct.unsqueeze(2), zero - 100.0, zero), index)
+
+
+def _shift_mask(grid: Sequence[int], ws: Sequence[int], ss: Sequence[int], device: torch.device) -> Tensor:
+    """The full (nW, n, n) mask of :func:`_shift_windows` (the definition; the model uses the compact one)."""
+    return _shift_windows(grid, ws, ss, device).dense()
 
 
 class WindowAttention(nn.Module):
@@ -195,8 +210,9 @@ class WindowAttention(nn.Module):
         idx = self.relative_position_index[:n, :n].reshape(-1)
         return self.relative_position_bias_table[idx].view(n, n, -1).permute(2, 0, 1)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """x: (B * nW, n, C); mask: (nW, n, n) additive shifted-window mask or None."""
+    def forward(self, x: Tensor, mask: MaskLike = None) -> Tensor:
+        """x: (B * nW, n, C); mask: the additive shifted-window mask (a :class:`ShiftMask` or a
+        full (nW, n, n) tensor) or None."""
         bw, n, c = x.shape
         h = self.num_heads
         qkv = self.qkv(x).view(bw, n, 3, h, c // h)
@@ -210,7 +226,7 @@ class WindowAttention(nn.Module):
             out = window_attention_reference(q, k, v, self.relative_position_bias(n), mask, self.scale)
         return self.proj(out.transpose(1, 2).reshape(bw, n, c))
 
-    def attention_weights(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def attention_weights(self, x: Tensor, mask: MaskLike = None) -> Tensor:
         """The explicit softmax weights (B * nW, heads, n, n) of :meth:`forward`'s input, for analysis."""
         bw, n, c = x.shape
         q, k, _ = self.qkv(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
@@ -266,7 +282,7 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def _attention(self, x: Tensor, mask: Tensor | None) -> Tensor:
+    def _attention(self, x: Tensor, mask: MaskLike) -> Tensor:
         b, d, h, w, c = x.shape
         ws, ss = _effective_window((d, h, w), self.window_size, self.shift_size)
         x = self.norm1(x)
@@ -288,7 +304,7 @@ class SwinBlock(nn.Module):
     def _mlp(self, x: Tensor) -> Tensor:
         return self.drop_path(self.mlp(self.norm2(x)))
 
-    def forward(self, x: Tensor, mask: Tensor | None, use_checkpoint: bool = False) -> Tensor:
+    def forward(self, x: Tensor, mask: MaskLike, use_checkpoint: bool = False) -> Tensor:
         if use_checkpoint and torch.is_grad_enabled():
             x = x + self.drop_path(checkpoint(self._attention, x, mask, use_reentrant=False))
             return x + checkpoint(self._mlp, x, use_reentrant=False)
@@ -346,10 +362,11 @@ class BasicLayer(nn.Module):
             for i in range(depth)
         )
         self.downsample = PatchMerging(dim)
-        self._masks: dict[tuple, Tensor] = {}
+        self._masks: dict[tuple, ShiftMask] = {}
 
-    def shift_mask(self, grid: Sequence[int], device: torch.device) -> Tensor | None:
-        """The cached additive mask for shifted windows on this grid (None if nothing shifts)."""
+    def shift_mask(self, grid: Sequence[int], device: torch.device) -> ShiftMask | None:
+        """The cached additive mask for shifted windows on this grid (None if nothing shifts),
+        compact: a few (n, n) patterns and each window's pattern."""
         ws, ss = _effective_window(grid, self.window_size, self.shift_size)
         if not any(ss):
             return None
@@ -359,7 +376,7 @@ class BasicLayer(nn.Module):
             # A normal tensor even when first built under torch.inference_mode: an inference
             # tensor in the cache would break any later training pass of the same model.
             with torch.inference_mode(False):
-                self._masks[key] = _shift_mask(padded, ws, ss, device)
+                self._masks[key] = _shift_windows(padded, ws, ss, device)
         return self._masks[key]
 
     def forward_blocks(self, x: Tensor, use_checkpoint: bool = False) -> Tensor:
