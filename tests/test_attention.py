@@ -263,6 +263,8 @@ def test_compact_shift_mask_equals_the_full_mask(grid, ws, ss, api, flash_backwa
     explicit = _grads_qkv_bias(window_attention_reference, q, k, v, bias, compact, scale)
     for a, b in zip(explicit, ref):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    for a, b in zip(_grads_qkv_bias(A._sdpa, q, k, v, bias, compact, scale), ref):  # the CUDA path
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     weights = A.window_attention_weights(q, k, bias, compact, scale)
     torch.testing.assert_close(weights, A.window_attention_weights(q, k, bias, full, scale), atol=1e-6, rtol=1e-6)
     with torch.no_grad():

@@ -459,7 +459,11 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: MaskLike, scale: 
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), scale=scale)
     nw = mask.num_windows
-    full = bias.unsqueeze(0) + mask.dense().unsqueeze(1).to(q.dtype)  # (nW, heads, n, n)
+    # (nW, heads, n, n), gathered from the (P, heads, n, n) sums: no (nW, n, n) mask is built
+    # (no gather where the patterns are a full mask's windows).
+    full = bias.unsqueeze(0) + mask.patterns.unsqueeze(1).to(q.dtype)
+    if full.shape[0] != nw or not torch.equal(mask.index, torch.arange(nw, device=mask.index.device)):
+        full = full[mask.index]
     # One call per batch element: 4-D inputs (which the fused kernels need) without a
     # (B * nW, heads, n, n) copy of the mask.
     outs = [
