@@ -230,6 +230,15 @@ def _grads_qkv_bias(fn, q, k, v, bias, mask, scale: float, packed: bool = False)
     return [out.detach()] + [t.grad for t in leaves]
 
 
+@pytest.fixture(params=["runs", "chunks"])
+def pattern_calls(request, monkeypatch):
+    """Both ways of calling the flash kernels with a shift mask (see attention.RUN_ELEMENTS),
+    the chunks of a few windows each."""
+    monkeypatch.setattr(A, "RUN_ELEMENTS", 0 if request.param == "runs" else 2**40)
+    monkeypatch.setattr(A, "CHUNK_ELEMENTS", 3 * 2 * 64 * 64)  # 3 windows of 64 tokens, 1 of 343
+    return request.param
+
+
 @needs_flash
 @pytest.mark.parametrize(
     "grid,ws,ss",
@@ -237,7 +246,7 @@ def _grads_qkv_bias(fn, q, k, v, bias, mask, scale: float, packed: bool = False)
     ids=["3-axes", "2-axes", "n343"],
 )
 @pytest.mark.parametrize("api", ["qkv", "q_k_v"])
-def test_compact_shift_mask_equals_the_full_mask(grid, ws, ss, api, flash_backward):
+def test_compact_shift_mask_equals_the_full_mask(grid, ws, ss, api, flash_backward, pattern_calls):
     """The model's compact mask (patterns + per-window index) gives the explicit softmax with the
     full (nW, n, n) mask: output and the gradients of q, k, v and the bias; so does a full mask
     passed by a caller, and the explicit paths accept either."""
@@ -293,7 +302,7 @@ def test_runs_cover_each_window_once_with_its_pattern():
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "explicit"])
-def test_stage_on_a_padded_grid_matches_the_full_mask(fused):
+def test_stage_on_a_padded_grid_matches_the_full_mask(fused, pattern_calls):
     """A stage whose grid needs padding on every axis (10 x 7 x 13 tokens, windows of 4): its
     cached compact mask gives the same output and gradients as the explicit path fed the full mask."""
     from smartformer.models.swin3d import BasicLayer

@@ -15,9 +15,10 @@ falls back to the unfused math path, which is no faster than an explicit softmax
 * the forward runs the flash kernel on a detached bias + mask and saves only the output and
   the row log-sum-exp ``lse`` (no (windows, heads, n, n) tensor is kept, and none is ever
   materialised): the windows of one mask pattern are taken as a few strided runs
-  (:meth:`ShiftMask.runs`, views, no copies), each run one kernel call with a (1, heads, n, n)
+  (:meth:`ShiftMask.runs`, views, no copies), each one kernel call with a (1, heads, n, n)
   attention mask: the bias alone for the all-zero pattern, bias + pattern (built once per
-  pattern) for the others;
+  pattern) for the others; where runs are short (small windows), chunks of consecutive windows
+  with the combined bias + shift mask built per chunk and shared by the batch elements;
 * the backward recomputes, a few windows at a time (:func:`_bias_grad`),
   ``P = exp(scale * q @ k^T + bias + mask - lse)`` and ``dS = P * (dO @ V^T - rowsum(dO * O))``,
   accumulates ``d(bias) = sum over windows of dS`` and, from the same P and dS,
@@ -53,11 +54,18 @@ except (AttributeError, RuntimeError):  # pragma: no cover - older / stripped bu
 
 _FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-# 8x the elements of one chunk of the (head_dim + 1)-column operands of the bias-gradient pass
-# (2**21 floats = 8 MiB).
+# Elements of one chunk of the combined bias + shift mask handed to the flash kernels where the
+# mask's runs are short (windows x heads x n x n; 2**21 floats = 8 MiB), and 8x the elements of
+# one chunk of the (head_dim + 1)-column operands of the bias-gradient pass.
 CHUNK_ELEMENTS = 2**21
 # Attention entries (windows x heads x n x n) per step of the bias-gradient pass.
 GROUP_ELEMENTS = 2**19
+# Mean attention entries (windows x heads x n x n) per strided run below which the flash calls
+# take chunks of consecutive windows with the bias + mask materialised instead: runs of small
+# windows (7 windows of 64 tokens in the tiny preset) make many short calls, each a thread
+# barrier, slower than a few chunks when the cores are shared; the runs of a whole CT (11
+# windows of 343 tokens) are 4 M entries.
+RUN_ELEMENTS = 2**20
 
 
 def flash_cpu_available() -> bool:
@@ -191,18 +199,30 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _row_blocks(bw: int, bias: Tensor, mask: ShiftMask | None):
     """Yield (rows, m): a slice (possibly strided) of the B*nW windows and their 4-D additive mask.
 
-    ``m`` (1, heads, n, n) is shared by the windows of ``rows``: ``bias`` for all windows
-    without a shift mask or with its all-zero pattern, else ``bias + pattern``, built once per
-    pattern.
+    Without a shift mask: all windows, ``m = bias`` (1, heads, n, n). With one, per pattern its
+    strided runs (:meth:`ShiftMask.runs`), ``m`` (1, heads, n, n) the bias alone for the
+    all-zero pattern, else bias + pattern, built once per pattern; or, where the runs are short
+    (under ``RUN_ELEMENTS`` attention entries on average), chunks of consecutive windows with
+    ``m`` = bias + their masks (chunk, heads, n, n), built once per chunk and shared by the
+    batch elements.
     """
     b = bias.unsqueeze(0)
     if mask is None:
         yield slice(0, bw), b
         return
-    for pattern, rows in mask.runs(bw // mask.num_windows):
-        m = b if pattern < 0 else torch.add(b, mask.patterns[pattern])
-        for r in rows:
-            yield r, m
+    runs = mask.runs(bw // mask.num_windows)
+    if bw * b.numel() >= RUN_ELEMENTS * sum(len(r) for _, r in runs):
+        for pattern, slices in runs:
+            m = b if pattern < 0 else torch.add(b, mask.patterns[pattern])
+            yield from ((r, m) for r in slices)
+        return
+    nw = mask.num_windows
+    step = max(1, CHUNK_ELEMENTS // b.numel())
+    for w0 in range(0, nw, step):
+        w1 = min(nw, w0 + step)
+        m = torch.add(b, mask.patterns[mask.index[w0:w1]].unsqueeze(1))
+        for r in range(0, bw, nw):
+            yield slice(r + w0, r + w1), m
 
 
 def _flash_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: ShiftMask | None, scale: float):
