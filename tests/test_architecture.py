@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,3 +125,16 @@ def test_the_readme_module_table_matches_the_tree() -> None:
         m for m in library if not any(".".join(m.split(".")[:i]) in listed for i in range(2, len(m.split(".")) + 1))
     )
     assert not missing, f"modules missing from the README's library table: {missing}"
+
+
+def test_help_does_not_import_torch() -> None:
+    """``smartformer --help`` lists the commands without importing torch (seconds of start-up)."""
+    probe = (
+        "import sys\n"
+        "from smartformer import cli\n"
+        "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "try:\n    cli.main(['pretrain', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

@@ -35,8 +35,8 @@ from smartformer.analysis.overlay import save_overlay_png
 from smartformer.data.io import read_ct, write_nifti
 from smartformer.data.resample import resample_to_grid, reverse_axes
 from smartformer.data.transforms import as_triple, parse_window
+from smartformer.models.sizes import SIZE_MULTIPLE
 from smartformer.models.smartformer import SMARTFormer
-from smartformer.models.swin3d import SIZE_MULTIPLE
 from smartformer.models.vit3d import ViT3D
 
 __all__ = ["AttentionResult", "MODES", "attention_volume", "write_attention"]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from smartformer.errors import SmartformerError
+from smartformer.models.sizes import SIZE_MULTIPLE, is_input_size
 
 if TYPE_CHECKING:
     from smartformer.downstream.cases import CropOptions
@@ -71,8 +72,6 @@ def add_spacing_window(p: argparse.ArgumentParser, what: str = "voxel size the n
 
 def add_roi(p: argparse.ArgumentParser, what: str = "sliding-window size") -> None:
     """``--roi``: the window the network reads at once."""
-    from smartformer.models.swin3d import SIZE_MULTIPLE
-
     p.add_argument(
         "--roi",
         type=int,
@@ -118,8 +117,6 @@ def add_device_argument(p: argparse.ArgumentParser) -> None:
 
 def add_crop_arguments(p: argparse.ArgumentParser, batch_size: int = 8) -> None:
     """``--crop``, ``--spacing``, ``--window``, ``--batch-size``, ``--device``, ``--seed``, ``--no-progress``."""
-    from smartformer.models.swin3d import SIZE_MULTIPLE
-
     p.add_argument(
         "--crop",
         type=int,
@@ -163,8 +160,7 @@ def check_spacing_window(args: argparse.Namespace) -> None:
 
 def check_sizes(values: list[int], option: str) -> None:
     """Refuse ``--roi``/``--crop`` values that are not 1 or 3 multiples of the backbone's
-    :data:`~smartformer.models.swin3d.SIZE_MULTIPLE`."""
-    from smartformer.models.swin3d import SIZE_MULTIPLE, is_input_size
+    :data:`~smartformer.models.sizes.SIZE_MULTIPLE`."""
 
     if len(values) not in (1, 3) or not is_input_size(values):
         raise SmartformerError(f"--{option} takes 1 or 3 values, each a positive multiple of {SIZE_MULTIPLE}")

@@ -6,8 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
-from smartformer.config import available_presets, load_config
 from smartformer.errors import SmartformerError
+
+#: The built-in presets' folder, read for the help text without importing the config package:
+#: it imports the models, and with them torch, which would make every ``--help`` take seconds.
+PRESET_DIR = Path(__file__).resolve().parents[1] / "config" / "presets"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, type=Path, help="run directory (RUN_DIR)")
     p.add_argument(
-        "--config", default="tiny", help=f"preset ({', '.join(available_presets())}) or a YAML file (default: tiny)"
+        "--config",
+        default="tiny",
+        help=f"preset ({', '.join(sorted(p.stem for p in PRESET_DIR.glob('*.yaml')))}) or a YAML file (default: tiny)",
     )
     p.add_argument("--max-steps", type=int, help="total optimisation steps (overrides train.max_steps)")
     p.add_argument(
@@ -56,6 +61,7 @@ RESUME_OVERRIDES = ("train.max_minutes=",)
 
 
 def run(args: argparse.Namespace) -> int:
+    from smartformer.config import load_config
     from smartformer.train.engine import pretrain
 
     overrides = list(args.overrides)

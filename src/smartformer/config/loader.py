@@ -23,8 +23,9 @@ import yaml
 from smartformer.config.schema import PretrainConfig
 from smartformer.data.windows import parse_window
 from smartformer.errors import ConfigError
+from smartformer.models.sizes import SIZE_MULTIPLE, is_input_size
 from smartformer.models.smartformer import MODEL_PRESETS, SMARTConfig
-from smartformer.models.swin3d import SIZE_MULTIPLE, Swin3DConfig, is_input_size
+from smartformer.models.swin3d import Swin3DConfig
 from smartformer.models.vit3d import ViT3DConfig
 
 __all__ = [

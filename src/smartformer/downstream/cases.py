@@ -48,7 +48,7 @@ from smartformer.data.cases import Case, cases_from_table, read_table, require_c
 from smartformer.data.io import read_ct
 from smartformer.data.transforms import BodySelect
 from smartformer.errors import InputError, SmartformerError
-from smartformer.models.swin3d import check_input_size
+from smartformer.models.sizes import check_input_size
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -29,8 +29,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from smartformer.errors import SmartformerError
-
 from .attention import (
     MaskLike,
     ShiftMask,
@@ -38,6 +36,7 @@ from .attention import (
     window_attention_reference,
     window_attention_weights,
 )
+from .sizes import SIZE_MULTIPLE, check_input_size, is_input_size
 
 __all__ = [
     "PRESETS",
@@ -54,29 +53,6 @@ __all__ = [
     "pad_to_multiple",
     "upsample_cell_mask",
 ]
-
-#: Divisor that every spatial side of the input must satisfy (patch 2 x four mergings): ROIs, crops
-#: and windows fed to the network are multiples of it. The one place this rule is written.
-SIZE_MULTIPLE = 32
-
-
-def is_input_size(size: Sequence[int]) -> bool:
-    """Whether every side of ``size`` is a positive multiple of :data:`SIZE_MULTIPLE`."""
-    return all(int(s) >= SIZE_MULTIPLE and int(s) % SIZE_MULTIPLE == 0 for s in size)
-
-
-def check_input_size(size: Sequence[int], what: str = "input size") -> tuple[int, ...]:
-    """``size`` as ints if every side is a positive multiple of :data:`SIZE_MULTIPLE`.
-
-    Raises:
-        SmartformerError: naming ``what`` and its value.
-    """
-    if not is_input_size(size):
-        raise SmartformerError(
-            f"{what} {[int(s) for s in size]}: every side must be a positive multiple of "
-            f"{SIZE_MULTIPLE} (the Swin encoder downsamples {SIZE_MULTIPLE}x)"
-        )
-    return tuple(int(s) for s in size)
 
 
 @dataclass

@@ -43,7 +43,7 @@ from smartformer.downstream.segmentation.model import (
 )
 from smartformer.errors import InputError, SmartformerError
 from smartformer.io_utils import atomic_write_bytes
-from smartformer.models.swin3d import SIZE_MULTIPLE, check_input_size
+from smartformer.models.sizes import SIZE_MULTIPLE, check_input_size
 from smartformer.train.schedules import cosine_schedule
 from smartformer.wording import plural
 
