@@ -131,3 +131,14 @@ def test_inference_mode_forward_then_training_backward() -> None:
     out = model.forward_features(x)["cls"].sum()
     out.backward()
     assert model.backbone.patch_embed.proj.weight.grad is not None
+
+
+def test_shifted_stages_run_on_the_meta_device() -> None:
+    """FLOP counting (benchmarks/backbone.py) runs the model on ``meta``: the compact shift mask,
+    built from data on the CPU, must move there without reading values back."""
+    model = Swin3D.from_preset("tiny").to("meta")
+    x = torch.empty(1, 1, 64, 64, 64, device="meta")
+    model.set_fused_attn(False)  # as the FLOP count does: the counter does not know the CPU kernels
+    outs = model.forward_stages(x)
+    assert [o.device.type for o in outs] == ["meta"] * len(outs)
+    assert tuple(outs[-1].shape[2:]) == (2, 2, 2)

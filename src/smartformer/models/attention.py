@@ -108,12 +108,18 @@ class ShiftMask:
         """Per window of one batch element: whether its pattern is not all zero."""
         return [k >= 0 for k in self._keys]
 
-    def to(self, dtype: torch.dtype) -> ShiftMask:
-        """The same mask with patterns in ``dtype`` (self if they already are)."""
-        if self.patterns.dtype == dtype:
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> ShiftMask:
+        """The same mask with patterns in ``dtype`` and both tensors on ``device`` (self if nothing changes).
+
+        The per-window keys are kept, not recomputed, so a mask built on the CPU moves to a device
+        whose tensors cannot be read back (``meta``) or only with a synchronisation (CUDA).
+        """
+        patterns = self.patterns.to(dtype=dtype, device=device)
+        if patterns is self.patterns:
             return self
         out = ShiftMask.__new__(ShiftMask)
-        out.patterns, out.index, out._keys, out._runs = self.patterns.to(dtype), self.index, self._keys, self._runs
+        out.patterns, out.index = patterns, self.index.to(device=device)
+        out._keys, out._runs = self._keys, self._runs
         return out
 
     def detach(self) -> ShiftMask:

@@ -130,11 +130,12 @@ def _shift_windows(grid: Sequence[int], ws: Sequence[int], ss: Sequence[int], de
     Windows off the last slab of every shifted axis lie in one region (the all-zero pattern);
     the others have one of at most 7 more patterns. The (P, n, n) patterns are built from the
     distinct region labellings of the windows, so a whole CT's mask takes megabytes, not the
-    1.5 GB of the full (nW, n, n) one.
+    1.5 GB of the full (nW, n, n) one. It is built on the CPU (``unique`` has no meta kernel, and
+    on CUDA it would synchronise anyway) and moved to ``device``.
     """
     labels = []
     for g, w, s in zip(grid, ws, ss):
-        label = torch.zeros(g, dtype=torch.int8, device=device)
+        label = torch.zeros(g, dtype=torch.int8, device="cpu")
         if s:
             label[g - w : g - s] = 1
             label[g - s :] = 2
@@ -142,8 +143,8 @@ def _shift_windows(grid: Sequence[int], ws: Sequence[int], ss: Sequence[int], de
     region = labels[0].view(-1, 1, 1) * 9 + labels[1].view(1, -1, 1) * 3 + labels[2].view(1, 1, -1)
     win = _window_partition(region.view(1, *grid, 1), ws).squeeze(-1)  # (nW, n)
     distinct, index = torch.unique(win, dim=0, return_inverse=True)  # (P, n), (nW,)
-    zero = torch.zeros((), device=device)
-    return ShiftMask(torch.where(distinct.unsqueeze(1) != distinct.unsqueeze(2), zero - 100.0, zero), index)
+    patterns = torch.where(distinct.unsqueeze(1) != distinct.unsqueeze(2), -100.0, 0.0)
+    return ShiftMask(patterns, index).to(device=device)
 
 
 def _shift_mask(grid: Sequence[int], ws: Sequence[int], ss: Sequence[int], device: torch.device) -> Tensor:
