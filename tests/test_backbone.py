@@ -142,3 +142,34 @@ def test_shifted_stages_run_on_the_meta_device() -> None:
     outs = model.forward_stages(x)
     assert [o.device.type for o in outs] == ["meta"] * len(outs)
     assert tuple(outs[-1].shape[2:]) == (2, 2, 2)
+
+
+@pytest.mark.parametrize(
+    "grid,ws,ss",
+    [((5, 6, 7), (4, 4, 4), (2, 2, 2)), ((8, 8, 8), (4, 4, 4), (0, 0, 0)), ((7, 9, 4), (7, 7, 4), (3, 3, 0))],
+)
+def test_window_layout_is_pad_roll_partition_and_back(grid, ws, ss) -> None:
+    """One gather each way equals MONAI's pad + roll + window partition and its reverse (values
+    and gradients; padding rows are zero forward and get no gradient back)."""
+    import torch.nn.functional as F
+
+    from smartformer.models.swin3d import WindowLayout, _window_partition
+
+    def reference(t: torch.Tensor) -> torch.Tensor:
+        pads = [(-g) % w for g, w in zip(grid, ws)]
+        t = F.pad(t, (0, 0, 0, pads[2], 0, pads[1], 0, pads[0]))
+        return _window_partition(torch.roll(t, shifts=[-s for s in ss], dims=(1, 2, 3)), ws)
+
+    torch.manual_seed(0)
+    layout = WindowLayout.build(2, grid, ws, ss)
+    x = torch.randn(2, *grid, 5, dtype=torch.float64, requires_grad=True)
+    expected, got = reference(x), layout.partition(x)
+    assert torch.equal(got, expected)
+    weights = torch.randn_like(expected)
+    assert torch.equal(*(torch.autograd.grad((y * weights).sum(), x)[0] for y in (got, expected)))
+    windows = expected.detach().requires_grad_()
+    back = layout.reverse(windows, grid)
+    assert torch.equal(back, x.detach())
+    v = torch.randn_like(back)
+    (grad,) = torch.autograd.grad((back * v).sum(), windows)
+    assert torch.equal(grad, reference(v))

@@ -10,6 +10,8 @@ Parameter names and layout follow MONAI's ``SwinTransformer`` (the ``swinViT`` o
   the (windows, heads, n, n) attention matrices; ``fused_attn=False`` is the explicit-softmax
   reference path;
 * activations stay channels-last between stages, and shifted-window masks are cached per grid;
+* a block's pad, cyclic shift and window partition (and their reverse) are one row gather each
+  way (:class:`WindowLayout`, cached per grid);
 * a learnable mask token replaces the patch embeddings of masked cells (SimMIM / iBOT);
 * gradient checkpointing per block (``grad_checkpointing=True``).
 
@@ -50,6 +52,7 @@ __all__ = [
     "BasicLayer",
     "PatchMerging",
     "PatchEmbed",
+    "WindowLayout",
     "pad_to_multiple",
     "upsample_cell_mask",
 ]
@@ -116,10 +119,85 @@ def _window_partition(x: Tensor, ws: Sequence[int]) -> Tensor:
     return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(-1, ws[0] * ws[1] * ws[2], c)
 
 
-def _window_reverse(windows: Tensor, ws: Sequence[int], b: int, d: int, h: int, w: int) -> Tensor:
-    """Inverse of :func:`_window_partition`."""
-    x = windows.view(b, d // ws[0], h // ws[1], w // ws[2], ws[0], ws[1], ws[2], -1)
-    return x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, d, h, w, -1)
+class _GatherRows(torch.autograd.Function):
+    """``src.index_select(0, index)`` with ``zero_rows`` zeroed, whose gradient is the gather by
+    ``back_index`` (with ``back_zero_rows`` zeroed): the two gathers of a :class:`WindowLayout`
+    are each other's gradient, so either way one copy forward and one backward."""
+
+    @staticmethod
+    def forward(ctx, src: Tensor, index: Tensor, zero_rows, back_index: Tensor, back_zero_rows) -> Tensor:
+        ctx.save_for_backward(back_index, back_zero_rows)
+        return _gather_rows(src, index, zero_rows)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _gather_rows(grad, *ctx.saved_tensors), None, None, None, None
+
+
+def _gather_rows(src: Tensor, index: Tensor, zero_rows: Tensor | None) -> Tensor:
+    out = src.index_select(0, index)
+    if zero_rows is not None:
+        out.index_fill_(0, zero_rows, 0)
+    return out
+
+
+class WindowLayout:
+    """A block's pad, cyclic shift and window partition of (B, D, H, W, C) tokens, as one gather.
+
+    MONAI's block pads the normalised tokens with zeros to whole windows, rolls them by minus the
+    shift, partitions them into windows and, after attention, reverses the partition, rolls back
+    and crops: four to five copies each way, and as many in the backward. Here the token rows go
+    straight to their window rows: ``index`` (B * nW * n,) holds the source token of each window
+    row (token 0 for a padding row, which ``pad_rows`` lists and the gather zeroes), ``inverse``
+    (B * D * H * W,) the window row of each token. Partition and reverse are one
+    ``index_select`` each, and the gradient of each is the other (:class:`_GatherRows`).
+    """
+
+    def __init__(self, index: Tensor, pad_rows: Tensor | None, inverse: Tensor, window_tokens: int) -> None:
+        self.index = index
+        self.pad_rows = pad_rows
+        self.inverse = inverse
+        self.window_tokens = window_tokens
+
+    @classmethod
+    def build(
+        cls, batch: int, grid: Sequence[int], ws: Sequence[int], ss: Sequence[int], device: torch.device | str = "cpu"
+    ) -> WindowLayout:
+        """The layout of ``batch`` elements on ``grid`` with (effective) windows ``ws`` shifted by ``ss``.
+
+        Built on the CPU (the index arithmetic reads values back) and moved to ``device``.
+        """
+        padded = [-(-g // w) * w for g, w in zip(grid, ws)]
+        tokens = grid[0] * grid[1] * grid[2]
+        ids = torch.full(padded, -1, dtype=torch.long)
+        ids[: grid[0], : grid[1], : grid[2]] = torch.arange(tokens).view(*grid)
+        if any(ss):
+            ids = torch.roll(ids, shifts=tuple(-s for s in ss), dims=(0, 1, 2))
+        src = _window_partition(ids.view(1, *padded, 1), ws).reshape(-1)  # source token per window row
+        rows = src.numel()
+        pad = src < 0
+        real = torch.nonzero(~pad).squeeze(1)
+        inverse = torch.empty(tokens, dtype=torch.long)
+        inverse[src[real]] = real
+        offsets = torch.arange(batch).view(-1, 1)
+        index = (src.clamp_min(0) + offsets * tokens).reshape(-1)
+        inverse = (inverse + offsets * rows).reshape(-1)
+        pad_rows = None
+        if bool(pad.any()):
+            pad_rows = (torch.nonzero(pad).squeeze(1) + offsets * rows).reshape(-1).to(device)
+        return cls(index.to(device), pad_rows, inverse.to(device), ws[0] * ws[1] * ws[2])
+
+    def partition(self, x: Tensor) -> Tensor:
+        """(B, D, H, W, C) tokens -> (B * nW, n, C) windows, as padding, shift and partition."""
+        c = x.shape[-1]
+        rows = _GatherRows.apply(x.reshape(-1, c), self.index, self.pad_rows, self.inverse, None)
+        return rows.view(-1, self.window_tokens, c)
+
+    def reverse(self, windows: Tensor, grid: Sequence[int]) -> Tensor:
+        """Inverse of :meth:`partition`: (B * nW, n, C) -> (B, D, H, W, C), padding dropped."""
+        c = windows.shape[-1]
+        rows = _GatherRows.apply(windows.reshape(-1, c), self.inverse, None, self.index, self.pad_rows)
+        return rows.view(-1, *grid, c)
 
 
 def _shift_windows(grid: Sequence[int], ws: Sequence[int], ss: Sequence[int], device: torch.device) -> ShiftMask:
@@ -259,33 +337,29 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def _attention(self, x: Tensor, mask: MaskLike) -> Tensor:
-        b, d, h, w, c = x.shape
-        ws, ss = _effective_window((d, h, w), self.window_size, self.shift_size)
-        x = self.norm1(x)
-        pads = [(ws[i] - s % ws[i]) % ws[i] for i, s in enumerate((d, h, w))]
-        if any(pads):
-            x = F.pad(x, (0, 0, 0, pads[2], 0, pads[1], 0, pads[0]))
-        dp, hp, wp = d + pads[0], h + pads[1], w + pads[2]
-        shifted = any(s > 0 for s in ss)
-        if shifted:
-            x = torch.roll(x, shifts=(-ss[0], -ss[1], -ss[2]), dims=(1, 2, 3))
-        windows = self.attn(_window_partition(x, ws), mask if shifted else None)
-        x = _window_reverse(windows, ws, b, dp, hp, wp)
-        if shifted:
-            x = torch.roll(x, shifts=ss, dims=(1, 2, 3))
-        if any(pads):
-            x = x[:, :d, :h, :w, :].contiguous()
-        return x
+    def window_layout(self, batch: int, grid: Sequence[int], device: torch.device | str) -> WindowLayout:
+        """This block's (uncached) :class:`WindowLayout` for ``batch`` elements on ``grid``."""
+        return WindowLayout.build(batch, grid, *_effective_window(grid, self.window_size, self.shift_size), device)
+
+    def _attention(self, x: Tensor, mask: MaskLike, layout: WindowLayout | None = None) -> Tensor:
+        grid = x.shape[1:4]
+        if layout is None:
+            layout = self.window_layout(x.shape[0], grid, x.device)
+        shifted = any(_effective_window(grid, self.window_size, self.shift_size)[1])
+        windows = self.attn(layout.partition(self.norm1(x)), mask if shifted else None)
+        return layout.reverse(windows, grid)
 
     def _mlp(self, x: Tensor) -> Tensor:
         return self.drop_path(self.mlp(self.norm2(x)))
 
-    def forward(self, x: Tensor, mask: MaskLike, use_checkpoint: bool = False) -> Tensor:
+    def forward(
+        self, x: Tensor, mask: MaskLike, use_checkpoint: bool = False, layout: WindowLayout | None = None
+    ) -> Tensor:
+        """``layout``: this block's :class:`WindowLayout` for ``x`` (built here if None)."""
         if use_checkpoint and torch.is_grad_enabled():
-            x = x + self.drop_path(checkpoint(self._attention, x, mask, use_reentrant=False))
+            x = x + self.drop_path(checkpoint(self._attention, x, mask, layout, use_reentrant=False))
             return x + checkpoint(self._mlp, x, use_reentrant=False)
-        x = x + self.drop_path(self._attention(x, mask))
+        x = x + self.drop_path(self._attention(x, mask, layout))
         return x + self._mlp(x)
 
 
@@ -310,6 +384,9 @@ class PatchMerging(nn.Module):
 
 class BasicLayer(nn.Module):
     """One stage: ``depth`` blocks alternating plain and shifted windows, then patch merging."""
+
+    # Window layouts cached per stage: a plain and a shifted one for each of a few input sizes.
+    LAYOUTS_KEPT = 8
 
     def __init__(
         self,
@@ -340,6 +417,7 @@ class BasicLayer(nn.Module):
         )
         self.downsample = PatchMerging(dim)
         self._masks: dict[tuple, ShiftMask] = {}
+        self._layouts: dict[tuple, WindowLayout] = {}
 
     def shift_mask(self, grid: Sequence[int], device: torch.device) -> ShiftMask | None:
         """The cached additive mask for shifted windows on this grid (None if nothing shifts),
@@ -356,11 +434,24 @@ class BasicLayer(nn.Module):
                 self._masks[key] = _shift_windows(padded, ws, ss, device)
         return self._masks[key]
 
+    def window_layout(self, block: SwinBlock, batch: int, grid: Sequence[int], device: torch.device) -> WindowLayout:
+        """The cached :class:`WindowLayout` of ``block`` (one of this stage's) on ``batch`` x ``grid``;
+        the layouts of the last few (batch, grid) pairs are kept (they take O(tokens) memory)."""
+        ws, ss = _effective_window(grid, self.window_size, block.shift_size)
+        key = (batch, tuple(grid), ws, ss, str(device))
+        if key not in self._layouts:
+            with torch.inference_mode(False):  # as for the masks: no inference tensors in the cache
+                self._layouts[key] = block.window_layout(batch, grid, device)
+            while len(self._layouts) > self.LAYOUTS_KEPT:
+                del self._layouts[next(iter(self._layouts))]
+        return self._layouts[key]
+
     def forward_blocks(self, x: Tensor, use_checkpoint: bool = False) -> Tensor:
         """Run the blocks on (B, D, H, W, C) tokens, without merging."""
-        mask = self.shift_mask(x.shape[1:4], x.device)
+        b, grid = x.shape[0], tuple(x.shape[1:4])
+        mask = self.shift_mask(grid, x.device)
         for blk in self.blocks:
-            x = blk(x, mask, use_checkpoint)
+            x = blk(x, mask, use_checkpoint, self.window_layout(blk, b, grid, x.device))
         return x
 
     def forward(self, x: Tensor, use_checkpoint: bool = False) -> Tensor:
