@@ -173,3 +173,13 @@ def test_window_layout_is_pad_roll_partition_and_back(grid, ws, ss) -> None:
     v = torch.randn_like(back)
     (grad,) = torch.autograd.grad((back * v).sum(), windows)
     assert torch.equal(grad, reference(v))
+
+
+def test_patch_merging_gradient_is_the_concatenations() -> None:
+    from smartformer.models.swin3d import PatchMerging
+
+    torch.manual_seed(0)
+    merge = PatchMerging(3).double()
+    for size in ((4, 6, 8), (3, 5, 4)):
+        x = torch.randn(2, *size, 3, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(merge, (x,))

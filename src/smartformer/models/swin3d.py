@@ -11,7 +11,7 @@ Parameter names and layout follow MONAI's ``SwinTransformer`` (the ``swinViT`` o
   reference path;
 * activations stay channels-last between stages, and shifted-window masks are cached per grid;
 * a block's pad, cyclic shift and window partition (and their reverse) are one row gather each
-  way (:class:`WindowLayout`, cached per grid);
+  way (:class:`WindowLayout`, cached per grid), and patch merging's backward is one pass;
 * a learnable mask token replaces the patch embeddings of masked cells (SimMIM / iBOT);
 * gradient checkpointing per block (``grad_checkpointing=True``).
 
@@ -375,11 +375,33 @@ class PatchMerging(nn.Module):
         d, h, w = x.shape[1:4]
         if d % 2 or h % 2 or w % 2:
             x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2, 0, d % 2))
-        parts = [
-            x[:, i::2, j::2, k::2, :]
-            for i, j, k in ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1))
-        ]
-        return self.reduction(self.norm(torch.cat(parts, -1)))
+        return self.reduction(self.norm(_Merge.apply(x)))
+
+
+# MONAI's order of the eight (d, h, w) neighbours that patch merging concatenates.
+_MERGE_ORDER = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1))
+
+
+def _neighbours(x: Tensor) -> list[Tensor]:
+    """The eight strided (B, D/2, H/2, W/2, C) views of (B, D, H, W, C) ``x``, in :data:`_MERGE_ORDER`."""
+    return [x[:, i::2, j::2, k::2, :] for i, j, k in _MERGE_ORDER]
+
+
+class _Merge(torch.autograd.Function):
+    """``torch.cat(_neighbours(x), -1)`` with a one-pass backward: autograd's own backward of the
+    eight slices builds eight zero-filled gradients of ``x``'s size and adds them up."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.shape = x.shape
+        return torch.cat(_neighbours(x), -1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        dx = grad.new_empty(ctx.shape)
+        for part, g in zip(_neighbours(dx), grad.chunk(8, -1)):
+            part.copy_(g)
+        return dx
 
 
 class BasicLayer(nn.Module):
