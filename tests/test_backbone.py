@@ -183,3 +183,12 @@ def test_patch_merging_gradient_is_the_concatenations() -> None:
     for size in ((4, 6, 8), (3, 5, 4)):
         x = torch.randn(2, *size, 3, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(merge, (x,))
+
+
+def test_the_residual_stream_is_contiguous_channels_last() -> None:
+    """A channels-first residual stream (a permuted view of the patch embedding) costs a copy in
+    every layer norm, linear and window gather of the first stage."""
+    model = Swin3D.from_preset("tiny")
+    x = model.embed(torch.randn(1, 1, 64, 64, 64))
+    assert x.is_contiguous()
+    assert model.stages[0].forward_blocks(x).is_contiguous()

@@ -584,7 +584,10 @@ class Swin3D(nn.Module):
         ``mask`` is boolean (B, d, h, w) on any grid that divides the patch grid (typically the
         stride-16 cell grid); True marks a masked cell.
         """
-        x = self.patch_embed(x).permute(0, 2, 3, 4, 1)
+        # Contiguous channels-last: as a permuted view of the convolution's output, the residual
+        # stream of the first stage would stay channels-first in memory, and every layer norm,
+        # linear and gather on it would copy it first.
+        x = self.patch_embed(x).permute(0, 2, 3, 4, 1).contiguous()
         if mask is not None:
             m = upsample_cell_mask(mask.bool(), x.shape[1:4]).unsqueeze(-1).to(x.dtype)
             x = x * (1 - m) + self.mask_token.to(x.dtype) * m
