@@ -555,8 +555,15 @@ def test_time_budget_stops_saves_and_counts_across_resume(phantoms: Path, tmp_pa
                 "--no-progress",
                 "--resume",
                 "train.max_minutes=100",
+                "train.threads=1",
             ]
         )
         == 0
     )
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 3
+    # An override that changes what the run computes is refused, and the run is left as it was.
+    before = (run / "config.yaml").read_text()
+    resumed = ["pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "4", "--no-progress"]
+    assert main([*resumed, "--resume", "loss.teacher_temp=0.5"]) != 0
+    assert (run / "config.yaml").read_text() == before
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 3

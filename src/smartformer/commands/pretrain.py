@@ -56,8 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-# Overrides that --resume accepts: budgets, which change when a run stops, not what it computes.
-RESUME_OVERRIDES = ("train.max_minutes=",)
+# Overrides that --resume accepts: the time budget, which changes when a run stops, and the thread
+# count, which changes its speed; neither changes what it computes.
+RESUME_OVERRIDES = ("train.max_minutes=", "train.threads=")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         if any(not o.startswith(RESUME_OVERRIDES) for o in overrides):
             raise SmartformerError(
                 "--resume continues with RUN_DIR/config.yaml; overrides are not allowed "
-                "(only --max-steps, --skip-bad and train.max_minutes=...)"
+                "(only --max-steps, --skip-bad, train.max_minutes=... and train.threads=...)"
             )
         config = load_config(str(args.out / "config.yaml"), overrides)
     else:
