@@ -138,3 +138,17 @@ def test_help_does_not_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+    # pretrain's help lists the shipped presets, read from the one torch-free place that holds them
+    assert all(name in out for name in ("tiny", "base", "paper", "vit_tiny"))
+
+
+def test_config_package_loads_its_loader_on_first_use() -> None:
+    """``smartformer.config`` names the presets without torch; ``load_config`` (models, torch) comes on use."""
+    probe = (
+        "import sys\n"
+        "import smartformer.config as c\n"
+        "print('torch' in sys.modules, c.available_presets()[:1])\n"
+        "print(list(c.load_config('tiny').data.roi), 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:2] == ["False ['base']", "[64, 64, 64] True"]

@@ -6,11 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from smartformer.config.preset_files import available_presets  # torch-free: --help stays fast
 from smartformer.errors import SmartformerError
-
-#: The built-in presets' folder, read for the help text without importing the config package:
-#: it imports the models, and with them torch, which would make every ``--help`` take seconds.
-PRESET_DIR = Path(__file__).resolve().parents[1] / "config" / "presets"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--config",
         default="tiny",
-        help=f"preset ({', '.join(sorted(p.stem for p in PRESET_DIR.glob('*.yaml')))}) or a YAML file (default: tiny)",
+        help=f"preset ({', '.join(available_presets())}) or a YAML file (default: tiny)",
     )
     p.add_argument("--max-steps", type=int, help="total optimisation steps (overrides train.max_steps)")
     p.add_argument(

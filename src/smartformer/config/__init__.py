@@ -12,16 +12,11 @@ import a caller needs.
 
 from __future__ import annotations
 
-from smartformer.config import loader, schema
-from smartformer.config.loader import (
-    PRESET_DIR,
-    available_presets,
-    build_model_config,
-    config_from_dict,
-    load_config,
-    parse_override,
-    validate_ranges,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from smartformer.config import preset_files, schema
+from smartformer.config.preset_files import PRESET_DIR, available_presets
 from smartformer.config.schema import (
     DataConfig,
     LossConfig,
@@ -32,4 +27,26 @@ from smartformer.config.schema import (
     TrainConfig,
 )
 
-__all__ = [*schema.__all__, *loader.__all__, "PRESET_DIR"]
+if TYPE_CHECKING:
+    from smartformer.config import loader
+    from smartformer.config.loader import (
+        build_model_config,
+        config_from_dict,
+        load_config,
+        parse_override,
+        validate_ranges,
+    )
+
+#: The loader validates against the model configurations, so it imports the models and torch:
+#: it is imported on first use, so that listing the presets (``smartformer --help``) stays torch-free.
+_LOADER_NAMES = ("build_model_config", "config_from_dict", "load_config", "parse_override", "validate_ranges")
+
+
+def __getattr__(name: str) -> Any:
+    if name == "loader" or name in _LOADER_NAMES:
+        module = importlib.import_module("smartformer.config.loader")
+        return module if name == "loader" else getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [*schema.__all__, *preset_files.__all__, *_LOADER_NAMES]

@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from smartformer.config.preset_files import PRESET_DIR, available_presets
 from smartformer.config.schema import PretrainConfig
 from smartformer.data.windows import parse_window
 from smartformer.errors import ConfigError
@@ -36,12 +37,6 @@ __all__ = [
     "build_model_config",
     "parse_override",
 ]
-
-PRESET_DIR = Path(__file__).parent / "presets"
-
-
-def available_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
