@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from test_pretrain import FAST, phantoms  # noqa: F401  (the phantom CTs fixture)
+from test_pretrain import phantoms, pretrain, pretrain_argv  # noqa: F401  (the phantom CTs fixture)
 
 from smartformer.cli import main
 from smartformer.config import load_config
@@ -36,12 +36,6 @@ from smartformer.train.checkpoint import RunLock, load_checkpoint
 
 def good_cts(phantoms: Path) -> list[Path]:
     return sorted(phantoms.glob("case_*/ct.nii.gz"))
-
-
-def pretrain(data: Path | str, out: Path, *extra: str, steps: int = 2) -> int:
-    return main(
-        ["pretrain", "--data", str(data), "--out", str(out), "--max-steps", str(steps), "--no-progress", *FAST, *extra]
-    )
 
 
 def one_error_line(capsys: pytest.CaptureFixture) -> str:
@@ -359,9 +353,7 @@ def test_resume_with_an_edited_config_is_one_line(finished_run: Path, tmp_path: 
     shutil.copytree(finished_run, run)
     text = (run / "config.yaml").read_text()
     (run / "config.yaml").write_text(text.replace("model: {}", "model: {backbone: {embed_dim: 48}}"))
-    assert (
-        main(["pretrain", "--data", "unused", "--out", str(run), "--resume", "--max-steps", "3", "--no-progress"]) == 2
-    )
+    assert pretrain("unused", run, "--resume", steps=3, fast=False) == 2
     line = one_error_line(capsys)
     assert "last.pt" in line and "does not fit the model of this config" in line
 
@@ -381,22 +373,7 @@ def test_last_and_step_checkpoints_are_independent_and_resume_falls_back(phantom
     last.write_bytes(kept[: len(kept) // 3])  # truncated
     assert step2.read_bytes() == kept
     with pytest.warns(UserWarning, match=r"last\.pt.*resuming from step_0000002\.pt \(step 2\)"):
-        assert (
-            main(
-                [
-                    "pretrain",
-                    "--data",
-                    str(phantoms),
-                    "--out",
-                    str(run),
-                    "--resume",
-                    "--max-steps",
-                    "3",
-                    "--no-progress",
-                ]
-            )
-            == 0
-        )
+        assert pretrain(phantoms, run, "--resume", steps=3, fast=False) == 0
     assert load_checkpoint(last)["step"] == 3
     assert steps_logged(run) == [1, 2, 3]
 
@@ -407,21 +384,8 @@ def test_last_and_step_checkpoints_are_independent_and_resume_falls_back(phantom
 def test_kill_9_frees_the_lock_at_once_and_metrics_hold_one_run(phantoms: Path, tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    args = [
-        sys.executable,
-        "-m",
-        "smartformer",
-        "pretrain",
-        "--data",
-        str(phantoms),
-        "--out",
-        str(run),
-        "--max-steps",
-        "200",
-        "--no-progress",
-        *FAST,
-        "data.num_workers=1",
-    ]  # a real DataLoader worker
+    workers = "data.num_workers=1"  # a real DataLoader worker
+    args = [sys.executable, "-m", "smartformer", *pretrain_argv(phantoms, run, workers, steps=200)]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
@@ -435,22 +399,7 @@ def test_kill_9_frees_the_lock_at_once_and_metrics_hold_one_run(phantoms: Path, 
     with RunLock(run):  # the orphaned worker does not hold the dead run's lock
         pass
     with pytest.warns(UserWarning, match="no checkpoint to resume from yet"):
-        assert (
-            main(
-                [
-                    "pretrain",
-                    "--data",
-                    str(phantoms),
-                    "--out",
-                    str(run),
-                    "--resume",
-                    "--max-steps",
-                    "2",
-                    "--no-progress",
-                ]
-            )
-            == 0
-        )
+        assert pretrain(phantoms, run, "--resume", steps=2, fast=False) == 0
     assert steps_logged(run) == [1, 2]  # not [1, 2, ..., 1, 2]
     # A fresh run in a folder an earlier attempt left metrics in (no checkpoint) starts the file anew.
     for ckpt in (run / "checkpoints").iterdir():
@@ -561,10 +510,7 @@ def test_full_disk_while_checkpointing_keeps_the_last_good_one(
     shutil.copytree(finished_run, run)
     before = (run / "checkpoints" / "last.pt").read_bytes()
     disk_full(run / "checkpoints")
-    assert (
-        main(["pretrain", "--data", str(phantoms), "--out", str(run), "--resume", "--max-steps", "3", "--no-progress"])
-        == 2
-    )
+    assert pretrain(phantoms, run, "--resume", steps=3, fast=False) == 2
     line = one_error_line(capsys)
     assert "checkpoints" in line and "disk full" in line
     assert (run / "checkpoints" / "last.pt").read_bytes() == before

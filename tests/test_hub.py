@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pretrain import FAST, phantoms  # noqa: F401  (the phantom CTs fixture)
+from test_pretrain import phantoms, pretrain  # noqa: F401  (the phantom CTs fixture)
 
 from smartformer.cli import build_parser, main
 from smartformer.commands._options import CHECKPOINT_HELP
@@ -32,23 +32,7 @@ FORMS = ["run", "teacher", "last.pt", "step.pt", "weights", "bare weights", "shi
 def run(phantoms: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
     """A pretraining run after one step: config.yaml, teacher/, checkpoints/last.pt and step_0000001.pt."""
     out = tmp_path_factory.mktemp("hub") / "ct1"
-    assert (
-        main(
-            [
-                "pretrain",
-                "--data",
-                str(phantoms),
-                "--out",
-                str(out),
-                "--max-steps",
-                "1",
-                "--no-progress",
-                *FAST,
-                "train.checkpoint_every=1",
-            ]
-        )
-        == 0
-    )
+    assert pretrain(phantoms, out, "train.checkpoint_every=1", steps=1) == 0
     return out
 
 

@@ -37,6 +37,20 @@ FAST = [
 ]
 
 
+def pretrain_argv(data: Path | str, out: Path, *extra: str, steps: int | None = 2, fast: bool = True) -> list[str]:
+    """The arguments of ``smartformer pretrain``: ``steps`` steps (``None``: the config's), no progress
+    bar, the FAST overrides (``fast=False``: none, as a --resume takes the run's config), then ``extra``."""
+    argv = ["pretrain", "--data", str(data), "--out", str(out)]
+    if steps is not None:
+        argv += ["--max-steps", str(steps)]
+    return [*argv, "--no-progress", *(FAST if fast else []), *extra]
+
+
+def pretrain(data: Path | str, out: Path, *extra: str, steps: int | None = 2, fast: bool = True) -> int:
+    """``smartformer pretrain`` in this process, as :func:`pretrain_argv` spells it; its exit status."""
+    return main(pretrain_argv(data, out, *extra, steps=steps, fast=fast))
+
+
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("phantoms")
@@ -58,22 +72,7 @@ def losses(run: Path) -> dict[int, float]:
 
 def test_run_writes_everything_and_exports_teacher(phantoms: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    rc = main(
-        [
-            "pretrain",
-            "--data",
-            str(phantoms),
-            "--out",
-            str(run),
-            "--max-steps",
-            "3",
-            "--no-progress",
-            *FAST,
-            "train.snapshot_every=3",
-            "train.checkpoint_every=2",
-        ]
-    )
-    assert rc == 0
+    assert pretrain(phantoms, run, "train.snapshot_every=3", "train.checkpoint_every=2", steps=3) == 0
     assert load_config(str(run / "config.yaml")).data.roi == (32, 32, 32)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -124,9 +123,7 @@ def test_second_run_into_busy_or_used_run_dir_is_refused(phantoms: Path, tmp_pat
     with RunLock(run):
         assert main(["pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "1", *FAST]) == 2
     assert "in use" in capsys.readouterr().err
-    assert (
-        main(["pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "1", "--no-progress", *FAST]) == 0
-    )
+    assert pretrain(phantoms, run, steps=1) == 0
     assert main(["pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "2", *FAST]) == 2
     assert "--resume" in capsys.readouterr().err
 
@@ -135,28 +132,10 @@ def test_second_run_into_busy_or_used_run_dir_is_refused(phantoms: Path, tmp_pat
 def test_sigterm_then_resume_gives_the_uninterrupted_losses(phantoms: Path, tmp_path: Path) -> None:
     steps = 8
     ref = tmp_path / "ref"
-    assert (
-        cli(
-            "pretrain", "--data", str(phantoms), "--out", str(ref), "--max-steps", str(steps), "--no-progress", *FAST
-        ).returncode
-        == 0
-    )
+    assert cli(*pretrain_argv(phantoms, ref, steps=steps)).returncode == 0
     run = tmp_path / "run"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "smartformer",
-            "pretrain",
-            "--data",
-            str(phantoms),
-            "--out",
-            str(run),
-            "--max-steps",
-            str(steps),
-            "--no-progress",
-            *FAST,
-        ],
+        [sys.executable, "-m", "smartformer", *pretrain_argv(phantoms, run, steps=steps)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -169,7 +148,7 @@ def test_sigterm_then_resume_gives_the_uninterrupted_losses(phantoms: Path, tmp_
     assert proc.returncode == 130, err
     stopped_at = load_checkpoint(run / "checkpoints" / "last.pt")["step"]
     assert 1 <= stopped_at < steps
-    resumed = cli("pretrain", "--data", str(phantoms), "--out", str(run), "--resume", "--no-progress")
+    resumed = cli(*pretrain_argv(phantoms, run, "--resume", steps=None, fast=False))
     assert resumed.returncode == 0, resumed.stderr
     expected, got = losses(ref), losses(run)
     assert sorted(got) == list(range(1, steps + 1))
@@ -189,28 +168,13 @@ def test_resume_restores_the_sinkhorn_queue(phantoms: Path, tmp_path: Path) -> N
         "data.local_views=2",
     ]
     run = tmp_path / "run"
-    assert (
-        cli(
-            "pretrain",
-            "--data",
-            str(phantoms),
-            "--out",
-            str(run),
-            "--max-steps",
-            "3",
-            "--no-progress",
-            *FAST,
-            *remedies,
-            "train.checkpoint_every=2",
-        ).returncode
-        == 0
-    )
+    assert cli(*pretrain_argv(phantoms, run, *remedies, "train.checkpoint_every=2", steps=3)).returncode == 0
     first = losses(run)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all("loss_koleo" in r for r in rows)
     assert int(load_checkpoint(run / "checkpoints" / "last.pt")["losses"]["cls"]["queue_filled"]) == 12
     shutil.copyfile(run / "checkpoints" / "step_0000002.pt", run / "checkpoints" / "last.pt")
-    resumed = cli("pretrain", "--data", str(phantoms), "--out", str(run), "--resume", "--no-progress")
+    resumed = cli(*pretrain_argv(phantoms, run, "--resume", steps=None, fast=False))
     assert resumed.returncode == 0, resumed.stderr
     assert losses(run) == pytest.approx(first, rel=1e-6, abs=1e-7)
 
@@ -219,24 +183,10 @@ def test_resume_after_a_lost_checkpoint_logs_each_step_once(phantoms: Path, tmp_
     # A run killed between checkpoints has logged steps its last checkpoint does not hold; the
     # resumed run logs them again, and must replace, not duplicate, them.
     run = tmp_path / "run"
-    assert (
-        cli(
-            "pretrain",
-            "--data",
-            str(phantoms),
-            "--out",
-            str(run),
-            "--max-steps",
-            "4",
-            "--no-progress",
-            *FAST,
-            "train.checkpoint_every=2",
-        ).returncode
-        == 0
-    )
+    assert cli(*pretrain_argv(phantoms, run, "train.checkpoint_every=2", steps=4)).returncode == 0
     first = losses(run)
     shutil.copyfile(run / "checkpoints" / "step_0000002.pt", run / "checkpoints" / "last.pt")  # as if killed at 4
-    resumed = cli("pretrain", "--data", str(phantoms), "--out", str(run), "--resume", "--no-progress")
+    resumed = cli(*pretrain_argv(phantoms, run, "--resume", steps=None, fast=False))
     assert resumed.returncode == 0, resumed.stderr
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
@@ -260,8 +210,8 @@ def test_a_second_run_and_a_resumed_run_repeat_the_first_bit_for_bit(phantoms: P
     run again or resumed from the step-2 checkpoint. The pin for refactors of the engine."""
     timings = {"steps_per_s", "volumes_per_s", "data_wait_s", "data_wait_frac"}
 
-    def run(out: Path, *args: str) -> tuple[list[dict], dict]:
-        assert main(["pretrain", "--data", str(phantoms), "--out", str(out), "--no-progress", *args]) == 0
+    def run(out: Path, *args: str, steps: int | None = 3, fast: bool = True) -> tuple[list[dict], dict]:
+        assert pretrain(phantoms, out, *args, steps=steps, fast=fast) == 0
         rows = [
             {k: v for k, v in json.loads(line).items() if k not in timings}
             for line in (out / "metrics.jsonl").read_text().splitlines()
@@ -276,9 +226,6 @@ def test_a_second_run_and_a_resumed_run_repeat_the_first_bit_for_bit(phantoms: P
         }
 
     args = [
-        "--max-steps",
-        "3",
-        *FAST,
         "train.checkpoint_every=2",
         "optim.freeze_last_layer_steps=2",
         "loss.centering=sinkhorn",
@@ -290,7 +237,7 @@ def test_a_second_run_and_a_resumed_run_repeat_the_first_bit_for_bit(phantoms: P
     shutil.copyfile(
         tmp_path / "again" / "checkpoints" / "step_0000002.pt", tmp_path / "again" / "checkpoints" / "last.pt"
     )
-    resumed = run(tmp_path / "again", "--resume")
+    resumed = run(tmp_path / "again", "--resume", steps=None, fast=False)
     for other_rows, other_state in (again, resumed):
         assert other_rows == rows
         assert _same(state, other_state)
@@ -312,18 +259,7 @@ def test_two_process_gloo_run_keeps_replicas_identical(phantoms: Path, tmp_path:
             "2",
             "-m",
             "smartformer",
-            "pretrain",
-            "--data",
-            str(phantoms),
-            "--out",
-            str(run),
-            "--max-steps",
-            "3",
-            "--no-progress",
-            *FAST,
-            "train.checkpoint_every=2",
-            "train.device=cpu",
-            *extra,
+            *pretrain_argv(phantoms, run, "train.checkpoint_every=2", "train.device=cpu", *extra, steps=3),
         ],
         capture_output=True,
         text=True,
@@ -348,46 +284,15 @@ def test_corrupt_file_is_named_or_skipped(phantoms: Path, tmp_path: Path, capsys
     bad = data / "broken.nii.gz"
     bad.write_text("this is not a NIfTI file\n")
     # a batch of 2 over 3 volumes reaches the broken one within two steps
-    rc = main(
-        ["pretrain", "--data", str(data), "--out", str(tmp_path / "a"), "--max-steps", "3", "--no-progress", *FAST]
-    )
+    rc = pretrain(data, tmp_path / "a", steps=3)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "broken.nii.gz" in err[0]
-    rc = main(
-        [
-            "pretrain",
-            "--data",
-            str(data),
-            "--out",
-            str(tmp_path / "b"),
-            "--max-steps",
-            "2",
-            "--skip-bad",
-            "--no-progress",
-            *FAST,
-        ]
-    )
-    assert rc == 0
+    assert pretrain(data, tmp_path / "b", "--skip-bad", steps=2) == 0
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(phantoms: Path, tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
-    rc = main(
-        [
-            "pretrain",
-            "--data",
-            str(phantoms),
-            "--out",
-            str(run),
-            "--max-steps",
-            "6",
-            "--no-progress",
-            *FAST,
-            "train.checkpoint_every=1",
-            "optim.lr=1e37",
-            "optim.clip_grad=1e30",
-        ]
-    )
+    rc = pretrain(phantoms, run, "train.checkpoint_every=1", "optim.lr=1e37", "optim.clip_grad=1e30", steps=6)
     err = capsys.readouterr().err
     assert rc == 2 and "non-finite loss" in err and "last good checkpoint" in err
     state = load_checkpoint(run / "checkpoints" / "last.pt")
@@ -419,21 +324,7 @@ def test_config_errors_are_one_line(phantoms: Path, tmp_path: Path, capsys) -> N
     ],
 )
 def test_ablation_switches_run(phantoms: Path, tmp_path: Path, ablation: list[str]) -> None:
-    rc = main(
-        [
-            "pretrain",
-            "--data",
-            str(phantoms),
-            "--out",
-            str(tmp_path / "r"),
-            "--max-steps",
-            "3",
-            "--no-progress",
-            *FAST,
-            *ablation,
-        ]
-    )
-    assert rc == 0
+    assert pretrain(phantoms, tmp_path / "r", *ablation, steps=3) == 0
     last = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
     assert ("loss_cls" in last) == ("loss.cls_weight=0" not in ablation)
     assert ("loss_recon" in last) == ("loss.recon_weight=0" not in ablation)
@@ -442,28 +333,18 @@ def test_ablation_switches_run(phantoms: Path, tmp_path: Path, ablation: list[st
 def test_uniform_teacher_targets_are_reported_once(phantoms: Path, tmp_path: Path) -> None:
     # CaiT's LayerScale start makes the [CLS] input-independent: the centered targets are
     # uniform, the collapse the engine must name. The default start must not trigger it.
-    def args(run: str) -> list[str]:
-        return [
-            "pretrain",
-            "--data",
-            str(phantoms),
-            "--out",
-            str(tmp_path / run),
-            "--max-steps",
-            "4",
-            "--no-progress",
-            *FAST,
-        ]
-
     with pytest.warns(UserWarning, match=r"cls targets are uniform") as caught:
         # center_momentum=0: the center is the last batch mean, so it catches up at once
-        assert main([*args("cait"), "model.semantic_layer_scale=1e-6", "loss.center_momentum=0"]) == 0
+        assert (
+            pretrain(phantoms, tmp_path / "cait", "model.semantic_layer_scale=1e-6", "loss.center_momentum=0", steps=4)
+            == 0
+        )
     assert sum("uniform" in str(w.message) for w in caught) == 1
     rows = [json.loads(line) for line in (tmp_path / "cait" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["teacher_cls_entropy"] > 0.999
     with warnings.catch_warnings(record=True) as healthy:
         warnings.simplefilter("always")
-        assert main([*args("default"), "loss.center_momentum=0"]) == 0
+        assert pretrain(phantoms, tmp_path / "default", "loss.center_momentum=0", steps=4) == 0
     assert not [w for w in healthy if "uniform" in str(w.message)]
 
 
@@ -490,22 +371,7 @@ def test_demo_main_job_end_to_end(tmp_path: Path) -> None:
 
 
 def test_bf16_autocast_and_gradient_checkpointing_run(phantoms: Path, tmp_path: Path) -> None:
-    rc = main(
-        [
-            "pretrain",
-            "--data",
-            str(phantoms),
-            "--out",
-            str(tmp_path / "r"),
-            "--max-steps",
-            "2",
-            "--no-progress",
-            *FAST,
-            "train.precision=bf16",
-            "train.grad_checkpointing=true",
-        ]
-    )
-    assert rc == 0
+    assert pretrain(phantoms, tmp_path / "r", "train.precision=bf16", "train.grad_checkpointing=true", steps=2) == 0
     last = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
     assert all(v == v for v in last.values())  # no NaN
     config = load_config(str(tmp_path / "r" / "config.yaml"))
@@ -517,53 +383,16 @@ def test_time_budget_stops_saves_and_counts_across_resume(phantoms: Path, tmp_pa
     counts the time already spent, so a spent budget trains no further."""
     run = tmp_path / "run"
     budget = ["train.max_minutes=0.0001"]  # 6 ms: over after the first step
-    assert (
-        main(
-            [
-                "pretrain",
-                "--data",
-                str(phantoms),
-                "--out",
-                str(run),
-                "--max-steps",
-                "50",
-                "--no-progress",
-                *FAST,
-                *budget,
-            ]
-        )
-        == 0
-    )
+    assert pretrain(phantoms, run, *budget, steps=50) == 0
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert state["step"] == 1 and state["train_seconds"] > 0.006
-    assert (
-        main(["pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "50", "--no-progress", "--resume"])
-        == 0
-    )
+    assert pretrain(phantoms, run, "--resume", steps=50, fast=False) == 0
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 1
     # A larger budget on resume continues from there.
-    assert (
-        main(
-            [
-                "pretrain",
-                "--data",
-                str(phantoms),
-                "--out",
-                str(run),
-                "--max-steps",
-                "3",
-                "--no-progress",
-                "--resume",
-                "train.max_minutes=100",
-                "train.threads=1",
-            ]
-        )
-        == 0
-    )
+    assert pretrain(phantoms, run, "--resume", "train.max_minutes=100", "train.threads=1", steps=3, fast=False) == 0
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 3
     # An override that changes what the run computes is refused, and the run is left as it was.
     before = (run / "config.yaml").read_text()
-    resumed = ["pretrain", "--data", str(phantoms), "--out", str(run), "--max-steps", "4", "--no-progress"]
-    assert main([*resumed, "--resume", "loss.teacher_temp=0.5"]) != 0
+    assert pretrain(phantoms, run, "--resume", "loss.teacher_temp=0.5", steps=4, fast=False) != 0
     assert (run / "config.yaml").read_text() == before
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 3
