@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from smartformer.cli import main
 from smartformer.data.io import read_ct
 from smartformer.data.phantom import write_phantoms
 from smartformer.models.smartformer import SMARTFormer
@@ -21,6 +22,14 @@ from smartformer.models.smartformer import SMARTFormer
 N_PHANTOMS = 6
 #: Fast crop options for every command: 32^3 voxels of 3 mm, no progress bars.
 FAST = ["--crop", "32", "--spacing", "3", "--no-progress", "--batch-size", "8"]
+
+
+def run_downstream(command: str, data: Path, checkpoint: str | Path | list, out: Path, *options: str) -> int:
+    """``smartformer COMMAND --data DATA --checkpoint CHECKPOINT... --out OUT OPTIONS... FAST``, in this
+    process; its exit status. ``checkpoint`` is one checkpoint or a list of them."""
+    checkpoints = checkpoint if isinstance(checkpoint, list) else [checkpoint]
+    argv = [command, "--data", str(data), "--checkpoint", *map(str, checkpoints), "--out", str(out)]
+    return main([*argv, *options, *FAST])
 
 
 def _air_points(case_dir: Path, n: int, rng: np.random.Generator) -> list[list[float]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from downstream_cases import FAST, case_csv, tiny_checkpoint  # noqa: F401  (fixtures)
+from downstream_cases import case_csv, run_downstream, tiny_checkpoint  # noqa: F401  (fixtures)
 
 from smartformer.cli import main
 from smartformer.data.io import write_nifti
@@ -81,29 +81,14 @@ def test_centre_outside_the_scan(marked_ct, tmp_path, capsys):
     path, _ = marked_ct
     csv = tmp_path / "cases.csv"
     csv.write_text(f"image,center_x,center_y,center_z\n{path.name},500,0,0\n")
-    assert (
-        main(["features", "--data", str(csv), "--checkpoint", "random:tiny", "--out", str(tmp_path / "f.csv"), *FAST])
-        == 2
-    )
+    assert run_downstream("features", csv, "random:tiny", tmp_path / "f.csv") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(csv) in err[0] and "row 2" in err[0] and "outside the scan" in err[0]
     assert not (tmp_path / "f.csv").exists()
 
 
 def test_features_csv_and_parquet(case_csv, tiny_checkpoint, tmp_path):
-    rc = main(
-        [
-            "features",
-            "--data",
-            str(case_csv),
-            "--checkpoint",
-            str(tiny_checkpoint),
-            "--out",
-            str(tmp_path / "f.csv"),
-            *FAST,
-        ]
-    )
-    assert rc == 0
+    assert run_downstream("features", case_csv, tiny_checkpoint, tmp_path / "f.csv") == 0
     table = pd.read_csv(tmp_path / "f.csv")
     assert list(table.columns[:3]) == ["case", "label", "patient"] and "note" not in table.columns
     assert len(table) == 24 and table["case"].is_unique
@@ -113,19 +98,7 @@ def test_features_csv_and_parquet(case_csv, tiny_checkpoint, tmp_path):
     pooled = table.filter(like="pooled_").to_numpy()
     assert cls.shape == pooled.shape == (24, 192)
     assert np.isfinite(cls).all() and cls.std(axis=0).max() > 0
-    rc = main(
-        [
-            "features",
-            "--data",
-            str(case_csv),
-            "--checkpoint",
-            str(tiny_checkpoint),
-            "--out",
-            str(tmp_path / "f.parquet"),
-            *FAST,
-        ]
-    )
-    assert rc == 0
+    assert run_downstream("features", case_csv, tiny_checkpoint, tmp_path / "f.parquet") == 0
     again = pd.read_parquet(tmp_path / "f.parquet")
     assert list(again.columns) == list(table.columns)
     assert np.allclose(
@@ -137,21 +110,7 @@ def test_features_cls_only_with_case_column(tmp_path, marked_ct):
     path, _ = marked_ct
     csv = tmp_path / "cases.csv"
     csv.write_text(f"case,image\nA,{path}\nB,{path.name}\n")  # absolute and relative path
-    rc = main(
-        [
-            "features",
-            "--data",
-            str(csv),
-            "--checkpoint",
-            "random:tiny",
-            "--features",
-            "cls",
-            "--out",
-            str(tmp_path / "out" / "f.csv"),
-            *FAST,
-        ]
-    )
-    assert rc == 0
+    assert run_downstream("features", csv, "random:tiny", tmp_path / "out" / "f.csv", "--features", "cls") == 0
     table = pd.read_csv(tmp_path / "out" / "f.csv")
     assert list(table["case"]) == ["A", "B"] and table.shape == (2, 1 + 192)
     assert np.array_equal(table.iloc[0, 1:].to_numpy(), table.iloc[1, 1:].to_numpy())
@@ -186,22 +145,7 @@ def test_distances_score_the_features_by_label(case_csv, tmp_path, capsys):
     from smartformer.analysis.clustering import centroid_separation
 
     out = tmp_path / "f.csv"
-    assert (
-        main(
-            [
-                "features",
-                "--data",
-                str(case_csv),
-                "--checkpoint",
-                "random:tiny",
-                "--out",
-                str(out),
-                "--distances",
-                *FAST,
-            ]
-        )
-        == 0
-    )
+    assert run_downstream("features", case_csv, "random:tiny", out, "--distances") == 0
     assert "intra-cluster" in capsys.readouterr().out
     result = json.loads((tmp_path / "f.distances.json").read_text())
     table = pd.read_csv(out)
@@ -214,20 +158,5 @@ def test_distances_score_the_features_by_label(case_csv, tmp_path, capsys):
     cases = pd.read_csv(case_csv).drop(columns=["label"])
     cases["image"] = [str(case_csv.parent / image) for image in cases["image"]]
     cases.to_csv(unlabelled, index=False)
-    assert (
-        main(
-            [
-                "features",
-                "--data",
-                str(unlabelled),
-                "--checkpoint",
-                "random:tiny",
-                "--out",
-                str(tmp_path / "g.csv"),
-                "--distances",
-                *FAST,
-            ]
-        )
-        == 2
-    )
+    assert run_downstream("features", unlabelled, "random:tiny", tmp_path / "g.csv", "--distances") == 2
     assert "no label column" in capsys.readouterr().err and not (tmp_path / "g.csv").exists()

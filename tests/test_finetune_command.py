@@ -8,9 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from downstream_cases import FAST, case_csv, tiny_checkpoint  # noqa: F401  (fixtures)
+from downstream_cases import case_csv, run_downstream, tiny_checkpoint  # noqa: F401  (fixtures)
 
-from smartformer.cli import main
 from smartformer.downstream.cases import CropOptions, build_crops, read_cases
 from smartformer.downstream.features import load_encoder
 from smartformer.downstream.finetune import Classifier, FinetuneSettings, finetune, layer_id, param_groups_lrd
@@ -19,29 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_finetune_command(case_csv, tiny_checkpoint, tmp_path):
-    rc = main(
-        [
-            "finetune",
-            "--data",
-            str(case_csv),
-            "--checkpoint",
-            str(tiny_checkpoint),
-            "--out",
-            str(tmp_path),
-            "--folds",
-            "2",
-            "--epochs",
-            "2",
-            "--patience",
-            "1",
-            "--lr",
-            "3e-4",
-            "--bootstrap",
-            "50",
-            *FAST,
-        ]
-    )
-    assert rc == 0
+    options = ["--folds", "2", "--epochs", "2", "--patience", "1", "--lr", "3e-4", "--bootstrap", "50"]
+    assert run_downstream("finetune", case_csv, tiny_checkpoint, tmp_path, *options) == 0
     predictions = pd.read_csv(tmp_path / "predictions.csv")
     assert len(predictions) == 24 and predictions["case"].is_unique
     assert predictions["probability"].between(0, 1).all() and predictions["probability"].std() > 0
@@ -130,29 +108,8 @@ def test_finetune_changes_the_encoder(case_csv, tiny_checkpoint):
 
 
 def test_holdout_cases_are_predicted_by_every_fold_model(case_csv, tmp_path):
-    rc = main(
-        [
-            "finetune",
-            "--data",
-            str(case_csv),
-            "--checkpoint",
-            "random:tiny",
-            "--out",
-            str(tmp_path),
-            "--folds",
-            "2",
-            "--holdout",
-            "0.34",
-            "--epochs",
-            "1",
-            "--patience",
-            "1",
-            "--bootstrap",
-            "0",
-            *FAST,
-        ]
-    )
-    assert rc == 0
+    options = ["--folds", "2", "--holdout", "0.34", "--epochs", "1", "--patience", "1", "--bootstrap", "0"]
+    assert run_downstream("finetune", case_csv, "random:tiny", tmp_path, *options) == 0
     folds = pd.read_csv(tmp_path / "folds.csv")
     test = pd.read_csv(tmp_path / "predictions.csv").query("set == 'holdout'")
     assert sorted(test["case"]) == sorted(list(folds.loc[folds["fold"] == -1, "case"]) * 2)

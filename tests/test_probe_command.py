@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from downstream_cases import FAST, case_csv, tiny_checkpoint  # noqa: F401  (fixtures)
+from downstream_cases import FAST, case_csv, run_downstream, tiny_checkpoint  # noqa: F401  (fixtures)
 
 from smartformer.cli import main
 from smartformer.downstream.metrics import METRICS
@@ -18,27 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def probe_run(case_csv, tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("probe")
-    rc = main(
-        [
-            "probe",
-            "--data",
-            str(case_csv),
-            "--checkpoint",
-            str(tiny_checkpoint),
-            "random:tiny",
-            "--out",
-            str(out),
-            "--folds",
-            "3",
-            "--fraction",
-            "0.5",
-            "1.0",
-            "--bootstrap",
-            "50",
-            *FAST,
-        ]
-    )
-    assert rc == 0
+    options = ["--folds", "3", "--fraction", "0.5", "1.0", "--bootstrap", "50"]
+    assert run_downstream("probe", case_csv, [tiny_checkpoint, "random:tiny"], out, *options) == 0
     return out
 
 
@@ -86,27 +67,8 @@ def test_metrics_json_and_easy_task(probe_run, tiny_checkpoint):
 
 
 def test_fixed_C_and_cls_features(case_csv, tmp_path):
-    rc = main(
-        [
-            "probe",
-            "--data",
-            str(case_csv),
-            "--checkpoint",
-            "random:tiny",
-            "--out",
-            str(tmp_path),
-            "--folds",
-            "2",
-            "--C",
-            "0.5",
-            "--features",
-            "cls",
-            "--bootstrap",
-            "0",
-            *FAST,
-        ]
-    )
-    assert rc == 0
+    options = ["--folds", "2", "--C", "0.5", "--features", "cls", "--bootstrap", "0"]
+    assert run_downstream("probe", case_csv, "random:tiny", tmp_path, *options) == 0
     report = json.loads((tmp_path / "metrics.json").read_text())
     assert report["features"] == "cls" and report["settings"]["C"] == 0.5
     assert all(f["C"] == 0.5 for f in report["results"]["random_tiny"]["1"]["per_fold"])
@@ -129,7 +91,7 @@ def test_bad_input_writes_nothing(case_csv, tmp_path, capsys, edit, message):
     bad = case_csv.parent / f"bad_{abs(hash(message))}.csv"
     edit(pd.read_csv(case_csv, dtype=str)).to_csv(bad, index=False)
     out = tmp_path / "out"
-    assert main(["probe", "--data", str(bad), "--checkpoint", "random:tiny", "--out", str(out), *FAST]) == 2
+    assert run_downstream("probe", bad, "random:tiny", out) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bad) in err[0] and message in err[0], err
     assert not out.exists()
@@ -155,23 +117,7 @@ def test_scan_level_labels_use_whole_scans(case_csv, tmp_path):
     csv.write_text(
         "image,label\n" + "".join(f"{p},{'responder' if i % 2 else 'progressor'}\n" for i, p in enumerate(scans))
     )
-    rc = main(
-        [
-            "probe",
-            "--data",
-            str(csv),
-            "--checkpoint",
-            "random:tiny",
-            "--out",
-            str(tmp_path / "out"),
-            "--folds",
-            "2",
-            "--bootstrap",
-            "20",
-            *FAST,
-        ]
-    )
-    assert rc == 0
+    assert run_downstream("probe", csv, "random:tiny", tmp_path / "out", "--folds", "2", "--bootstrap", "20") == 0
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert report["located_cases"] == 0 and report["cases"] == len(scans) == 6
     assert report["classes"] == {"progressor": 0, "responder": 1}
@@ -181,28 +127,8 @@ def test_scan_level_labels_use_whole_scans(case_csv, tmp_path):
 
 def test_holdout_test_set_beside_the_cv(case_csv, tmp_path, capsys):
     # the SMART paper's LIDC protocol: 3-fold CV on the rest, every fold's model predicts a held-out set
-    rc = main(
-        [
-            "probe",
-            "--data",
-            str(case_csv),
-            "--checkpoint",
-            "random:tiny",
-            "--out",
-            str(tmp_path),
-            "--folds",
-            "2",
-            "--holdout",
-            "0.34",
-            "--fraction",
-            "0.5",
-            "1.0",
-            "--bootstrap",
-            "0",
-            *FAST,
-        ]
-    )
-    assert rc == 0
+    options = ["--folds", "2", "--holdout", "0.34", "--fraction", "0.5", "1.0", "--bootstrap", "0"]
+    assert run_downstream("probe", case_csv, "random:tiny", tmp_path, *options) == 0
     folds = pd.read_csv(tmp_path / "folds.csv")
     held = folds[folds["fold"] == -1]
     assert held["patient"].nunique() == 2 and set(held["label"]) == {0, 1}  # round(0.34 * 6) patients
@@ -222,20 +148,4 @@ def test_holdout_test_set_beside_the_cv(case_csv, tmp_path, capsys):
     labels = held.set_index("case").loc[mean.index, "label"].to_numpy()
     assert entry["holdout"]["overall"]["auc"]["value"] == pytest.approx(binary_metrics(labels, mean.to_numpy())["auc"])
     assert "held-out test set, random_tiny @ 1:" in capsys.readouterr().out
-    assert (
-        main(
-            [
-                "probe",
-                "--data",
-                str(case_csv),
-                "--checkpoint",
-                "random:tiny",
-                "--out",
-                str(tmp_path / "x"),
-                "--holdout",
-                "1.5",
-                *FAST,
-            ]
-        )
-        == 2
-    )
+    assert run_downstream("probe", case_csv, "random:tiny", tmp_path / "x", "--holdout", "1.5") == 2
