@@ -136,28 +136,34 @@ def test_token_grid_lands_on_the_input_grid(phantom, tmp_path):
     np.testing.assert_array_equal(C.clusters_on_input(np.clip(lps.labels, 0, None), lps)[::-1, ::-1], back)
 
 
-def test_cluster_command_end_to_end(phantom, tmp_path, capsys):
-    torch.manual_seed(0)
-    SMARTFormer.from_preset("tiny").save_pretrained(tmp_path / "model")
-    rc = main(
+def run_cluster(model: Path, case: Path, out: Path, *extra: str) -> int:
+    """``smartformer cluster`` of a case folder's ct.nii.gz and labels.nii.gz at 5 mm in 32^3 windows, no
+    progress bar, then ``extra``."""
+    return main(
         [
             "cluster",
             "--checkpoint",
-            str(tmp_path / "model"),
+            str(model),
             "--image",
-            str(phantom / "ct.nii.gz"),
+            str(case / "ct.nii.gz"),
             "--labels",
-            str(phantom / "labels.nii.gz"),
+            str(case / "labels.nii.gz"),
             "--out",
-            str(tmp_path / "out"),
+            str(out),
             "--spacing",
             "5",
             "--roi",
             "32",
             "--no-progress",
+            *extra,
         ]
     )
-    assert rc == 0
+
+
+def test_cluster_command_end_to_end(phantom, tmp_path, capsys):
+    torch.manual_seed(0)
+    SMARTFormer.from_preset("tiny").save_pretrained(tmp_path / "model")
+    assert run_cluster(tmp_path / "model", phantom, tmp_path / "out") == 0
     report = json.loads((tmp_path / "out" / "ct_clustering.json").read_text())
     assert 0 <= report["nmi"] <= 1 and -1 <= report["ari"] <= 1 and 0 < report["purity"] <= 1
     assert report["k"] == len(report["tokens_per_label"]) >= 2
@@ -193,25 +199,7 @@ def test_cluster_command_takes_a_pooled_token_model(phantom, tmp_path):
     """Clustering needs token features only: the SMIT-like ablation (no semantic attention) clusters too."""
     torch.manual_seed(0)
     SMARTFormer.from_preset("tiny", semantic_attention=False).save_pretrained(tmp_path / "model")
-    rc = main(
-        [
-            "cluster",
-            "--checkpoint",
-            str(tmp_path / "model"),
-            "--image",
-            str(phantom / "ct.nii.gz"),
-            "--labels",
-            str(phantom / "labels.nii.gz"),
-            "--out",
-            str(tmp_path / "out"),
-            "--spacing",
-            "5",
-            "--roi",
-            "32",
-            "--no-progress",
-        ]
-    )
-    assert rc == 0
+    assert run_cluster(tmp_path / "model", phantom, tmp_path / "out") == 0
     assert 0 <= json.loads((tmp_path / "out" / "ct_clustering.json").read_text())["nmi"] <= 1
 
 
@@ -233,29 +221,7 @@ def test_cluster_finds_names_a_folder_up_and_warns_without_any(phantom, tmp_path
         shutil.copy(phantom / name, case / name)
 
     def cluster(out: str) -> dict:
-        assert (
-            main(
-                [
-                    "cluster",
-                    "--checkpoint",
-                    str(tmp_path / "model"),
-                    "--image",
-                    str(case / "ct.nii.gz"),
-                    "--labels",
-                    str(case / "labels.nii.gz"),
-                    "--out",
-                    str(tmp_path / out),
-                    "--spacing",
-                    "5",
-                    "--roi",
-                    "32",
-                    "--no-progress",
-                    "--tsne-points",
-                    "50",
-                ]
-            )
-            == 0
-        )
+        assert run_cluster(tmp_path / "model", case, tmp_path / out, "--tsne-points", "50") == 0
         return json.loads((tmp_path / out / "ct_clustering.json").read_text())
 
     with pytest.warns(UserWarning, match="no labels.json"):
