@@ -70,10 +70,11 @@ def add_spacing_window(p: argparse.ArgumentParser, what: str = "voxel size the n
     )
 
 
-def add_roi(p: argparse.ArgumentParser, what: str = "sliding-window size") -> None:
-    """``--roi``: the window the network reads at once."""
+def add_roi(p: argparse.ArgumentParser, what: str = "sliding-window size", option: str = "roi") -> None:
+    """``--roi``: the window the network reads at once (``option``: the same size in voxels under
+    another name, as ``--crop``)."""
     p.add_argument(
-        "--roi",
+        f"--{option}",
         type=int,
         nargs="+",
         default=[64],
@@ -117,14 +118,7 @@ def add_device_argument(p: argparse.ArgumentParser) -> None:
 
 def add_crop_arguments(p: argparse.ArgumentParser, batch_size: int = 8) -> None:
     """``--crop``, ``--spacing``, ``--window``, ``--batch-size``, ``--device``, ``--seed``, ``--no-progress``."""
-    p.add_argument(
-        "--crop",
-        type=int,
-        nargs="+",
-        default=[64],
-        metavar="VOXELS",
-        help=f"crop size around the lesion, 1 or 3 values, multiples of {SIZE_MULTIPLE} (default: 64)",
-    )
+    add_roi(p, "crop size around the lesion", option="crop")
     add_spacing_window(p, "voxel size of the crop")
     p.add_argument(
         "--batch-size",
@@ -195,8 +189,7 @@ def crop_options(args: argparse.Namespace) -> CropOptions:
     check_spacing_window(args)
     if args.batch_size < 1:
         raise SmartformerError("--batch-size must be at least 1")
-    size = tuple(args.crop) * 3 if len(args.crop) == 1 else tuple(args.crop)
-    spacing = tuple(args.spacing) * 3 if len(args.spacing) == 1 else tuple(args.spacing)
+    size, spacing = one_or_three(args.crop, "crop"), one_or_three(args.spacing, "spacing")
     return CropOptions(size=size, spacing=spacing, window=parse_window(args.window))  # type: ignore[arg-type]
 
 
