@@ -85,6 +85,10 @@ VARIANTS: dict[str, list[str] | None] = {
     # better than random weights.
     "smart_cls0.02": [*CLS_TEMP_0_02],
     "smart_cls0.02_multicrop": [*CLS_TEMP_0_02, "data.local_views=4"],
+    # Over 1500 steps the recipe's [CLS] drifted back towards uniform targets while the lr was
+    # still high (target entropy 0.96-0.99 of ln K and teacher [CLS] cosine 0.97 between the two
+    # volumes of a step by step 500): the embeddings themselves converge, which KoLeo acts on.
+    "smart_cls0.02_multicrop_koleo": [*CLS_TEMP_0_02, "data.local_views=4", "loss.koleo_weight=0.1"],
     # -- the published paper's ablations (issue 13; `--suite paper`), on the tiny backbone: its
     # method is ViT semantic attention in stage 3 (stride 8), GITD, noise 0.7, mask 0.7 / hint 0.1.
     **{
